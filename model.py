@@ -1,0 +1,602 @@
+"""
+nanofVLM: a foveated video-language model in one file.
+
+Read top to bottom:
+  1. loading helpers   safetensors in, strict key checks, errors that name the file
+  2. SmolLM2           the Llama-architecture language model, with a preallocated KV cache
+  3. DINOv2            the ViT that encodes a frame; each block hands back its keys/values
+  4. the glimpse       one query token walks every DINOv2 layer against the cached K/V
+  5. FoveatedVLM       glimpses -> one LLM token per frame; the LLM chooses the next query
+  6. generation        greedy / temperature / top-k decoding from a filled cache
+"""
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+# ----------------------------------------------------------------------------
+# 1. loading helpers
+
+
+def read_config(path, model_type):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found. Point at a Hugging Face model directory that has config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    if cfg.get("model_type") != model_type:
+        raise ValueError(f"{path}: model_type is {cfg.get('model_type')!r}, expected {model_type!r}. "
+                         f"Is this the right directory?")
+    return cfg
+
+
+def read_safetensors(model_dir):
+    """All tensors of a HF dir: model.safetensors, or model.safetensors.index.json and its shards."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    state = {}
+    for name in files:
+        path = os.path.join(model_dir, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: not found (expected next to config.json)")
+        try:
+            state.update(load_file(path))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: cannot read safetensors ({e}). Is the file truncated? Download it again.") from e
+    return state
+
+
+def load_strict(module, state, source):
+    """load_state_dict, but every missing / unexpected / mis-shaped key is listed with the source file."""
+    ours = module.state_dict()
+    missing = sorted(set(ours) - set(state))
+    unexpected = sorted(set(state) - set(ours))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(ours[k].shape)}"
+              for k in ours if k in state and state[k].shape != ours[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"{source}: weights do not match the model"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+        raise ValueError("\n".join(lines))
+    module.load_state_dict(state)  # copies, so bf16 files land in whatever dtype the module has
+
+
+# ----------------------------------------------------------------------------
+# 2. SmolLM2 (Llama architecture). Module names follow HF minus the "model." prefix.
+
+
+@dataclass
+class LLMConfig:
+    vocab_size: int = 49152
+    dim: int = 576
+    n_layers: int = 30
+    n_heads: int = 9
+    n_kv_heads: int = 3
+    head_dim: int = 64
+    hidden_dim: int = 1536
+    norm_eps: float = 1e-5
+    rope_theta: float = 100000.0
+    max_seq_len: int = 8192
+    tie_embeddings: bool = True
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 like HF, then cast back before the weight
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate(x, cos, sin):  # x [B,H,S,hd]; cos/sin [B,1,S,hd]; HF's rotate_half convention
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: [n_layers, B, n_kv_heads, max_len, head_dim].
+    `valid` [B, max_len] marks real tokens; padding (frames or prompt) stays in the cache but is never attended."""
+
+    def __init__(self, cfg, batch, max_len, dtype, device):
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+        self.padded = False  # fast path: no padding anywhere -> plain causal attention
+
+    def repeat(self, n):
+        """Each row repeated n times (row-major): n continuations share one prefix."""
+        out = KVCache.__new__(KVCache)
+        out.k, out.v = self.k.repeat_interleave(n, 1), self.v.repeat_interleave(n, 1)
+        out.valid, out.length, out.padded = self.valid.repeat_interleave(n, 0), self.length, self.padded
+        return out
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = nn.Module()
+        self.self_attn.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.self_attn.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.self_attn.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.self_attn.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.mlp = nn.Module()
+        self.mlp.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.mlp.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.mlp.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        B, S, _ = x.shape
+        a, c = self.self_attn, self.cfg
+        h = self.input_layernorm(x)
+        q = a.q_proj(h).view(B, S, c.n_heads, c.head_dim).transpose(1, 2)  # [B,H,S,hd]
+        k = a.k_proj(h).view(B, S, c.n_kv_heads, c.head_dim).transpose(1, 2)  # [B,Hkv,S,hd]
+        v = a.v_proj(h).view(B, S, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if cache is not None:  # write this step into the preallocated cache, attend over everything so far
+            end = cache.length + S
+            cache.k[layer, :, :, cache.length:end] = k
+            cache.v[layer, :, :, cache.length:end] = v
+            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+        causal = mask is None and S > 1 and (cache is None or cache.length == 0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        x = x + a.o_proj(y.transpose(1, 2).reshape(B, S, -1))
+        h = self.post_attention_layernorm(x)
+        return x + self.mlp.down_proj(F.silu(self.mlp.gate_proj(h)) * self.mlp.up_proj(h))
+
+
+class SmolLM2(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
+        freqs = torch.outer(torch.arange(cfg.max_seq_len).float(), inv_freq)
+        self.register_buffer("rope", torch.cat((freqs, freqs), dim=-1), persistent=False)  # [max_seq, hd] angles
+        self.gradient_checkpointing = False
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+
+    def new_cache(self, batch, max_len):
+        return KVCache(self.cfg, batch, max_len, self.embed_tokens.weight.dtype, self.embed_tokens.weight.device)
+
+    def forward(self, idx=None, embeds=None, valid=None, cache=None, hidden_only=False):
+        """idx [B,S] token ids or embeds [B,S,D]. valid [B,S] bool marks real tokens: padding is never
+        attended by a real token and does not advance positions, so a padded sample computes exactly what
+        it would alone. cache: a KVCache to append to (incremental decoding).
+        Returns logits [B,S,V], or the final-normed hidden states [B,S,D] with hidden_only=True."""
+        x = self.embed_tokens(idx) if embeds is None else embeds
+        B, S, _ = x.shape
+        start = cache.length if cache is not None else 0
+        if cache is not None and valid is not None:
+            cache.valid[:, start:start + S] = valid
+            cache.padded = cache.padded or not bool(valid.all())
+        if valid is None and (cache is None or not cache.padded):
+            pos = torch.arange(start, start + S, device=x.device).expand(B, S)
+            mask = None  # causal (or a single new token): SDPA needs no mask
+            if cache is not None and start > 0 and S > 1:
+                mask = torch.ones(S, start + S, dtype=torch.bool, device=x.device).tril(start)
+        else:
+            seen = cache.valid[:, :start + S] if cache is not None else valid  # [B,L]
+            pos = (seen.cumsum(1) - 1).clamp(min=0)[:, start:]  # [B,S] positions skip padding
+            i = torch.arange(start, start + S, device=x.device)[:, None]
+            j = torch.arange(start + S, device=x.device)[None]
+            # causal, only real keys; every query sees itself so padded rows never softmax over nothing
+            mask = ((j <= i) & seen[:, None, :]) | (j == i)
+            mask = mask[:, None]  # [B,1,S,L]
+        angles = self.rope[pos]  # [B,S,hd]
+        cos, sin = angles.cos().to(x.dtype)[:, None], angles.sin().to(x.dtype)[:, None]
+        for i, block in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length += S
+        x = self.norm(x)
+        return x if hidden_only else self.lm_head(x)
+
+    @classmethod
+    def from_pretrained(cls, model_dir, dtype=torch.float32):
+        path = os.path.join(model_dir, "config.json")
+        hf = read_config(path, "llama")
+        for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+            if hf.get(key, ok) != ok:
+                raise ValueError(f"{path}: {key}={hf[key]!r} is not supported (SmolLM2 uses {ok!r})")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ValueError(f"{path}: rope scaling {rope} is not supported")
+        cfg = LLMConfig(
+            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+            n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+            hidden_dim=hf["intermediate_size"], norm_eps=hf["rms_norm_eps"],
+            rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
+            max_seq_len=hf.get("max_position_embeddings", 8192), tie_embeddings=hf.get("tie_word_embeddings", True))
+        model = cls(cfg).to(dtype)
+        load_strict(model, llm_state(read_safetensors(model_dir), cfg), model_dir)
+        return model
+
+
+def llm_state(hf_state, cfg):
+    """HF LlamaForCausalLM keys -> ours (drop the "model." prefix). Tied files usually omit lm_head."""
+    state = {k.removeprefix("model."): v for k, v in hf_state.items()}
+    if cfg.tie_embeddings and "embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    return state
+
+
+# ----------------------------------------------------------------------------
+# 3. DINOv2
+
+
+@dataclass
+class DinoConfig:
+    image_size: int = 518  # the trained position grid is image_size // patch_size square
+    patch_size: int = 14
+    dim: int = 384
+    n_layers: int = 12
+    n_heads: int = 6
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+
+
+class DinoBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.dim
+        self.n_heads = cfg.n_heads
+        self.norm1 = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.proj = nn.Linear(d, d)  # attention output
+        self.ls1 = nn.Parameter(torch.ones(d))  # LayerScale
+        self.norm2 = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.mlp = nn.Sequential(nn.Linear(d, int(d * cfg.mlp_ratio)), nn.GELU(), nn.Linear(int(d * cfg.mlp_ratio), d))
+        self.ls2 = nn.Parameter(torch.ones(d))
+
+    def heads(self, x):  # [N,L,D] -> [N,H,L,hd]
+        return x.view(x.shape[0], x.shape[1], self.n_heads, -1).transpose(1, 2)
+
+    def forward(self, x):
+        """x [N,L,D] -> (x, (k, v)): the keys/values are handed back so the glimpse reuses them."""
+        h = self.norm1(x)
+        q, k, v = self.heads(self.q(h)), self.heads(self.k(h)), self.heads(self.v(h))
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        x = x + self.ls1 * self.proj(y)
+        x = x + self.ls2 * self.mlp(self.norm2(x))
+        return x, (k, v)
+
+
+class DINOv2(nn.Module):
+    def __init__(self, cfg: DinoConfig):
+        super().__init__()
+        self.cfg = cfg
+        grid = cfg.image_size // cfg.patch_size
+        self.patch_embed = nn.Conv2d(3, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + grid * grid, cfg.dim) * 0.02)
+        self.blocks = nn.ModuleList(DinoBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+
+    def embed(self, pixels):
+        """pixels [N,3,H,W] -> tokens [N,1+P,D], position grid resized the way HF's Dinov2Model does it."""
+        x = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # [N,P,D]
+        gh, gw = pixels.shape[2] // self.cfg.patch_size, pixels.shape[3] // self.cfg.patch_size
+        pos = self.pos_embed
+        grid = int(math.sqrt(pos.shape[1] - 1))
+        if (gh, gw) != (grid, grid):
+            patch_pos = pos[:, 1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+            patch_pos = F.interpolate(patch_pos.float(), size=(gh, gw), mode="bicubic", align_corners=False)
+            pos = torch.cat((pos[:, :1], patch_pos.to(pos.dtype).permute(0, 2, 3, 1).flatten(1, 2)), dim=1)
+        return torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + pos
+
+    def forward(self, pixels, return_kv=False):
+        """pixels [N,3,H,W] -> final-normed tokens [N,1+P,D] (HF last_hidden_state); with return_kv also the
+        per-layer (k, v) [N,H,1+P,hd] that the glimpse attends to."""
+        x, kv = self.embed(pixels), []
+        for block in self.blocks:
+            x, layer_kv = block(x)
+            kv.append(layer_kv)
+        x = self.norm(x)
+        return (x, kv) if return_kv else x
+
+    @classmethod
+    def from_pretrained(cls, model_dir, dtype=torch.float32):
+        path = os.path.join(model_dir, "config.json")
+        hf = read_config(path, "dinov2")
+        if hf.get("use_swiglu_ffn") or hf.get("hidden_act", "gelu") != "gelu":
+            raise ValueError(f"{path}: only the GELU-MLP DINOv2 (small/base/large) is supported")
+        cfg = DinoConfig(image_size=hf["image_size"], patch_size=hf["patch_size"], dim=hf["hidden_size"],
+                         n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+                         mlp_ratio=hf.get("mlp_ratio", 4.0), norm_eps=hf.get("layer_norm_eps", 1e-6))
+        model = cls(cfg).to(dtype)
+        state = {dino_key(k): v for k, v in read_safetensors(model_dir).items() if not k.endswith("mask_token")}
+        load_strict(model, state, model_dir)
+        return model
+
+
+DINO_KEYS = [  # HF Dinov2Model name -> ours, applied in order
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed."),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^encoder\.layer\.(\d+)\.", r"blocks.\1."),
+    (r"attention\.attention\.query\.", "q."), (r"attention\.attention\.key\.", "k."),
+    (r"attention\.attention\.value\.", "v."), (r"attention\.output\.dense\.", "proj."),
+    (r"layer_scale1\.lambda1$", "ls1"), (r"layer_scale2\.lambda1$", "ls2"),
+    (r"mlp\.fc1\.", "mlp.0."), (r"mlp\.fc2\.", "mlp.2."),
+    (r"^layernorm\.", "norm."),
+]
+
+
+def dino_key(hf_key):
+    for pattern, ours in DINO_KEYS:
+        hf_key = re.sub(pattern, ours, hf_key)
+    return hf_key
+
+
+# ----------------------------------------------------------------------------
+# 4-5. The foveated VLM.
+#
+#   frame --DINOv2 once--> per-layer patch K/V (the cache)
+#   query --query_input_proj--> one token that walks all DINOv2 layers, attending to the cache
+#         --final norm, output_proj--> glimpse [Dd] --dino_to_llm * visual_scale--> ONE LLM token
+#   LLM hidden state at frame t --llm_to_query--> the query for frame t+1 (where to look next)
+
+MODES = ("coarse_only", "coarse_fine", "autoregressive")
+
+
+class FoveatedVLM(nn.Module):
+    def __init__(self, llm: SmolLM2, dino: DINOv2, visual_scale=0.14, encode_chunk=32, seed=0):
+        super().__init__()
+        self.llm, self.dino = llm, dino
+        self.visual_scale = visual_scale  # dino_to_llm output * 0.14 matches SmolLM2's embedding std
+        self.encode_chunk = encode_chunk  # frames per DINOv2 call: bounds activation memory on long videos
+        D, L = dino.cfg.dim, llm.cfg.dim
+        with torch.random.fork_rng(devices=[]):  # a fresh connector is the same for a given seed
+            torch.manual_seed(seed)
+            dtype = llm.embed_tokens.weight.dtype
+            # no bias here: a bias dominated the small query and made every glimpse's attention uniform
+            self.query_input_proj = nn.Linear(D, D, bias=False, dtype=dtype)
+            self.output_proj = nn.Linear(D, D, dtype=dtype)
+            self.dino_to_llm = nn.Linear(D, L, dtype=dtype)
+            self.llm_to_query = nn.Linear(L, D, dtype=dtype)
+            # std 1, not 0.02: tiny queries gave uniform attention, i.e. identical glimpses
+            self.q_static = nn.Parameter(torch.randn(1, D, dtype=dtype))
+            self.q_init = nn.Parameter(torch.randn(1, D, dtype=dtype))
+
+    # -- the glimpse -------------------------------------------------------------------------------
+
+    def encode(self, frames, frame_mask=None):
+        """frames [B,T,3,H,W] -> per-layer (k, v), each [N,H,1+P,hd] for the N real frames in (b, t) order.
+        One DINOv2 pass; every mode, option and call can reuse it."""
+        real = frames.flatten(0, 1) if frame_mask is None else frames[frame_mask]  # [N,3,H,W]
+        chunks = [self.dino(real[i:i + self.encode_chunk], return_kv=True)[1]
+                  for i in range(0, real.shape[0], self.encode_chunk)]
+        if not chunks:  # a batch of text-only samples
+            return [(None, None)] * len(self.dino.blocks)
+        return [(torch.cat([c[l][0] for c in chunks]), torch.cat([c[l][1] for c in chunks]))
+                for l in range(len(self.dino.blocks))]
+
+    def glimpse(self, query, kv):
+        """query [N,Dq], kv from encode -> (glimpse tokens [N,Dd], attention [N,layers,H,1+P]).
+        The query is one extra token that runs through every DINOv2 block; it attends to that layer's cached
+        patch keys/values (CLS included), and the patches never see it."""
+        x = self.query_input_proj(query)[:, None]  # [N,1,D]
+        attn = []
+        for block, (k, v) in zip(self.dino.blocks, kv):
+            q = block.heads(block.q(block.norm1(x)))  # [N,H,1,hd]
+            w = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)  # [N,H,1,1+P]
+            x = x + block.ls1 * block.proj((w @ v).transpose(1, 2).flatten(2))
+            x = x + block.ls2 * block.mlp(block.norm2(x))
+            attn.append(w[:, :, 0])
+        return self.output_proj(self.dino.norm(x[:, 0])), torch.stack(attn, 1)
+
+    def look(self, queries, kv, frame_mask):
+        """queries [N,Dq] for the real frames -> LLM tokens [B,T,L] (padded slots are zero glimpses,
+        masked later) and attention [B,T,layers,H,1+P]."""
+        g, attn = self.glimpse(queries, kv)
+        tokens = g.new_zeros(*frame_mask.shape, g.shape[-1])
+        maps = attn.new_zeros(*frame_mask.shape, *attn.shape[1:])
+        tokens[frame_mask], maps[frame_mask] = g, attn
+        return self.dino_to_llm(tokens) * self.visual_scale, maps
+
+    def visual_tokens(self, kv, frame_mask, mode):
+        """The T visual tokens of coarse_only / coarse_fine: [B,T,L] and their attention maps."""
+        B, T = frame_mask.shape
+        N = int(frame_mask.sum())
+        coarse, attn = self.look(self.q_static.expand(N, -1), kv, frame_mask)
+        if mode == "coarse_only" or N == 0:
+            return coarse, attn
+        # coarse pass: the LLM reads the static glimpses (visual tokens only: causal attention means text
+        # could not change these hidden states) and says where each frame should be looked at next
+        h = self.llm(embeds=coarse, valid=None if frame_mask.all() else frame_mask, hidden_only=True)  # [B,T,L]
+        queries = torch.cat((self.q_init.expand(B, 1, -1), self.llm_to_query(h[:, :-1])), 1)  # shift by one frame
+        return self.look(queries[frame_mask], kv, frame_mask)
+
+    def walk(self, kv, frame_mask, cache):
+        """autoregressive: frame by frame through the LLM cache, each query chosen by the previous step.
+        Inference only (the cache is written in place). Returns attention maps [B,T,layers,H,1+P]."""
+        B, T = frame_mask.shape
+        row = frame_mask.flatten().cumsum(0).view(B, T) - 1  # which kv row holds frame (b, t)
+        query, maps = self.q_init.expand(B, -1), []
+        for t in range(T):
+            real = frame_mask[:, t]
+            frame_kv = [(k[row[real, t]], v[row[real, t]]) for k, v in kv]
+            tokens, attn = self.look(query[real], frame_kv, real[:, None])  # [B,1,L]
+            h = self.llm(embeds=tokens, valid=None if real.all() else real[:, None], cache=cache, hidden_only=True)
+            query = self.llm_to_query(h[:, 0])
+            maps.append(attn)
+        return torch.cat(maps, 1) if maps else None
+
+    def forward(self, frames, input_ids, loss_mask=None, frame_mask=None, mode="coarse_fine", kv=None):
+        """frames [B,T,3,H,W] (frame_mask [B,T] marks real frames, a prefix per row; None = all real),
+        input_ids [B,S] right-padded chat text. Sequence: [T visual tokens][S text tokens].
+        Returns text logits [B,S,V] (position i predicts token i+1) and the token-weighted mean CE over
+        tokens with loss_mask == 1 (None without a mask). Pass kv=self.encode(...) to reuse one encode."""
+        assert mode in MODES, f"mode must be one of {MODES}, got {mode!r}"
+        B, S = input_ids.shape
+        if frame_mask is None:
+            frame_mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=input_ids.device)
+        if kv is None:
+            kv = self.encode(frames, frame_mask)
+        T = frame_mask.shape[1]
+        text = self.llm.embed_tokens(input_ids)  # [B,S,L]
+        if mode == "autoregressive":
+            cache = self.llm.new_cache(B, T + S)
+            self.walk(kv, frame_mask, cache)
+            h = self.llm(embeds=text, cache=cache, hidden_only=True)
+        else:
+            vis, _ = self.visual_tokens(kv, frame_mask, mode)
+            # padded frame slots are masked out; right-padded text needs no mask under causal attention
+            valid = None if frame_mask.all() else torch.cat((frame_mask, frame_mask.new_ones(B, S)), 1)
+            h = self.llm(embeds=torch.cat((vis, text), 1), valid=valid, hidden_only=True)[:, T:]
+        logits = self.llm.lm_head(h)
+        if loss_mask is None:
+            return logits, None
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none")
+        weight = loss_mask[:, 1:].flatten().float()
+        return logits, (ce * weight).sum() / weight.sum().clamp(min=1)
+
+    @torch.no_grad()
+    def prefill(self, kv, frame_mask, prompt_ids, mode, extra=0, prompt_valid=None):
+        """Visual prefix + prompt into a fresh LLM cache with room for `extra` more tokens.
+        prompt_ids [B,S] (left-padded when prompt_valid is given). Returns (cache, last logits [B,V], attention maps)."""
+        B, T = frame_mask.shape
+        cache = self.llm.new_cache(B, T + prompt_ids.shape[1] + extra)
+        if mode == "autoregressive":
+            attn = self.walk(kv, frame_mask, cache)
+        else:
+            vis, attn = self.visual_tokens(kv, frame_mask, mode)
+            self.llm(embeds=vis, valid=None if frame_mask.all() else frame_mask, cache=cache, hidden_only=True)
+        h = self.llm(prompt_ids, valid=prompt_valid, cache=cache, hidden_only=True)
+        return cache, self.llm.lm_head(h[:, -1]), attn
+
+    # -- loading and saving --------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, llm, dino, checkpoint=None, dtype=torch.float32, **fovea_options):
+        """Backbones from two HF dirs and a fresh connector; `checkpoint` (our dir or file, or the released
+        fVLM-135M safetensors) then overwrites every weight."""
+        model = cls(SmolLM2.from_pretrained(llm, dtype), DINOv2.from_pretrained(dino, dtype), **fovea_options)
+        if checkpoint is not None:
+            model.load_weights(checkpoint)
+        return model
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir, dtype=torch.float32):
+        """Our format: a dir with model.safetensors, config.json, tokenizer.json. Needs no HF dirs."""
+        cfg = read_config(os.path.join(ckpt_dir, "config.json"), "nanofvlm")
+        model = cls(SmolLM2(LLMConfig(**cfg["llm"])), DINOv2(DinoConfig(**cfg["dino"])), **cfg["fovea"]).to(dtype)
+        model.load_weights(ckpt_dir)
+        return model
+
+    def load_weights(self, path):
+        file = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file}: checkpoint not found")
+        try:
+            raw = load_file(file)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{file}: cannot read safetensors ({e}). Is the file truncated?") from e
+        state = {vlm_key(k): v for k, v in raw.items()}
+        state.pop("embeddings.mask_token", None)
+        llm = llm_state({k[4:]: v for k, v in state.items() if k.startswith("llm.")}, self.llm.cfg)
+        state = {k: v for k, v in state.items() if not k.startswith("llm.")} | {"llm." + k: v for k, v in llm.items()}
+        load_strict(self, state, file)
+
+    def save(self, out_dir, tokenizer=None):
+        """Write our format. `tokenizer` is a path to the tokenizer.json to copy alongside."""
+        os.makedirs(out_dir, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
+                 if not (k == "llm.lm_head.weight" and self.llm.cfg.tie_embeddings)}
+        save_file(state, os.path.join(out_dir, "model.safetensors"))
+        cfg = {"model_type": "nanofvlm", "llm": asdict(self.llm.cfg), "dino": asdict(self.dino.cfg),
+               "fovea": {"visual_scale": self.visual_scale, "encode_chunk": self.encode_chunk}}
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        if tokenizer is not None:
+            with open(tokenizer, "rb") as src, open(os.path.join(out_dir, "tokenizer.json"), "wb") as dst:
+                dst.write(src.read())
+
+
+def vlm_key(key):
+    """A key of our format or of the released fVLM-135M layout (reference §8) -> ours."""
+    key = re.sub(r"(^|\.)_orig_mod\.", r"\1", key)  # torch.compile's infix
+    if key.startswith("encoder.dino."):
+        return "dino." + dino_key(key.removeprefix("encoder.dino."))
+    if key.startswith("encoder."):  # encoder.query_input_proj, encoder.output_proj
+        return key.removeprefix("encoder.")
+    if key.startswith("llm.model."):
+        return "llm." + key.removeprefix("llm.model.")
+    return key
+
+
+# ----------------------------------------------------------------------------
+# 6. generation
+
+
+def sample_next(logits, temperature=0.0, top_k=None, generator=None):
+    """logits [B,V] -> next token ids [B]. temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def decode(llm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, stop_id=2, generator=None):
+    """Continue from a filled cache whose last position gave `logits` [B,V]. Yields next tokens [B] one step
+    at a time (so callers can stream); a finished row keeps emitting stop_id. The cache needs room for
+    max_new_tokens - 1 more positions."""
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    for step in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_k, generator).masked_fill(done, stop_id)
+        yield token
+        done |= token == stop_id
+        if done.all() or step == max_new_tokens - 1:
+            return
+        logits = llm(token[:, None], cache=cache)[:, -1]
+
+
+@torch.no_grad()
+def generate(llm, prompts, max_new_tokens=128, temperature=0.0, top_k=None, stop_id=2, generator=None):
+    """Text-only generation for a batch of prompts (lists of ids) of any lengths: left-padded, masked.
+    Returns the new ids per prompt, without the stop token."""
+    device = llm.embed_tokens.weight.device
+    S = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (S - len(p)) + list(p) for p in prompts], device=device)  # pad: masked out
+    valid = torch.tensor([[False] * (S - len(p)) + [True] * len(p) for p in prompts], device=device)
+    cache = llm.new_cache(len(prompts), S + max_new_tokens)
+    logits = llm.lm_head(llm(ids, valid=None if valid.all() else valid, cache=cache, hidden_only=True)[:, -1])
+    steps = list(decode(llm, cache, logits, max_new_tokens, temperature, top_k, stop_id, generator))
+    out = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]
+    return [row[:row.index(stop_id)] if stop_id in row else row for row in out]

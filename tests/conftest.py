@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random HF backbones written by the transformers oracle, and the real SmolLM2 dir."""
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+def write_llama(path, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+               max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def write_dino(path, **overrides):
+    from transformers import Dinov2Config, Dinov2Model
+    cfg = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=192, mlp_ratio=4,
+               image_size=56, patch_size=14, layerscale_value=0.5)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(**cfg)).eval()
+    with torch.no_grad():  # random but not trivial LayerScale / norms, so a swapped key would show
+        for name, p in model.named_parameters():
+            if "lambda1" in name or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    return path, write_llama(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_dino(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dino")
+    return path, write_dino(path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    path = os.environ.get("NANOFVLM_SMOLLM2")
+    if not path:
+        pytest.skip("set NANOFVLM_SMOLLM2 to a dir made by shared/fixtures/smollm2_from_gguf.py")
+    return path

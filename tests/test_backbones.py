@@ -1,0 +1,119 @@
+"""SmolLM2 and DINOv2 against the transformers oracle, the KV cache, generation, and loader errors."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import write_dino, write_llama
+from model import DINOv2, SmolLM2, decode, generate
+
+
+def test_llama_parity_gqa(tiny_llama):
+    path, ref = tiny_llama
+    ours = SmolLM2.from_pretrained(path).eval()
+    assert ours.cfg.n_kv_heads < ours.cfg.n_heads  # GQA
+    idx = torch.randint(0, 96, (2, 17))
+    with torch.no_grad():
+        assert (ours(idx) - ref(idx).logits).abs().max() <= 1e-4
+        embeds = ours.embed_tokens(idx)  # the VLM path: embeddings in, not ids
+        assert (ours(embeds=embeds) - ref(idx).logits).abs().max() <= 1e-4
+
+
+def test_llama_sharded_untied_bf16(tmp_path):
+    ref = write_llama(tmp_path / "full", tie_word_embeddings=False, num_key_value_heads=4, rope_theta=10000.0)
+    ref.to(torch.bfloat16).save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert os.path.isfile(tmp_path / "sharded" / "model.safetensors.index.json")
+    ours = SmolLM2.from_pretrained(tmp_path / "sharded", dtype=torch.float32).eval()
+    assert ours.lm_head.weight.dtype == torch.float32 and not ours.cfg.tie_embeddings
+    idx = torch.randint(0, 96, (1, 9))
+    with torch.no_grad():
+        assert (ours(idx) - ref.to(torch.bfloat16).float()(idx).logits).abs().max() <= 1e-4
+
+
+def test_kv_cache_decode_equals_full_forward(tiny_llama):
+    model = SmolLM2.from_pretrained(tiny_llama[0]).eval()
+    idx = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_cache(2, 12)
+        step = [model(idx[:, :5], cache=cache)]  # a prefill, then one token at a time
+        step += [model(idx[:, i:i + 1], cache=cache) for i in range(5, 12)]
+    assert (torch.cat(step, 1) - full).abs().max() <= 1e-5
+
+
+def test_batched_generation_equals_alone(tiny_llama):
+    model = SmolLM2.from_pretrained(tiny_llama[0]).eval()
+    prompts = [[5, 9, 11, 3], [7, 8], [40, 41, 42, 43, 44, 45, 46]]
+    together = generate(model, prompts, max_new_tokens=12, stop_id=-1)
+    alone = [generate(model, [p], max_new_tokens=12, stop_id=-1)[0] for p in prompts]
+    assert together == alone and all(len(g) == 12 for g in together)
+    # sampling: top_k=1 is greedy whatever the temperature
+    assert generate(model, prompts[:1], 12, temperature=0.7, top_k=1, stop_id=-1)[0] == alone[0]
+
+
+def test_generation_stops(tiny_llama):
+    model = SmolLM2.from_pretrained(tiny_llama[0]).eval()
+    rng = lambda: torch.Generator().manual_seed(0)  # the same samples in both runs
+    first = generate(model, [[5, 6, 7]], max_new_tokens=8, temperature=1.0, stop_id=-1, generator=rng())[0]
+    j = next(j for j in range(1, 8) if first[j] not in first[:j])  # a token that is new at step j
+    assert generate(model, [[5, 6, 7]], 8, temperature=1.0, stop_id=first[j], generator=rng())[0] == first[:j]
+    assert len(generate(model, [[5, 6, 7]], max_new_tokens=3, stop_id=-1)[0]) == 3  # the token limit
+
+
+@pytest.mark.parametrize("size", [(56, 56), (42, 70)])  # the trained grid, and a non-square resize
+def test_dino_parity(tiny_dino, size):
+    path, ref = tiny_dino
+    ours = DINOv2.from_pretrained(path).eval()
+    pixels = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        assert (ours(pixels) - ref(pixel_values=pixels).last_hidden_state).abs().max() <= 1e-4
+
+
+def test_dino_base_shape_and_224(tmp_path):
+    ref = write_dino(tmp_path, hidden_size=64, num_attention_heads=4, image_size=518, num_hidden_layers=1)
+    ours = DINOv2.from_pretrained(tmp_path).eval()
+    pixels = torch.randn(1, 3, 224, 224)  # 37x37 grid resized to 16x16 (bicubic, float32)
+    with torch.no_grad():
+        out = ours(pixels)
+        assert out.shape == (1, 257, 64)
+        assert (out - ref(pixel_values=pixels).last_hidden_state).abs().max() <= 1e-4
+
+
+def test_errors_name_the_problem(tmp_path, tiny_llama):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        SmolLM2.from_pretrained(tmp_path / "nowhere")
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_llama[0], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(cfg | {"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="model_type is 'gpt2'"):
+        SmolLM2.from_pretrained(bad)
+    (bad / "config.json").write_text(json.dumps(cfg))
+    weights = bad / "model.safetensors"
+    state = load_file(weights)
+    state["model.norm.weight"] = torch.ones(3)
+    save_file(state, weights)
+    with pytest.raises(ValueError, match=r"wrong shape \(1\): norm.weight"):
+        SmolLM2.from_pretrained(bad)
+    del state["model.norm.weight"]
+    save_file(state, weights)
+    with pytest.raises(ValueError, match=r"missing \(1\): norm.weight"):
+        SmolLM2.from_pretrained(bad)
+    shutil.copy(tiny_llama[0] / "model.safetensors", weights)
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match="truncated"):
+        SmolLM2.from_pretrained(bad)
+
+
+def test_dino_unknown_key_and_mask_token(tmp_path, tiny_dino):
+    bad = tmp_path / "dino"
+    shutil.copytree(tiny_dino[0], bad)
+    state = load_file(bad / "model.safetensors")
+    assert "embeddings.mask_token" in state  # allowed and unused
+    state["encoder.layer.0.extra.weight"] = torch.zeros(1)
+    save_file(state, bad / "model.safetensors")
+    with pytest.raises(ValueError, match=r"unexpected \(1\): blocks.0.extra.weight"):
+        DINOv2.from_pretrained(bad)
