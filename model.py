@@ -281,7 +281,7 @@ class DinoBlock(nn.Module):
         self.ls2 = nn.Parameter(torch.ones(d))
 
     def heads(self, x):  # [N,L,D] -> [N,H,L,hd]
-        return x.view(x.shape[0], x.shape[1], self.n_heads, -1).transpose(1, 2)
+        return x.view(*x.shape[:2], self.n_heads, x.shape[2] // self.n_heads).transpose(1, 2)
 
     def forward(self, x):
         """x [N,L,D] -> (x, (k, v)): the keys/values are handed back so the glimpse reuses them."""
@@ -396,10 +396,8 @@ class FoveatedVLM(nn.Module):
         """frames [B,T,3,H,W] -> per-layer (k, v), each [N,H,1+P,hd] for the N real frames in (b, t) order.
         One DINOv2 pass; every mode, option and call can reuse it."""
         real = frames.flatten(0, 1) if frame_mask is None else frames[frame_mask]  # [N,3,H,W]
-        chunks = [self.dino(real[i:i + self.encode_chunk], return_kv=True)[1]
-                  for i in range(0, real.shape[0], self.encode_chunk)]
-        if not chunks:  # a batch of text-only samples
-            return [(None, None)] * len(self.dino.blocks)
+        chunks = [self.dino(real[i:i + self.encode_chunk], return_kv=True)[1]  # N=0 (text only) gives empty kv
+                  for i in range(0, max(real.shape[0], 1), self.encode_chunk)]
         return [(torch.cat([c[l][0] for c in chunks]), torch.cat([c[l][1] for c in chunks]))
                 for l in range(len(self.dino.blocks))]
 
@@ -525,7 +523,7 @@ class FoveatedVLM(nn.Module):
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{file}: cannot read safetensors ({e}). Is the file truncated?") from e
         state = {vlm_key(k): v for k, v in raw.items()}
-        state.pop("embeddings.mask_token", None)
+        state.pop("dino.embeddings.mask_token", None)  # in HF's Dinov2Model, unused
         llm = llm_state({k[4:]: v for k, v in state.items() if k.startswith("llm.")}, self.llm.cfg)
         state = {k: v for k, v in state.items() if not k.startswith("llm.")} | {"llm." + k: v for k, v in llm.items()}
         load_strict(self, state, file)

@@ -1,0 +1,274 @@
+"""data.py: chat template, masks, shard layouts, video sampling, splitting, mixing, resume, bad input."""
+import io
+import json
+import os
+import sys
+from collections import Counter
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+
+CONV = [{"role": "user", "content": "What is in the video?"},
+        {"role": "assistant", "content": "A red circle moves to the left."},
+        {"role": "user", "content": "And then?\nAnswer briefly."},
+        {"role": "assistant", "content": "It stops, 3 times."}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """tiny byte-level BPE trained here, so most tests need no downloaded files"""
+    texts = [m["content"] for m in CONV] + [data.SYSTEM_PROMPT, "user\n", "assistant\n", "describe it. a red frame."] * 3
+    return data.train_tokenizer(texts, vocab_size=300)
+
+
+def jpg(colour, size=16):
+    b = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(b, "JPEG", quality=95)
+    return b.getvalue()
+
+
+def gray_video(path, n, codec="libx264", size=32, step=6):
+    """frame i is flat grey i*step, so decoded brightness gives the frame index back"""
+    with av.open(str(path), "w", options={"movflags": "faststart"} if codec == "libx264" else {}) as c:
+        s = c.add_stream(codec, rate=10)
+        s.width = s.height = size
+        s.pix_fmt = "yuv420p" if codec != "gif" else "rgb8"
+        if codec == "libx264":
+            s.options = {"crf": "0"}
+        for i in range(n):
+            a = np.full((size, size, 3), i * step, np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def frame_index(frames, step=6):
+    """normalised [T,3,S,S] -> the grey level index of each frame"""
+    px = frames * data.STD[0] + data.MEAN[0]
+    return [round(float(f.mean()) * 255 / step) for f in px]
+
+
+def caption_shard(path, keys, colour=(200, 0, 0), frames=1):
+    write = [(k, {**{f"{t:03d}.jpg": jpg(colour) for t in range(frames)}, "json": {"user": "describe it.", "assistant": f"a red frame {k}"}}) for k in keys]
+    data.write_tar(path, write)
+
+
+def text_shard(path, keys):
+    data.write_tar(path, [(k, {"json": {"user": "describe it.", "assistant": "a red frame."}}) for k in keys])
+
+# -----------------------------------------------------------------------------
+
+
+def test_chat_template_matches_smollm2(smollm2_dir):
+    from transformers import AutoTokenizer
+    tok = data.load_tokenizer(smollm2_dir)
+    ids, mask, trunc = data.encode_chat(tok, CONV, stage=2)
+    ref = AutoTokenizer.from_pretrained(smollm2_dir).apply_chat_template(
+        [{"role": "system", "content": data.SYSTEM_PROMPT}] + CONV, tokenize=True)
+    ref = ref["input_ids"] if not isinstance(ref, list) else ref
+    assert ids == list(ref) and not trunc
+    # the prompt for the final turn plus its answer is the conversation minus the trailing "\n"
+    one = CONV[:2]
+    full = data.encode_chat(tok, one, stage=2)[0]
+    assert data.encode_prompt(tok, one[0]["content"]) + data.encode_answer(tok, one[1]["content"]) == full[:-1]
+    assert tok.decode(full[-1:]) == "\n"
+
+
+def test_masks_stage1_and_stage2(tok):
+    ids, mask, trunc = data.encode_chat(tok, CONV, stage=1)
+    assert mask == [1] * len(ids) and not trunc
+    ids2, mask2, _ = data.encode_chat(tok, CONV, stage=2)
+    assert ids2 == ids
+    # targets are exactly each assistant content + its <|im_end|>
+    want, cur = [], data.encode_prompt(tok, CONV[0]["content"])
+    want += [0] * len(cur) + [1] * len(data.encode_answer(tok, CONV[1]["content"])) + [0]  # the "\n" after <|im_end|>
+    turn = tok.encode(f"<|im_start|>user\n{CONV[2]['content']}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).ids
+    want += [0] * len(turn) + [1] * len(data.encode_answer(tok, CONV[3]["content"])) + [0]
+    assert mask2 == want
+    assert tok.decode([i for i, m in zip(ids2, mask2) if m], skip_special_tokens=False) == \
+        "A red circle moves to the left.<|im_end|>It stops, 3 times.<|im_end|>"
+    assert data.encode_prompt(tok, "x") + data.encode_answer(tok, "y") == data.encode_chat(tok, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], 2)[0][:-1]
+    # truncation keeps ids and mask aligned and says so
+    ids3, mask3, trunc3 = data.encode_chat(tok, CONV, stage=2, max_len=20)
+    assert len(ids3) == len(mask3) == 20 and trunc3 and mask3 == mask2[:20]
+
+
+def test_shard_layouts_roundtrip(tmp_path, tok):
+    mp4 = tmp_path / "v.mp4"
+    gray_video(mp4, 12)
+    pre = data.encode_chat(tok, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], 2)
+    data.write_tar(tmp_path / "a.tar", [
+        ("frames", {"000.jpg": jpg((255, 0, 0)), "001.jpg": jpg((0, 255, 0)), "002.jpg": jpg((0, 0, 255)),
+                    "json": {"user": "describe it.", "assistant": "a red frame.", "frame_count": 3}}),
+        ("image", {"jpg": jpg((0, 0, 255)), "json": {"caption": "a blue frame."}}),
+        ("video", {"mp4": mp4.read_bytes(), "txt": "a grey video.", "json": {"source": "t"}}),
+        ("text", {"json": {"user": "describe it.", "assistant": "text only."}}),
+        ("pretok", {"jpg": jpg((9, 9, 9)), "json": {"token_ids": pre[0], "loss_mask": pre[1]}}),
+    ])
+    ds = data.ShardDataset(str(tmp_path / "a.tar"), tok, stage=2, image_size=16, max_frames=4, replicate_image_frames=8, loop=False)
+    got = {s["key"]: s for s in ds}
+    assert set(got) == {"frames", "image", "video", "text", "pretok"}
+    f = got["frames"]["frames"]
+    assert f.shape == (3, 3, 16, 16) and f.dtype == torch.float32
+    rgb = (f * data.STD[0] + data.MEAN[0]).mean((2, 3))
+    assert rgb.argmax(1).tolist() == [0, 1, 2]  # order kept, ImageNet-normalised
+    assert got["image"]["frames"].shape == (8, 3, 16, 16)
+    assert got["video"]["frames"].shape == (4, 3, 16, 16)
+    assert got["text"]["frames"].shape == (0, 3, 16, 16)
+    assert got["pretok"]["input_ids"] == pre[0] and got["pretok"]["loss_mask"] == pre[1]
+    # legacy caption, .txt caption, and which words are targets
+    dec = lambda s: tok.decode([i for i, m in zip(s["input_ids"], s["loss_mask"]) if m])
+    assert dec(got["image"]) == "a blue frame." and dec(got["video"]) == "a grey video." and dec(got["text"]) == "text only."
+    assert data.DEFAULT_USER in tok.decode(got["image"]["input_ids"])
+    # DPO pairs (stage 3), then collate both kinds
+    data.write_tar(tmp_path / "dpo.tar", [("p", {"jpg": jpg((1, 2, 3)), "json": {"user": "describe it.", "chosen_assistant": "a red frame.", "rejected_assistant": "a blue frame, 3 times."}})])
+    d = next(iter(data.ShardDataset(str(tmp_path / "dpo.tar"), tok, stage=3, image_size=16, loop=False)))
+    assert tok.decode([i for i, m in zip(d["rejected_ids"], d["rejected_mask"]) if m]) == "a blue frame, 3 times."
+    b = data.collate([d, d])
+    assert b["chosen_ids"].shape == b["rejected_ids"].shape and b["chosen_mask"].shape == b["chosen_ids"].shape
+    assert (b["chosen_ids"][:, len(d["chosen_ids"]):] == data.PAD_ID).all() and b["chosen_mask"][:, len(d["chosen_ids"]):].sum() == 0
+    b = data.collate([got["frames"], got["text"], got["image"]])
+    assert b["frames"].shape == (3, 8, 3, 16, 16) and b["frame_mask"].sum(1).tolist() == [3, 0, 8]
+    assert b["input_ids"].dtype == torch.long and b["loss_mask"].shape == b["input_ids"].shape
+    n = len(got["frames"]["input_ids"])
+    assert b["input_ids"][0, :n].tolist() == got["frames"]["input_ids"]
+    assert (b["input_ids"][0, n:] == 2).all() and b["loss_mask"][0, n:].sum() == 0
+
+
+def test_uniform_video_sampling(tmp_path):
+    mp4 = tmp_path / "v.mp4"
+    gray_video(mp4, 40)
+    v = data.load_video(str(mp4), max_frames=8, image_size=16)
+    assert v.shape == (8, 3, 16, 16)
+    assert frame_index(v) == data.uniform_indices(40, 8) == [2, 7, 12, 17, 22, 27, 32, 37]
+    assert frame_index(data.load_video(str(mp4), 64, 16, fps=2)) == [int((i + .5) * 40 / 8) for i in range(8)]  # 4 s at 2 fps
+    assert frame_index(data.load_video(str(mp4), 4, 16, start=1.0, end=3.0)) == [12, 17, 22, 27]
+    assert frame_index(data.load_video(str(mp4), 64, 16)) == list(range(40))  # short clip: every frame
+    gif = tmp_path / "v.gif"  # a container with no frame count in its header
+    Image.new("L", (16, 16)).save(gif, save_all=True, append_images=[Image.new("L", (16, 16), i * 6) for i in range(1, 20)], duration=100)
+    assert frame_index(data.load_video(str(gif), 5, 16)) == data.uniform_indices(20, 5)
+    web = tmp_path / "v.webm"
+    gray_video(web, 20, codec="libvpx")
+    assert len(data.load_video(str(web), 5, 16)) == 5
+    img = tmp_path / "i.png"
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(img)
+    assert data.load_image(str(img), 16, 8).shape == (8, 3, 16, 16)
+
+
+def test_split_2_ranks_x_3_workers_reads_each_sample_once(tmp_path, tok):
+    keys = []
+    for i in range(7):
+        ks = [f"s{i}k{j}" for j in range(i + 2)]  # uneven shard sizes
+        text_shard(tmp_path / f"t{i}.tar", ks)
+        keys += ks
+    seen = []
+    for rank in range(2):
+        ds = data.ShardDataset(str(tmp_path / "t*.tar"), tok, stage=2, image_size=16, seed=3, rank=rank, world_size=2, loop=False)
+        for b in data.make_loader(ds, batch_size=2, num_workers=3):
+            seen += b["keys"]
+    assert sorted(seen) == sorted(keys)
+
+
+def test_text_ratio(tmp_path, tok):
+    caption_shard(tmp_path / "m0.tar", [f"m{i}" for i in range(300)])
+    caption_shard(tmp_path / "m1.tar", [f"n{i}" for i in range(300)])
+    text_shard(tmp_path / "text.tar", [f"t{i}" for i in range(50)])
+    ds = data.ShardDataset(str(tmp_path / "m*.tar"), tok, stage=2, image_size=16, text_ratio=0.14,
+                           text_globs=str(tmp_path / "text.tar"), shuffle_buffer=50)
+    n = text = 0
+    for b in data.make_loader(ds, batch_size=16, num_workers=0):
+        text += int((b["frame_mask"].sum(1) == 0).sum())
+        n += len(b["keys"])
+        if n >= 2000:
+            break
+    assert abs(text / n - 0.14) < 0.03, text / n  # 4 sigma
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_continues_where_it_stopped(tmp_path, tok, num_workers):
+    for i in range(4):
+        caption_shard(tmp_path / f"m{i}.tar", [f"m{i}x{j}" for j in range(9)])
+    text_shard(tmp_path / "text.tar", [f"t{i}" for i in range(7)])
+    make = lambda: data.ShardDataset(str(tmp_path / "m*.tar"), tok, stage=2, image_size=16, seed=1, text_ratio=0.2,
+                                     text_globs=str(tmp_path / "text.tar"), shuffle_buffer=5)
+    run = data.make_loader(make(), batch_size=3, num_workers=num_workers)
+    it = iter(run)
+    for _ in range(18):  # past the end of the first epoch (36 media samples + ~20% text)
+        next(it)
+    sd = json.loads(json.dumps(run.state_dict()))  # survives a checkpoint round trip
+    want = [next(it)["keys"] for _ in range(6)]
+    assert sd["samples"] == 54 and sd["epoch"] >= 1
+    resumed = data.make_loader(make(), batch_size=3, num_workers=num_workers)
+    resumed.load_state_dict(sd)
+    it2 = iter(resumed)
+    assert [next(it2)["keys"] for _ in range(6)] == want
+
+
+def test_bad_inputs_skipped_counted_reported(tmp_path, tok, capfd):
+    mp4 = tmp_path / "v.mp4"
+    gray_video(mp4, 20)
+    good = {"json": {"user": "describe it.", "assistant": "a red frame."}}
+    data.write_tar(tmp_path / "bad.tar", [
+        ("ok1", {"jpg": jpg((1, 1, 1)), **good}),
+        ("corruptvideo", {"mp4": os.urandom(3000), **good}),
+        ("emptyvideo", {"mp4": b"", **good}),
+        ("cutvideo", {"mp4": mp4.read_bytes()[:1500], **good}),
+        ("badimage", {"jpg": b"\xff\xd8 not a jpeg", **good}),
+        ("nofield", {"jpg": jpg((1, 1, 1)), "json": {"user": "describe it."}}),
+        ("badjson", {"jpg": jpg((1, 1, 1)), "json": "{not json"}),
+        ("fewframes", {"000.jpg": jpg((1, 1, 1)), "json": {**good["json"], "frame_count": 4}}),
+        ("shortvideo", {"mp4": mp4.read_bytes()[:len(mp4.read_bytes()) * 2 // 3], **good}),  # header intact, frames cut
+        ("ok2", {"jpg": jpg((1, 1, 1)), **good}),
+    ])
+    caption_shard(tmp_path / "cut.tar", [f"c{i}" for i in range(20)])
+    raw = (tmp_path / "cut.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(raw[:len(raw) // 2 + 100])  # cut inside a member header
+    (tmp_path / "cut2.tar").write_bytes(raw[:len(raw) // 2 + 800])  # cut inside a member's data
+    shards = [str(tmp_path / f) for f in ("bad.tar", "cut.tar", "cut2.tar")]
+    ds = data.ShardDataset(shards, tok, stage=2, image_size=16, max_frames=8, loop=False)
+    loader = data.make_loader(ds, batch_size=4, num_workers=2)
+    keys = [k for b in loader for k in b["keys"]]
+    assert {"ok1", "ok2"} <= set(keys) and 0 < len([k for k in keys if k.startswith("c")]) < 40
+    assert loader.skipped() == Counter({"bad_video": 2, "bad_image": 1, "missing_field": 1, "bad_json": 1, "short_video": 3, "bad_tar": 2})
+    err = capfd.readouterr().err
+    for name in ("corruptvideo.mp4", "emptyvideo.mp4", "cutvideo.mp4", "badimage.jpg", "nofield.json", "badjson.json",
+                 "fewframes", "shortvideo.mp4: video has fewer frames", "cut.tar", "cut2.tar"):
+        assert name in err, name
+    with pytest.raises(ValueError, match="v.mp4: cannot decode"):
+        data.load_video(io.BytesIO(b"junk"), 4, 16, name=str(mp4))
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        data.ShardDataset(str(tmp_path / "nothing-here-*.tar"), tok, stage=2)
+
+
+def test_dynamic_batching_caps_frames(tmp_path, tok):
+    caption_shard(tmp_path / "m.tar", [f"m{i}" for i in range(20)], frames=3)
+    ds = data.ShardDataset(str(tmp_path / "m.tar"), tok, stage=2, image_size=16, loop=False)
+    sizes = [len(b["keys"]) for b in data.make_loader(ds, batch_size=8, num_workers=0, max_batch_frames=10)]
+    assert sizes == [3] * 6 + [2]
+
+
+def test_shapes_task(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    data.make_shapes(str(a), n_train=30, n_val=10, n_dpo=5, n_text=5, frames=4, shard_size=20, seed=0)
+    data.ensure_shapes(str(b), n_train=30, n_val=10, n_dpo=5, n_text=5, frames=4, shard_size=20, seed=0)
+    for f in ("train-0000.tar", "train-0001.tar", "val-0000.tar", "dpo-0000.tar", "text-0000.tar", "mcq_val.json", "tokenizer.json"):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f  # deterministic from the seed
+    tok = data.load_tokenizer(str(a))
+    assert [tok.token_to_id(s) for s in data.SPECIALS] == [0, 1, 2] and tok.get_vocab_size() <= 512
+    mcq = data.read_mcq(str(a), image_size=32)
+    assert len(mcq) == 10 and {m["category"] for m in mcq} == set(data.QUESTIONS)
+    for m in mcq:
+        assert len(set(m["options"])) == 4 and 0 <= m["answer"] < 4 and m["frames"].shape == (4, 3, 32, 32)
+    s1 = next(iter(data.ShardDataset(str(a / "train-*.tar"), tok, 1, image_size=64, loop=False)))
+    assert tok.decode(s1["input_ids"]).count("moves from the") == 1 and all(s1["loss_mask"])
+    s2 = next(iter(data.ShardDataset(str(a / "val-*.tar"), tok, 2, image_size=64, loop=False)))
+    assert "\nA. " in tok.decode(s2["input_ids"]) and s2["frames"].shape == (4, 3, 64, 64)
+    s3 = next(iter(data.ShardDataset(str(a / "dpo-*.tar"), tok, 3, image_size=64, loop=False)))
+    assert s3["chosen_ids"] != s3["rejected_ids"]
