@@ -154,7 +154,7 @@ def _pil_rgb(src, size, name):
         raise ValueError(f"{name}: unreadable image ({type(e).__name__}: {e})") from None
     if min(img.size) != size:
         img = img.resize(_fit(*img.size, size), Image.BICUBIC)
-    return _crop(np.asarray(img), size)  # [S,S,3] uint8
+    return _crop(np.array(img), size)  # [S,S,3] uint8
 
 
 def load_image(path, image_size, replicate=1, name=None):
@@ -220,10 +220,8 @@ def write_tar(path, samples):
     with tarfile.open(path, "w") as tf:
         for key, files in samples:
             for ext, data in files.items():
-                if isinstance(data, dict):
-                    data = json.dumps(data)
-                if isinstance(data, str):
-                    data = data.encode()
+                data = json.dumps(data) if isinstance(data, dict) else data
+                data = data.encode() if isinstance(data, str) else data
                 ti = tarfile.TarInfo(f"{key}.{ext}")
                 ti.size, ti.mtime = len(data), 0
                 tf.addfile(ti, io.BytesIO(data))
@@ -249,10 +247,28 @@ def read_tar(path, counter=skipped):
                     cur = None
                 cur = cur or {"key": key, "shard": path, "files": {}}
                 cur["files"][ext.lower()] = data
+            # tarfile ends quietly when the stream stops at/inside a header; an intact plain tar
+            # has at least one zero block after its last member
+            if getattr(tf.fileobj, "comptype", "") == "tar" and tf.offset + 512 > os.path.getsize(path):
+                raise EOFError("no end-of-archive marker (file cut short)")
         if cur is not None:
             yield cur
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         _skip(counter, "bad_tar", f"{path}: truncated or corrupt tar ({type(e).__name__}: {e}); rest of shard dropped")
+
+
+
+def read_source(path, counter=skipped):
+    """a tar shard, or a plain video/image file (+ optional sidecar {stem}.json / {stem}.txt) as one sample"""
+    if ".tar" in os.path.basename(path):
+        yield from read_tar(path, counter)
+        return
+    stem, ext = os.path.splitext(path)
+    files = {ext[1:].lower(): open(path, "rb").read()}
+    for side in ("json", "txt"):
+        if os.path.exists(f"{stem}.{side}"):
+            files[side] = open(f"{stem}.{side}", "rb").read()
+    yield {"key": os.path.basename(stem), "shard": os.path.dirname(path), "files": files}
 
 # -----------------------------------------------------------------------------
 # the dataset
@@ -314,13 +330,13 @@ class ShardDataset(IterableDataset):
         while True:
             order = list(shards)
             random.Random(self.seed * 7919 + st[ek]).shuffle(order)  # same on every reader
-            mine = order[gwid::total] if len(order) >= total else order
-            if len(order) < total and pk == "pos":
-                if self.loop:
-                    raise ValueError(f"data.py: {len(order)} shards for {total} readers (world_size x num_workers); use fewer workers or more shards")
-                mine = order[gwid::total]  # eval: surplus readers just read nothing
+            mine = order[gwid::total]
+            if len(order) < total and pk == "text_pos":
+                mine = order  # few text shards: every reader reads all of them, in its own order
+            elif len(order) < total and self.loop:  # (eval: surplus readers just read nothing)
+                raise ValueError(f"data.py: {len(order)} shards for {total} readers (world_size x num_workers); use fewer workers or more shards")
             rng = random.Random((self.seed * 1_000_003 + st[ek]) * 10_007 + gwid + (pk == "text_pos") * 7)
-            raw = (r for p in mine for r in read_tar(p, self.skipped))
+            raw = (r for p in mine for r in read_source(p, self.skipped))
             todo, got = st[pk], 0
             for rec in _shuffled(raw, rng, self.shuffle_buffer):
                 got += 1
@@ -354,7 +370,7 @@ class ShardDataset(IterableDataset):
                 _skip(self.skipped, e.reason, str(e))
                 continue
             self.progress[gwid] = dict(st)
-            s["_state"] = (gwid, dict(st), dict(self.skipped))
+            s["_state"] = (gwid, dict(st))
             yield s
 
     def __iter__(self):
@@ -364,19 +380,21 @@ class ShardDataset(IterableDataset):
         if self.batch_size is None:
             yield from it
             return
-        batch, nf = [], 0
+        # a full batch waits for the next sample (or the end) so its skip counts include trailing skips
+        batch, nf, cap = [], 0, self.max_batch_frames
         for s in it:
             t = s["frames"].shape[0]
-            if batch and self.max_batch_frames and nf + t > self.max_batch_frames:
-                yield batch  # dynamic batching: cap by total real frames
+            if batch and (len(batch) == self.batch_size or (cap and nf + t > cap)):  # cap: dynamic batching by real frames
+                yield self._stamp(batch)
                 batch, nf = [], 0
             batch.append(s)
             nf += t
-            if len(batch) == self.batch_size:
-                yield batch
-                batch, nf = [], 0
         if batch:
-            yield batch
+            yield self._stamp(batch)
+
+    def _stamp(self, batch):
+        batch[-1]["_state"] = batch[-1]["_state"][:2] + (dict(self.skipped),)
+        return batch
 
     def decode(self, rec):
         files, where = rec["files"], f"{rec['shard']}:{rec['key']}"
@@ -385,11 +403,9 @@ class ShardDataset(IterableDataset):
             assert isinstance(meta, dict), "json is not an object"
         except (ValueError, AssertionError) as e:
             raise SkipSample("bad_json", f"{where}.json: bad json ({e})") from None
-        frames = self.frames(files, meta, where)
-        out = {"key": rec["key"], "frames": frames}
         txt = files["txt"].decode("utf-8", "replace").strip() if "txt" in files else None
-        out.update(self.text(meta, txt, frames.shape[0] > 0, where))
-        return out
+        out = self.text(meta, txt, any(e not in ("json", "txt") for e in files), where)  # text first: cheap to reject
+        return dict(out, key=rec["key"], frames=self.frames(files, meta, where))
 
     def _enc(self, messages, where):
         ids, mask, trunc = encode_chat(self.tok, messages, self.stage, self.max_len)
@@ -494,10 +510,10 @@ class Loader(DataLoader):
         super().__init__(dataset, batch_size=None, num_workers=num_workers, collate_fn=collate,
                          persistent_workers=False, **kw)
         self.nw = max(1, num_workers)
-        self.workers, self.stats, self.samples_seen, self.next_worker = {}, {}, 0, 0
+        self.workers, self.stats, self.samples_seen, self.start_worker, self.next_worker = {}, {}, 0, 0, 0
 
     def __iter__(self):
-        pending = {w: deque() for w in range(self.nw)}
+        pending, self.next_worker = {w: deque() for w in range(self.nw)}, self.start_worker
         base = self.dataset.rank * self.nw
 
         def emit(b):
@@ -532,13 +548,14 @@ class Loader(DataLoader):
         self.dataset.load_state_dict(sd)
         self.workers = {int(g): dict(s) for g, s in sd["workers"].items()}
         self.samples_seen = sd.get("samples", 0)
-        self.next_worker = {int(k): v for k, v in sd.get("next_worker", {}).items()}.get(self.dataset.rank, 0)
+        self.start_worker = {int(k): v for k, v in sd.get("next_worker", {}).items()}.get(self.dataset.rank, 0)
 
 
-def make_loader(dataset, batch_size, num_workers=0, max_batch_frames=None):
-    """batches are built inside the readers (so dynamic batching by frame count is possible)"""
+def make_loader(dataset, batch_size, num_workers=0, max_batch_frames=None, **kw):
+    """batches are built inside the readers (so dynamic batching by frame count is possible);
+    kw goes to DataLoader (e.g. pin_memory). Log loader.skipped(); checkpoint loader.state_dict()."""
     dataset.batch_size, dataset.max_batch_frames = batch_size, max_batch_frames
-    return Loader(dataset, num_workers)
+    return Loader(dataset, num_workers, **kw)
 
 # -----------------------------------------------------------------------------
 # multiple choice records for bench.py
@@ -721,7 +738,10 @@ def make_shapes(out_dir, n_train=6000, n_val=500, n_dpo=1000, n_text=1000, image
         def meta(f):
             cat = cats[rng.integers(0, len(cats))]
             q, opts, ans = shapes_question(rng, f, cat)
-            if rng.random() < 0.5:
+            r = rng.random()
+            if r < 0.25:  # the caption as a stage-2 answer too, so one run learns captions and QA
+                q, a, cat = DEFAULT_USER, shapes_caption(f), "caption"
+            elif r < 0.625:
                 q, a = format_mcq(q, opts), f"{'ABCD'[ans]}. {opts[ans]}"
             else:
                 a = opts[ans]
@@ -760,30 +780,9 @@ def make_shapes(out_dir, n_train=6000, n_val=500, n_dpo=1000, n_text=1000, image
 def ensure_shapes(out_dir, **kw):
     """generate the shapes task unless out_dir already holds one made with the same arguments"""
     marker = os.path.join(out_dir, "shapes.json")
-    if os.path.exists(marker):
-        import inspect
-        want = {k: v.default for k, v in inspect.signature(make_shapes).parameters.items() if k != "out_dir"}
-        want.update(kw)
-        if json.load(open(marker)) == want:
-            return out_dir
+    if os.path.exists(marker) and all(json.load(open(marker)).get(k) == v for k, v in kw.items()):
+        return out_dir
     print(f"data.py: generating the shapes task in {out_dir}", file=sys.stderr)
     make_shapes(out_dir, **kw)
     return out_dir
 
-
-if __name__ == "__main__":  # python data.py [out_dir]: generate shapes and time the loader
-    out = sys.argv[1] if len(sys.argv) > 1 else "data/shapes"
-    t0 = time.time()
-    make_shapes(out)
-    print(f"make_shapes: {time.time() - t0:.1f}s")
-    tok = load_tokenizer(out)
-    for nw in (0, 2):
-        ds = ShardDataset(os.path.join(out, "train-*.tar"), tok, stage=2, image_size=64, max_frames=8, replicate_image_frames=8)
-        n, t0 = 0, time.time()
-        for i, b in enumerate(make_loader(ds, 16, nw)):
-            n += len(b["keys"])
-            if i == 3:
-                n, t0 = 0, time.time()  # drop warm-up (worker start)
-            if time.time() - t0 > 10:
-                break
-        print(f"loader num_workers={nw}: {n / (time.time() - t0):.0f} samples/s")

@@ -495,6 +495,21 @@ class FoveatedVLM(nn.Module):
         h = self.llm(prompt_ids, valid=prompt_valid, cache=cache, hidden_only=True)
         return cache, self.llm.lm_head(h[:, -1]), attn
 
+    def configure_optimizers(self, weight_decay, lrs, device_type):
+        """AdamW with a group per part (connector, incl. output_proj and the queries / dino / llm), each with its
+        own LR from `lrs`. Only Linear and Conv2d weights decay: no decay on norms, biases, embeddings,
+        position embeddings, LayerScale or the learned queries."""
+        decayed = {id(m.weight) for m in self.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+        decayed.discard(id(self.llm.embed_tokens.weight))  # the tied lm_head is the embedding
+        groups = {}
+        for name, p in self.named_parameters():  # tied weights are listed once
+            part = name.split(".")[0] if name.startswith(("dino.", "llm.")) else "connector"
+            decay = id(p) in decayed
+            groups.setdefault((part, decay), {"params": [], "name": part, "base_lr": lrs[part], "lr": lrs[part],
+                                              "weight_decay": weight_decay if decay else 0.0})["params"].append(p)
+        # fused AdamW runs on CUDA and, in recent PyTorch, on CPU too
+        return torch.optim.AdamW(list(groups.values()), betas=(0.9, 0.95), fused=True)
+
     # -- loading and saving --------------------------------------------------------------------------
 
     @classmethod

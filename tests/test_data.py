@@ -127,6 +127,13 @@ def test_shard_layouts_roundtrip(tmp_path, tok):
     dec = lambda s: tok.decode([i for i, m in zip(s["input_ids"], s["loss_mask"]) if m])
     assert dec(got["image"]) == "a blue frame." and dec(got["video"]) == "a grey video." and dec(got["text"]) == "text only."
     assert data.DEFAULT_USER in tok.decode(got["image"]["input_ids"])
+    # plain files are sources too: a video with a sidecar json, an image with a sidecar txt
+    (tmp_path / "plain.json").write_text(json.dumps({"user": "describe it.", "assistant": "plain video."}))
+    (tmp_path / "plain.mp4").write_bytes(mp4.read_bytes())
+    (tmp_path / "pic.png").write_bytes(jpg((0, 0, 0)))
+    (tmp_path / "pic.txt").write_text("a black frame.")
+    plain = {s["key"]: s for s in data.ShardDataset([str(tmp_path / "plain.mp4"), str(tmp_path / "pic.png")], tok, stage=2, image_size=16, max_frames=5, loop=False)}
+    assert plain["plain"]["frames"].shape == (5, 3, 16, 16) and dec(plain["pic"]) == "a black frame."
     # DPO pairs (stage 3), then collate both kinds
     data.write_tar(tmp_path / "dpo.tar", [("p", {"jpg": jpg((1, 2, 3)), "json": {"user": "describe it.", "chosen_assistant": "a red frame.", "rejected_assistant": "a blue frame, 3 times."}})])
     d = next(iter(data.ShardDataset(str(tmp_path / "dpo.tar"), tok, stage=3, image_size=16, loop=False)))

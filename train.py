@@ -1,0 +1,380 @@
+"""
+Train a foveated VLM: stages 1-2 (next-token CE) and stage 3 (DPO, the batch loss comes from dpo.py).
+
+    python train.py                                  # the embedded default: synthetic shapes task on CPU
+    python train.py config/stage2_135m.py            # the real recipe on one GPU
+    torchrun --nproc_per_node=8 train.py config/stage2_135m.py   # DDP on many
+
+Every global below is a config key: override with a config file and/or --key=value (see configurator.py).
+"""
+import glob
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+from model import MODES, DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2
+
+# -----------------------------------------------------------------------------
+# config: the embedded default (a tiny fVLM trained from scratch on the shapes task)
+out_dir = 'out/shapes'
+init_from = 'scratch'  # 'scratch' | 'resume' | a checkpoint: our dir, or the released fVLM-135M .safetensors
+llm_dir = ''  # a Hugging Face SmolLM2 dir; '' = a tiny SmolLM2-architecture model from scratch
+dino_dir = ''  # a Hugging Face DINOv2 dir; '' = a tiny DINOv2 from scratch
+tokenizer = ''  # tokenizer.json; '' = the one in llm_dir (or the checkpoint's)
+shapes_dir = 'data/shapes'  # the synthetic task; generated here if missing when the data globs point into it
+train_data = 'data/shapes/train-*.tar'  # globs, comma-separated
+val_data = 'data/shapes/val-*.tar'
+text_data = 'data/shapes/text-*.tar'  # text-only shards, mixed in at text_ratio
+mcq_data = 'data/shapes/mcq_val.json'  # held-out MCQs scored by bench.py's code at eval time; '' = none
+stage = 2  # 1: CE on all text, 2: CE on the answer, 3: DPO (dpo.py)
+# tiny backbones used when llm_dir / dino_dir are empty
+tiny_llm_dim, tiny_llm_layers, tiny_llm_heads, tiny_llm_kv_heads, tiny_llm_hidden = 128, 4, 4, 2, 384
+tiny_dino_dim, tiny_dino_layers, tiny_dino_heads, tiny_patch_size = 96, 4, 4, 8
+# data
+image_size = 64
+max_frames = 8
+replicate_image_frames = 8
+text_ratio = 0.05
+num_workers = 1
+# optimisation
+batch_size = 16  # per rank, per micro-step
+gradient_accumulation_steps = 1
+max_iters = 1500
+warmup_iters = 50
+lr_connector = 2e-3
+lr_dino = 1e-3
+lr_llm = 1e-3
+schedule = 'cosine'  # 'cosine': warmup then cosine to min_lr_ratio; 'converging': every group -> target_lr
+target_lr = 3e-5
+min_lr_ratio = 0.1
+weight_decay = 0.01
+grad_clip = 1.0
+train_mode = 'coarse_fine'
+# DPO (stage 3)
+beta = 0.1
+label_smoothing = 0.0
+sft_weight = 0.0
+precompute_ref = False
+# system
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype; weights stay fp32
+compile = False
+gradient_checkpointing = False
+seed = 1337
+# logging, eval, checkpoints
+log_interval = 10
+eval_interval = 500
+eval_iters = 10  # val batches per mode
+eval_modes = 'coarse_only,coarse_fine,autoregressive'
+ckpt_interval = 500
+keep_last = 2
+wandb_log = False
+wandb_project = 'nanofvlm'
+wandb_run_name = 'run'
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+# -----------------------------------------------------------------------------
+
+ddp = int(os.environ.get('RANK', -1)) != -1
+if ddp:
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ['LOCAL_RANK'])
+    if device.startswith('cuda'):
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+else:
+    rank, world_size = 0, 1
+master = rank == 0
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+torch.manual_seed(seed)
+ckpt_root = os.path.join(out_dir, 'ckpt')
+
+
+def say(*args):
+    if master:
+        tqdm.write(' '.join(str(a) for a in args))
+
+
+def fail(msg):
+    if master:
+        print(f"train.py: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def latest_checkpoint():
+    steps = sorted(glob.glob(os.path.join(ckpt_root, 'step-*')))  # finished ones only: .tmp-* are not matched
+    return steps[-1] if steps else None
+
+
+# -- data ---------------------------------------------------------------------
+if master and any(g.startswith(shapes_dir) for g in (train_data + ',' + val_data).split(',') if g):
+    data.ensure_shapes(shapes_dir)
+if ddp:
+    dist.barrier()  # rank 0 may have been generating the task
+
+# -- model ----------------------------------------------------------------------
+resume_dir = None
+if init_from == 'resume':
+    resume_dir = latest_checkpoint()
+    if resume_dir is None:
+        fail(f"init_from='resume' but {ckpt_root} has no checkpoint; train first or set --init_from=scratch")
+    model = FoveatedVLM.from_checkpoint(resume_dir)
+elif init_from == 'scratch':
+    if llm_dir and dino_dir:
+        model = FoveatedVLM.from_pretrained(llm_dir, dino_dir, seed=seed)
+    elif llm_dir or dino_dir:
+        fail("set both --llm_dir and --dino_dir (or neither, for the tiny model from scratch)")
+    else:
+        vocab = data.load_tokenizer(tokenizer or shapes_dir).get_vocab_size()
+        llm = SmolLM2(LLMConfig(vocab_size=vocab, dim=tiny_llm_dim, n_layers=tiny_llm_layers, n_heads=tiny_llm_heads,
+                                n_kv_heads=tiny_llm_kv_heads, head_dim=tiny_llm_dim // tiny_llm_heads,
+                                hidden_dim=tiny_llm_hidden, max_seq_len=2048))
+        dino = DINOv2(DinoConfig(image_size=image_size, patch_size=tiny_patch_size, dim=tiny_dino_dim,
+                                 n_layers=tiny_dino_layers, n_heads=tiny_dino_heads))
+        model = FoveatedVLM(llm, dino, seed=seed)
+elif os.path.isfile(os.path.join(init_from, 'config.json')):  # a previous stage's checkpoint (our format)
+    model = FoveatedVLM.from_checkpoint(init_from)
+elif os.path.isfile(init_from):  # the released fVLM-135M weights need the HF dirs for the architecture
+    if not (llm_dir and dino_dir):
+        fail(f"init_from={init_from} is a weights file: also set --llm_dir and --dino_dir for the architecture")
+    model = FoveatedVLM.from_pretrained(llm_dir, dino_dir, checkpoint=init_from)
+else:
+    fail(f"init_from={init_from!r}: no such checkpoint (expected 'scratch', 'resume', a checkpoint dir or a .safetensors file)")
+tok_path = tokenizer or next((os.path.join(d, 'tokenizer.json') for d in (resume_dir, init_from, llm_dir, shapes_dir)
+                              if d and os.path.isfile(os.path.join(d, 'tokenizer.json'))), None)
+if tok_path is None:
+    fail("no tokenizer.json found: set --tokenizer")
+tok = data.load_tokenizer(tok_path)
+model.to(device)
+model.llm.gradient_checkpointing = gradient_checkpointing
+raw_model = model
+if compile:
+    # compile the modules whose forward really runs: every DINOv2 and LLM block, and the glimpse walk
+    for block in list(model.dino.blocks) + list(model.llm.layers):
+        block.compile()
+    model.glimpse = torch.compile(model.glimpse)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+
+ref_model = None
+if stage == 3:
+    import dpo
+    ref_model = dpo.make_reference(raw_model, precompute_ref)
+
+optimizer = raw_model.configure_optimizers(weight_decay, {'connector': lr_connector, 'dino': lr_dino, 'llm': lr_llm},
+                                           device_type)
+
+
+def lr_at(it, base):
+    """Linear warmup from base/warmup (the first step is not at LR 0), then cosine.
+    cosine: base -> base*min_lr_ratio; converging: every group -> the shared target_lr."""
+    if it < warmup_iters:
+        return base * (it + 1) / warmup_iters
+    progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
+    c = 0.5 * (1.0 + math.cos(math.pi * progress))
+    floor = base * min_lr_ratio if schedule == 'cosine' else target_lr
+    return floor + (base - floor) * c
+
+
+def make_dataset(globs, loop, for_rank=True):
+    return data.ShardDataset(globs.split(','), tok, stage, image_size=image_size, max_frames=max_frames,
+                             replicate_image_frames=replicate_image_frames, seed=seed, loop=loop,
+                             rank=rank if for_rank else 0, world_size=world_size if for_rank else 1,
+                             text_ratio=text_ratio if loop else 0.0,
+                             text_globs=text_data.split(',') if loop and text_data else None)
+
+
+try:
+    train_loader = data.make_loader(make_dataset(train_data, loop=True), batch_size, num_workers)
+except ValueError as e:
+    fail(str(e))
+iter_num = 0
+if resume_dir:
+    state = torch.load(os.path.join(resume_dir, 'train_state.pt'), map_location='cpu', weights_only=True)
+    optimizer.load_state_dict(state['optimizer'])
+    train_loader.load_state_dict(state['loader'])
+    torch.set_rng_state(state['rng_cpu'])
+    if device_type == 'cuda' and 'rng_cuda' in state:
+        torch.cuda.set_rng_state(state['rng_cuda'])
+    iter_num = state['iter_num']
+    say(f"resumed from {resume_dir} at iter {iter_num}")
+if stage == 3 and precompute_ref:
+    ref_model = dpo.precompute_reference(raw_model, make_dataset(train_data, loop=False), device, autocast)
+
+
+def batch_loss(batch):
+    """Loss of one micro-batch (and DPO metrics in stage 3). The forward goes through the DDP wrapper."""
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    with autocast:
+        if stage == 3:
+            return dpo.batch_loss(model, ref_model, batch, beta=beta, label_smoothing=label_smoothing,
+                                  sft_weight=sft_weight, mode=train_mode)
+        _, loss = model(batch['frames'], batch['input_ids'], batch['loss_mask'], batch['frame_mask'], mode=train_mode)
+        return loss, {}
+
+
+@torch.no_grad()
+def evaluate():
+    """Held-out loss per mode and, where there are MCQs, accuracy per mode through bench.py's scoring."""
+    from bench import evaluate_mcq
+    raw_model.eval()
+    out = {}
+    modes = [m for m in eval_modes.split(',') if m]
+    if val_data and stage != 3:
+        losses = {m: [] for m in modes}
+        val_loader = data.make_loader(make_dataset(val_data, loop=False, for_rank=False), batch_size, 0)
+        for i, batch in enumerate(val_loader):
+            if i >= eval_iters:
+                break
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            kv = raw_model.encode(batch['frames'], batch['frame_mask'])  # one encode serves every mode
+            for m in modes:
+                with autocast:
+                    _, loss = raw_model(None, batch['input_ids'], batch['loss_mask'], batch['frame_mask'], mode=m, kv=kv)
+                losses[m].append(loss.item())
+        out.update({f'val_loss_{m}': sum(v) / len(v) for m, v in losses.items() if v})
+    if mcq_data:
+        records = data.read_mcq(mcq_data, image_size=image_size)
+        with autocast:
+            res = evaluate_mcq(raw_model, tok, records, modes=modes, device=device, progress=False)
+        out.update({f'acc_{m}': res['accuracy'][m] for m in modes})
+        out['mcq'] = res
+    raw_model.train()
+    return out
+
+
+def save_checkpoint(it):
+    """Atomic: everything goes to a .tmp dir that is renamed when complete; the last keep_last are kept."""
+    loader_states = [train_loader.state_dict()]
+    if ddp:
+        loader_states = [None] * world_size
+        dist.all_gather_object(loader_states, train_loader.state_dict())
+    if not master:
+        return
+    loader_state = {'workers': {}, 'next_worker': {}, 'samples': 0}
+    for s in loader_states:  # merge the ranks' reader states (keyed by global reader id)
+        loader_state = s | {'workers': loader_state['workers'] | s['workers'],
+                            'next_worker': loader_state['next_worker'] | s['next_worker'],
+                            'samples': loader_state['samples'] + s['samples']}
+    final = os.path.join(ckpt_root, f'step-{it:07d}')
+    tmp = os.path.join(ckpt_root, f'.tmp-step-{it:07d}')
+    shutil.rmtree(tmp, ignore_errors=True)
+    raw_model.save(tmp, tokenizer=tok_path)
+    state = {'optimizer': optimizer.state_dict(), 'iter_num': it, 'loader': loader_state,
+             'rng_cpu': torch.get_rng_state(), 'config': config}
+    if device_type == 'cuda':
+        state['rng_cuda'] = torch.cuda.get_rng_state()
+    torch.save(state, os.path.join(tmp, 'train_state.pt'))
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    for old in sorted(glob.glob(os.path.join(ckpt_root, 'step-*')))[:-keep_last]:
+        shutil.rmtree(old)
+
+
+def log(row):
+    if not master:
+        return
+    with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
+        f.write(json.dumps({k: v for k, v in row.items() if k != 'mcq'}) + '\n')
+    if wandb_run is not None:
+        wandb_run.log({k: v for k, v in row.items() if k != 'mcq'}, step=row['iter'])
+
+
+# -- the loop -------------------------------------------------------------------
+wandb_run = None
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+        json.dump(config, f, indent=2)
+    if wandb_log:
+        try:
+            import wandb
+            wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+        except ImportError:
+            say("wandb_log=True but wandb is not installed: logging to metrics.jsonl only")
+    say(f"model: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params, device {device}, dtype {dtype}, "
+        f"{world_size} rank(s), batch {batch_size}x{gradient_accumulation_steps}x{world_size}")
+from bench import peak_flops, train_flops  # noqa: E402  (bench.py owns the FLOP accounting)
+peak = peak_flops(device, ptdtype)
+model.train()
+batches = iter(train_loader)
+bar = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True)
+t_last, samples_since, tokens_since, flops_since = time.time(), 0, 0, 0.0
+while iter_num < max_iters:
+    lrs = {}
+    for group in optimizer.param_groups:
+        group['lr'] = lrs[group['name']] = lr_at(iter_num, group['base_lr'])
+    loss_sum, metrics_sum = torch.zeros((), device=device), {}
+    for micro in range(gradient_accumulation_steps):
+        batch = next(batches)
+        sync = not ddp or micro == gradient_accumulation_steps - 1  # all-reduce grads only on the last micro-step
+        with (nullcontext() if sync else model.no_sync()):
+            loss, metrics = batch_loss(batch)
+            (loss / gradient_accumulation_steps).backward()
+        loss_sum += loss.detach()
+        for k, v in metrics.items():
+            metrics_sum[k] = metrics_sum.get(k, 0.0) + v.detach()
+        frames, ids = batch['frames'], batch.get('input_ids', batch.get('chosen_ids'))
+        samples_since += frames.shape[0]
+        tokens_since += int(batch['frame_mask'].sum()) + ids.numel()
+        flops_since += train_flops(raw_model, frames.shape[0], frames.shape[1], ids.shape[1], frames.shape[-1])
+    # mean over micro-steps and ranks, for logging
+    logged = torch.stack([loss_sum] + list(metrics_sum.values())) / gradient_accumulation_steps
+    if ddp:
+        dist.all_reduce(logged, op=dist.ReduceOp.AVG)
+    if not torch.isfinite(logged[0]):
+        prev = latest_checkpoint()
+        fail(f"loss is {logged[0].item()} at iter {iter_num}: stopping. The last good checkpoint is "
+             f"{prev or 'none (nothing was saved yet)'}; lower the LRs or use grad_clip.")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+    bar.update(1)
+    if iter_num % log_interval == 0 or iter_num == max_iters:
+        dt = time.time() - t_last
+        row = {'iter': iter_num, 'loss': logged[0].item(), **{f'lr_{k}': v for k, v in lrs.items()},
+               **{k: v.item() for k, v in zip(metrics_sum, logged[1:])},
+               'grad_norm': grad_norm.item(), 'samples_per_sec': samples_since * world_size / dt,
+               'tokens_per_sec': tokens_since * world_size / dt, 'mfu': flops_since / dt / peak,
+               'skipped_samples': sum(train_loader.skipped().values())}
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lrs['llm']:.1e}", sps=f"{row['samples_per_sec']:.1f}",
+                        tps=f"{row['tokens_per_sec']:.0f}", mfu=f"{100 * row['mfu']:.1f}%")
+        if iter_num % eval_interval == 0 or iter_num == max_iters:
+            if master:
+                row.update(evaluate())
+                say(f"iter {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                                     if k.startswith(('val_', 'acc_'))))
+        log(row)
+        t_last, samples_since, tokens_since, flops_since = time.time(), 0, 0, 0.0
+    if iter_num % ckpt_interval == 0 or iter_num == max_iters:
+        save_checkpoint(iter_num)
+bar.close()
+
+if master:
+    skipped = train_loader.skipped()
+    if skipped:
+        say("skipped samples: " + ", ".join(f"{k}: {v}" for k, v in skipped.items()))
+    final = evaluate() if mcq_data else {}
+    if 'mcq' in final:
+        say("held-out MCQ accuracy per mode: " + ", ".join(f"{m} {100 * final[f'acc_{m}']:.1f}%"
+                                                          for m in eval_modes.split(',') if m))
+        for cat, accs in final['mcq']['per_category'].items():
+            say(f"  {cat:>12}: " + ", ".join(f"{m} {100 * a:.1f}%" for m, a in accs.items()))
+        with open(os.path.join(out_dir, 'final_eval.json'), 'w') as f:
+            json.dump(final['mcq'], f, indent=2)
+    say(f"checkpoint: {latest_checkpoint()}")
+if ddp:
+    dist.destroy_process_group()
