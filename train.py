@@ -27,7 +27,7 @@ from model import MODES, DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2
 # -----------------------------------------------------------------------------
 # config: the embedded default (a tiny fVLM trained from scratch on the shapes task)
 out_dir = 'out/shapes'
-init_from = 'scratch'  # 'scratch' | 'resume' | a checkpoint: our dir, or the released fVLM-135M .safetensors
+init_from = 'scratch'  # 'scratch' | 'resume' | a checkpoint dir, a run's out_dir, or the released fVLM-135M .safetensors
 llm_dir = ''  # a Hugging Face SmolLM2 dir; '' = a tiny SmolLM2-architecture model from scratch
 dino_dir = ''  # a Hugging Face DINOv2 dir; '' = a tiny DINOv2 from scratch
 tokenizer = ''  # tokenizer.json; '' = the one in llm_dir (or the checkpoint's)
@@ -51,6 +51,7 @@ batch_size = 16  # per rank, per micro-step
 gradient_accumulation_steps = 1
 max_iters = 1500
 warmup_iters = 50
+lr_decay_iters = 0  # length of warmup + decay; 0 means max_iters
 lr_connector = 2e-3
 lr_dino = 1e-3
 lr_llm = 1e-3
@@ -113,9 +114,13 @@ def fail(msg):
     sys.exit(1)
 
 
-def latest_checkpoint():
-    steps = sorted(glob.glob(os.path.join(ckpt_root, 'step-*')))  # finished ones only: .tmp-* are not matched
+def latest_checkpoint(root=ckpt_root):
+    steps = sorted(glob.glob(os.path.join(root, 'step-*')))  # finished ones only: .tmp-* are not matched
     return steps[-1] if steps else None
+
+
+if os.path.isdir(os.path.join(init_from, 'ckpt')):  # a previous run's out_dir: start from its latest checkpoint
+    init_from = latest_checkpoint(os.path.join(init_from, 'ckpt')) or init_from
 
 
 # -- data ---------------------------------------------------------------------
@@ -160,6 +165,10 @@ tok = data.load_tokenizer(tok_path)
 model.to(device)
 model.llm.gradient_checkpointing = gradient_checkpointing
 raw_model = model
+ref_model = None
+if stage == 3:  # the frozen reference (or None with precompute_ref); copied before compile swaps in wrapped methods
+    import dpo
+    ref_model = dpo.make_reference(raw_model, precompute_ref)
 if compile:
     # compile the modules whose forward really runs: every DINOv2 and LLM block, and the glimpse walk
     for block in list(model.dino.blocks) + list(model.llm.layers):
@@ -167,11 +176,6 @@ if compile:
     model.glimpse = torch.compile(model.glimpse)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
-
-ref_model = None
-if stage == 3:
-    import dpo
-    ref_model = dpo.make_reference(raw_model, precompute_ref)
 
 optimizer = raw_model.configure_optimizers(weight_decay, {'connector': lr_connector, 'dino': lr_dino, 'llm': lr_llm},
                                            device_type)
@@ -182,7 +186,7 @@ def lr_at(it, base):
     cosine: base -> base*min_lr_ratio; converging: every group -> the shared target_lr."""
     if it < warmup_iters:
         return base * (it + 1) / warmup_iters
-    progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
+    progress = min(1.0, (it - warmup_iters) / max(1, (lr_decay_iters or max_iters) - warmup_iters))
     c = 0.5 * (1.0 + math.cos(math.pi * progress))
     floor = base * min_lr_ratio if schedule == 'cosine' else target_lr
     return floor + (base - floor) * c
@@ -211,7 +215,8 @@ if resume_dir:
     iter_num = state['iter_num']
     say(f"resumed from {resume_dir} at iter {iter_num}")
 if stage == 3 and precompute_ref:
-    ref_model = dpo.precompute_reference(raw_model, make_dataset(train_data, loop=False), device, autocast)
+    ref_model = dpo.precompute_reference(raw_model, make_dataset(train_data, loop=False), device, autocast,
+                                           mode=train_mode)
 
 
 def batch_loss(batch):
@@ -343,6 +348,9 @@ while iter_num < max_iters:
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
     bar.update(1)
+    if compile and iter_num == 1:
+        from torch._dynamo.utils import counters
+        say(f"torch.compile: {counters['stats']['unique_graphs']} graphs compiled")
     if iter_num % log_interval == 0 or iter_num == max_iters:
         dt = time.time() - t_last
         row = {'iter': iter_num, 'loss': logged[0].item(), **{f'lr_{k}': v for k, v in lrs.items()},
