@@ -1,0 +1,229 @@
+"""
+Caption or answer about a video or an image with nanofVLM, streaming the text, and draw where each
+frame's glimpse looked.
+
+    python sample.py --mode=autoregressive --attention_out=glimpses.png   # a held-out shapes clip
+    python sample.py --video=clip.mp4 --prompt="What happens here?" --attention_out=glimpses.gif
+    python sample.py --image=cat.jpg --llm_dir=DIR --dino_dir=DIR --init_from=fVLM-135M.safetensors
+
+The picture has one column per frame (.png) or one animation frame per video frame (.gif), and rows:
+the frame, the coarse glimpse (q_static: what coarse_only sees), the glimpse of --mode (if not coarse). The
+heatmap is the glimpse query's attention over the patch grid, exactly the weights model.glimpse used:
+averaged over heads and over the last `attention_layers` DINOv2 layers, CLS column dropped, each map
+divided by its own peak (a flat map means "looked everywhere"), upsampled bilinearly.
+The generated text goes to stdout; everything else to stderr.
+"""
+import glob
+import io
+import json
+import math
+import os
+import sys
+import textwrap
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+import data
+import model
+
+# -----------------------------------------------------------------------------
+video = ''  # a video file PyAV reads (mp4, webm, gif, mkv, ...)
+image = ''  # an image file, replicated to image_frames frames as in training
+prompt = ''  # the user turn; '' = "Describe this video." (the caption prompt the shapes task trains on)
+ckpt = 'out/shapes/ckpt'  # our checkpoint dir, or train.py's dir of step-* checkpoints (the latest is used)
+llm_dir = ''  # or the released weights: SmolLM2 dir + DINOv2 dir (+ init_from: fVLM-135M safetensors)
+dino_dir = ''
+init_from = ''
+shapes_dir = 'data/shapes'  # with neither --video nor --image: clip number `clip` of its val split
+clip = 0
+mode = 'autoregressive'  # coarse_only | coarse_fine | autoregressive
+max_new_tokens = 100
+temperature = 0.0  # 0 = greedy
+top_k = 0  # 0 = no top-k filter
+num_samples = 1
+seed = 1337
+device = 'cpu'
+dtype = 'float32'  # float32 | bfloat16 | float16
+image_size = 0  # frame side in pixels; 0 = min(224, the DINOv2 config's image_size); shapes clips as stored
+max_frames = 8  # frames sampled uniformly over a video
+image_frames = 8
+attention_out = ''  # .png (all frames side by side) or .gif (an animation)
+attention_layers = 4  # the late layers decide what the glimpse token carries; early ones are mostly positional
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+# -----------------------------------------------------------------------------
+
+
+def fail(msg):
+    sys.exit(f"sample.py: {msg}")  # one line, exit code 1, no traceback
+
+
+def find_checkpoint(path):
+    """our checkpoint dir, or train.py's dir of step-* checkpoints (or its out_dir): then the latest step"""
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return path
+    steps = sorted(glob.glob(os.path.join(path, "step-*")) or glob.glob(os.path.join(path, "ckpt", "step-*")))
+    if not steps:
+        fail(f"{path}: no checkpoint here; run `python train.py` first, or pass --ckpt=DIR (or --llm_dir/--dino_dir/--init_from)")
+    return steps[-1]
+
+
+def shapes_val_clip(root, index):
+    """frames [T,3,S,S] (as stored) and the reference caption of clip `index` of the shapes val split"""
+    shards = sorted(glob.glob(os.path.join(root, "val-*.tar")))
+    if not shards:
+        fail(f"{root}/val-*.tar: not found; run `python train.py` (it generates the shapes task) or pass --video/--image")
+    recs = (rec for shard in shards for rec in data.read_tar(shard))
+    rec = next((r for i, r in enumerate(recs) if i == index), None)
+    if rec is None:
+        fail(f"{root}: the val split has no clip {index}")
+    jpgs = sorted(e for e in rec["files"] if e[:-4].isdigit() and e.endswith(".jpg"))
+    side = image_size or Image.open(io.BytesIO(rec["files"][jpgs[0]])).width
+    frames = torch.cat([data.load_image(io.BytesIO(rec["files"][e]), side) for e in jpgs])
+    return frames, json.loads(rec["files"]["json"]).get("caption")
+
+
+INFERNO = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)
+
+
+def colormap(h):
+    """h [...] in [0,1] -> uint8 [...,3], piecewise linear through the five stops"""
+    x = np.clip(h, 0, 1) * (len(INFERNO) - 1)
+    i = np.minimum(x.astype(int), len(INFERNO) - 2)
+    f = (x - i)[..., None]
+    return (INFERNO[i] * (1 - f) + INFERNO[i + 1] * f).astype(np.uint8)
+
+
+def heatmaps(attn, grid, cell):
+    """attn [T,layers,heads,1+P] from the glimpse -> [T,cell,cell] in [0,1]"""
+    a = attn[:, -attention_layers:].float().mean((1, 2))[:, 1:].reshape(-1, 1, *grid)  # drop CLS, [T,1,gh,gw]
+    a = a / a.amax((2, 3), keepdim=True).clamp(min=1e-12)
+    return F.interpolate(a, size=(cell, cell), mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
+
+
+def draw_picture(path, frames, rows, prompt_text, answer):
+    """frames [T,3,S,S] normalised; rows: [(label, attn [T,layers,heads,1+P])]. Writes a .png or .gif."""
+    T, _, S, _ = frames.shape
+    cell = S * math.ceil(160 / S)  # 64px synthetic frames become 192px: legible
+    grid = (S // vlm.dino.cfg.patch_size, S // vlm.dino.cfg.patch_size)
+    rgb = (frames.float().cpu() * data.STD + data.MEAN).clamp(0, 1)  # undo the ImageNet normalisation
+    rgb = F.interpolate(rgb, size=(cell, cell), mode="bilinear", align_corners=False).permute(0, 2, 3, 1).numpy() * 255
+    cells = [[Image.fromarray(f.astype(np.uint8)) for f in rgb]]  # row 0: the frames themselves
+    for _, attn in rows:
+        cells.append([Image.fromarray((0.45 * f + 0.55 * colormap(h)).astype(np.uint8)) for f, h in zip(rgb, heatmaps(attn, grid, cell))])
+    labels = ["frame"] + [label for label, _ in rows]
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1: the bitmap font has no size
+        font = ImageFont.load_default()
+
+    def tag(img, xy, text):  # white text on a black box, readable on any frame
+        if not text:
+            return
+        d = ImageDraw.Draw(img)
+        d.rectangle(d.textbbox(xy, text, font=font), fill=(0, 0, 0))
+        d.text(xy, text, fill=(255, 255, 255), font=font)
+
+    def canvas(w, h_images):  # white sheet with the prompt and the answer wrapped under the images
+        lines = [l for para in f"prompt: {prompt_text}\nanswer: {answer}".split("\n") for l in textwrap.wrap(para, w // 7) or [""]]
+        img = Image.new("RGB", (w, h_images + 8 + 17 * len(lines)), (255, 255, 255))
+        for i, line in enumerate(lines):
+            ImageDraw.Draw(img).text((6, h_images + 4 + 17 * i), line, fill=(0, 0, 0), font=font)
+        return img
+
+    if path.lower().endswith(".gif"):  # one animation frame per video frame: [frame | coarse | mode]
+        sheets = []
+        for t in range(T):
+            sheet = canvas(cell * len(cells), cell)
+            for r, row in enumerate(cells):
+                sheet.paste(row[t], (r * cell, 0))
+                tag(sheet, (r * cell + 3, 3), labels[r] + (f" {t + 1}/{T}" if r == 0 else ""))
+            sheets.append(sheet)
+        sheets[0].save(path, save_all=True, append_images=sheets[1:], duration=600, loop=0)
+    else:  # one column per frame, one row per glimpse kind
+        sheet = canvas(cell * T, cell * len(cells))
+        for r, row in enumerate(cells):
+            for t, img in enumerate(row):
+                sheet.paste(img, (t * cell, r * cell))
+                tag(sheet, (t * cell + 3, r * cell + 3), labels[r] if t == 0 else (f"{t + 1}" if r == 0 else ""))
+        sheet.save(path)
+
+
+# -----------------------------------------------------------------------------
+if mode not in model.MODES:
+    fail(f"--mode must be one of {', '.join(model.MODES)}, got {mode!r}")
+if video and image:
+    fail("pass --video or --image, not both")
+if attention_out and not attention_out.lower().endswith((".png", ".gif")):
+    fail(f"--attention_out={attention_out}: must end in .png or .gif")
+for path in (video, image):
+    if path and not os.path.isfile(path):
+        fail(f"{path}: file not found")
+torch.manual_seed(seed)
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+try:
+    if llm_dir or dino_dir:
+        if not (llm_dir and dino_dir):
+            fail("--llm_dir and --dino_dir go together (a SmolLM2 dir and a DINOv2 dir)")
+        vlm = model.FoveatedVLM.from_pretrained(llm_dir, dino_dir, checkpoint=init_from or None, dtype=ptdtype)
+        tok = data.load_tokenizer(llm_dir)
+        ckpt = init_from or f"{llm_dir} + {dino_dir} with an UNTRAINED connector (pass --init_from)"
+    else:
+        ckpt = find_checkpoint(ckpt)
+        vlm = model.FoveatedVLM.from_checkpoint(ckpt, ptdtype)
+        tok = data.load_tokenizer(ckpt)
+except (FileNotFoundError, ValueError) as e:
+    fail(e)
+vlm.to(device).eval()
+
+reference = None
+side = image_size or min(224, vlm.dino.cfg.image_size)
+try:
+    if video:
+        frames = data.load_video(video, max_frames, side)
+    elif image:
+        frames = data.load_image(image, side, image_frames)
+    else:
+        frames, reference = shapes_val_clip(shapes_dir, clip)
+except ValueError as e:  # data.py's messages already name the file and what is wrong with it
+    fail(e)
+prompt = prompt or (data.DEFAULT_USER if not image else "Describe this image.")
+ids = data.encode_prompt(tok, prompt)
+if frames.shape[0] + len(ids) + max_new_tokens > vlm.llm.cfg.max_seq_len:
+    fail(f"{frames.shape[0]} frames + {len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the LLM's "
+         f"max_seq_len {vlm.llm.cfg.max_seq_len}; lower --max_frames or --max_new_tokens")
+print(f"checkpoint: {ckpt}", file=sys.stderr)
+print(f"{frames.shape[0]} frames of {frames.shape[-1]}px, mode {mode}, prompt: {prompt}", file=sys.stderr)
+if reference:
+    print(f"reference: {reference}", file=sys.stderr)
+
+with torch.no_grad():
+    frames = frames.to(device, ptdtype)[None]  # [1,T,3,S,S]
+    frame_mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=device)
+    kv = vlm.encode(frames, frame_mask)  # one DINOv2 pass serves the prefill and the coarse picture row
+    cache, logits, attn = vlm.prefill(kv, frame_mask, torch.tensor([ids], device=device), mode, extra=max_new_tokens)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    answers = []
+    for s in range(num_samples):
+        if num_samples > 1:
+            print(f"--- sample {s + 1}/{num_samples}", file=sys.stderr)
+        out, shown, t0 = [], "", time.time()
+        for token in model.decode(vlm.llm, cache.repeat(1), logits, max_new_tokens, temperature, top_k or None, data.PAD_ID, generator):
+            if token.item() == data.PAD_ID:
+                break
+            out.append(token.item())
+            text = tok.decode(out)  # decode the whole answer: a byte-level token can be half a character
+            if not text.endswith("\ufffd"):  # wait until the character is complete
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+        answers.append(tok.decode(out))
+        print(answers[-1][len(shown):], flush=True)
+        print(f"({len(out)} tokens, {len(out) / (time.time() - t0):.1f} tokens/s)", file=sys.stderr)
+    if attention_out:
+        coarse = attn if mode == "coarse_only" else vlm.visual_tokens(kv, frame_mask, "coarse_only")[1]
+        rows = [("coarse: q_static", coarse[0])] + ([(f"{mode} glimpse", attn[0])] if mode != "coarse_only" else [])
+        draw_picture(attention_out, frames[0], rows, prompt, answers[0])
+        print(f"wrote {attention_out}", file=sys.stderr)
