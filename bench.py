@@ -1,0 +1,718 @@
+"""
+Benchmarks for nanofVLM: multiple-choice accuracy on video/image benchmarks, and training/inference speed.
+
+    python bench.py --task shapes                               # after `python train.py`: the held-out shapes MCQs
+    python bench.py --task mvbench --data_dir MVBench --ckpt out/my/ckpt --out results.json
+    python bench.py --task videomme --data_dir Video-MME --llm_dir SmolLM2-135M-Instruct --dino_dir dinov2-small \
+        --init_from fVLM-135M/model.safetensors --limit 200
+    python bench.py --task speed [--llm_dir SmolLM2-135M-Instruct] [--dtype both] [--naive]
+
+Scoring (reference section 7). Per question: ONE DINOv2 encode, reused by every mode and every option. Per mode:
+the visual tokens + prompt go through the LLM once (model.prefill); the cache is repeated K times and all K options
+("X. option text" + <|im_end|>) are scored in one right-padded batch. Score = mean per-token CE over the answer tokens
+(--score=sum: summed), lowest wins: "likelihood". --scoring=generate instead answers greedily and extracts a letter
+the way lmms-eval does (minus its traps), so numbers compare with published SmolVLM2 results. The two protocols
+are not comparable with each other; the output says which one was used.
+
+Layouts read (--data_dir points at the folder you downloaded):
+  mvbench    json/<task>.json (20 tasks, lists of {video, question, candidates, answer (option text), start?, end?})
+             and video/<folder>/<video>: folder from the official task -> folder table (MVBENCH_VIDEO below);
+             a video not found there is searched by file name under --data_dir. mp4/webm/avi/gif or frame folders.
+  videomme   any *.json / *.jsonl (or *.parquet when pyarrow is installed) with rows {videoID, question,
+             options ["A. ..", ...], answer (letter), duration, domain, task_type}; videos <videoID>.mp4 anywhere
+             under --data_dir (the release unzips them into data/). Category = duration (short/medium/long).
+  scienceqa  the official release: problems.json ({pid: {question, choices, answer (index), hint, image, split,
+             subject}}) with images/<split>/<pid>/image.png; or a JSON/JSONL list of {question, choices,
+             answer (index, letter or text), image (path relative to the file), hint?, subject?}.
+             Image questions of --split (default test) only. Images are replicated to 8 frames.
+  pope       the official POPE files (e.g. coco_pope_random.json, JSON lines {question_id, image, text, label
+             yes|no}; `question`/`answer` also accepted) + the COCO images (val2014/) anywhere under --data_dir.
+             Asked as a 2-option MCQ (A. yes / B. no); category = file suffix (random/popular/adversarial).
+  shards     the research tar shards (reference section 6): `user` = question + lettered options, `assistant`
+             = "X. ..."; read with data.read_tar, frames decoded by data.ShardDataset.
+  shapes     the synthetic held-out MCQs of the embedded default (data.read_mcq; default data/shapes).
+A missing or undecodable video/image is counted wrong and listed under "skipped" with its reason, never dropped.
+"""
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import (IMAGE_EXTS, PAD_ID, VIDEO_EXTS, ShardDataset, SkipSample, encode_answer, encode_prompt, format_mcq,
+                  load_image, load_tokenizer, load_video, read_mcq, read_tar, uniform_indices)
+from model import MODES, DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2, decode
+
+LETTERS = "ABCDEFGH"
+SHORT = {"coarse_only": "co", "coarse_fine": "cf", "autoregressive": "ar"}
+GENERATE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."  # lmms-eval's MCQ post-prompt
+SCORING = {"likelihood": "likelihood: lowest {score} CE of the assistant turn 'X. option' (research protocol, ref. section 7)",
+           "generate": "generate: greedy answer, letter extracted lmms-eval style (comparable with SmolVLM2 numbers)"}
+
+# -----------------------------------------------------------------------------
+# scoring one question
+
+
+def option_answers(tok, options):
+    """The K assistant turns to score: "X. option text" + <|im_end|>, as token ids."""
+    return [encode_answer(tok, f"{LETTERS[i]}. {o}") for i, o in enumerate(options)]
+
+
+@torch.no_grad()
+def score_options(model, kv, frame_mask, prompt_ids, answers, mode, score="mean"):
+    """Scores [K] (lower = more likely) of K answers after one shared prefix [visual tokens][prompt].
+    The prefix is computed once; its cache is repeated K times and the answers, right-padded, run as one batch.
+    Padding sits after each answer, so causal attention keeps it out of the real tokens; only real tokens count."""
+    K, A = len(answers), max(len(a) for a in answers)
+    device = frame_mask.device
+    cache, last, _ = model.prefill(kv, frame_mask, torch.tensor([prompt_ids], device=device), mode, extra=A)
+    cache = cache.repeat(K)
+    ids = torch.full((K, A), PAD_ID, dtype=torch.long, device=device)  # [K,A]
+    real = torch.zeros(K, A, dtype=torch.bool, device=device)  # [K,A]
+    for i, a in enumerate(answers):
+        ids[i, :len(a)], real[i, :len(a)] = torch.tensor(a, device=device), True
+    logits = model.llm(ids, cache=cache)  # [K,A,V]; position i predicts answer token i+1
+    pred = torch.cat((last.expand(K, -1)[:, None], logits[:, :-1]), 1).float()  # [K,A,V]: the prompt's last position predicts token 0
+    # class dim last and contiguous: the transposed layout takes a kernel ~1e-4 less accurate over 49k classes
+    ce = F.cross_entropy(pred.flatten(0, 1), ids.flatten(), reduction="none").view(K, A) * real
+    return ce.sum(1) / real.sum(1) if score == "mean" else ce.sum(1)
+
+
+@torch.no_grad()
+def score_options_naive(model, frames, prompt_ids, answers, mode, score="mean"):
+    """What the original evaluation did: per option a full forward, re-encoding the video every time.
+    Kept as the reference the fast path is tested against, and as the baseline of `--task speed --naive`."""
+    out = []
+    for a in answers:
+        ids = torch.tensor([prompt_ids + a], device=frames.device)
+        mask = torch.tensor([[0] * len(prompt_ids) + [1] * len(a)], device=frames.device)
+        _, loss = model(frames[None], ids, loss_mask=mask, mode=mode)
+        out.append(loss * (1 if score == "mean" else len(a)))
+    return torch.stack(out).float()
+
+
+@torch.no_grad()
+def generate_answer(model, tok, kv, frame_mask, prompt_ids, mode, max_new_tokens=16):
+    """Greedy answer text after [visual tokens][prompt]."""
+    prompt = torch.tensor([prompt_ids], device=frame_mask.device)
+    cache, last, _ = model.prefill(kv, frame_mask, prompt, mode, extra=max_new_tokens)
+    ids = [int(t) for t in decode(model.llm, cache, last, max_new_tokens, stop_id=PAD_ID)]
+    return tok.decode(ids[:ids.index(PAD_ID)] if PAD_ID in ids else ids, skip_special_tokens=True)
+
+
+def extract_choice(text, options):
+    """Generated text -> option index, or None. lmms-eval takes the first capital A-D after stripping
+    'The answer is'-style prefixes; that misreads an article ("A man is ...") as option A and misses an answer
+    given as the option's text. Here: an explicit letter first, then option text, then a lone capital letter."""
+    letters = LETTERS[:len(options)]
+    s = re.sub(r"(?i)^\s*(the )?(best |correct )?(answer|option)( is)?\s*[:\-]?\s*", "", text.strip()).strip()
+    m = (re.fullmatch(rf"\(?([{letters}])\)?[.):]?", s) or re.match(rf"\(?([{letters}])[.):]", s)
+         or re.match(rf"\(([{letters.lower()}])\)", s))  # "B", "(B)", "B.", "B) cat", "(b)"
+    if m:
+        return LETTERS.index(m.group(1).upper())
+    norm = lambda x: " ".join(re.sub(r"[^\w\s]", " ", x.lower()).split())
+    found = [i for i, o in enumerate(options) if norm(o) and re.search(rf"\b{re.escape(norm(o))}\b", norm(s))]
+    if found:  # the longest mention wins ("dark red" over "red")
+        return max(found, key=lambda i: len(norm(options[i])))
+    for m in re.finditer(rf"\b([{letters}])\b", s):
+        if not (m.group(1) == "A" and re.match(r"\s+[a-z]", s[m.end():])):  # "A dog ..." is an article
+            return LETTERS.index(m.group(1))
+    return None
+
+# -----------------------------------------------------------------------------
+# loading a question's frames (records: see evaluate_mcq)
+
+
+def load_frame_dir(path, n, size, start=None, end=None, fps=3):
+    """A folder of frame images (MVBench's tvqa frames, 3 fps) -> [n,3,S,S], within [start,end] seconds."""
+    files = sorted(f for f in os.listdir(path) if f.lower().rsplit(".", 1)[-1] in IMAGE_EXTS)
+    if not files:
+        raise ValueError(f"{path}: frame folder holds no images")
+    i0 = min(len(files) - 1, max(0, round(start * fps))) if start is not None else 0
+    i1 = max(i0 + 1, min(len(files), round(end * fps))) if end is not None else len(files)
+    return torch.cat([load_image(os.path.join(path, files[i0 + i]), size) for i in uniform_indices(i1 - i0, n)])
+
+
+def load_frames(rec, frames=16, image_size=224, image_frames=8):
+    """A record's frames [T,3,S,S]; raises ValueError/OSError with the reason when they cannot be had."""
+    if "error" in rec:
+        raise ValueError(rec["error"])
+    if "frames" in rec:
+        return rec["frames"]
+    if "load" in rec:
+        return rec["load"]()
+    path = rec.get("video") or rec.get("image")
+    if not os.path.exists(path):
+        raise ValueError(f"missing file: {path}")
+    if os.path.isdir(path):
+        return load_frame_dir(path, frames, image_size, rec.get("start"), rec.get("end"))
+    if path.lower().rsplit(".", 1)[-1] in IMAGE_EXTS:  # images: replicated to 8 frames (reference section 4)
+        return load_image(path, image_size, replicate=image_frames)
+    return load_video(path, frames, image_size, start=rec.get("start"), end=rec.get("end"))
+
+
+def prefetched(records, load, ahead=2):
+    """(record, frames or the exception) in order; the next videos decode in a thread while the model runs."""
+    def safe(r):
+        try:
+            return load(r)
+        except (ValueError, OSError, RuntimeError, SkipSample) as e:
+            return e
+    with ThreadPoolExecutor(1) as pool:
+        futures = [pool.submit(safe, r) for r in records[:ahead]]
+        for i, r in enumerate(records):
+            if i + ahead < len(records):
+                futures.append(pool.submit(safe, records[i + ahead]))
+            yield r, futures[i].result()
+            futures[i] = None  # free the frames
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate_mcq(model, tok, records, modes=MODES, device="cpu", score="mean", progress=True,
+                 scoring="likelihood", frames=16, image_size=224, max_new_tokens=16):
+    """Accuracy per mode and per category of multiple-choice records
+    {question, options [str], answer (index), category?, id?} + one of: frames [T,3,S,S] | video (file or frame
+    folder, + start/end s) | image | load (callable -> frames) | error (why the media is unavailable).
+    A record whose media fails counts as wrong in every mode and is listed in "skipped". Deterministic."""
+    was_training = model.training
+    model.eval()
+    dtype = model.dino.patch_embed.weight.dtype
+    correct = {m: defaultdict(int) for m in modes}
+    total, skipped, items = defaultdict(int), [], []
+    bar = tqdm(total=len(records), disable=not progress, desc=f"mcq ({scoring})", dynamic_ncols=True)
+    for i, (rec, video) in enumerate(prefetched(records, lambda r: load_frames(r, frames, image_size))):
+        cat, rid = rec.get("category", "all"), rec.get("id", i)
+        total[cat] += 1
+        item = {"id": rid, "category": cat, "answer": rec["answer"], "pred": {}}
+        if isinstance(video, Exception):  # counted (wrong), never silently out of the denominator
+            skipped.append({"id": rid, "category": cat, "reason": str(video)})
+            item["error"] = str(video)
+        else:
+            vid = video.to(device, dtype)[None]  # [1,T,3,S,S]
+            frame_mask = torch.ones(vid.shape[:2], dtype=torch.bool, device=device)
+            with torch.no_grad():
+                kv = model.encode(vid, frame_mask)  # once per question: every mode and option reuses it
+            user = format_mcq(rec["question"], rec["options"])
+            for mode in modes:
+                if scoring == "generate":
+                    text = generate_answer(model, tok, kv, frame_mask, encode_prompt(tok, user + GENERATE_SUFFIX),
+                                           mode, max_new_tokens)
+                    pred = extract_choice(text, rec["options"])
+                    item.setdefault("text", {})[mode] = text
+                else:
+                    scores = score_options(model, kv, frame_mask, encode_prompt(tok, user),
+                                           option_answers(tok, rec["options"]), mode, score)
+                    pred = int(scores.argmin())
+                    item.setdefault("scores", {})[mode] = [round(float(s), 5) for s in scores]
+                item["pred"][mode] = pred
+                correct[mode][cat] += int(pred == rec["answer"])
+        items.append(item)
+        n = sum(total.values())
+        bar.set_postfix({SHORT.get(m, m): f"{100 * sum(correct[m].values()) / n:.1f}" for m in modes}, refresh=False)
+        bar.update()
+    bar.close()
+    model.train(was_training)
+    n = sum(total.values())
+    acc = lambda c, t: c / t if t else 0.0
+    results = {"scoring": SCORING[scoring].format(score=score), "score": score, "count": n, "accuracy": {},
+               "modes": {}, "skipped": skipped, "skipped_count": len(skipped), "items": items}
+    for m in modes:
+        c = sum(correct[m].values())
+        results["accuracy"][m] = acc(c, n)
+        results["modes"][m] = {"accuracy": acc(c, n), "correct": c, "total": n, "per_category": {
+            k: {"accuracy": acc(correct[m][k], t), "correct": correct[m][k], "total": t} for k, t in sorted(total.items())}}
+    return results
+
+
+def format_table(results):
+    """Accuracy (%) per category (rows) and mode (columns)."""
+    modes = list(results["modes"])
+    cats = list(next(iter(results["modes"].values()))["per_category"]) if modes else []
+    w = max([len(c) for c in cats] + [8])
+    lines = [results["scoring"], f"{'category':<{w}} {'n':>5} " + " ".join(f"{m:>14}" for m in modes)]
+    for c in cats:
+        row = [results["modes"][m]["per_category"][c] for m in modes]
+        lines.append(f"{c:<{w}} {row[0]['total']:>5} " + " ".join(f"{100 * r['accuracy']:>14.1f}" for r in row))
+    lines.append(f"{'all':<{w}} {results['count']:>5} " + " ".join(f"{100 * results['modes'][m]['accuracy']:>14.1f}" for m in modes))
+    if results["skipped_count"]:
+        lines.append(f"{results['skipped_count']} questions had no usable media (counted wrong; see 'skipped' in --out)")
+    return "\n".join(lines)
+
+# -----------------------------------------------------------------------------
+# task readers: each returns MCQ records (see evaluate_mcq)
+
+MVBENCH_VIDEO = {  # task json -> folder under video/, as in the official MVBench evaluation (Ask-Anything)
+    "action_sequence": "star/Charades_v1_480", "action_prediction": "star/Charades_v1_480",
+    "action_antonym": "ssv2_video", "fine_grained_action": "Moments_in_Time_Raw/videos",
+    "unexpected_action": "FunQA_test/test", "object_existence": "clevrer/video_validation",
+    "object_interaction": "star/Charades_v1_480", "object_shuffle": "perception/videos",
+    "moving_direction": "clevrer/video_validation", "action_localization": "sta/sta_video",
+    "scene_transition": "scene_qa/video", "action_count": "perception/videos",
+    "moving_count": "clevrer/video_validation", "moving_attribute": "clevrer/video_validation",
+    "state_change": "perception/videos", "fine_grained_pose": "nturgbd", "character_order": "perception/videos",
+    "egocentric_navigation": "vlnqa", "episodic_reasoning": "tvqa/frames_fps3_hq",
+    "counterfactual_inference": "clevrer/video_validation",
+}
+MVBENCH_BOUNDED = {"action_sequence", "action_prediction", "object_interaction", "action_localization",
+                   "episodic_reasoning"}  # the tasks whose start/end the official evaluation applies
+
+
+class FileFinder:
+    """Find a file by name anywhere under a root (one os.walk, on first need): datasets get unpacked in many ways."""
+
+    def __init__(self, root):
+        self.root, self.by_name = root, None
+
+    def find(self, rel, exts=()):
+        """Path of `rel` (a name, or a relative path matched by its ending); exts: other extensions to accept."""
+        if self.by_name is None:
+            self.by_name = defaultdict(list)
+            for d, dirs, files in os.walk(self.root):
+                for name in files + dirs:
+                    self.by_name[name].append(os.path.join(d, name))
+                    self.by_name[os.path.splitext(name)[0] + ".*"].append(os.path.join(d, name))
+        rel = rel.replace("\\", "/")
+        base = os.path.basename(rel.rstrip("/"))
+        hits = self.by_name.get(base, []) + [p for p in self.by_name.get(os.path.splitext(base)[0] + ".*", [])
+                                             if p.lower().rsplit(".", 1)[-1] in exts]
+        hits.sort(key=lambda p: (not p.replace("\\", "/").endswith(rel), p))  # the longest match first
+        return hits[0] if hits else None
+
+
+def read_rows(path):
+    """Rows of a .json (list, or dict of rows), .jsonl or .parquet file."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq  # optional: only asked for when a parquet file is the input
+        return pq.read_table(path).to_pylist()
+    with open(path) as f:
+        if path.endswith(".jsonl"):
+            return [json.loads(line) for line in f if line.strip()]
+        try:
+            rows = json.load(f)
+        except json.JSONDecodeError:  # POPE's .json files are JSON lines
+            f.seek(0)
+            return [json.loads(line) for line in f if line.strip()]
+    return [dict(v, _key=k) for k, v in rows.items()] if isinstance(rows, dict) else rows
+
+
+def table_files(data_dir, need):
+    """Every json/jsonl (and parquet if pyarrow is importable) under data_dir whose rows have the fields `need`."""
+    exts = ["json", "jsonl"]
+    try:
+        import pyarrow  # noqa: F401
+        exts.append("parquet")
+    except ImportError:
+        pass
+    out = []
+    for path in sorted(p for e in exts for p in glob.glob(os.path.join(data_dir, "**", f"*.{e}"), recursive=True)):
+        try:
+            rows = read_rows(path)
+        except (ValueError, OSError):
+            continue
+        if rows and isinstance(rows[0], dict) and all(any(k in rows[0] for k in alt.split("|")) for alt in need):
+            out.append((path, rows))
+    if not out:
+        hint = " (parquet needs pyarrow: pip install pyarrow, or convert it to json)" if glob.glob(
+            os.path.join(data_dir, "**", "*.parquet"), recursive=True) else ""
+        raise FileNotFoundError(f"bench.py: no json/jsonl under {data_dir} with fields {need}{hint}; check --data_dir")
+    return out
+
+
+def _media(rec, path, finder, rel, exts):
+    """Fill rec['video'] with an existing path (else search by name), or rec['error']."""
+    if not os.path.exists(path):
+        path = finder.find(rel, exts) or path
+    rec["video"] = path
+    if not os.path.exists(path):
+        rec["error"] = f"missing file: {rel} (not at {path}, nor anywhere under {finder.root})"
+    return rec
+
+
+def _answer_index(ans, opts):
+    if isinstance(ans, int):
+        return ans
+    ans = str(ans).strip()
+    if len(ans) == 1 and ans.upper() in LETTERS[:len(opts)]:
+        return LETTERS.index(ans.upper())
+    return opts.index(re.sub(r"^[A-H]\.\s*", "", ans))
+
+
+def read_mvbench(data_dir):
+    json_dir = os.path.join(data_dir, "json") if os.path.isdir(os.path.join(data_dir, "json")) else data_dir
+    files = sorted(glob.glob(os.path.join(json_dir, "*.json")))
+    if not files:
+        raise FileNotFoundError(f"bench.py: no MVBench json/*.json under {data_dir}; point --data_dir at the MVBench download")
+    finder, recs = FileFinder(data_dir), []
+    vexts = VIDEO_EXTS + ("webm", "avi")
+    for path in files:
+        task = os.path.splitext(os.path.basename(path))[0]
+        folder = os.path.join(data_dir, "video", MVBENCH_VIDEO.get(task, ""))
+        for j, r in enumerate(read_rows(path)):
+            rec = {"id": f"{task}/{j}", "question": r["question"], "options": list(r["candidates"]), "category": task}
+            if task in MVBENCH_BOUNDED or task not in MVBENCH_VIDEO:
+                rec.update({k: float(r[k]) for k in ("start", "end") if r.get(k) is not None})
+            _media(rec, os.path.join(folder, r["video"]), finder, r["video"], vexts)
+            if r["answer"] not in rec["options"]:
+                rec["error"], rec["answer"] = f"{path}[{j}]: answer {r['answer']!r} is not among the candidates", -1
+            else:
+                rec["answer"] = rec["options"].index(r["answer"])
+            recs.append(rec)
+    return recs
+
+
+def read_videomme(data_dir):
+    finder, recs = FileFinder(data_dir), []
+    for path, rows in table_files(data_dir, ["videoID|videoid|video_id", "question", "options", "answer"]):
+        for j, r in enumerate(rows):
+            vid = str(r.get("videoID") or r.get("videoid") or r.get("video_id"))
+            opts = [re.sub(r"^[A-H]\.\s*", "", o) for o in r["options"]]
+            rec = {"id": r.get("question_id", f"{vid}/{j}"), "question": r["question"], "options": opts,
+                   "answer": _answer_index(r["answer"], opts), "category": r.get("duration", "all"),
+                   "domain": r.get("domain"), "task_type": r.get("task_type")}
+            recs.append(_media(rec, os.path.join(data_dir, "data", vid + ".mp4"), finder, vid + ".mp4", VIDEO_EXTS))
+    return recs
+
+
+def read_scienceqa(data_dir, split="test"):
+    finder, recs = FileFinder(data_dir), []
+    official = glob.glob(os.path.join(data_dir, "**", "problems.json"), recursive=True)
+    sources = [(p, read_rows(p)) for p in official] or table_files(data_dir, ["question", "choices", "answer"])
+    for path, rows in sources:
+        root = os.path.dirname(path)
+        for j, r in enumerate(rows):
+            if not r.get("image") or (official and r.get("split", split) != split):
+                continue  # image questions of the split only (the usual ScienceQA-IMG protocol)
+            if official:  # problems.json: images/<split>/<pid>/image.png
+                rel = f"{r.get('split', split)}/{r['_key']}/{r['image']}"
+                path_img = os.path.join(root, "images", rel)
+            else:
+                rel = r["image"]
+                path_img = os.path.join(root, rel)
+            hint = (r.get("hint") or "").strip()
+            rec = {"id": r.get("_key", r.get("id", j)), "question": (f"Context: {hint}\n" if hint else "") + r["question"],
+                   "options": list(r["choices"]), "answer": _answer_index(r["answer"], r["choices"]),
+                   "category": r.get("subject", "all")}
+            rec = _media(rec, path_img, finder, rel, IMAGE_EXTS)
+            rec["image"] = rec.pop("video")
+            recs.append(rec)
+    return recs
+
+
+def read_pope(data_dir):
+    finder, recs = FileFinder(data_dir), []
+    for path, rows in table_files(data_dir, ["text|question", "label|answer", "image"]):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        for j, r in enumerate(rows):
+            label = str(r.get("label", r.get("answer"))).strip().lower()
+            rec = {"id": f"{stem}/{r.get('question_id', j)}", "question": r.get("text") or r["question"],
+                   "options": ["yes", "no"], "answer": 0 if label == "yes" else 1,
+                   "category": r.get("category") or stem.rsplit("_", 1)[-1]}
+            rec = _media(rec, os.path.join(os.path.dirname(path), r["image"]), finder, r["image"], IMAGE_EXTS)
+            rec["image"] = rec.pop("video")
+            recs.append(rec)
+    return recs
+
+
+def read_shards(data_dir, tok, frames=16, image_size=224):
+    """MCQs from research tar shards: `user` ends with lettered option lines, `assistant` starts with the letter."""
+    shards = sorted(glob.glob(os.path.join(data_dir, "*.tar*"))) if os.path.isdir(data_dir) else glob.glob(data_dir)
+    if not shards:
+        raise FileNotFoundError(f"bench.py: no *.tar shards in {data_dir}")
+    ds = ShardDataset(shards, tok, 2, image_size=image_size, max_frames=frames, replicate_image_frames=8, loop=False)
+    recs = []
+    for shard in shards:
+        for rec in read_tar(shard):
+            try:
+                meta = json.loads(rec["files"].get("json", b"{}"))
+            except ValueError:
+                continue
+            lines = (meta.get("user") or "").split("\n")
+            k = len(lines)
+            while k > 0 and re.match(r"^[A-H]\. ", lines[k - 1]):
+                k -= 1
+            opts = [line[3:] for line in lines[k:]]
+            m = re.match(r"^\(?([A-H])[.):]", (meta.get("assistant") or "").strip())
+            if len(opts) < 2 or not m or LETTERS.index(m.group(1)) >= len(opts):
+                continue  # not a lettered MCQ
+            files, where = rec["files"], f"{shard}:{rec['key']}"
+            recs.append({"id": where, "question": "\n".join(lines[:k]), "options": opts,
+                         "answer": LETTERS.index(m.group(1)), "category": meta.get("category", meta.get("source", "all")),
+                         "load": lambda files=files, meta=meta, where=where: ds.frames(files, meta, where)})
+    return recs
+
+
+def read_task(task, data_dir, tok, frames, image_size, split="test"):
+    if task == "mvbench":
+        return read_mvbench(data_dir)
+    if task == "videomme":
+        return read_videomme(data_dir)
+    if task == "scienceqa":
+        return read_scienceqa(data_dir, split)
+    if task == "pope":
+        return read_pope(data_dir)
+    if task == "shards":
+        return read_shards(data_dir, tok, frames, image_size)
+    if task == "shapes":  # at the size the task was generated with, as train.py's eval reads it
+        return [dict(r, id=i) for i, r in enumerate(read_mcq(data_dir, image_size=image_size))]
+    raise ValueError(f"bench.py: unknown --task {task}")
+
+# -----------------------------------------------------------------------------
+# speed: what nanoGPT's bench.py is for. FLOPs, peak FLOPs, step throughput, decode, MCQ, memory.
+
+GPU_PEAK = {  # dense TFLOPS: (bf16/fp16 tensor core, fp32 without TF32), matched by substring of the device name
+    "H100": (989, 67), "A100": (312, 19.5), "A10G": (70, 31.2), "A10": (125, 31.2), "L40S": (362, 91.6),
+    "L4": (121, 30.3), "RTX 5090": (209.5, 104.8), "RTX 4090": (165.2, 82.6), "RTX 3090": (71, 35.6),
+    "V100": (125, 15.7), "T4": (65, 8.1)}
+_cpu_peak = {}
+
+
+def peak_flops(device="cpu", dtype=torch.float32):
+    """Peak FLOP/s for MFU: a table for known GPUs; on CPU a measured matmul peak (cached per process)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (half, full) in GPU_PEAK.items():
+            if key in name:
+                return (half if dtype in (torch.bfloat16, torch.float16) else full) * 1e12
+        print(f"bench.py: unknown GPU {name!r}, MFU against 312 TFLOPS (A100 bf16)", file=sys.stderr)
+        return 312e12
+    if dtype not in _cpu_peak:
+        n = 1024
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        best = float("inf")
+        for _ in range(10):  # best of 10: the machine may be shared
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        _cpu_peak[dtype] = 2 * n ** 3 / best
+    return _cpu_peak[dtype]
+
+
+def train_flops(model, B, T, S, image_size):
+    """Analytic FLOPs of one coarse_fine training step (forward + backward = 3x forward): DINOv2 encode of B*T
+    frames, 2 glimpse passes (coarse, fine), 2 LLM passes (T visual tokens; T+S), lm_head over the S text tokens."""
+    d, lc = model.dino.cfg, model.llm.cfg
+    D, Hd, P = d.dim, int(d.dim * d.mlp_ratio), (image_size // d.patch_size) ** 2
+    N = P + 1
+    per_token_mlp = 2 * 2 * D * Hd
+    dino = P * 2 * 3 * d.patch_size ** 2 * D + d.n_layers * N * (2 * 4 * D * D + per_token_mlp + 2 * 2 * N * D)
+    glimpse = 2 * D * D * 2 + d.n_layers * (2 * 2 * D * D + 2 * 2 * N * D + per_token_mlp)  # in/out proj + walk
+    connect = 2 * D * lc.dim  # dino_to_llm
+    L, q, kvd = lc.dim, lc.n_heads * lc.head_dim, lc.n_kv_heads * lc.head_dim
+
+    def llm(n):  # n tokens, causal attention (every token sees ~n/2 keys on average)
+        return lc.n_layers * n * (2 * L * (2 * q + 2 * kvd) + 2 * 3 * L * lc.hidden_dim + 2 * 2 * q * (n + 1) / 2)
+    fwd = (B * T * (dino + 2 * (glimpse + connect) + 2 * L * D)  # + llm_to_query
+           + B * (llm(T) + llm(T + S)) + B * S * 2 * L * lc.vocab_size)
+    return 3 * fwd
+
+
+class PeakMemory:
+    """Peak memory of a block: torch.cuda.max_memory_allocated on GPU; on CPU the process's peak RSS (VmHWM from
+    /proc/self/status, reset through /proc/self/clear_refs; if that is not allowed, the growth of VmHWM)."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    @staticmethod
+    def hwm():
+        try:
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+        except (OSError, StopIteration):
+            return 0
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # resets VmHWM to the current RSS
+            except OSError:
+                pass
+            self.base = self.hwm()
+        return self
+
+    def __exit__(self, *exc):
+        self.peak = torch.cuda.max_memory_allocated() if self.cuda else self.hwm()
+        self.extra = self.peak - self.base
+
+
+def speed_model(llm_dir=None, ckpt=None):
+    if llm_dir:  # the 135M shape: real SmolLM2, random DINOv2-small
+        return FoveatedVLM(SmolLM2.from_pretrained(llm_dir), DINOv2(DinoConfig())), 224
+    if ckpt and os.path.isfile(os.path.join(ckpt, "config.json")):  # the embedded default's own shape
+        return FoveatedVLM.from_checkpoint(ckpt), 64
+    llm = SmolLM2(LLMConfig(vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32,
+                            hidden_dim=384, max_seq_len=1024))
+    return FoveatedVLM(llm, DINOv2(DinoConfig(image_size=64, patch_size=8, dim=96, n_layers=4, n_heads=3))), 64
+
+
+def timed(fn, warmup, iters, device):
+    for _ in range(warmup):
+        fn()
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / iters
+
+
+def mcq_speed(model, tok_len, T, image_size, device, naive=False, questions=2, K=4, modes=MODES):
+    """Questions/s of K options x modes on random frames, fast path (and the naive one with naive=True)."""
+    g = torch.Generator().manual_seed(0)
+    vid = torch.randn(T, 3, image_size, image_size, generator=g).to(device)
+    prompt = torch.randint(3, tok_len, (48,), generator=g).tolist()
+    answers = [torch.randint(3, tok_len, (4 + i,), generator=g).tolist() + [PAD_ID] for i in range(K)]
+    fm = torch.ones(1, T, dtype=torch.bool, device=device)
+
+    def fast():
+        with torch.no_grad():
+            kv = model.encode(vid[None], fm)
+            for m in modes:
+                score_options(model, kv, fm, prompt, answers, m)
+
+    def slow():
+        for m in modes:
+            score_options_naive(model, vid, prompt, answers, m)
+    out = {"mcq_questions_per_s": 1 / timed(fast, 1, questions, device)}
+    if naive:
+        out["mcq_naive_questions_per_s"] = 1 / timed(slow, 0, 1, device)
+        out["mcq_speedup"] = out["mcq_questions_per_s"] / out["mcq_naive_questions_per_s"]
+    return out
+
+
+def speed(llm_dir=None, ckpt=None, device="cpu", dtypes=("float32", "bfloat16"), B=2, T=8, S=64, steps=3,
+          decode_tokens=32, naive=False, mcq_frames=16):
+    """Training step throughput (samples/s, tokens/s, MFU), decode tokens/s, MCQ questions/s, peak memory."""
+    torch.manual_seed(0)
+    model, size = speed_model(llm_dir, ckpt)
+    model.to(device)
+    V = model.llm.cfg.vocab_size
+    frames = torch.randn(B, T, 3, size, size, device=device)
+    ids = torch.randint(3, V, (B, S), device=device)
+    mask = torch.ones(B, S, dtype=torch.long, device=device)
+    flops = train_flops(model, B, T, S, size)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+    report = {"device": str(device), "shape": "135M" if llm_dir else "tiny", "B": B, "T": T, "S": S,
+              "image_size": size, "params": sum(p.numel() for p in model.parameters()), "train_flops_per_step": flops}
+    for name in dtypes:
+        dtype = getattr(torch, name)
+        model.train()
+
+        def step():
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                _, loss = model(frames, ids, loss_mask=mask, mode="coarse_fine")
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        with PeakMemory(device) as mem:
+            dt = timed(step, 1, steps, device)
+        report[name] = {"step_s": dt, "samples_per_s": B / dt, "tokens_per_s": B * (T + S) / dt,
+                        "mfu": flops / dt / peak_flops(device, dtype), "peak_flops": peak_flops(device, dtype),
+                        "peak_mem_mb": mem.peak / 2 ** 20, "mem_growth_mb": mem.extra / 2 ** 20}
+    model.eval()
+    kv = model.encode(frames[:1], torch.ones(1, T, dtype=torch.bool, device=device))
+    fm = torch.ones(1, T, dtype=torch.bool, device=device)
+
+    def gen():
+        cache, last, _ = model.prefill(kv, fm, ids[:1, :16], "autoregressive", extra=decode_tokens)
+        for _ in decode(model.llm, cache, last, decode_tokens, stop_id=-1):  # never stops: a fixed length
+            pass
+    report["decode_tokens_per_s"] = decode_tokens / timed(gen, 1, 2, device)
+    with PeakMemory(device) as mem:
+        report.update(mcq_speed(model, V, mcq_frames, size, device, naive))
+    report["mcq_peak_mem_mb"] = mem.peak / 2 ** 20
+    report["mcq_frames"] = mcq_frames
+    return report
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def load_model(args):
+    """(model, tokenizer) from --ckpt (our format), or --llm_dir/--dino_dir/--init_from (released weights)."""
+    if args.llm_dir:
+        dino = DINOv2.from_pretrained(args.dino_dir) if args.dino_dir else DINOv2(DinoConfig())
+        model = FoveatedVLM(SmolLM2.from_pretrained(args.llm_dir), dino)
+        if args.init_from:
+            model.load_weights(args.init_from)
+        elif not args.dino_dir:
+            sys.exit("bench.py: --llm_dir needs --dino_dir or --init_from (the DINOv2 weights)")
+        return model, load_tokenizer(args.llm_dir)
+    if not os.path.isfile(os.path.join(args.ckpt, "config.json")):
+        sys.exit(f"bench.py: no checkpoint at {args.ckpt}; run `python train.py` first or pass --ckpt / --llm_dir")
+    return FoveatedVLM.from_checkpoint(args.ckpt), load_tokenizer(args.ckpt)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="shapes", choices=["mvbench", "videomme", "scienceqa", "pope", "shards", "shapes", "speed"])
+    p.add_argument("--data_dir", default=None, help="the benchmark as downloaded (shapes: data/shapes)")
+    p.add_argument("--ckpt", default="out/shapes/ckpt", help="our checkpoint dir")
+    p.add_argument("--llm_dir", default=None, help="SmolLM2 HF dir (released weights)")
+    p.add_argument("--dino_dir", default=None, help="DINOv2 HF dir")
+    p.add_argument("--init_from", default=None, help="fVLM checkpoint (released safetensors or our dir) over the backbones")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--limit", type=int, default=None, help="first N questions only")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--frames", type=int, default=16, help="frames sampled per video")
+    p.add_argument("--image_size", type=int, default=None, help="default 224 (shapes: as generated, 64)")
+    p.add_argument("--score", default="mean", choices=["mean", "sum"])
+    p.add_argument("--scoring", default="likelihood", choices=["likelihood", "generate"])
+    p.add_argument("--split", default="test", help="scienceqa split")
+    p.add_argument("--out", default=None, help="write everything to this json")
+    p.add_argument("--dtype", default="both", choices=["float32", "bfloat16", "both"], help="speed: training dtype")
+    p.add_argument("--batch_size", type=int, default=2, help="speed")
+    p.add_argument("--num_frames", type=int, default=8, help="speed: frames per training sample")
+    p.add_argument("--seq_len", type=int, default=64, help="speed: text tokens per training sample")
+    p.add_argument("--steps", type=int, default=3, help="speed: timed training steps")
+    p.add_argument("--naive", action="store_true", help="speed: also time the naive MCQ evaluation (slow)")
+    args = p.parse_args(argv)
+    if args.task == "speed":
+        dtypes = ("float32", "bfloat16") if args.dtype == "both" else (args.dtype,)
+        out = speed(args.llm_dir, args.ckpt, args.device, dtypes, args.batch_size, args.num_frames, args.seq_len,
+                    args.steps, naive=args.naive, mcq_frames=args.frames)
+        print(json.dumps(out, indent=2))
+    else:
+        model, tok = load_model(args)
+        model.to(args.device)
+        data_dir = args.data_dir or ("data/shapes" if args.task == "shapes" else None)
+        if data_dir is None:
+            sys.exit(f"bench.py: --task {args.task} needs --data_dir (the benchmark folder as downloaded)")
+        if args.image_size is None:  # shapes: the size its frames were drawn at (data/shapes/shapes.json)
+            marker = os.path.join(data_dir, "shapes.json")
+            args.image_size = 224 if args.task != "shapes" else \
+                json.load(open(marker))["image_size"] if os.path.isfile(marker) else 64
+        records = read_task(args.task, data_dir, tok, args.frames, args.image_size, args.split)[:args.limit]
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        bad = [m for m in modes if m not in MODES]
+        if bad:
+            sys.exit(f"bench.py: unknown --modes {bad}; choose from {', '.join(MODES)}")
+        out = evaluate_mcq(model, tok, records, modes, args.device, args.score, scoring=args.scoring,
+                           frames=args.frames, image_size=args.image_size)
+        out.update(task=args.task, data_dir=data_dir, frames=args.frames, image_size=args.image_size,
+                   weights=args.init_from or args.llm_dir or args.ckpt)
+        print(format_table(out))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()

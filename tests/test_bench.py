@@ -1,0 +1,311 @@
+"""bench.py: prefix-cached option scores == full recomputation, the right option wins, every task reader parses its
+official layout (real mp4/gif written with PyAV), letter extraction, FLOPs, the speed report."""
+import json
+import os
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import bench
+from bench import (MODES, evaluate_mcq, extract_choice, load_frames, option_answers, score_options,
+                   score_options_naive)
+from data import encode_prompt, format_mcq, train_tokenizer, write_tar
+from model import DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2
+
+ANIMALS = ["dog", "cat", "bird", "fish", "horse"]
+SIZE = 28  # 2x2 patches of 14: tiny but real DINOv2 shapes
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops on a shared 2-core machine: OpenMP threads waiting on each other cost 30x; restore afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    texts = [f"which animal is it? {' '.join(ANIMALS)} yes no Context: is there a dog in the image?"] * 20
+    tok = train_tokenizer(texts, vocab_size=300)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    tok.path = str(path)
+    return tok
+
+
+def tiny_vlm(tok, seed=0):
+    torch.manual_seed(seed)
+    llm = SmolLM2(LLMConfig(vocab_size=tok.get_vocab_size(), dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                            head_dim=16, hidden_dim=128, max_seq_len=512))
+    return FoveatedVLM(llm, DINOv2(DinoConfig(image_size=56, patch_size=14, dim=48, n_layers=2, n_heads=3))).eval()
+
+
+@pytest.fixture(scope="module")
+def vlm(tok):
+    return tiny_vlm(tok)
+
+
+def check_cached_equals_full(model, tok, frames, options, tol=1e-4):
+    prompt = encode_prompt(tok, format_mcq("which animal is it?", options))
+    answers = option_answers(tok, options)
+    assert len({len(a) for a in answers}) > 1, "options of different lengths exercise the right padding"
+    mask = torch.ones(1, frames.shape[0], dtype=torch.bool)
+    kv = model.encode(frames[None], mask)
+    for mode in MODES:
+        for score in ("mean", "sum"):
+            fast = score_options(model, kv, mask, prompt, answers, mode, score)
+            full = score_options_naive(model, frames, prompt, answers, mode, score)
+            assert fast.shape == (len(options),)
+            assert (fast - full).abs().max().item() <= tol, (mode, score, fast, full)
+
+
+def test_cached_scores_equal_full_recomputation(vlm, tok):
+    g = torch.Generator().manual_seed(1)
+    check_cached_equals_full(vlm, tok, torch.randn(3, 3, SIZE, SIZE, generator=g), ["dog", "fish horse cat bird", "cat"])
+    check_cached_equals_full(vlm, tok, torch.randn(5, 3, SIZE, SIZE, generator=g), ["yes", "no no no"])
+
+
+def test_cached_scores_real_smollm2(smollm2_dir):
+    from data import load_tokenizer
+    tok = load_tokenizer(smollm2_dir)
+    torch.manual_seed(0)
+    model = FoveatedVLM(SmolLM2.from_pretrained(smollm2_dir), DINOv2(DinoConfig(n_layers=4))).eval()
+    frames = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    check_cached_equals_full(model, tok, frames, ["a dog", "a cat sitting on a mat"])
+
+
+def records_with_known_answer(n=4):
+    recs = []
+    for i in range(n):
+        opts = [a for a in ANIMALS[1:]][:3]
+        opts.insert(i % 4, "dog")
+        recs.append({"id": f"q{i}", "question": "which animal is it?", "options": opts, "answer": i % 4,
+                     "category": "even" if i % 2 == 0 else "odd",
+                     "frames": torch.randn(2 + i, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(i))})
+    recs.append({"id": "broken", "question": "which animal is it?", "options": ["dog", "cat"], "answer": 0,
+                 "category": "odd", "video": "/nonexistent/video.mp4"})
+    return recs
+
+
+def test_right_option_wins_and_missing_media_counts(tok):
+    # a bias-only lm_head that loves " dog": the dog option must win in every mode, at every position
+    model = tiny_vlm(tok, seed=3)
+    head = torch.nn.Linear(model.llm.cfg.dim, tok.get_vocab_size(), bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[tok.encode(" dog").ids] = 8.0
+    model.llm.lm_head = head
+    model.train()
+    res = evaluate_mcq(model, tok, records_with_known_answer(), progress=False)
+    assert model.training, "evaluate_mcq restores the training flag"
+    assert res["count"] == 5 and res["skipped_count"] == 1
+    assert res["skipped"][0]["id"] == "broken" and "missing" in res["skipped"][0]["reason"]
+    for mode in MODES:
+        r = res["modes"][mode]
+        assert (r["correct"], r["total"]) == (4, 5), (mode, r)  # the broken one is counted, wrong
+        assert r["per_category"]["even"]["accuracy"] == 1.0
+        assert r["per_category"]["odd"] == {"accuracy": 2 / 3, "correct": 2, "total": 3}
+    assert res["items"][2]["pred"] == {m: 2 for m in MODES} and res["accuracy"] == {m: 0.8 for m in MODES}
+    gen = evaluate_mcq(model, tok, records_with_known_answer(), progress=False, scoring="generate", max_new_tokens=3)
+    assert "generate" in gen["scoring"] and "likelihood" in res["scoring"]
+    assert all(gen["modes"][m]["correct"] == 4 for m in MODES), gen["items"][0]
+    # deterministic: train.py's final eval and `bench.py --task shapes` must agree
+    again = evaluate_mcq(model, tok, records_with_known_answer(), progress=False)
+    assert again["items"] == res["items"]
+
+
+def test_extract_choice():
+    opts = ["dog", "cat", "bird", "dark red"]
+    assert extract_choice("B", opts) == 1
+    assert extract_choice("(C)", opts) == 2
+    assert extract_choice("The answer is D.", opts) == 3
+    assert extract_choice("Answer: (b)", opts) == 1
+    assert extract_choice("C. bird", opts) == 2
+    assert extract_choice("a cat is sitting there", opts) == 1  # lowercase article, then the option's text
+    assert extract_choice("A dog runs.", opts) == 0  # capital article: the text decides, not the 'A'
+    assert extract_choice("A cat runs.", opts) == 1  # lmms-eval would say A here
+    assert extract_choice("Bird", opts) == 2  # the answer given as the option's text
+    assert extract_choice("it is dark red", ["red", "green", "blue", "dark red"]) == 3  # longest mention wins
+    assert extract_choice("I think the right one is C", opts) == 2
+    assert extract_choice("no idea", opts) is None
+    assert extract_choice("E", opts) is None  # not an offered letter
+
+
+# -----------------------------------------------------------------------------
+# task readers on tiny datasets in each official layout
+
+
+def write_video(path, n=12, size=32, fps=6):
+    codec, fmt = ("gif", "rgb8") if str(path).endswith(".gif") else ("mpeg4", "yuv420p")
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=fps)
+        s.width = s.height = size
+        s.pix_fmt = fmt
+        for i in range(n):
+            a = np.full((size, size, 3), (i * 10) % 256, dtype=np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def write_image(path, size=32, colour=(200, 30, 30)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", (size + 8, size), colour).save(path)
+
+
+def frames_of(rec, n=4):
+    return load_frames(rec, frames=n, image_size=SIZE)
+
+
+def test_read_mvbench(tmp_path):
+    d = tmp_path / "MVBench"
+    (d / "json").mkdir(parents=True)
+    star = d / "video" / "star" / "Charades_v1_480"
+    star.mkdir(parents=True)
+    write_video(star / "AB12C.mp4", n=24)
+    mit = d / "video" / "Moments_in_Time_Raw" / "videos"
+    mit.mkdir(parents=True)
+    write_video(mit / "clip.gif", n=8)
+    elsewhere = d / "unpacked_somewhere_else"
+    elsewhere.mkdir()
+    write_video(elsewhere / "lost.mp4")  # not in its mapped folder: found by name
+    tvqa = d / "video" / "tvqa" / "frames_fps3_hq" / "castle_s01_clip_01"
+    for i in range(1, 31):
+        write_image(str(tvqa / f"{i:05d}.jpg"), colour=(i * 8, 0, 0))
+    json.dump([{"video": "AB12C.mp4", "question": "What did the person do first?", "candidates": ["sat", "ran", "ate"],
+                "answer": "ran", "start": 0.5, "end": 3.0}], open(d / "json" / "action_sequence.json", "w"))
+    json.dump([{"video": "clip.gif", "question": "What happens?", "candidates": ["falling", "jumping"], "answer": "falling"},
+               {"video": "lost.mp4", "question": "What happens?", "candidates": ["x", "y"], "answer": "y"},
+               {"video": "gone.mp4", "question": "What happens?", "candidates": ["x", "y"], "answer": "x"}],
+              open(d / "json" / "fine_grained_action.json", "w"))
+    json.dump([{"video": "castle_s01_clip_01", "question": "Why?", "candidates": ["a", "b", "c", "d"], "answer": "d",
+                "start": 2.0, "end": 8.0}], open(d / "json" / "episodic_reasoning.json", "w"))
+    recs = bench.read_mvbench(str(d))
+    by_id = {r["id"]: r for r in recs}
+    assert len(recs) == 5
+    seq = by_id["action_sequence/0"]
+    assert seq["answer"] == 1 and seq["options"] == ["sat", "ran", "ate"] and (seq["start"], seq["end"]) == (0.5, 3.0)
+    assert seq["video"] == str(star / "AB12C.mp4") and frames_of(seq).shape == (4, 3, SIZE, SIZE)
+    assert frames_of(by_id["fine_grained_action/0"]).shape == (4, 3, SIZE, SIZE)
+    assert by_id["fine_grained_action/1"]["video"] == str(elsewhere / "lost.mp4") and by_id["fine_grained_action/1"]["answer"] == 1
+    assert "missing" in by_id["fine_grained_action/2"]["error"]
+    ep = frames_of(by_id["episodic_reasoning/0"])  # frames 6..24 of 30 at 3 fps: red rises with the index
+    assert ep.shape == (4, 3, SIZE, SIZE) and ep[0, 0].mean() < ep[-1, 0].mean()
+
+
+def test_read_videomme(tmp_path):
+    d = tmp_path / "Video-MME"
+    (d / "data").mkdir(parents=True)
+    write_video(d / "data" / "fFjv93ACGo8.mp4")
+    row = {"video_id": "001", "duration": "short", "domain": "Knowledge", "sub_category": "Humanity & History",
+           "videoID": "fFjv93ACGo8", "question_id": "001-1", "task_type": "Counting Problem",
+           "question": "How many people?", "options": ["A. 1.", "B. 2.", "C. 3.", "D. 4."], "answer": "C"}
+    (d / "videomme").mkdir()
+    with open(d / "videomme" / "test.jsonl", "w") as f:
+        f.write(json.dumps(row) + "\n" + json.dumps(dict(row, videoID="missing1", question_id="002-1", answer="A")) + "\n")
+    recs = bench.read_videomme(str(d))
+    assert [r["answer"] for r in recs] == [2, 0] and recs[0]["options"] == ["1.", "2.", "3.", "4."]
+    assert recs[0]["category"] == "short" and recs[0]["task_type"] == "Counting Problem"
+    assert frames_of(recs[0], 16).shape == (12, 3, SIZE, SIZE)  # 12-frame clip: every frame once
+    assert "missing" in recs[1]["error"]
+
+
+def test_read_scienceqa(tmp_path):
+    d = tmp_path / "ScienceQA" / "data" / "scienceqa"
+    d.mkdir(parents=True)
+    problems = {
+        "5": {"question": "Which is a mammal?", "choices": ["shark", "dog"], "answer": 1, "hint": "Look at the animals.",
+              "image": "image.png", "split": "test", "subject": "natural science"},
+        "6": {"question": "Text only?", "choices": ["a", "b"], "answer": 0, "hint": "", "image": None, "split": "test"},
+        "7": {"question": "Train split", "choices": ["a", "b"], "answer": 0, "image": "image.png", "split": "train"}}
+    json.dump(problems, open(d / "problems.json", "w"))
+    write_image(str(d / "images" / "test" / "5" / "image.png"))
+    write_image(str(d / "images" / "train" / "7" / "image.png"))
+    recs = bench.read_scienceqa(str(tmp_path / "ScienceQA"))
+    assert len(recs) == 1
+    r = recs[0]
+    assert r["question"] == "Context: Look at the animals.\nWhich is a mammal?" and r["answer"] == 1
+    assert r["category"] == "natural science" and "error" not in r
+    x = frames_of(r)
+    assert x.shape == (8, 3, SIZE, SIZE) and torch.equal(x[0], x[7])  # an image is replicated to 8 frames
+
+
+def test_read_pope(tmp_path):
+    d = tmp_path / "POPE"
+    (d / "output" / "coco").mkdir(parents=True)
+    write_image(str(d / "val2014" / "COCO_val2014_000000310196.jpg"))
+    rows = [{"question_id": 1, "image": "COCO_val2014_000000310196.jpg", "text": "Is there a snowboard in the image?", "label": "yes"},
+            {"question_id": 2, "image": "COCO_val2014_000000310196.jpg", "text": "Is there a dog in the image?", "label": "no"}]
+    with open(d / "output" / "coco" / "coco_pope_adversarial.json", "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")  # the official files are JSON lines
+    recs = bench.read_pope(str(d))
+    assert [r["answer"] for r in recs] == [0, 1] and recs[0]["options"] == ["yes", "no"]
+    assert recs[0]["category"] == "adversarial" and frames_of(recs[1]).shape == (8, 3, SIZE, SIZE)
+
+
+def test_read_shards_and_cli(tmp_path, tok, vlm):
+    from data import _jpg
+    img = Image.new("RGB", (SIZE, SIZE), (10, 200, 10))
+    samples = [("s0", {"000.jpg": _jpg(img), "001.jpg": _jpg(img), "json": {
+                   "user": "which animal is it?\nA. dog\nB. cat\nC. fish", "assistant": "B. cat", "source": "zoo"}}),
+               ("s1", {"json": {"user": "no options here", "assistant": "hello"}}),
+               ("s2", {"mp4": b"not a video", "json": {"user": "which?\nA. yes\nB. no", "assistant": "A. yes"}})]
+    write_tar(str(tmp_path / "val-0000.tar"), samples)
+    recs = bench.read_shards(str(tmp_path), tok, frames=4, image_size=SIZE)
+    assert [(r["question"], r["options"], r["answer"]) for r in recs] == [
+        ("which animal is it?", ["dog", "cat", "fish"], 1), ("which?", ["yes", "no"], 0)]
+    assert frames_of(recs[0]).shape == (2, 3, SIZE, SIZE)
+    # the CLI end to end on our checkpoint format: the corrupt mp4 is counted and listed
+    ckpt = tmp_path / "ckpt"
+    vlm.save(str(ckpt), tokenizer=tok.path)
+    out = bench.main(["--task", "shards", "--data_dir", str(tmp_path), "--ckpt", str(ckpt), "--frames", "4",
+                      "--image_size", str(SIZE), "--out", str(tmp_path / "r.json"), "--modes", "coarse_only,autoregressive"])
+    saved = json.load(open(tmp_path / "r.json"))
+    assert saved["count"] == 2 and saved["skipped_count"] == 1 and "decode" in saved["skipped"][0]["reason"]
+    assert list(saved["modes"]) == ["coarse_only", "autoregressive"] and saved["task"] == "shards"
+    assert out["modes"]["coarse_only"]["total"] == 2
+
+
+def test_shapes_cli_matches_evaluate_mcq(tmp_path):
+    from data import load_tokenizer, make_shapes, read_mcq
+    d = tmp_path / "shapes"
+    make_shapes(str(d), n_train=4, n_val=6, n_dpo=1, n_text=1, image_size=32, frames=3)
+    tok = load_tokenizer(str(d))
+    model = tiny_vlm(tok, seed=1)
+    model.save(str(tmp_path / "ckpt"), tokenizer=str(d / "tokenizer.json"))
+    out = bench.main(["--task", "shapes", "--data_dir", str(d), "--ckpt", str(tmp_path / "ckpt")])
+    assert out["image_size"] == 32 and out["count"] == 6  # the size shapes.json says, as train.py reads it
+    assert set(out["modes"]["coarse_fine"]["per_category"]) == {"object", "colour", "shape", "start", "end"}
+    direct = evaluate_mcq(model, tok, read_mcq(str(d), image_size=32), progress=False)  # what train.py calls
+    assert direct["accuracy"] == out["accuracy"]
+
+
+# -----------------------------------------------------------------------------
+# speed
+
+
+def test_train_flops_matches_counted(vlm):
+    from torch.utils.flop_counter import FlopCounterMode
+    B, T, S = 2, 3, 10
+    frames, ids = torch.randn(B, T, 3, SIZE, SIZE), torch.randint(3, 300, (B, S))
+    with FlopCounterMode(display=False) as fc:
+        vlm(frames, ids, mode="coarse_fine")
+    counted, ours = fc.get_total_flops(), bench.train_flops(vlm, B, T, S, SIZE) / 3
+    assert abs(ours - counted) / counted < 0.1, (ours, counted)
+
+
+def test_speed_report(tok):
+    assert bench.peak_flops("cpu") is not None and bench.peak_flops("cpu") == bench.peak_flops("cpu")  # cached
+    rep = bench.speed(None, None, "cpu", ("float32", "bfloat16"), B=2, T=2, S=8, steps=1, decode_tokens=4,
+                      naive=True, mcq_frames=4)
+    for dt in ("float32", "bfloat16"):
+        r = rep[dt]
+        assert r["samples_per_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_mem_mb"] > 10
+    assert rep["decode_tokens_per_s"] > 0 and rep["mcq_speedup"] > 1
