@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from data import (IMAGE_EXTS, PAD_ID, VIDEO_EXTS, ShardDataset, SkipSample, encode_answer, encode_prompt, format_mcq,
                   load_image, load_tokenizer, load_video, read_mcq, read_tar, uniform_indices)
-from model import MODES, DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2, decode
+from model import MODES, DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2, decode, find_checkpoint
 
 LETTERS = "ABCDEFGH"
 SHORT = {"coarse_only": "co", "coarse_fine": "cf", "autoregressive": "ar"}
@@ -66,24 +66,38 @@ def option_answers(tok, options):
     return [encode_answer(tok, f"{LETTERS[i]}. {o}") for i, o in enumerate(options)]
 
 
+def left_pad(prompts, device):
+    """Q prompts of any lengths -> ids [Q,P] left-padded (so every prompt ends where the answers start) and the
+    valid mask (None when all have the same length)."""
+    P = max(len(p) for p in prompts)
+    ids = torch.tensor([[PAD_ID] * (P - len(p)) + list(p) for p in prompts], device=device)
+    valid = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompts], device=device)
+    return ids, None if valid.all() else valid
+
+
 @torch.no_grad()
-def score_options(model, kv, frame_mask, prompt_ids, answers, mode, score="mean"):
-    """Scores [K] (lower = more likely) of K answers after one shared prefix [visual tokens][prompt].
-    The prefix is computed once; its cache is repeated K times and the answers, right-padded, run as one batch.
-    Padding sits after each answer, so causal attention keeps it out of the real tokens; only real tokens count."""
-    K, A = len(answers), max(len(a) for a in answers)
+def score_options(model, kv, frame_mask, prompts, answers, mode, score="mean"):
+    """Q questions at once: prompts [Q lists of ids], answers [Q lists of K_q answers (ids)] -> Q score tensors [K_q]
+    (lower = more likely). Each prefix [visual tokens][prompt] is computed once; its cache row is repeated K times and
+    all Q*K answers, right-padded, run as one batch. Padding after an answer is invisible to it (causal attention)
+    and only real answer tokens are scored."""
     device = frame_mask.device
-    cache, last, _ = model.prefill(kv, frame_mask, torch.tensor([prompt_ids], device=device), mode, extra=A)
-    cache = cache.repeat(K)
-    ids = torch.full((K, A), PAD_ID, dtype=torch.long, device=device)  # [K,A]
-    real = torch.zeros(K, A, dtype=torch.bool, device=device)  # [K,A]
-    for i, a in enumerate(answers):
-        ids[i, :len(a)], real[i, :len(a)] = torch.tensor(a, device=device), True
-    logits = model.llm(ids, cache=cache)  # [K,A,V]; position i predicts answer token i+1
-    pred = torch.cat((last.expand(K, -1)[:, None], logits[:, :-1]), 1).float()  # [K,A,V]: the prompt's last position predicts token 0
+    Q, K = len(prompts), max(len(a) for a in answers)
+    A = max(len(x) for a in answers for x in a)
+    prompt_ids, prompt_valid = left_pad(prompts, device)
+    cache, last, _ = model.prefill(kv, frame_mask, prompt_ids, mode, extra=A, prompt_valid=prompt_valid)
+    cache = cache.repeat(K)  # row q*K+k continues question q with answer k
+    ids = torch.full((Q * K, A), PAD_ID, dtype=torch.long, device=device)  # [QK,A]
+    real = torch.zeros(Q * K, A, dtype=torch.bool, device=device)  # [QK,A]
+    for q, options in enumerate(answers):
+        for k, a in enumerate(options):
+            ids[q * K + k, :len(a)], real[q * K + k, :len(a)] = torch.tensor(a, device=device), True
+    logits = model.llm(ids, cache=cache)  # [QK,A,V]; position i predicts answer token i+1
+    pred = torch.cat((last.repeat_interleave(K, 0)[:, None], logits[:, :-1]), 1).float()  # the prompt predicts token 0
     # class dim last and contiguous: the transposed layout takes a kernel ~1e-4 less accurate over 49k classes
-    ce = F.cross_entropy(pred.flatten(0, 1), ids.flatten(), reduction="none").view(K, A) * real
-    return ce.sum(1) / real.sum(1) if score == "mean" else ce.sum(1)
+    ce = F.cross_entropy(pred.flatten(0, 1), ids.flatten(), reduction="none").view(Q * K, A) * real
+    scores = (ce.sum(1) / real.sum(1).clamp(min=1) if score == "mean" else ce.sum(1)).view(Q, K)
+    return [scores[q, :len(a)] for q, a in enumerate(answers)]
 
 
 @torch.no_grad()
@@ -100,12 +114,13 @@ def score_options_naive(model, frames, prompt_ids, answers, mode, score="mean"):
 
 
 @torch.no_grad()
-def generate_answer(model, tok, kv, frame_mask, prompt_ids, mode, max_new_tokens=16):
-    """Greedy answer text after [visual tokens][prompt]."""
-    prompt = torch.tensor([prompt_ids], device=frame_mask.device)
-    cache, last, _ = model.prefill(kv, frame_mask, prompt, mode, extra=max_new_tokens)
-    ids = [int(t) for t in decode(model.llm, cache, last, max_new_tokens, stop_id=PAD_ID)]
-    return tok.decode(ids[:ids.index(PAD_ID)] if PAD_ID in ids else ids, skip_special_tokens=True)
+def generate_answers(model, tok, kv, frame_mask, prompts, mode, max_new_tokens=16):
+    """Greedy answer texts of Q questions after their [visual tokens][prompt], decoded as one batch."""
+    prompt_ids, prompt_valid = left_pad(prompts, frame_mask.device)
+    cache, last, _ = model.prefill(kv, frame_mask, prompt_ids, mode, extra=max_new_tokens, prompt_valid=prompt_valid)
+    steps = list(decode(model.llm, cache, last, max_new_tokens, stop_id=PAD_ID))
+    rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]
+    return [tok.decode(r[:r.index(PAD_ID)] if PAD_ID in r else r, skip_special_tokens=True) for r in rows]
 
 
 def extract_choice(text, options):
@@ -179,10 +194,11 @@ def prefetched(records, load, ahead=2):
 
 
 def evaluate_mcq(model, tok, records, modes=MODES, device="cpu", score="mean", progress=True,
-                 scoring="likelihood", frames=16, image_size=224, max_new_tokens=16):
+                 scoring="likelihood", frames=16, image_size=224, max_new_tokens=16, batch_size=32):
     """Accuracy per mode and per category of multiple-choice records
     {question, options [str], answer (index), category?, id?} + one of: frames [T,3,S,S] | video (file or frame
     folder, + start/end s) | image | load (callable -> frames) | error (why the media is unavailable).
+    batch_size questions share every model call (videos of different lengths are padded and masked).
     A record whose media fails counts as wrong in every mode and is listed in "skipped". Deterministic."""
     was_training = model.training
     model.eval()
@@ -190,36 +206,47 @@ def evaluate_mcq(model, tok, records, modes=MODES, device="cpu", score="mean", p
     correct = {m: defaultdict(int) for m in modes}
     total, skipped, items = defaultdict(int), [], []
     bar = tqdm(total=len(records), disable=not progress, desc=f"mcq ({scoring})", dynamic_ncols=True)
-    for i, (rec, video) in enumerate(prefetched(records, lambda r: load_frames(r, frames, image_size))):
-        cat, rid = rec.get("category", "all"), rec.get("id", i)
-        total[cat] += 1
-        item = {"id": rid, "category": cat, "answer": rec["answer"], "pred": {}}
-        if isinstance(video, Exception):  # counted (wrong), never silently out of the denominator
-            skipped.append({"id": rid, "category": cat, "reason": str(video)})
-            item["error"] = str(video)
-        else:
-            vid = video.to(device, dtype)[None]  # [1,T,3,S,S]
-            frame_mask = torch.ones(vid.shape[:2], dtype=torch.bool, device=device)
+    loaded = prefetched(records, lambda r: load_frames(r, frames, image_size))
+    for start in range(0, len(records), batch_size):
+        batch = []  # (record, item, video [T,3,S,S]) of the questions whose media loaded
+        for i in range(start, min(start + batch_size, len(records))):
+            rec, video = next(loaded)
+            cat, rid = rec.get("category", "all"), rec.get("id", i)
+            total[cat] += 1
+            items.append({"id": rid, "category": cat, "answer": rec["answer"], "pred": {}})
+            if isinstance(video, Exception):  # counted (wrong), never silently out of the denominator
+                skipped.append({"id": rid, "category": cat, "reason": str(video)})
+                items[-1]["error"] = str(video)
+            else:
+                batch.append((rec, items[-1], video))
+        if batch:
+            T = max(v.shape[0] for _, _, v in batch)
+            vids = torch.zeros(len(batch), T, *batch[0][2].shape[1:], dtype=dtype, device=device)  # [Q,T,3,S,S]
+            frame_mask = torch.zeros(len(batch), T, dtype=torch.bool, device=device)
+            for q, (_, _, v) in enumerate(batch):
+                vids[q, :v.shape[0]], frame_mask[q, :v.shape[0]] = v.to(device, dtype), True
             with torch.no_grad():
-                kv = model.encode(vid, frame_mask)  # once per question: every mode and option reuses it
-            user = format_mcq(rec["question"], rec["options"])
+                kv = model.encode(vids, frame_mask)  # once per question: every mode and option reuses it
+            users = [format_mcq(rec["question"], rec["options"]) for rec, _, _ in batch]
             for mode in modes:
                 if scoring == "generate":
-                    text = generate_answer(model, tok, kv, frame_mask, encode_prompt(tok, user + GENERATE_SUFFIX),
-                                           mode, max_new_tokens)
-                    pred = extract_choice(text, rec["options"])
-                    item.setdefault("text", {})[mode] = text
+                    prompts = [encode_prompt(tok, u + GENERATE_SUFFIX) for u in users]
+                    texts = generate_answers(model, tok, kv, frame_mask, prompts, mode, max_new_tokens)
+                    preds = [extract_choice(t, rec["options"]) for t, (rec, _, _) in zip(texts, batch)]
+                    for t, (_, item, _) in zip(texts, batch):
+                        item.setdefault("text", {})[mode] = t
                 else:
-                    scores = score_options(model, kv, frame_mask, encode_prompt(tok, user),
-                                           option_answers(tok, rec["options"]), mode, score)
-                    pred = int(scores.argmin())
-                    item.setdefault("scores", {})[mode] = [round(float(s), 5) for s in scores]
-                item["pred"][mode] = pred
-                correct[mode][cat] += int(pred == rec["answer"])
-        items.append(item)
+                    scores = score_options(model, kv, frame_mask, [encode_prompt(tok, u) for u in users],
+                                           [option_answers(tok, rec["options"]) for rec, _, _ in batch], mode, score)
+                    preds = [int(s.argmin()) for s in scores]
+                    for s, (_, item, _) in zip(scores, batch):
+                        item.setdefault("scores", {})[mode] = [round(float(x), 5) for x in s]
+                for pred, (rec, item, _) in zip(preds, batch):
+                    item["pred"][mode] = pred
+                    correct[mode][item["category"]] += int(pred == rec["answer"])
         n = sum(total.values())
         bar.set_postfix({SHORT.get(m, m): f"{100 * sum(correct[m].values()) / n:.1f}" for m in modes}, refresh=False)
-        bar.update()
+        bar.update(n - bar.n)
     bar.close()
     model.train(was_training)
     n = sum(total.values())
@@ -584,7 +611,7 @@ def mcq_speed(model, tok_len, T, image_size, device, naive=False, questions=2, K
         with torch.no_grad():
             kv = model.encode(vid[None], fm)
             for m in modes:
-                score_options(model, kv, fm, prompt, answers, m)
+                score_options(model, kv, fm, [prompt], [answers], m)
 
     def slow():
         for m in modes:
@@ -654,9 +681,11 @@ def load_model(args):
         elif not args.dino_dir:
             sys.exit("bench.py: --llm_dir needs --dino_dir or --init_from (the DINOv2 weights)")
         return model, load_tokenizer(args.llm_dir)
-    if not os.path.isfile(os.path.join(args.ckpt, "config.json")):
-        sys.exit(f"bench.py: no checkpoint at {args.ckpt}; run `python train.py` first or pass --ckpt / --llm_dir")
-    return FoveatedVLM.from_checkpoint(args.ckpt), load_tokenizer(args.ckpt)
+    try:
+        ckpt = find_checkpoint(args.ckpt)
+    except FileNotFoundError as e:
+        sys.exit(f"bench.py: {e}, or pass --ckpt / --llm_dir")
+    return FoveatedVLM.from_checkpoint(ckpt), load_tokenizer(ckpt)
 
 
 def main(argv=None):

@@ -9,6 +9,7 @@ Read top to bottom:
   5. FoveatedVLM       glimpses -> one LLM token per frame; the LLM chooses the next query
   6. generation        greedy / temperature / top-k decoding from a filled cache
 """
+import glob
 import json
 import math
 import os
@@ -452,25 +453,29 @@ class FoveatedVLM(nn.Module):
             maps.append(attn)
         return torch.cat(maps, 1) if maps else None
 
-    def forward(self, frames, input_ids, loss_mask=None, frame_mask=None, mode="coarse_fine", kv=None):
+    def forward(self, frames, input_ids, loss_mask=None, frame_mask=None, mode="coarse_fine", kv=None, n_texts=1):
         """frames [B,T,3,H,W] (frame_mask [B,T] marks real frames, a prefix per row; None = all real),
         input_ids [B,S] right-padded chat text. Sequence: [T visual tokens][S text tokens].
         Returns text logits [B,S,V] (position i predicts token i+1) and the token-weighted mean CE over
-        tokens with loss_mask == 1 (None without a mask). Pass kv=self.encode(...) to reuse one encode."""
+        tokens with loss_mask == 1 (None without a mask). Pass kv=self.encode(...) to reuse one encode.
+        n_texts > 1: input_ids holds n_texts rows per sample ([n_texts*B,S], row j reads sample j // n_texts),
+        so several texts (DPO's chosen and rejected answers) share one encode and one coarse pass."""
         assert mode in MODES, f"mode must be one of {MODES}, got {mode!r}"
         B, S = input_ids.shape
         if frame_mask is None:
             frame_mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=input_ids.device)
+        assert B == n_texts * frame_mask.shape[0], f"input_ids has {B} rows, expected n_texts * {frame_mask.shape[0]}"
         if kv is None:
             kv = self.encode(frames, frame_mask)
         T = frame_mask.shape[1]
         text = self.llm.embed_tokens(input_ids)  # [B,S,L]
         if mode == "autoregressive":
-            cache = self.llm.new_cache(B, T + S)
+            cache = self.llm.new_cache(B // n_texts, T + S)
             self.walk(kv, frame_mask, cache)
-            h = self.llm(embeds=text, cache=cache, hidden_only=True)
+            h = self.llm(embeds=text, cache=cache.repeat(n_texts) if n_texts > 1 else cache, hidden_only=True)
         else:
             vis, _ = self.visual_tokens(kv, frame_mask, mode)
+            vis, frame_mask = vis.repeat_interleave(n_texts, 0), frame_mask.repeat_interleave(n_texts, 0)  # [B,T,L]
             # padded frame slots are masked out; right-padded text needs no mask under causal attention
             valid = None if frame_mask.all() else torch.cat((frame_mask, frame_mask.new_ones(B, S)), 1)
             h = self.llm(embeds=torch.cat((vis, text), 1), valid=valid, hidden_only=True)[:, T:]
@@ -523,7 +528,9 @@ class FoveatedVLM(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir, dtype=torch.float32):
-        """Our format: a dir with model.safetensors, config.json, tokenizer.json. Needs no HF dirs."""
+        """Our format: a dir with model.safetensors, config.json, tokenizer.json. Needs no HF dirs.
+        A dir of train.py's step-* checkpoints (or a run's out_dir) means its newest one."""
+        ckpt_dir = find_checkpoint(ckpt_dir)
         cfg = read_config(os.path.join(ckpt_dir, "config.json"), "nanofvlm")
         model = cls(SmolLM2(LLMConfig(**cfg["llm"])), DINOv2(DinoConfig(**cfg["dino"])), **cfg["fovea"]).to(dtype)
         model.load_weights(ckpt_dir)
@@ -556,6 +563,18 @@ class FoveatedVLM(nn.Module):
         if tokenizer is not None:
             with open(tokenizer, "rb") as src, open(os.path.join(out_dir, "tokenizer.json"), "wb") as dst:
                 dst.write(src.read())
+
+
+def find_checkpoint(path):
+    """A checkpoint dir as given, or the newest finished step-* in a dir of them (train.py's out_dir/ckpt) or in
+    out_dir/ckpt. Half-written saves (.tmp-*) are never picked."""
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return path
+    steps = sorted(glob.glob(os.path.join(path, "step-*")) or glob.glob(os.path.join(path, "ckpt", "step-*")))
+    if not steps:
+        raise FileNotFoundError(f"{path}: no checkpoint here (no model.safetensors, no step-* dirs). "
+                                f"Run `python train.py` first, or point at a checkpoint dir")
+    return steps[-1]
 
 
 def vlm_key(key):

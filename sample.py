@@ -61,16 +61,6 @@ def fail(msg):
     sys.exit(f"sample.py: {msg}")  # one line, exit code 1, no traceback
 
 
-def find_checkpoint(path):
-    """our checkpoint dir, or train.py's dir of step-* checkpoints (or its out_dir): then the latest step"""
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
-        return path
-    steps = sorted(glob.glob(os.path.join(path, "step-*")) or glob.glob(os.path.join(path, "ckpt", "step-*")))
-    if not steps:
-        fail(f"{path}: no checkpoint here; run `python train.py` first, or pass --ckpt=DIR (or --llm_dir/--dino_dir/--init_from)")
-    return steps[-1]
-
-
 def shapes_val_clip(root, index):
     """frames [T,3,S,S] (as stored) and the reference caption of clip `index` of the shapes val split"""
     shards = sorted(glob.glob(os.path.join(root, "val-*.tar")))
@@ -172,7 +162,10 @@ try:
         tok = data.load_tokenizer(llm_dir)
         ckpt = init_from or f"{llm_dir} + {dino_dir} with an UNTRAINED connector (pass --init_from)"
     else:
-        ckpt = find_checkpoint(ckpt)
+        try:
+            ckpt = model.find_checkpoint(ckpt)
+        except FileNotFoundError as e:
+            fail(f"{e}, or pass --llm_dir/--dino_dir/--init_from")
         vlm = model.FoveatedVLM.from_checkpoint(ckpt, ptdtype)
         tok = data.load_tokenizer(ckpt)
 except (FileNotFoundError, ValueError) as e:

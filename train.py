@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import MODES, DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2
+from model import MODES, DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2, find_checkpoint
 
 # -----------------------------------------------------------------------------
 # config: the embedded default (a tiny fVLM trained from scratch on the shapes task)
@@ -114,13 +114,16 @@ def fail(msg):
     sys.exit(1)
 
 
-def latest_checkpoint(root=ckpt_root):
-    steps = sorted(glob.glob(os.path.join(root, 'step-*')))  # finished ones only: .tmp-* are not matched
+def latest_checkpoint():
+    steps = sorted(glob.glob(os.path.join(ckpt_root, 'step-*')))  # finished ones only: .tmp-* are not matched
     return steps[-1] if steps else None
 
 
-if os.path.isdir(os.path.join(init_from, 'ckpt')):  # a previous run's out_dir: start from its latest checkpoint
-    init_from = latest_checkpoint(os.path.join(init_from, 'ckpt')) or init_from
+if init_from not in ('scratch', 'resume') and os.path.isdir(init_from):  # a checkpoint, a dir of them, a run dir
+    try:
+        init_from = find_checkpoint(init_from)
+    except FileNotFoundError as e:
+        fail(str(e))
 
 
 # -- data ---------------------------------------------------------------------
@@ -230,6 +233,9 @@ def batch_loss(batch):
         return loss, {}
 
 
+mcq_records = None
+
+
 @torch.no_grad()
 def evaluate():
     """Held-out loss per mode and, where there are MCQs, accuracy per mode through bench.py's scoring."""
@@ -251,9 +257,10 @@ def evaluate():
                 losses[m].append(loss.item())
         out.update({f'val_loss_{m}': sum(v) / len(v) for m, v in losses.items() if v})
     if mcq_data:
-        records = data.read_mcq(mcq_data, image_size=image_size)
+        global mcq_records
+        mcq_records = mcq_records or data.read_mcq(mcq_data, image_size=image_size)  # decoded once per run
         with autocast:
-            res = evaluate_mcq(raw_model, tok, records, modes=modes, device=device, progress=False)
+            res = evaluate_mcq(raw_model, tok, mcq_records, modes=modes, device=device, progress=False)
         out.update({f'acc_{m}': res['accuracy'][m] for m in modes})
         out['mcq'] = res
     raw_model.train()
@@ -317,6 +324,7 @@ model.train()
 batches = iter(train_loader)
 bar = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True)
 t_last, samples_since, tokens_since, flops_since = time.time(), 0, 0, 0.0
+last_eval = {}
 while iter_num < max_iters:
     lrs = {}
     for group in optimizer.param_groups:
@@ -362,7 +370,8 @@ while iter_num < max_iters:
                         tps=f"{row['tokens_per_sec']:.0f}", mfu=f"{100 * row['mfu']:.1f}%")
         if iter_num % eval_interval == 0 or iter_num == max_iters:
             if master:
-                row.update(evaluate())
+                last_eval = dict(evaluate(), iter=iter_num)
+                row.update(last_eval)
                 say(f"iter {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
                                                      if k.startswith(('val_', 'acc_'))))
         log(row)
@@ -375,14 +384,15 @@ if master:
     skipped = train_loader.skipped()
     if skipped:
         say("skipped samples: " + ", ".join(f"{k}: {v}" for k, v in skipped.items()))
-    final = evaluate() if mcq_data else {}
+    final = last_eval if last_eval.get('iter') == iter_num else evaluate()
     if 'mcq' in final:
-        say("held-out MCQ accuracy per mode: " + ", ".join(f"{m} {100 * final[f'acc_{m}']:.1f}%"
-                                                          for m in eval_modes.split(',') if m))
-        for cat, accs in final['mcq']['per_category'].items():
-            say(f"  {cat:>12}: " + ", ".join(f"{m} {100 * a:.1f}%" for m, a in accs.items()))
+        modes = list(final['mcq']['modes'])
+        say("held-out MCQ accuracy per mode: " + ", ".join(f"{m} {100 * final[f'acc_{m}']:.1f}%" for m in modes))
+        for cat in final['mcq']['modes'][modes[0]]['per_category']:
+            say(f"  {cat:>12}: " + ", ".join(f"{m} {100 * final['mcq']['modes'][m]['per_category'][cat]['accuracy']:.1f}%"
+                                             for m in modes))
         with open(os.path.join(out_dir, 'final_eval.json'), 'w') as f:
-            json.dump(final['mcq'], f, indent=2)
+            json.dump({k: v for k, v in final['mcq'].items() if k != 'items'}, f, indent=2)
     say(f"checkpoint: {latest_checkpoint()}")
 if ddp:
     dist.destroy_process_group()

@@ -58,7 +58,7 @@ def check_cached_equals_full(model, tok, frames, options, tol=1e-4):
     kv = model.encode(frames[None], mask)
     for mode in MODES:
         for score in ("mean", "sum"):
-            fast = score_options(model, kv, mask, prompt, answers, mode, score)
+            fast = score_options(model, kv, mask, [prompt], [answers], mode, score)[0]
             full = score_options_naive(model, frames, prompt, answers, mode, score)
             assert fast.shape == (len(options),)
             assert (fast - full).abs().max().item() <= tol, (mode, score, fast, full)
@@ -118,6 +118,21 @@ def test_right_option_wins_and_missing_media_counts(tok):
     # deterministic: train.py's final eval and `bench.py --task shapes` must agree
     again = evaluate_mcq(model, tok, records_with_known_answer(), progress=False)
     assert again["items"] == res["items"]
+
+
+def test_batched_questions_equal_one_at_a_time(vlm, tok):
+    # videos of 2..5 frames, prompts and options of different lengths, a broken record in the middle
+    recs = records_with_known_answer()
+    recs[1]["options"] = ["a horse that runs", "cat", "dog", "fish"]
+    alone = evaluate_mcq(vlm, tok, recs, progress=False, batch_size=1)
+    batched = evaluate_mcq(vlm, tok, recs, progress=False, batch_size=3)
+    gen_alone = evaluate_mcq(vlm, tok, recs, progress=False, batch_size=1, scoring="generate", max_new_tokens=4)
+    gen_batched = evaluate_mcq(vlm, tok, recs, progress=False, batch_size=4, scoring="generate", max_new_tokens=4)
+    for a, b in zip(alone["items"], batched["items"]):
+        assert a["pred"] == b["pred"]
+        for m in MODES:
+            assert a.get("scores", {}).get(m) == pytest.approx(b.get("scores", {}).get(m), abs=1e-4)
+    assert [i.get("text") for i in gen_alone["items"]] == [i.get("text") for i in gen_batched["items"]]
 
 
 def test_extract_choice():
