@@ -435,7 +435,7 @@ class FoveatedVLM(nn.Module):
         # coarse pass: the LLM reads the static glimpses (visual tokens only: causal attention means text
         # could not change these hidden states) and says where each frame should be looked at next
         h = self.llm(embeds=coarse, valid=None if frame_mask.all() else frame_mask, hidden_only=True)  # [B,T,L]
-        queries = torch.cat((self.q_init.expand(B, 1, -1), self.llm_to_query(h[:, :-1])), 1)  # shift by one frame
+        queries = torch.cat((self.q_init.expand(B, 1, -1), self.llm_to_query(h)[:, :-1]), 1)  # shift by one frame
         return self.look(queries[frame_mask], kv, frame_mask)
 
     def walk(self, kv, frame_mask, cache):
