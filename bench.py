@@ -599,24 +599,25 @@ def timed(fn, warmup, iters, device):
     return (time.perf_counter() - t0) / iters
 
 
-def mcq_speed(model, tok_len, T, image_size, device, naive=False, questions=2, K=4, modes=MODES):
-    """Questions/s of K options x modes on random frames, fast path (and the naive one with naive=True)."""
+def mcq_speed(model, tok_len, T, image_size, device, naive=False, batch=4, K=4, modes=MODES):
+    """Questions/s of K options x modes on random frames: the fast path scores `batch` questions per call, as
+    evaluate_mcq does; the naive one (naive=True) re-encodes per option and mode, one question at a time."""
     g = torch.Generator().manual_seed(0)
-    vid = torch.randn(T, 3, image_size, image_size, generator=g).to(device)
+    vids = torch.randn(batch, T, 3, image_size, image_size, generator=g).to(device)
     prompt = torch.randint(3, tok_len, (48,), generator=g).tolist()
     answers = [torch.randint(3, tok_len, (4 + i,), generator=g).tolist() + [PAD_ID] for i in range(K)]
-    fm = torch.ones(1, T, dtype=torch.bool, device=device)
+    fm = torch.ones(batch, T, dtype=torch.bool, device=device)
 
     def fast():
         with torch.no_grad():
-            kv = model.encode(vid[None], fm)
+            kv = model.encode(vids, fm)
             for m in modes:
-                score_options(model, kv, fm, [prompt], [answers], m)
+                score_options(model, kv, fm, [prompt] * batch, [answers] * batch, m)
 
     def slow():
         for m in modes:
-            score_options_naive(model, vid, prompt, answers, m)
-    out = {"mcq_questions_per_s": 1 / timed(fast, 1, questions, device)}
+            score_options_naive(model, vids[0], prompt, answers, m)
+    out = {"mcq_questions_per_s": batch / timed(fast, 1, 1, device), "mcq_batch": batch}
     if naive:
         out["mcq_naive_questions_per_s"] = 1 / timed(slow, 0, 1, device)
         out["mcq_speedup"] = out["mcq_questions_per_s"] / out["mcq_naive_questions_per_s"]

@@ -133,33 +133,40 @@ if ddp:
     dist.barrier()  # rank 0 may have been generating the task
 
 # -- model ----------------------------------------------------------------------
-resume_dir = None
-if init_from == 'resume':
-    resume_dir = latest_checkpoint()
-    if resume_dir is None:
-        fail(f"init_from='resume' but {ckpt_root} has no checkpoint; train first or set --init_from=scratch")
-    model = FoveatedVLM.from_checkpoint(resume_dir)
-elif init_from == 'scratch':
-    if llm_dir and dino_dir:
-        model = FoveatedVLM.from_pretrained(llm_dir, dino_dir, seed=seed)
-    elif llm_dir or dino_dir:
-        fail("set both --llm_dir and --dino_dir (or neither, for the tiny model from scratch)")
-    else:
+def load_start(source):
+    """The model a run starts from: 'scratch', our checkpoint dir, or the released fVLM-135M .safetensors."""
+    if source == 'scratch':
+        if llm_dir and dino_dir:
+            return FoveatedVLM.from_pretrained(llm_dir, dino_dir, seed=seed)
+        if llm_dir or dino_dir:
+            fail("set both --llm_dir and --dino_dir (or neither, for the tiny model from scratch)")
         vocab = data.load_tokenizer(tokenizer or shapes_dir).get_vocab_size()
         llm = SmolLM2(LLMConfig(vocab_size=vocab, dim=tiny_llm_dim, n_layers=tiny_llm_layers, n_heads=tiny_llm_heads,
                                 n_kv_heads=tiny_llm_kv_heads, head_dim=tiny_llm_dim // tiny_llm_heads,
                                 hidden_dim=tiny_llm_hidden, max_seq_len=2048))
         dino = DINOv2(DinoConfig(image_size=image_size, patch_size=tiny_patch_size, dim=tiny_dino_dim,
                                  n_layers=tiny_dino_layers, n_heads=tiny_dino_heads))
-        model = FoveatedVLM(llm, dino, seed=seed)
-elif os.path.isfile(os.path.join(init_from, 'config.json')):  # a previous stage's checkpoint (our format)
-    model = FoveatedVLM.from_checkpoint(init_from)
-elif os.path.isfile(init_from):  # the released fVLM-135M weights need the HF dirs for the architecture
-    if not (llm_dir and dino_dir):
-        fail(f"init_from={init_from} is a weights file: also set --llm_dir and --dino_dir for the architecture")
-    model = FoveatedVLM.from_pretrained(llm_dir, dino_dir, checkpoint=init_from)
+        return FoveatedVLM(llm, dino, seed=seed)
+    if os.path.isfile(os.path.join(source, 'config.json')):  # a previous stage's checkpoint (our format)
+        return FoveatedVLM.from_checkpoint(source)
+    if os.path.isfile(source):  # the released fVLM-135M weights need the HF dirs for the architecture
+        if not (llm_dir and dino_dir):
+            fail(f"init_from={source} is a weights file: also set --llm_dir and --dino_dir for the architecture")
+        return FoveatedVLM.from_pretrained(llm_dir, dino_dir, checkpoint=source)
+    fail(f"init_from={source!r}: no such checkpoint (expected 'scratch', 'resume', a checkpoint dir or a .safetensors file)")
+
+
+resume_dir = None
+if init_from == 'resume':
+    resume_dir = latest_checkpoint()
+    if resume_dir is None:
+        fail(f"init_from='resume' but {ckpt_root} has no checkpoint; train first or set --init_from=scratch")
+    model = FoveatedVLM.from_checkpoint(resume_dir)
+    # remember where the run started: the DPO reference is that model, not the resumed one
+    config['init_from'] = torch.load(os.path.join(resume_dir, 'train_state.pt'), weights_only=True)['config']['init_from']
 else:
-    fail(f"init_from={init_from!r}: no such checkpoint (expected 'scratch', 'resume', a checkpoint dir or a .safetensors file)")
+    model = load_start(init_from)
+    config['init_from'] = init_from  # resolved: a resumed run finds its start here
 tok_path = tokenizer or next((os.path.join(d, 'tokenizer.json') for d in (resume_dir, init_from, llm_dir, shapes_dir)
                               if d and os.path.isfile(os.path.join(d, 'tokenizer.json'))), None)
 if tok_path is None:
@@ -171,7 +178,8 @@ raw_model = model
 ref_model = None
 if stage == 3:  # the frozen reference (or None with precompute_ref); copied before compile swaps in wrapped methods
     import dpo
-    ref_model = dpo.make_reference(raw_model, precompute_ref)
+    start_model = raw_model if resume_dir is None else load_start(config['init_from']).to(device)
+    ref_model = dpo.make_reference(start_model, precompute_ref)
 if compile:
     # compile the modules whose forward really runs: every DINOv2 and LLM block, and the glimpse walk
     for block in list(model.dino.blocks) + list(model.llm.layers):
@@ -218,7 +226,7 @@ if resume_dir:
     iter_num = state['iter_num']
     say(f"resumed from {resume_dir} at iter {iter_num}")
 if stage == 3 and precompute_ref:
-    ref_model = dpo.precompute_reference(raw_model, make_dataset(train_data, loop=False), device, autocast,
+    ref_model = dpo.precompute_reference(start_model, make_dataset(train_data, loop=False), device, autocast,
                                            mode=train_mode)
 
 
