@@ -1,30 +1,10 @@
 # Stage 2, vision-language SFT (reference §4): CE on the assistant answer only, 1M samples, batch 32,
 # cosine at 3e-5 for every group, images replicated to 8 frames. Starts from stage 1's latest checkpoint.
+exec(open('config/stage1_135m.py').read())
 out_dir = 'out/stage2_135m'
 init_from = 'out/stage1_135m'  # a run dir: its latest ckpt/step-* is used
 train_data = 'data/stage2/*.tar'
-val_data = 'data/val/*.tar'
-text_data = 'data/text/*.tar'
-mcq_data = ''
 stage = 2
-image_size = 224
-max_frames = 64
 replicate_image_frames = 8
-text_ratio = 0.14
-batch_size = 8
-gradient_accumulation_steps = 4
-max_iters = 31250
-warmup_iters = 938
-lr_connector = 3e-5
-lr_dino = 3e-5
-lr_llm = 3e-5
+lr_connector = lr_dino = lr_llm = 3e-5
 schedule = 'cosine'
-weight_decay = 0.01
-grad_clip = 1.0
-dtype = 'bfloat16'
-compile = True
-num_workers = 4
-log_interval = 10
-eval_interval = 1000
-ckpt_interval = 1000
-eval_modes = 'coarse_only,coarse_fine'

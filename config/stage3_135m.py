@@ -2,34 +2,19 @@
 # (4 x 8 accum), LR 1e-6 for every group, cosine with 10% warmup, beta 0.1. The frozen reference is the
 # stage-2 model this run starts from. Shards: {key}.jpg/.mp4/frames + {key}.json with user, chosen_assistant,
 # rejected_assistant (reference §6).
+exec(open('config/stage2_135m.py').read())
 out_dir = 'out/stage3_135m'
 init_from = 'out/stage2_135m'  # a run dir: its latest ckpt/step-* is used (the policy's start and the reference)
 train_data = 'data/stage3/*.tar'
 val_data = ''  # the DPO batch has no single target text; progress shows in rewards/* and the MCQs
 text_data = ''
-mcq_data = ''  # e.g. a held-out MCQ json (data.read_mcq) to score before/after
 stage = 3
-image_size = 224
-max_frames = 64
-replicate_image_frames = 8
 batch_size = 4
 gradient_accumulation_steps = 8
 max_iters = 2600  # 83K pairs / 32
 warmup_iters = 260
-lr_connector = 1e-6
-lr_dino = 1e-6
-lr_llm = 1e-6
-schedule = 'cosine'
-weight_decay = 0.01
-grad_clip = 1.0
+lr_connector = lr_dino = lr_llm = 1e-6
 beta = 0.1
-label_smoothing = 0.0
-sft_weight = 0.0
 precompute_ref = False  # True: reference log-probs in one pass first, then one model in memory
-dtype = 'bfloat16'
-compile = True
-num_workers = 4
-log_interval = 10
 eval_interval = 500
 ckpt_interval = 500
-eval_modes = 'coarse_only,coarse_fine'
