@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from data import (IMAGE_EXTS, PAD_ID, VIDEO_EXTS, ShardDataset, SkipSample, encode_answer, encode_prompt, format_mcq,
                   load_image, load_tokenizer, load_video, read_mcq, read_tar, uniform_indices)
-from model import MODES, DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2, decode, find_checkpoint
+from model import MODES, DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2, decode, find_checkpoint, left_pad
 
 LETTERS = "ABCDEFGH"
 SHORT = {"coarse_only": "co", "coarse_fine": "cf", "autoregressive": "ar"}
@@ -64,15 +64,6 @@ SCORING = {"likelihood": "likelihood: lowest {score} CE of the assistant turn 'X
 def option_answers(tok, options):
     """The K assistant turns to score: "X. option text" + <|im_end|>, as token ids."""
     return [encode_answer(tok, f"{LETTERS[i]}. {o}") for i, o in enumerate(options)]
-
-
-def left_pad(prompts, device):
-    """Q prompts of any lengths -> ids [Q,P] left-padded (so every prompt ends where the answers start) and the
-    valid mask (None when all have the same length)."""
-    P = max(len(p) for p in prompts)
-    ids = torch.tensor([[PAD_ID] * (P - len(p)) + list(p) for p in prompts], device=device)
-    valid = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompts], device=device)
-    return ids, None if valid.all() else valid
 
 
 @torch.no_grad()

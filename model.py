@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 from dataclasses import asdict, dataclass
 
 import torch
@@ -40,11 +41,10 @@ def read_config(path, model_type):
 def read_safetensors(model_dir):
     """All tensors of a HF dir: model.safetensors, or model.safetensors.index.json and its shards."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
+    files = ["model.safetensors"]
     if os.path.isfile(index):
         with open(index) as f:
             files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
     state = {}
     for name in files:
         path = os.path.join(model_dir, name)
@@ -561,8 +561,7 @@ class FoveatedVLM(nn.Module):
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
         if tokenizer is not None:
-            with open(tokenizer, "rb") as src, open(os.path.join(out_dir, "tokenizer.json"), "wb") as dst:
-                dst.write(src.read())
+            shutil.copyfile(tokenizer, os.path.join(out_dir, "tokenizer.json"))
 
 
 def find_checkpoint(path):
@@ -619,16 +618,22 @@ def decode(llm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, stop
         logits = llm(token[:, None], cache=cache)[:, -1]
 
 
+def left_pad(prompts, device, pad_id=2):
+    """Prompts (lists of ids) of any lengths -> ids [B,S] left-padded, so every prompt ends where generation
+    starts, and the valid mask [B,S] (None when no row is padded)."""
+    S = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (S - len(p)) + list(p) for p in prompts], device=device)
+    valid = torch.tensor([[False] * (S - len(p)) + [True] * len(p) for p in prompts], device=device)
+    return ids, None if valid.all() else valid
+
+
 @torch.no_grad()
 def generate(llm, prompts, max_new_tokens=128, temperature=0.0, top_k=None, stop_id=2, generator=None):
     """Text-only generation for a batch of prompts (lists of ids) of any lengths: left-padded, masked.
     Returns the new ids per prompt, without the stop token."""
-    device = llm.embed_tokens.weight.device
-    S = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (S - len(p)) + list(p) for p in prompts], device=device)  # pad: masked out
-    valid = torch.tensor([[False] * (S - len(p)) + [True] * len(p) for p in prompts], device=device)
-    cache = llm.new_cache(len(prompts), S + max_new_tokens)
-    logits = llm.lm_head(llm(ids, valid=None if valid.all() else valid, cache=cache, hidden_only=True)[:, -1])
+    ids, valid = left_pad(prompts, llm.embed_tokens.weight.device)
+    cache = llm.new_cache(len(prompts), ids.shape[1] + max_new_tokens)
+    logits = llm.lm_head(llm(ids, valid=valid, cache=cache, hidden_only=True)[:, -1])
     steps = list(decode(llm, cache, logits, max_new_tokens, temperature, top_k, stop_id, generator))
     out = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]
     return [row[:row.index(stop_id)] if stop_id in row else row for row in out]
