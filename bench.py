@@ -7,12 +7,10 @@ Benchmarks for nanofVLM: multiple-choice accuracy on video/image benchmarks, and
         --init_from fVLM-135M/model.safetensors --limit 200
     python bench.py --task speed [--llm_dir SmolLM2-135M-Instruct] [--dtype both] [--naive]
 
-Scoring (reference section 7). Per question: ONE DINOv2 encode, reused by every mode and every option. Per mode:
-the visual tokens + prompt go through the LLM once (model.prefill); the cache is repeated K times and all K options
-("X. option text" + <|im_end|>) are scored in one right-padded batch. Score = mean per-token CE over the answer tokens
-(--score=sum: summed), lowest wins: "likelihood". --scoring=generate instead answers greedily and extracts a letter
-the way lmms-eval does (minus its traps), so numbers compare with published SmolVLM2 results. The two protocols
-are not comparable with each other; the output says which one was used.
+Scoring (reference section 7): ONE DINOv2 encode per question and ONE LLM prefill per mode; the K options
+("X. option text" + <|im_end|>) are scored in one batch from the repeated cache. Lowest mean (--score=sum: summed)
+per-token CE wins: "likelihood". --scoring=generate answers greedily and extracts a letter lmms-eval style (minus
+its traps), comparable with published SmolVLM2 results but not with "likelihood"; the output says which was used.
 
 Layouts read (--data_dir points at the folder you downloaded):
   mvbench    json/<task>.json (20 tasks, lists of {video, question, candidates, answer (option text), start?, end?})
@@ -41,10 +39,12 @@ import re
 import sys
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from data import (IMAGE_EXTS, PAD_ID, VIDEO_EXTS, ShardDataset, SkipSample, encode_answer, encode_prompt, format_mcq,
@@ -202,37 +202,33 @@ def evaluate_mcq(model, tok, records, modes=MODES, device="cpu", score="mean", p
         batch = []  # (record, item, video [T,3,S,S]) of the questions whose media loaded
         for i in range(start, min(start + batch_size, len(records))):
             rec, video = next(loaded)
-            cat, rid = rec.get("category", "all"), rec.get("id", i)
-            total[cat] += 1
-            items.append({"id": rid, "category": cat, "answer": rec["answer"], "pred": {}})
+            item = {"id": rec.get("id", i), "category": rec.get("category", "all"), "answer": rec["answer"], "pred": {}}
+            total[item["category"]] += 1
+            items.append(item)
             if isinstance(video, Exception):  # counted (wrong), never silently out of the denominator
-                skipped.append({"id": rid, "category": cat, "reason": str(video)})
-                items[-1]["error"] = str(video)
+                skipped.append({"id": item["id"], "category": item["category"], "reason": str(video)})
+                item["error"] = str(video)
             else:
-                batch.append((rec, items[-1], video))
+                batch.append((rec, item, video))
         if batch:
-            T = max(v.shape[0] for _, _, v in batch)
-            vids = torch.zeros(len(batch), T, *batch[0][2].shape[1:], dtype=dtype, device=device)  # [Q,T,3,S,S]
-            frame_mask = torch.zeros(len(batch), T, dtype=torch.bool, device=device)
-            for q, (_, _, v) in enumerate(batch):
-                vids[q, :v.shape[0]], frame_mask[q, :v.shape[0]] = v.to(device, dtype), True
+            vids = pad_sequence([v.to(device, dtype) for _, _, v in batch], batch_first=True)  # [Q,T,3,S,S], zero-padded
+            lengths = torch.tensor([v.shape[0] for _, _, v in batch], device=device)
+            frame_mask = torch.arange(vids.shape[1], device=device) < lengths[:, None]  # [Q,T]
             with torch.no_grad():
                 kv = model.encode(vids, frame_mask)  # once per question: every mode and option reuses it
             users = [format_mcq(rec["question"], rec["options"]) for rec, _, _ in batch]
             for mode in modes:
                 if scoring == "generate":
                     prompts = [encode_prompt(tok, u + GENERATE_SUFFIX) for u in users]
-                    texts = generate_answers(model, tok, kv, frame_mask, prompts, mode, max_new_tokens)
-                    preds = [extract_choice(t, rec["options"]) for t, (rec, _, _) in zip(texts, batch)]
-                    for t, (_, item, _) in zip(texts, batch):
-                        item.setdefault("text", {})[mode] = t
+                    outs = generate_answers(model, tok, kv, frame_mask, prompts, mode, max_new_tokens)  # texts
+                    preds = [extract_choice(t, rec["options"]) for t, (rec, _, _) in zip(outs, batch)]
                 else:
                     scores = score_options(model, kv, frame_mask, [encode_prompt(tok, u) for u in users],
                                            [option_answers(tok, rec["options"]) for rec, _, _ in batch], mode, score)
                     preds = [int(s.argmin()) for s in scores]
-                    for s, (_, item, _) in zip(scores, batch):
-                        item.setdefault("scores", {})[mode] = [round(float(x), 5) for x in s]
-                for pred, (rec, item, _) in zip(preds, batch):
+                    outs = [[round(float(x), 5) for x in s] for s in scores]
+                for pred, out, (rec, item, _) in zip(preds, outs, batch):
+                    item.setdefault("text" if scoring == "generate" else "scores", {})[mode] = out
                     item["pred"][mode] = pred
                     correct[mode][item["category"]] += int(pred == rec["answer"])
         n = sum(total.values())
@@ -241,15 +237,12 @@ def evaluate_mcq(model, tok, records, modes=MODES, device="cpu", score="mean", p
     bar.close()
     model.train(was_training)
     n = sum(total.values())
-    acc = lambda c, t: c / t if t else 0.0
-    results = {"scoring": SCORING[scoring].format(score=score), "score": score, "count": n, "accuracy": {},
-               "modes": {}, "skipped": skipped, "skipped_count": len(skipped), "items": items}
-    for m in modes:
-        c = sum(correct[m].values())
-        results["accuracy"][m] = acc(c, n)
-        results["modes"][m] = {"accuracy": acc(c, n), "correct": c, "total": n, "per_category": {
-            k: {"accuracy": acc(correct[m][k], t), "correct": correct[m][k], "total": t} for k, t in sorted(total.items())}}
-    return results
+    stats = lambda c, t: {"accuracy": c / t if t else 0.0, "correct": c, "total": t}
+    per_mode = {m: dict(stats(sum(correct[m].values()), n), per_category={
+        k: stats(correct[m][k], t) for k, t in sorted(total.items())}) for m in modes}
+    return {"scoring": SCORING[scoring].format(score=score), "score": score, "count": n,
+            "accuracy": {m: r["accuracy"] for m, r in per_mode.items()}, "modes": per_mode, "skipped": skipped,
+            "skipped_count": len(skipped), "items": items}
 
 
 def format_table(results):
@@ -285,26 +278,30 @@ MVBENCH_BOUNDED = {"action_sequence", "action_prediction", "object_interaction",
                    "episodic_reasoning"}  # the tasks whose start/end the official evaluation applies
 
 
-class FileFinder:
-    """Find a file by name anywhere under a root (one os.walk, on first need): datasets get unpacked in many ways."""
+def media_finder(root):
+    """locate(rec, key, path, rel, exts) sets rec[key] = path if it exists, else a file named like `rel` (a name, or a
+    relative path matched by its ending; exts: other extensions accepted) found anywhere under root -- datasets get
+    unpacked in many ways; one os.walk, on first need -- else sets rec['error']. Returns rec."""
+    by_name = {}
 
-    def __init__(self, root):
-        self.root, self.by_name = root, None
-
-    def find(self, rel, exts=()):
-        """Path of `rel` (a name, or a relative path matched by its ending); exts: other extensions to accept."""
-        if self.by_name is None:
-            self.by_name = defaultdict(list)
-            for d, dirs, files in os.walk(self.root):
-                for name in files + dirs:
-                    self.by_name[name].append(os.path.join(d, name))
-                    self.by_name[os.path.splitext(name)[0] + ".*"].append(os.path.join(d, name))
-        rel = rel.replace("\\", "/")
-        base = os.path.basename(rel.rstrip("/"))
-        hits = self.by_name.get(base, []) + [p for p in self.by_name.get(os.path.splitext(base)[0] + ".*", [])
-                                             if p.lower().rsplit(".", 1)[-1] in exts]
-        hits.sort(key=lambda p: (not p.replace("\\", "/").endswith(rel), p))  # the longest match first
-        return hits[0] if hits else None
+    def locate(rec, key, path, rel, exts):
+        if not os.path.exists(path):
+            if not by_name:
+                for d, dirs, files in os.walk(root):
+                    for name in files + dirs:
+                        for k in (name, os.path.splitext(name)[0] + ".*"):
+                            by_name.setdefault(k, []).append(os.path.join(d, name))
+            rel = rel.replace("\\", "/")
+            base = os.path.basename(rel.rstrip("/"))
+            hits = by_name.get(base, []) + [p for p in by_name.get(os.path.splitext(base)[0] + ".*", [])
+                                            if p.lower().rsplit(".", 1)[-1] in exts]
+            hits.sort(key=lambda p: (not p.replace("\\", "/").endswith(rel), p))  # whole `rel` matched first
+            if not hits:
+                rec["error"] = f"missing file: {rel} (not at {path}, nor anywhere under {root})"
+            path = hits[0] if hits else path
+        rec[key] = path
+        return rec
+    return locate
 
 
 def read_rows(path):
@@ -324,36 +321,22 @@ def read_rows(path):
 
 
 def table_files(data_dir, need):
-    """Every json/jsonl (and parquet if pyarrow is importable) under data_dir whose rows have the fields `need`."""
-    exts = ["json", "jsonl"]
-    try:
-        import pyarrow  # noqa: F401
-        exts.append("parquet")
-    except ImportError:
-        pass
+    """(path, rows) of every json/jsonl/parquet under data_dir whose rows have the fields `need` ("a|b": either)."""
+    paths = sorted(p for p in glob.glob(os.path.join(data_dir, "**", "*"), recursive=True)
+                   if p.endswith((".json", ".jsonl", ".parquet")))
     out = []
-    for path in sorted(p for e in exts for p in glob.glob(os.path.join(data_dir, "**", f"*.{e}"), recursive=True)):
+    for path in paths:
         try:
             rows = read_rows(path)
-        except (ValueError, OSError):
+        except (ValueError, OSError, ImportError):  # ImportError: parquet without pyarrow
             continue
         if rows and isinstance(rows[0], dict) and all(any(k in rows[0] for k in alt.split("|")) for alt in need):
             out.append((path, rows))
     if not out:
-        hint = " (parquet needs pyarrow: pip install pyarrow, or convert it to json)" if glob.glob(
-            os.path.join(data_dir, "**", "*.parquet"), recursive=True) else ""
+        hint = " (parquet needs pyarrow: pip install pyarrow, or convert it to json)" if any(
+            p.endswith(".parquet") for p in paths) else ""
         raise FileNotFoundError(f"bench.py: no json/jsonl under {data_dir} with fields {need}{hint}; check --data_dir")
     return out
-
-
-def _media(rec, path, finder, rel, exts):
-    """Fill rec['video'] with an existing path (else search by name), or rec['error']."""
-    if not os.path.exists(path):
-        path = finder.find(rel, exts) or path
-    rec["video"] = path
-    if not os.path.exists(path):
-        rec["error"] = f"missing file: {rel} (not at {path}, nor anywhere under {finder.root})"
-    return rec
 
 
 def _answer_index(ans, opts):
@@ -370,8 +353,7 @@ def read_mvbench(data_dir):
     files = sorted(glob.glob(os.path.join(json_dir, "*.json")))
     if not files:
         raise FileNotFoundError(f"bench.py: no MVBench json/*.json under {data_dir}; point --data_dir at the MVBench download")
-    finder, recs = FileFinder(data_dir), []
-    vexts = VIDEO_EXTS + ("webm", "avi")
+    locate, recs = media_finder(data_dir), []
     for path in files:
         task = os.path.splitext(os.path.basename(path))[0]
         folder = os.path.join(data_dir, "video", MVBENCH_VIDEO.get(task, ""))
@@ -379,7 +361,7 @@ def read_mvbench(data_dir):
             rec = {"id": f"{task}/{j}", "question": r["question"], "options": list(r["candidates"]), "category": task}
             if task in MVBENCH_BOUNDED or task not in MVBENCH_VIDEO:
                 rec.update({k: float(r[k]) for k in ("start", "end") if r.get(k) is not None})
-            _media(rec, os.path.join(folder, r["video"]), finder, r["video"], vexts)
+            locate(rec, "video", os.path.join(folder, r["video"]), r["video"], VIDEO_EXTS + ("webm", "avi"))
             if r["answer"] not in rec["options"]:
                 rec["error"], rec["answer"] = f"{path}[{j}]: answer {r['answer']!r} is not among the candidates", -1
             else:
@@ -389,7 +371,7 @@ def read_mvbench(data_dir):
 
 
 def read_videomme(data_dir):
-    finder, recs = FileFinder(data_dir), []
+    locate, recs = media_finder(data_dir), []
     for path, rows in table_files(data_dir, ["videoID|videoid|video_id", "question", "options", "answer"]):
         for j, r in enumerate(rows):
             vid = str(r.get("videoID") or r.get("videoid") or r.get("video_id"))
@@ -397,12 +379,12 @@ def read_videomme(data_dir):
             rec = {"id": r.get("question_id", f"{vid}/{j}"), "question": r["question"], "options": opts,
                    "answer": _answer_index(r["answer"], opts), "category": r.get("duration", "all"),
                    "domain": r.get("domain"), "task_type": r.get("task_type")}
-            recs.append(_media(rec, os.path.join(data_dir, "data", vid + ".mp4"), finder, vid + ".mp4", VIDEO_EXTS))
+            recs.append(locate(rec, "video", os.path.join(data_dir, "data", vid + ".mp4"), vid + ".mp4", VIDEO_EXTS))
     return recs
 
 
 def read_scienceqa(data_dir, split="test"):
-    finder, recs = FileFinder(data_dir), []
+    locate, recs = media_finder(data_dir), []
     official = glob.glob(os.path.join(data_dir, "**", "problems.json"), recursive=True)
     sources = [(p, read_rows(p)) for p in official] or table_files(data_dir, ["question", "choices", "answer"])
     for path, rows in sources:
@@ -410,24 +392,18 @@ def read_scienceqa(data_dir, split="test"):
         for j, r in enumerate(rows):
             if not r.get("image") or (official and r.get("split", split) != split):
                 continue  # image questions of the split only (the usual ScienceQA-IMG protocol)
-            if official:  # problems.json: images/<split>/<pid>/image.png
-                rel = f"{r.get('split', split)}/{r['_key']}/{r['image']}"
-                path_img = os.path.join(root, "images", rel)
-            else:
-                rel = r["image"]
-                path_img = os.path.join(root, rel)
+            # problems.json: images/<split>/<pid>/image.png; a plain list: relative to its file
+            rel = f"{split}/{r['_key']}/{r['image']}" if official else r["image"]
             hint = (r.get("hint") or "").strip()
             rec = {"id": r.get("_key", r.get("id", j)), "question": (f"Context: {hint}\n" if hint else "") + r["question"],
                    "options": list(r["choices"]), "answer": _answer_index(r["answer"], r["choices"]),
                    "category": r.get("subject", "all")}
-            rec = _media(rec, path_img, finder, rel, IMAGE_EXTS)
-            rec["image"] = rec.pop("video")
-            recs.append(rec)
+            recs.append(locate(rec, "image", os.path.join(root, "images" if official else "", rel), rel, IMAGE_EXTS))
     return recs
 
 
 def read_pope(data_dir):
-    finder, recs = FileFinder(data_dir), []
+    locate, recs = media_finder(data_dir), []
     for path, rows in table_files(data_dir, ["text|question", "label|answer", "image"]):
         stem = os.path.splitext(os.path.basename(path))[0]
         for j, r in enumerate(rows):
@@ -435,9 +411,7 @@ def read_pope(data_dir):
             rec = {"id": f"{stem}/{r.get('question_id', j)}", "question": r.get("text") or r["question"],
                    "options": ["yes", "no"], "answer": 0 if label == "yes" else 1,
                    "category": r.get("category") or stem.rsplit("_", 1)[-1]}
-            rec = _media(rec, os.path.join(os.path.dirname(path), r["image"]), finder, r["image"], IMAGE_EXTS)
-            rec["image"] = rec.pop("video")
-            recs.append(rec)
+            recs.append(locate(rec, "image", os.path.join(os.path.dirname(path), r["image"]), r["image"], IMAGE_EXTS))
     return recs
 
 
@@ -470,19 +444,13 @@ def read_shards(data_dir, tok, frames=16, image_size=224):
 
 
 def read_task(task, data_dir, tok, frames, image_size, split="test"):
-    if task == "mvbench":
-        return read_mvbench(data_dir)
-    if task == "videomme":
-        return read_videomme(data_dir)
-    if task == "scienceqa":
-        return read_scienceqa(data_dir, split)
-    if task == "pope":
-        return read_pope(data_dir)
-    if task == "shards":
-        return read_shards(data_dir, tok, frames, image_size)
     if task == "shapes":  # at the size the task was generated with, as train.py's eval reads it
         return [dict(r, id=i) for i, r in enumerate(read_mcq(data_dir, image_size=image_size))]
-    raise ValueError(f"bench.py: unknown --task {task}")
+    if task == "shards":
+        return read_shards(data_dir, tok, frames, image_size)
+    if task == "scienceqa":
+        return read_scienceqa(data_dir, split)
+    return {"mvbench": read_mvbench, "videomme": read_videomme, "pope": read_pope}[task](data_dir)
 
 # -----------------------------------------------------------------------------
 # speed: what nanoGPT's bench.py is for. FLOPs, peak FLOPs, step throughput, decode, MCQ, memory.
@@ -505,14 +473,9 @@ def peak_flops(device="cpu", dtype=torch.float32):
         print(f"bench.py: unknown GPU {name!r}, MFU against 312 TFLOPS (A100 bf16)", file=sys.stderr)
         return 312e12
     if dtype not in _cpu_peak:
-        n = 1024
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        best = float("inf")
-        for _ in range(10):  # best of 10: the machine may be shared
-            t0 = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t0)
-        _cpu_peak[dtype] = 2 * n ** 3 / best
+        a = torch.randn(1024, 1024, dtype=dtype)
+        best = min(timed(lambda: a @ a, 0, 1, "cpu") for _ in range(10))  # best of 10: the machine may be shared
+        _cpu_peak[dtype] = 2 * 1024 ** 3 / best
     return _cpu_peak[dtype]
 
 
@@ -535,47 +498,33 @@ def train_flops(model, B, T, S, image_size):
     return 3 * fwd
 
 
-class PeakMemory:
-    """Peak memory of a block: torch.cuda.max_memory_allocated on GPU; on CPU the process's peak RSS (VmHWM from
-    /proc/self/status, reset through /proc/self/clear_refs; if that is not allowed, the growth of VmHWM)."""
+def _peak_rss():
+    """The process's peak RSS in bytes (VmHWM), 0 where /proc is not available."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return 0
 
-    def __init__(self, device):
-        self.cuda = torch.device(device).type == "cuda"
 
-    @staticmethod
-    def hwm():
+@contextmanager
+def peak_memory(device):
+    """Yields a dict that gets the block's peak memory in MB ("peak_mem_mb", "mem_growth_mb"): on GPU from
+    torch.cuda.max_memory_allocated; on CPU the process's peak RSS, reset through /proc/self/clear_refs (if that is
+    not allowed, only the growth is the block's own)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
         try:
-            with open("/proc/self/status") as f:
-                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
-        except (OSError, StopIteration):
-            return 0
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")  # resets VmHWM to the current RSS
-            except OSError:
-                pass
-            self.base = self.hwm()
-        return self
-
-    def __exit__(self, *exc):
-        self.peak = torch.cuda.max_memory_allocated() if self.cuda else self.hwm()
-        self.extra = self.peak - self.base
-
-
-def speed_model(llm_dir=None, ckpt=None):
-    if llm_dir:  # the 135M shape: real SmolLM2, random DINOv2-small
-        return FoveatedVLM(SmolLM2.from_pretrained(llm_dir), DINOv2(DinoConfig())), 224
-    if ckpt and os.path.isfile(os.path.join(ckpt, "config.json")):  # the embedded default's own shape
-        return FoveatedVLM.from_checkpoint(ckpt), 64
-    llm = SmolLM2(LLMConfig(vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32,
-                            hidden_dim=384, max_seq_len=1024))
-    return FoveatedVLM(llm, DINOv2(DinoConfig(image_size=64, patch_size=8, dim=96, n_layers=4, n_heads=3))), 64
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+        except OSError:
+            pass
+    mem, base = {}, torch.cuda.memory_allocated() if cuda else _peak_rss()
+    yield mem
+    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss()
+    mem.update(peak_mem_mb=peak / 2 ** 20, mem_growth_mb=(peak - base) / 2 ** 20)
 
 
 def timed(fn, warmup, iters, device):
@@ -605,9 +554,7 @@ def mcq_speed(model, tok_len, T, image_size, device, naive=False, batch=4, K=4, 
             for m in modes:
                 score_options(model, kv, fm, [prompt] * batch, [answers] * batch, m)
 
-    def slow():
-        for m in modes:
-            score_options_naive(model, vids[0], prompt, answers, m)
+    slow = lambda: [score_options_naive(model, vids[0], prompt, answers, m) for m in modes]
     out = {"mcq_questions_per_s": batch / timed(fast, 1, 1, device), "mcq_batch": batch}
     if naive:
         out["mcq_naive_questions_per_s"] = 1 / timed(slow, 0, 1, device)
@@ -619,7 +566,15 @@ def speed(llm_dir=None, ckpt=None, device="cpu", dtypes=("float32", "bfloat16"),
           decode_tokens=32, naive=False, mcq_frames=16):
     """Training step throughput (samples/s, tokens/s, MFU), decode tokens/s, MCQ questions/s, peak memory."""
     torch.manual_seed(0)
-    model, size = speed_model(llm_dir, ckpt)
+    size = 224 if llm_dir else 64
+    if llm_dir:  # the 135M shape: real SmolLM2, random DINOv2-small
+        model = FoveatedVLM(SmolLM2.from_pretrained(llm_dir), DINOv2(DinoConfig()))
+    elif ckpt and os.path.isfile(os.path.join(ckpt, "config.json")):  # the embedded default's own shape
+        model = FoveatedVLM.from_checkpoint(ckpt)
+    else:
+        llm = SmolLM2(LLMConfig(vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32,
+                                hidden_dim=384, max_seq_len=1024))
+        model = FoveatedVLM(llm, DINOv2(DinoConfig(image_size=64, patch_size=8, dim=96, n_layers=4, n_heads=3)))
     model.to(device)
     V = model.llm.cfg.vocab_size
     frames = torch.randn(B, T, 3, size, size, device=device)
@@ -639,24 +594,23 @@ def speed(llm_dir=None, ckpt=None, device="cpu", dtypes=("float32", "bfloat16"),
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        with PeakMemory(device) as mem:
+        with peak_memory(device) as mem:
             dt = timed(step, 1, steps, device)
+        peak = peak_flops(device, dtype)
         report[name] = {"step_s": dt, "samples_per_s": B / dt, "tokens_per_s": B * (T + S) / dt,
-                        "mfu": flops / dt / peak_flops(device, dtype), "peak_flops": peak_flops(device, dtype),
-                        "peak_mem_mb": mem.peak / 2 ** 20, "mem_growth_mb": mem.extra / 2 ** 20}
+                        "mfu": flops / dt / peak, "peak_flops": peak, **mem}
     model.eval()
-    kv = model.encode(frames[:1], torch.ones(1, T, dtype=torch.bool, device=device))
     fm = torch.ones(1, T, dtype=torch.bool, device=device)
+    kv = model.encode(frames[:1], fm)
 
     def gen():
         cache, last, _ = model.prefill(kv, fm, ids[:1, :16], "autoregressive", extra=decode_tokens)
         for _ in decode(model.llm, cache, last, decode_tokens, stop_id=-1):  # never stops: a fixed length
             pass
     report["decode_tokens_per_s"] = decode_tokens / timed(gen, 1, 2, device)
-    with PeakMemory(device) as mem:
+    with peak_memory(device) as mem:
         report.update(mcq_speed(model, V, mcq_frames, size, device, naive))
-    report["mcq_peak_mem_mb"] = mem.peak / 2 ** 20
-    report["mcq_frames"] = mcq_frames
+    report.update(mcq_peak_mem_mb=mem["peak_mem_mb"], mcq_frames=mcq_frames)
     return report
 
 # -----------------------------------------------------------------------------
@@ -721,9 +675,8 @@ def main(argv=None):
                 json.load(open(marker))["image_size"] if os.path.isfile(marker) else 64
         records = read_task(args.task, data_dir, tok, args.frames, args.image_size, args.split)[:args.limit]
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-        bad = [m for m in modes if m not in MODES]
-        if bad:
-            sys.exit(f"bench.py: unknown --modes {bad}; choose from {', '.join(MODES)}")
+        if set(modes) - set(MODES):
+            sys.exit(f"bench.py: unknown --modes {sorted(set(modes) - set(MODES))}; choose from {', '.join(MODES)}")
         out = evaluate_mcq(model, tok, records, modes, args.device, args.score, scoring=args.scoring,
                            frames=args.frames, image_size=args.image_size)
         out.update(task=args.task, data_dir=data_dir, frames=args.frames, image_size=args.image_size,

@@ -97,7 +97,9 @@ else:
     rank, world_size = 0, 1
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+if dtype not in ('float32', 'bfloat16'):  # float16 would need a GradScaler; bf16 does not
+    sys.exit(f"train.py: dtype={dtype!r}: use 'float32' or 'bfloat16'")
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
 autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
 torch.manual_seed(seed)
 ckpt_root = os.path.join(out_dir, 'ckpt')
