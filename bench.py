@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from data import (IMAGE_EXTS, PAD_ID, VIDEO_EXTS, ShardDataset, SkipSample, encode_answer, encode_prompt, format_mcq,
                   load_image, load_tokenizer, load_video, read_mcq, read_tar, uniform_indices)
-from model import MODES, DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2, decode, find_checkpoint, left_pad
+from model import MODES, DinoConfig, DINOv2, FoveatedVLM, SmolLM2, decode, find_checkpoint, left_pad
 
 LETTERS = "ABCDEFGH"
 SHORT = {"coarse_only": "co", "coarse_fine": "cf", "autoregressive": "ar"}
@@ -566,15 +566,14 @@ def speed(llm_dir=None, ckpt=None, device="cpu", dtypes=("float32", "bfloat16"),
           decode_tokens=32, naive=False, mcq_frames=16):
     """Training step throughput (samples/s, tokens/s, MFU), decode tokens/s, MCQ questions/s, peak memory."""
     torch.manual_seed(0)
-    size = 224 if llm_dir else 64
     if llm_dir:  # the 135M shape: real SmolLM2, random DINOv2-small
         model = FoveatedVLM(SmolLM2.from_pretrained(llm_dir), DINOv2(DinoConfig()))
-    elif ckpt and os.path.isfile(os.path.join(ckpt, "config.json")):  # the embedded default's own shape
-        model = FoveatedVLM.from_checkpoint(ckpt)
-    else:
-        llm = SmolLM2(LLMConfig(vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32,
-                                hidden_dim=384, max_seq_len=1024))
-        model = FoveatedVLM(llm, DINOv2(DinoConfig(image_size=64, patch_size=8, dim=96, n_layers=4, n_heads=3)))
+    else:  # the embedded default's checkpoint (a run dir or a dir of step-* works too)
+        try:
+            model = FoveatedVLM.from_checkpoint(ckpt)
+        except FileNotFoundError as e:
+            sys.exit(f"bench.py: {e}, or pass --llm_dir for the 135M shape")
+    size = 224 if llm_dir else model.dino.cfg.image_size
     model.to(device)
     V = model.llm.cfg.vocab_size
     frames = torch.randn(B, T, 3, size, size, device=device)

@@ -117,8 +117,10 @@ def fail(msg):
 
 
 def latest_checkpoint():
-    steps = sorted(glob.glob(os.path.join(ckpt_root, 'step-*')))  # finished ones only: .tmp-* are not matched
-    return steps[-1] if steps else None
+    try:
+        return find_checkpoint(ckpt_root)  # the newest finished step-*: a half-written .tmp-* is never picked
+    except FileNotFoundError:
+        return None
 
 
 if init_from not in ('scratch', 'resume') and os.path.isdir(init_from):  # a checkpoint, a dir of them, a run dir

@@ -316,9 +316,10 @@ def test_train_flops_matches_counted(vlm):
     assert abs(ours - counted) / counted < 0.1, (ours, counted)
 
 
-def test_speed_report(tok):
+def test_speed_report(tok, tmp_path):
     assert bench.peak_flops("cpu") is not None and bench.peak_flops("cpu") == bench.peak_flops("cpu")  # cached
-    rep = bench.speed(None, None, "cpu", ("float32", "bfloat16"), B=2, T=2, S=8, steps=1, decode_tokens=4,
+    tiny_vlm(tok).save(tmp_path / "ckpt" / "step-0000001")  # a run's dir of step-* checkpoints, as train.py writes
+    rep = bench.speed(None, tmp_path, "cpu", ("float32", "bfloat16"), B=2, T=2, S=8, steps=1, decode_tokens=4,
                       naive=True, mcq_frames=4)
     for dt in ("float32", "bfloat16"):
         r = rep[dt]
