@@ -338,7 +338,12 @@ class ShardDataset(IterableDataset):
         return dict(out, key=rec["key"], frames=self.frames(files, meta, where))
 
     def _enc(self, user, answer, where):
-        ids, mask, trunc = encode_chat(self.tok, [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], self.stage, self.max_len)
+        """user/answer strings, or equal-length lists of them: a conversation of several turns"""
+        users, answers = (user, answer) if isinstance(answer, list) else ([user], [answer])
+        if not isinstance(users, list) or len(users) != len(answers):
+            raise SkipSample("missing_field", f"{where}.json: 'user' and 'assistant' lists differ in length")
+        turns = [{"role": r, "content": c} for u, a in zip(users, answers) for r, c in (("user", u), ("assistant", a))]
+        ids, mask, trunc = encode_chat(self.tok, turns, self.stage, self.max_len)
         if trunc:
             self.skipped["truncated (kept)"] += 1
         if not any(mask):
@@ -446,64 +451,53 @@ def make_loader(dataset, batch_size, num_workers=0, max_batch_frames=None, **kw)
     return Loader(dataset, num_workers, **kw)
 
 # -----------------------------------------------------------------------------
-# "shapes": the synthetic task and our embedded default. Grey frames with static clutter dots and 3 coloured
-# shapes, each in its own cell of a 3x3 grid; exactly one shape moves from one cell to another over the clip.
-# Every question is about the mover (which one, its colour, its shape, where it starts, where it stops), so the model
-# must compare frames to find it, then look closely at it; a fixed per-frame summary must encode all 3 + clutter.
+# "shapes": the synthetic task and our embedded default. Grey frames with clutter dots and two static grey decoy
+# balls; one coloured ball moves from one quadrant to another. Every ball carries a small coloured spot. The
+# questions are about the mover: its colour (visible in any summary of the frame), where it starts and where it
+# stops (the right frames), and the colour of its spot: a few pixels that a summary of the whole frame blurs with
+# the decoys' spots and the clutter, so the glimpse has to land on the mover.
+# Learnable from scratch on a CPU in minutes was the constraint: small shapes (circle vs square) and a 3x3 grid of
+# places with small balls were tried first and stayed at chance in that budget.
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (240, 210, 30)}
-SHAPES = ["circle", "square", "triangle", "cross"]
-PLACES = ["top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right"]
-QUESTIONS = {"object": "which object moves?", "colour": "what colour is the moving object?",
-             "shape": "what shape is the moving object?", "start": "where does the moving object start?",
-             "end": "where does the moving object stop?"}
-
-
-def _draw(d, shape, x, y, r, col):
-    if shape == "circle":
-        d.ellipse([x - r, y - r, x + r, y + r], fill=col)
-    elif shape == "square":
-        d.rectangle([x - 0.8 * r, y - 0.8 * r, x + 0.8 * r, y + 0.8 * r], fill=col)
-    elif shape == "triangle":
-        d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=col)
-    else:  # cross
-        d.rectangle([x - r, y - r / 3, x + r, y + r / 3], fill=col)
-        d.rectangle([x - r / 3, y - r, x + r / 3, y + r], fill=col)
+SPOTS = {"white": (255, 255, 255), "black": (0, 0, 0), "cyan": (0, 230, 230), "magenta": (230, 0, 230)}
+PLACES = ["top left", "top right", "bottom left", "bottom right"]  # the quadrants
+QUESTIONS = {"colour": "what colour is the moving ball?", "spot": "what colour is the spot on the moving ball?",
+             "start": "where does the moving ball start?", "end": "where does the moving ball stop?"}
+DECOYS = 2  # static grey balls with spots
+SHAPES_VERSION = 2  # bump when the task changes: ensure_shapes then regenerates old copies
 
 
 def shapes_clip(rng, image_size=64, frames=6, n_clutter=16):
-    """one clip: (list of T PIL images, facts dict); 3 objects with distinct colours"""
-    S = image_size
-    cols = [list(COLOURS)[i] for i in rng.permutation(4)]  # cols[3] is absent from the clip
-    shps = [SHAPES[i] for i in rng.integers(0, 4, 4)]
-    cells = rng.permutation(9)[:4]  # mover start, mover end, two static objects
-    pos = [((c % 3 * 2 + 1) * S / 6 + rng.uniform(-S / 25, S / 25), (c // 3 * 2 + 1) * S / 6 + rng.uniform(-S / 25, S / 25)) for c in cells]
+    """one clip: (list of T PIL images, facts dict)"""
+    S, r = image_size, image_size * 0.16
+    colour, spots = list(COLOURS)[rng.integers(0, 4)], [list(SPOTS)[i] for i in rng.integers(0, 4, 1 + DECOYS)]
+    cells = rng.permutation(4)[:2 + DECOYS]  # mover start, mover end, decoys
+    pos = [((c % 2 * 2 + 1) * S / 4 + rng.uniform(-S / 25, S / 25), (c // 2 * 2 + 1) * S / 4 + rng.uniform(-S / 25, S / 25)) for c in cells]
     dots = [(rng.uniform(0, S), rng.uniform(0, S), tuple(int(v) for v in rng.integers(0, 256, 3))) for _ in range(n_clutter)]
-    r, imgs = S * 0.09, []
+    imgs = []
     for t in range(frames):
         a = t / max(1, frames - 1)
         imgs.append(Image.new("RGB", (S, S), (128, 128, 128)))
         d = ImageDraw.Draw(imgs[-1])
         for x, y, c in dots:
             d.rectangle([x, y, x + S / 40, y + S / 40], fill=c)
-        for k in (1, 2):
-            _draw(d, shps[k], *pos[k + 1], r, COLOURS[cols[k]])
-        _draw(d, shps[0], pos[0][0] + a * (pos[1][0] - pos[0][0]), pos[0][1] + a * (pos[1][1] - pos[0][1]), r, COLOURS[cols[0]])
-    facts = {"colour": cols[0], "shape": shps[0], "start": PLACES[cells[0]], "end": PLACES[cells[1]],
-             "others": [f"{cols[k]} {shps[k]}" for k in (1, 2)], "absent": f"{cols[3]} {shps[3]}"}
-    return imgs, facts
+        balls = [((pos[0][0] + a * (pos[1][0] - pos[0][0]), pos[0][1] + a * (pos[1][1] - pos[0][1])), COLOURS[colour], spots[0])]
+        balls += [(pos[2 + k], (96, 96, 96), spots[1 + k]) for k in range(DECOYS)]
+        for (x, y), fill, spot in balls:
+            d.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+            d.rectangle([x - S / 32, y - S / 32, x + S / 32, y + S / 32], fill=SPOTS[spot])
+    return imgs, {"colour": colour, "spot": spots[0], "start": PLACES[cells[0]], "end": PLACES[cells[1]]}
 
 
 def shapes_caption(f):
-    return f"the {f['colour']} {f['shape']} moves from the {f['start']} to the {f['end']}. the {f['others'][0]} and the {f['others'][1]} stay still."
+    return f"the {f['colour']} ball with the {f['spot']} spot moves from the {f['start']} to the {f['end']}."
 
 
 def shapes_question(rng, f, cat):
     """(question, options, answer index) with 4 options"""
-    if cat == "object":
-        right, wrong = f"the {f['colour']} {f['shape']}", [f"the {o}" for o in f["others"]] + [f"the {f['absent']}"]
-    elif cat in ("colour", "shape"):
-        right, wrong = f[cat], [x for x in (COLOURS if cat == "colour" else SHAPES) if x != f[cat]]
+    if cat in ("colour", "spot"):
+        right, wrong = f[cat], [x for x in (COLOURS if cat == "colour" else SPOTS) if x != f[cat]]
     else:  # start/end: the other end of the path is always a distractor (you must know the direction)
         right, other = f[cat], f["end" if cat == "start" else "start"]
         rest = [p for p in PLACES if p not in (right, other)]
@@ -513,12 +507,10 @@ def shapes_question(rng, f, cat):
 
 
 def shapes_wrong_caption(rng, f):
-    """subtly wrong caption for DPO: one attribute of the mover swapped"""
-    what = ["colour", "shape", "start", "end"][rng.integers(0, 4)]
-    pool = {"colour": list(COLOURS), "shape": SHAPES}.get(what, PLACES)
-    wrong = [x for x in pool if x not in (f[what], f["start"], f["end"])]  # a place never becomes the other end
-    # (a place is drawn from all but the last candidate: kept as generated, so the task's samples stay the same)
-    return shapes_caption(dict(f, **{what: wrong[rng.integers(0, len(pool) - (3 if what in ("start", "end") else 1))]}))
+    """subtly wrong caption for DPO: one fact about the mover swapped (a place never becomes the other end)"""
+    what = list(QUESTIONS)[rng.integers(0, 4)]
+    pool = [x for x in {"colour": COLOURS, "spot": SPOTS}.get(what, PLACES) if x not in (f[what], f["start"], f["end"])]
+    return shapes_caption(dict(f, **{what: pool[rng.integers(0, len(pool))]}))
 
 
 def _jpg(img):
@@ -542,21 +534,21 @@ def _shapes_text(rng):
     """(user, assistant) of a text-only sample: language facts about the task's words, no frames needed"""
     k = rng.integers(0, 3)
     if k == 0:
-        p = PLACES[rng.integers(0, 9)]
-        return f"what is the opposite of the {p}?", f"the {PLACES[8 - PLACES.index(p)]}"
+        p = PLACES[rng.integers(0, len(PLACES))]
+        return f"what is the opposite of the {p}?", f"the {PLACES[len(PLACES) - 1 - PLACES.index(p)]}"
     if k == 1:
-        w = (list(COLOURS) + SHAPES)[rng.integers(0, 8)]
-        return f"is {w} a colour or a shape?", "a colour" if w in COLOURS else "a shape"
-    return "name the colours and the shapes.", ", ".join(COLOURS) + ". " + ", ".join(SHAPES) + "."
+        w = (list(COLOURS) + list(SPOTS))[rng.integers(0, 8)]
+        return f"is {w} a ball colour or a spot colour?", "a ball colour" if w in COLOURS else "a spot colour"
+    return "name the ball colours and the spot colours.", ", ".join(COLOURS) + ". " + ", ".join(SPOTS) + "."
 
 
 def make_shapes(out_dir, n_train=6000, n_val=500, n_dpo=1000, n_text=1000, image_size=64, frames=6,
                 shard_size=1000, seed=0):
-    """Write the shapes task: train-*.tar (json: caption for stage 1, user/assistant QA for stage 2, half of it in
-    the lettered MCQ form), val-*.tar + mcq_val.json (held-out MCQs, one per val clip, categories in rotation; frames
+    """Write the shapes task: train-*.tar (json: caption for stage 1; for stage 2 a quarter caption answers and
+    three quarters conversations that ask all four questions, each lettered or plain), val-*.tar + mcq_val.json (held-out MCQs, one per val clip, categories in rotation; frames
     live in the val shards, read_mcq joins them by key), dpo-*.tar (stage 3 pairs), text-*.tar (text-only samples
     for text_ratio), tokenizer.json. Sample i of a split comes from its own rng (seed, split, i) alone."""
-    args = {k: v for k, v in locals().items() if k != "out_dir"}  # recorded in shapes.json
+    args = {k: v for k, v in locals().items() if k != "out_dir"} | {"version": SHAPES_VERSION}  # -> shapes.json
     os.makedirs(out_dir, exist_ok=True)
     cats, texts, mcqs = list(QUESTIONS), [SYSTEM_PROMPT, DEFAULT_USER, "system\n", "user\n", "assistant\n"], []
     for sid, (name, n) in enumerate([("train", n_train), ("val", n_val), ("dpo", n_dpo), ("text", n_text)]):
@@ -572,20 +564,20 @@ def make_shapes(out_dir, n_train=6000, n_val=500, n_dpo=1000, n_text=1000, image
                 imgs, f = shapes_clip(rng, image_size, frames)
                 if name == "dpo":
                     meta = {"user": DEFAULT_USER, "chosen_assistant": shapes_caption(f), "rejected_assistant": shapes_wrong_caption(rng, f)}
-                else:
-                    cat = cats[i % len(cats)] if name == "val" else cats[rng.integers(0, len(cats))]
+                elif name == "val":  # one lettered MCQ per clip, categories in rotation
+                    cat = cats[i % len(cats)]
                     q, opts, ans = shapes_question(rng, f, cat)
-                    if name == "val":
-                        mcqs.append({"key": key, "shard": shard, "question": q, "options": opts, "answer": ans, "category": cat})
-                    r = rng.random() if name == "train" else 0.5  # val: always the lettered MCQ form
-                    if r < 0.25:  # the caption as a stage-2 answer too, so one run learns captions and QA
-                        q, a, cat = DEFAULT_USER, shapes_caption(f), "caption"
-                    elif r < 0.625:
-                        q, a = format_mcq(q, opts), f"{'ABCD'[ans]}. {opts[ans]}"
-                    else:
-                        a = opts[ans]
-                    meta = {"caption": shapes_caption(f), "user": q, "assistant": a, "category": cat}
-                texts += [v for k, v in meta.items() if k != "category"]
+                    mcqs.append({"key": key, "shard": shard, "question": q, "options": opts, "answer": ans, "category": cat})
+                    meta = {"user": format_mcq(q, opts), "assistant": f"{'ABCD'[ans]}. {opts[ans]}", "category": cat}
+                elif rng.random() < 0.25:  # the caption as a stage-2 answer too, so one run learns captions and QA
+                    meta = {"user": DEFAULT_USER, "assistant": shapes_caption(f), "category": "caption"}
+                else:  # every question in one conversation (4 answers per encode), each lettered or plain
+                    qa = [(*shapes_question(rng, f, c), rng.random() < 0.5) for c in rng.permutation(cats)]
+                    meta = {"user": [format_mcq(q, o) if mcq else q for q, o, a, mcq in qa],
+                            "assistant": [f"{'ABCD'[a]}. {o[a]}" if mcq else o[a] for q, o, a, mcq in qa], "category": "qa"}
+                if name != "dpo":
+                    meta["caption"] = shapes_caption(f)
+                texts += [t for v in meta.values() for t in (v if isinstance(v, list) else [v])]
                 files = {f"{t:03d}.jpg": _jpg(im) for t, im in enumerate(imgs)}
                 samples.append((key, dict(files, json=dict(meta, frame_count=frames, source="shapes"))))
             write_tar(os.path.join(out_dir, shard), samples)
@@ -600,7 +592,8 @@ def make_shapes(out_dir, n_train=6000, n_val=500, n_dpo=1000, n_text=1000, image
 def ensure_shapes(out_dir, **kw):
     """generate the shapes task unless out_dir already holds one made with the same arguments"""
     marker = os.path.join(out_dir, "shapes.json")
-    if not (os.path.exists(marker) and all(json.load(open(marker)).get(k) == v for k, v in kw.items())):
+    want = kw | {"version": SHAPES_VERSION}
+    if not (os.path.exists(marker) and all(json.load(open(marker)).get(k) == v for k, v in want.items())):
         print(f"data.py: generating the shapes task in {out_dir}", file=sys.stderr)
         make_shapes(out_dir, **kw)
     return out_dir

@@ -294,6 +294,14 @@ class DinoBlock(nn.Module):
         return x, (k, v)
 
 
+def sincos_2d(grid, dim):
+    """[grid*grid, dim] positions in patch (row-major) order: sin/cos of y in the first half, of x in the second"""
+    freqs = 100.0 ** -(torch.arange(dim // 4) / (dim // 4))  # [dim/4]
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    pe = torch.cat([f(c.flatten()[:, None] * freqs) for c in (ys, xs) for f in (torch.sin, torch.cos)], 1)
+    return F.pad(pe, (0, dim - pe.shape[1]))  # dim not divisible by 4: zero channels at the end
+
+
 class DINOv2(nn.Module):
     def __init__(self, cfg: DinoConfig):
         super().__init__()
@@ -301,7 +309,9 @@ class DINOv2(nn.Module):
         grid = cfg.image_size // cfg.patch_size
         self.patch_embed = nn.Conv2d(3, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.dim) * 0.02)
-        self.pos_embed = nn.Parameter(torch.randn(1, 1 + grid * grid, cfg.dim) * 0.02)
+        # fixed 2D sine-cosine init (CLS slot zero): with a 0.02 random init a tiny ViT from scratch could not tell
+        # where things are for hundreds of steps. Pretrained weights overwrite it.
+        self.pos_embed = nn.Parameter(torch.cat((torch.zeros(1, cfg.dim), sincos_2d(grid, cfg.dim)))[None])
         self.blocks = nn.ModuleList(DinoBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
 
@@ -390,6 +400,11 @@ class FoveatedVLM(nn.Module):
             # std 1, not 0.02: tiny queries gave uniform attention, i.e. identical glimpses
             self.q_static = nn.Parameter(torch.randn(1, D, dtype=dtype))
             self.q_init = nn.Parameter(torch.randn(1, D, dtype=dtype))
+            # the fine pass starts as the coarse pass (every query = q_static) and learns to move away from it:
+            # random LLM-chosen queries at init hid what the frames hold and kept a from-scratch model blind
+            nn.init.zeros_(self.llm_to_query.weight)
+            self.llm_to_query.bias.data.copy_(self.q_static.data[0])
+            self.q_init.data.copy_(self.q_static.data)
 
     # -- the glimpse -------------------------------------------------------------------------------
 

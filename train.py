@@ -40,6 +40,7 @@ stage = 2  # 1: CE on all text, 2: CE on the answer, 3: DPO (dpo.py)
 # tiny backbones used when llm_dir / dino_dir are empty
 tiny_llm_dim, tiny_llm_layers, tiny_llm_heads, tiny_llm_kv_heads, tiny_llm_hidden = 128, 4, 4, 2, 384
 tiny_dino_dim, tiny_dino_layers, tiny_dino_heads, tiny_patch_size = 96, 4, 4, 8
+tiny_visual_scale = 20.0  # loud visual tokens: at 0.14 (SmolLM2's value) or 1 a from-scratch LLM took far longer to read where things are
 # data
 image_size = 64
 max_frames = 8
@@ -49,7 +50,7 @@ num_workers = 1
 # optimisation
 batch_size = 16  # per rank, per micro-step
 gradient_accumulation_steps = 1
-max_iters = 1500
+max_iters = 1200  # about 9 minutes on 2 CPU cores
 warmup_iters = 50
 lr_decay_iters = 0  # length of warmup + decay; 0 means max_iters
 lr_connector = 2e-3
@@ -150,7 +151,7 @@ def load_start(source):
                                 hidden_dim=tiny_llm_hidden, max_seq_len=2048))
         dino = DINOv2(DinoConfig(image_size=image_size, patch_size=tiny_patch_size, dim=tiny_dino_dim,
                                  n_layers=tiny_dino_layers, n_heads=tiny_dino_heads))
-        return FoveatedVLM(llm, dino, seed=seed)
+        return FoveatedVLM(llm, dino, visual_scale=tiny_visual_scale, seed=seed)
     if os.path.isfile(os.path.join(source, 'config.json')):  # a previous stage's checkpoint (our format)
         return FoveatedVLM.from_checkpoint(source)
     if os.path.isfile(source):  # the released fVLM-135M weights need the HF dirs for the architecture

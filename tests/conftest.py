@@ -7,6 +7,16 @@ import torch
 torch.set_num_threads(2)
 
 
+def steered(vlm, seed=0):
+    """A fresh FoveatedVLM's fine queries all equal q_static (its init); give llm_to_query and q_init random
+    values, as after training, so the tests exercise queries that depend on the LLM state."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (vlm.llm_to_query.weight, vlm.q_init):
+            p.copy_(torch.randn(p.shape, generator=g) * (1.0 if p is vlm.q_init else p.shape[1] ** -0.5))
+    return vlm
+
+
 def write_llama(path, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

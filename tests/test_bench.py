@@ -13,6 +13,7 @@ import bench
 from bench import (MODES, evaluate_mcq, extract_choice, load_frames, option_answers, score_options,
                    score_options_naive)
 from data import encode_prompt, format_mcq, train_tokenizer, write_tar
+from conftest import steered
 from model import DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2
 
 ANIMALS = ["dog", "cat", "bird", "fish", "horse"]
@@ -42,7 +43,7 @@ def tiny_vlm(tok, seed=0):
     torch.manual_seed(seed)
     llm = SmolLM2(LLMConfig(vocab_size=tok.get_vocab_size(), dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                             head_dim=16, hidden_dim=128, max_seq_len=512))
-    return FoveatedVLM(llm, DINOv2(DinoConfig(image_size=56, patch_size=14, dim=48, n_layers=2, n_heads=3))).eval()
+    return steered(FoveatedVLM(llm, DINOv2(DinoConfig(image_size=56, patch_size=14, dim=48, n_layers=2, n_heads=3))).eval())
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_cached_scores_real_smollm2(smollm2_dir):
     from data import load_tokenizer
     tok = load_tokenizer(smollm2_dir)
     torch.manual_seed(0)
-    model = FoveatedVLM(SmolLM2.from_pretrained(smollm2_dir), DINOv2(DinoConfig(n_layers=4))).eval()
+    model = steered(FoveatedVLM(SmolLM2.from_pretrained(smollm2_dir), DINOv2(DinoConfig(n_layers=4))).eval())
     frames = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
     check_cached_equals_full(model, tok, frames, ["a dog", "a cat sitting on a mat"])
 
@@ -289,7 +290,7 @@ def test_read_shards_and_cli(tmp_path, tok, vlm):
 
 
 def test_shapes_cli_matches_evaluate_mcq(tmp_path):
-    from data import load_tokenizer, make_shapes, read_mcq
+    from data import QUESTIONS, load_tokenizer, make_shapes, read_mcq
     d = tmp_path / "shapes"
     make_shapes(str(d), n_train=4, n_val=6, n_dpo=1, n_text=1, image_size=32, frames=3)
     tok = load_tokenizer(str(d))
@@ -297,7 +298,7 @@ def test_shapes_cli_matches_evaluate_mcq(tmp_path):
     model.save(str(tmp_path / "ckpt"), tokenizer=str(d / "tokenizer.json"))
     out = bench.main(["--task", "shapes", "--data_dir", str(d), "--ckpt", str(tmp_path / "ckpt")])
     assert out["image_size"] == 32 and out["count"] == 6  # the size shapes.json says, as train.py reads it
-    assert set(out["modes"]["coarse_fine"]["per_category"]) == {"object", "colour", "shape", "start", "end"}
+    assert set(out["modes"]["coarse_fine"]["per_category"]) == set(QUESTIONS)
     direct = evaluate_mcq(model, tok, read_mcq(str(d), image_size=32), progress=False)  # what train.py calls
     assert direct["accuracy"] == out["accuracy"]
 

@@ -111,10 +111,13 @@ def test_shard_layouts_roundtrip(tmp_path, tok):
         ("video", {"mp4": mp4.read_bytes(), "txt": "a grey video.", "json": {"source": "t"}}),
         ("text", {"json": {"user": "describe it.", "assistant": "text only."}}),
         ("pretok", {"jpg": jpg((9, 9, 9)), "json": {"token_ids": pre[0], "loss_mask": pre[1]}}),
+        ("turns", {"jpg": jpg((9, 9, 9)), "json": {"user": ["colour?", "where?"], "assistant": ["red.", "left."]}}),
+        ("uneven", {"jpg": jpg((9, 9, 9)), "json": {"user": ["colour?"], "assistant": ["red.", "left."]}}),
     ])
     ds = data.ShardDataset(str(tmp_path / "a.tar"), tok, stage=2, image_size=16, max_frames=4, replicate_image_frames=8, loop=False)
     got = {s["key"]: s for s in ds}
-    assert set(got) == {"frames", "image", "video", "text", "pretok"}
+    assert set(got) == {"frames", "image", "video", "text", "pretok", "turns"}  # "uneven" skipped
+    assert ds.skipped["missing_field"] == 1
     f = got["frames"]["frames"]
     assert f.shape == (3, 3, 16, 16) and f.dtype == torch.float32
     rgb = (f * data.STD[0] + data.MEAN[0]).mean((2, 3))
@@ -126,6 +129,9 @@ def test_shard_layouts_roundtrip(tmp_path, tok):
     # legacy caption, .txt caption, and which words are targets
     dec = lambda s: tok.decode([i for i, m in zip(s["input_ids"], s["loss_mask"]) if m])
     assert dec(got["image"]) == "a blue frame." and dec(got["video"]) == "a grey video." and dec(got["text"]) == "text only."
+    targets = [i for i, m in zip(got["turns"]["input_ids"], got["turns"]["loss_mask"]) if m]
+    assert tok.decode(targets, skip_special_tokens=False) == "red.<|im_end|>left.<|im_end|>"  # lists: one conversation, every answer a target
+    assert "<|im_end|>\n<|im_start|>user\nwhere?" in tok.decode(got["turns"]["input_ids"], skip_special_tokens=False)
     assert data.DEFAULT_USER in tok.decode(got["image"]["input_ids"])
     # plain files are sources too: a video with a sidecar json, an image with a sidecar txt
     (tmp_path / "plain.json").write_text(json.dumps({"user": "describe it.", "assistant": "plain video."}))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import dpo  # noqa: E402
+from conftest import steered  # noqa: E402
 from model import MODES, DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +29,7 @@ def tiny_vlm(vocab=96, image_size=32, seed=0):
     llm = SmolLM2(LLMConfig(vocab_size=vocab, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                             hidden_dim=96, max_seq_len=256))
     dino = DINOv2(DinoConfig(image_size=image_size, patch_size=8, dim=48, n_layers=2, n_heads=3))
-    return FoveatedVLM(llm, dino, seed=seed)
+    return steered(FoveatedVLM(llm, dino, seed=seed), seed)
 
 
 def perturb(model, seed=1, scale=0.02):

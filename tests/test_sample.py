@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import data
+from conftest import steered
 from model import DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ def ckpt(tmp_path_factory):
             if p.dim() == 2:
                 p.normal_(0, 0.3)
         llm.embed_tokens.weight.normal_(0, 1.0)
-    vlm = FoveatedVLM(llm, DINOv2(DinoConfig(image_size=56, patch_size=14, dim=48, n_layers=2, n_heads=3))).eval()
+    vlm = steered(FoveatedVLM(llm, DINOv2(DinoConfig(image_size=56, patch_size=14, dim=48, n_layers=2, n_heads=3))).eval())
     vlm.save(str(out / "ckpt"), tokenizer=str(out / "tokenizer.json"))
     # train.py's layout: run/ckpt/step-*; sample.py must take the latest (the older one here is unreadable)
     vlm.save(str(out / "run" / "ckpt" / "step-0000010"), tokenizer=str(out / "tokenizer.json"))

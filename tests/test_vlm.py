@@ -5,12 +5,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import steered
 from model import MODES, DINOv2, FoveatedVLM, SmolLM2
 
 
 @pytest.fixture(scope="module")
 def vlm(tiny_llama, tiny_dino):
-    return FoveatedVLM.from_pretrained(tiny_llama[0], tiny_dino[0]).eval()
+    return steered(FoveatedVLM.from_pretrained(tiny_llama[0], tiny_dino[0]).eval())
 
 
 def video(B=2, T=3, size=56, seed=0):
@@ -33,6 +34,14 @@ def test_kv_cache_is_dinos_own(vlm, tiny_dino):
         for ours, name in ((k, "key"), (v, "value")):
             theirs = seen[f"encoder.layer.{layer}.attention.{name[0]}_proj"]  # [N,L,D]
             assert (ours.transpose(1, 2).flatten(2) - theirs).abs().max() <= 1e-5
+
+
+def test_fine_pass_starts_as_the_coarse_pass(tiny_llama, tiny_dino):
+    fresh = FoveatedVLM.from_pretrained(tiny_llama[0], tiny_dino[0]).eval()
+    frames, ids = video()
+    with torch.no_grad():
+        coarse, fine = (fresh(frames, ids, mode=m)[0] for m in ("coarse_only", "coarse_fine"))
+    assert (coarse - fine).abs().max() <= 1e-5  # every query is q_static until training moves llm_to_query
 
 
 def test_queries_change_glimpses(vlm):
