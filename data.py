@@ -464,7 +464,7 @@ SPOTS = {"white": (255, 255, 255), "black": (0, 0, 0), "cyan": (0, 230, 230), "m
 PLACES = ["top left", "top right", "bottom left", "bottom right"]  # the quadrants
 QUESTIONS = {"colour": "what colour is the moving ball?", "spot": "what colour is the spot on the moving ball?",
              "start": "where does the moving ball start?", "end": "where does the moving ball stop?"}
-DECOYS = 2  # static grey balls with spots
+DECOYS = 2  # static grey balls with spots (at most 2: the mover and the decoys each take a quadrant)
 SHAPES_VERSION = 2  # bump when the task changes: ensure_shapes then regenerates old copies
 
 
