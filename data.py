@@ -456,6 +456,9 @@ def make_loader(dataset, batch_size, num_workers=0, max_batch_frames=None, **kw)
 # questions are about the mover: its colour (visible in any summary of the frame), where it starts and where it
 # stops (the right frames), and the colour of its spot: a few pixels that a summary of the whole frame blurs with
 # the decoys' spots and the clutter, so the glimpse has to land on the mover.
+# Half the training clips keep the ball in its quadrant: there every frame says where it is, so the LLM first
+# learns to read places off a glimpse and then which frame to read for start and stop. With moving balls only, a
+# from-scratch LLM had to learn both at once and stayed at chance on places (the held-out clips all move).
 # Learnable from scratch on a CPU in minutes was the constraint: small shapes (circle vs square) and a 3x3 grid of
 # places with small balls were tried first and stayed at chance in that budget.
 
@@ -465,14 +468,17 @@ PLACES = ["top left", "top right", "bottom left", "bottom right"]  # the quadran
 QUESTIONS = {"colour": "what colour is the moving ball?", "spot": "what colour is the spot on the moving ball?",
              "start": "where does the moving ball start?", "end": "where does the moving ball stop?"}
 DECOYS = 2  # static grey balls with spots (at most 2: the mover and the decoys each take a quadrant)
-SHAPES_VERSION = 2  # bump when the task changes: ensure_shapes then regenerates old copies
+STILL = 0.5  # share of training clips whose ball stays put (see above)
+SHAPES_VERSION = 3  # bump when the task changes: ensure_shapes then regenerates old copies
 
 
-def shapes_clip(rng, image_size=64, frames=6, n_clutter=16):
-    """one clip: (list of T PIL images, facts dict)"""
+def shapes_clip(rng, image_size=64, frames=6, n_clutter=16, still=False):
+    """one clip: (list of T PIL images, facts dict); still: the ball stays in its start quadrant"""
     S, r = image_size, image_size * 0.16
     colour, spots = list(COLOURS)[rng.integers(0, 4)], [list(SPOTS)[i] for i in rng.integers(0, 4, 1 + DECOYS)]
     cells = rng.permutation(4)[:2 + DECOYS]  # mover start, mover end, decoys
+    if still:
+        cells[1] = cells[0]
     pos = [((c % 2 * 2 + 1) * S / 4 + rng.uniform(-S / 25, S / 25), (c // 2 * 2 + 1) * S / 4 + rng.uniform(-S / 25, S / 25)) for c in cells]
     dots = [(rng.uniform(0, S), rng.uniform(0, S), tuple(int(v) for v in rng.integers(0, 256, 3))) for _ in range(n_clutter)]
     imgs = []
@@ -491,6 +497,8 @@ def shapes_clip(rng, image_size=64, frames=6, n_clutter=16):
 
 
 def shapes_caption(f):
+    if f["start"] == f["end"]:
+        return f"the {f['colour']} ball with the {f['spot']} spot stays in the {f['start']}."
     return f"the {f['colour']} ball with the {f['spot']} spot moves from the {f['start']} to the {f['end']}."
 
 
@@ -498,10 +506,10 @@ def shapes_question(rng, f, cat):
     """(question, options, answer index) with 4 options"""
     if cat in ("colour", "spot"):
         right, wrong = f[cat], [x for x in (COLOURS if cat == "colour" else SPOTS) if x != f[cat]]
-    else:  # start/end: the other end of the path is always a distractor (you must know the direction)
+    else:  # start/end: the other end of a path is always a distractor (you must know the direction)
         right, other = f[cat], f["end" if cat == "start" else "start"]
         rest = [p for p in PLACES if p not in (right, other)]
-        wrong = [other] + [rest[i] for i in rng.permutation(len(rest))[:2]]
+        wrong = ([other] if other != right else []) + [rest[i] for i in rng.permutation(len(rest))][:2 + (other == right)]
     order = rng.permutation(4)
     return QUESTIONS[cat], [([right] + wrong)[i] for i in order], int(np.argmax(order == 0))
 
@@ -561,7 +569,7 @@ def make_shapes(out_dir, n_train=6000, n_val=500, n_dpo=1000, n_text=1000, image
                     texts += [q, a]
                     samples.append((key, {"json": {"user": q, "assistant": a, "source": "shapes-text"}}))
                     continue
-                imgs, f = shapes_clip(rng, image_size, frames)
+                imgs, f = shapes_clip(rng, image_size, frames, still=name == "train" and rng.random() < STILL)
                 if name == "dpo":
                     meta = {"user": DEFAULT_USER, "chosen_assistant": shapes_caption(f), "rejected_assistant": shapes_wrong_caption(rng, f)}
                 elif name == "val":  # one lettered MCQ per clip, categories in rotation

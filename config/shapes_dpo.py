@@ -3,7 +3,8 @@
 # (one fact about the moving ball swapped; data.shapes_wrong_caption). Watch rewards/accuracies climb
 # from 0; the held-out MCQ accuracy is printed at the end (compare with the stage-2 run's final_eval.json).
 # DPO sharpens what the stage-2 model can already see: pairs that differ in a fact the model cannot read (today
-# the places) stay near 0.5, so rewards/accuracies tops out well below 1 (0.44-0.88 per batch measured).
+# the spot, and the places half the time) stay near 0.5, so rewards/accuracies tops out well below 1 (0.50-0.88
+# per batch measured).
 out_dir = 'out/shapes_dpo'
 init_from = 'out/shapes'  # a run dir: its latest ckpt/step-* is the policy's start and the frozen reference
 shapes_dir = 'data/shapes'

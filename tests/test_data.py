@@ -280,7 +280,12 @@ def test_shapes_task(tmp_path):
     for m in mcq:
         assert len(set(m["options"])) == 4 and 0 <= m["answer"] < 4 and m["frames"].shape == (4, 3, 32, 32)
     s1 = next(iter(data.ShardDataset(str(a / "train-*.tar"), tok, 1, image_size=64, loop=False)))
-    assert tok.decode(s1["input_ids"]).count("moves from the") == 1 and all(s1["loss_mask"])
+    caption = tok.decode(s1["input_ids"])
+    assert caption.count("moves from the") + caption.count("stays in the") == 1 and all(s1["loss_mask"])
+    still = {"colour": "red", "spot": "white", "start": "top left", "end": "top left"}  # a ball that stays put
+    for cat in ("start", "end"):  # still four different places to choose from
+        q, opts, ans = data.shapes_question(np.random.default_rng(0), still, cat)
+        assert sorted(opts) == sorted(data.PLACES) and opts[ans] == "top left"
     s2 = next(iter(data.ShardDataset(str(a / "val-*.tar"), tok, 2, image_size=64, loop=False)))
     assert "\nA. " in tok.decode(s2["input_ids"]) and s2["frames"].shape == (4, 3, 64, 64)
     s3 = next(iter(data.ShardDataset(str(a / "dpo-*.tar"), tok, 3, image_size=64, loop=False)))

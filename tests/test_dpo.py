@@ -216,7 +216,7 @@ def test_ddp_step_equals_one_process_with_doubled_accumulation(shapes, tmp_path)
 
 
 # -----------------------------------------------------------------------------
-# timing (not a test): python tests/test_dpo.py [checkpoint_dir]
+# timing (not a test): python tests/test_dpo.py [checkpoint_dir | 135m [S]]
 
 def bench(model, batch, mode='coarse_fine', iters=5):
     """seconds per optimiser-free train step (forward + backward) on one batch: stage 2 (the chosen answers),
@@ -246,14 +246,16 @@ def bench(model, batch, mode='coarse_fine', iters=5):
 if __name__ == '__main__':
     torch.set_num_threads(1)  # one thread: steadier timings on a shared machine
     arg = sys.argv[1] if len(sys.argv) > 1 else 'tiny'
-    if arg == '135m':  # fVLM-135M's architecture (random weights): 224px, 8 frames, ~40-token prompt, ~100-token answers
+    if arg == '135m':  # fVLM-135M's architecture (random weights): 224px, 8 frames, S text tokens (argv[2], default
+        # 160): a quarter prompt, then answers of about 5/8 S (RLAIF-V-like at 160; 64 is bench.py's speed shape)
+        S = int(sys.argv[2]) if len(sys.argv) > 2 else 160
         model = FoveatedVLM(SmolLM2(LLMConfig()), DINOv2(DinoConfig()))
         batch = pair_batch(B=2, T=8, size=224, vocab=49152)
-        for k in ('chosen', 'rejected'):  # stretch the toy texts: 40 prompt tokens + 100 +- 10 answer tokens
-            n = 40 + torch.tensor([[100, 110], [105, 90]])[:, int(k == 'rejected')]
-            pos = torch.arange(160)
-            batch[f'{k}_ids'] = torch.randint(3, 49152, (2, 160)).masked_fill(pos >= n[:, None], 2)
-            batch[f'{k}_mask'] = ((pos >= 40) & (pos < n[:, None])).long()
+        for k in ('chosen', 'rejected'):  # stretch the toy texts
+            n = S // 4 + torch.tensor([[S * 5 // 8, S * 11 // 16], [S * 21 // 32, S * 9 // 16]])[:, int(k == 'rejected')]
+            pos = torch.arange(S)
+            batch[f'{k}_ids'] = torch.randint(3, 49152, (2, S)).masked_fill(pos >= n[:, None], 2)
+            batch[f'{k}_mask'] = ((pos >= S // 4) & (pos < n[:, None])).long()
     elif arg != 'tiny':  # a checkpoint dir, on a batch of the shapes DPO pairs
         model, tok = FoveatedVLM.from_checkpoint(arg), data.load_tokenizer(arg)
         ds = data.ShardDataset([os.path.join(ROOT, 'data', 'shapes', 'dpo-*.tar')], tok, 3,

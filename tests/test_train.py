@@ -44,9 +44,9 @@ def metrics(out):
 
 
 def test_resume_is_bit_exact_and_schedule(shapes, tmp_path):
-    train(shapes, tmp_path / 'full', '--max_iters=6', '--ckpt_interval=3')
-    train(shapes, tmp_path / 'half', '--max_iters=3', '--lr_decay_iters=6', '--ckpt_interval=3')
-    train(shapes, tmp_path / 'half', '--max_iters=6', '--init_from=resume', '--ckpt_interval=3')
+    train(shapes, tmp_path / 'full', '--max_iters=6', '--ckpt_interval=3', '--lr_connector=2e-3')
+    train(shapes, tmp_path / 'half', '--max_iters=3', '--lr_decay_iters=6', '--ckpt_interval=3', '--lr_connector=2e-3')
+    train(shapes, tmp_path / 'half', '--max_iters=6', '--init_from=resume', '--ckpt_interval=3', '--lr_connector=2e-3')
     full, half = metrics(tmp_path / 'full'), metrics(tmp_path / 'half')
     assert [r['iter'] for r in half] == [1, 2, 3, 4, 5, 6]
     assert [r['loss'] for r in half] == [r['loss'] for r in full]  # bit-exact, not approximately
@@ -61,7 +61,7 @@ def test_resume_is_bit_exact_and_schedule(shapes, tmp_path):
 
 
 def test_converging_schedule(shapes, tmp_path):
-    train(shapes, tmp_path, '--max_iters=6', '--schedule=converging', '--target_lr=3e-5', '--ckpt_interval=100')
+    train(shapes, tmp_path, '--max_iters=6', '--schedule=converging', '--target_lr=3e-5', '--ckpt_interval=100', '--lr_connector=2e-3')
     rows = metrics(tmp_path)
     for r in rows:
         it = r['iter'] - 1
