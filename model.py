@@ -399,12 +399,11 @@ class FoveatedVLM(nn.Module):
             self.llm_to_query = nn.Linear(L, D, dtype=dtype)
             # std 1, not 0.02: tiny queries gave uniform attention, i.e. identical glimpses
             self.q_static = nn.Parameter(torch.randn(1, D, dtype=dtype))
-            self.q_init = nn.Parameter(torch.randn(1, D, dtype=dtype))
             # the fine pass starts as the coarse pass (every query = q_static) and learns to move away from it:
             # random LLM-chosen queries at init hid what the frames hold and kept a from-scratch model blind
+            self.q_init = nn.Parameter(self.q_static.detach().clone())
             nn.init.zeros_(self.llm_to_query.weight)
             self.llm_to_query.bias.data.copy_(self.q_static.data[0])
-            self.q_init.data.copy_(self.q_static.data)
 
     # -- the glimpse -------------------------------------------------------------------------------
 
