@@ -509,7 +509,7 @@ def shapes_question(rng, f, cat):
     else:  # start/end: the other end of a path is always a distractor (you must know the direction)
         right, other = f[cat], f["end" if cat == "start" else "start"]
         rest = [p for p in PLACES if p not in (right, other)]
-        wrong = ([other] if other != right else []) + [rest[i] for i in rng.permutation(len(rest))][:2 + (other == right)]
+        wrong = [other] * (other != right) + [rest[i] for i in rng.permutation(len(rest))]  # 3 places either way
     order = rng.permutation(4)
     return QUESTIONS[cat], [([right] + wrong)[i] for i in order], int(np.argmax(order == 0))
 
