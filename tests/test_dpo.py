@@ -247,12 +247,12 @@ if __name__ == '__main__':
     torch.set_num_threads(1)  # one thread: steadier timings on a shared machine
     arg = sys.argv[1] if len(sys.argv) > 1 else 'tiny'
     if arg == '135m':  # fVLM-135M's architecture (random weights): 224px, 8 frames, S text tokens (argv[2], default
-        # 160): a quarter prompt, then answers of about 5/8 S (RLAIF-V-like at 160; 64 is bench.py's speed shape)
+        # 160): a quarter prompt, then ~100-token answers scaled by S/160 (RLAIF-V-like at 160; 64 is bench.py's shape)
         S = int(sys.argv[2]) if len(sys.argv) > 2 else 160
         model = FoveatedVLM(SmolLM2(LLMConfig()), DINOv2(DinoConfig()))
         batch = pair_batch(B=2, T=8, size=224, vocab=49152)
         for k in ('chosen', 'rejected'):  # stretch the toy texts
-            n = S // 4 + torch.tensor([[S * 5 // 8, S * 11 // 16], [S * 21 // 32, S * 9 // 16]])[:, int(k == 'rejected')]
+            n = S // 4 + (torch.tensor([[100, 110], [105, 90]]) * S // 160)[:, int(k == 'rejected')]
             pos = torch.arange(S)
             batch[f'{k}_ids'] = torch.randint(3, 49152, (2, S)).masked_fill(pos >= n[:, None], 2)
             batch[f'{k}_mask'] = ((pos >= S // 4) & (pos < n[:, None])).long()
