@@ -333,7 +333,9 @@ if master:
             say("wandb_log=True but wandb is not installed: logging to metrics.jsonl only")
     say(f"model: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params, device {device}, dtype {dtype}, "
         f"{world_size} rank(s), batch {batch_size}x{gradient_accumulation_steps}x{world_size}")
-from bench import peak_flops, train_flops  # noqa: E402  (bench.py owns the FLOP accounting)
+from bench import keep_freed_memory, peak_flops, train_flops  # noqa: E402  (bench.py owns the speed tricks)
+if device_type == 'cpu':
+    keep_freed_memory()
 peak = peak_flops(device, ptdtype)
 model.train()
 batches = iter(train_loader)
