@@ -19,7 +19,7 @@ gradient_accumulation_steps = 1
 max_iters = 120
 warmup_iters = 12
 lr_connector = 1e-4
-lr_dino = 1e-4
+lr_dino = lr_dino_qk = 1e-4
 lr_llm = 1e-4
 schedule = 'cosine'
 beta = 0.1

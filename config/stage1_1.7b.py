@@ -5,7 +5,7 @@ llm_dir = 'checkpoints/SmolLM2-1.7B-Instruct'
 batch_size = 4
 gradient_accumulation_steps = 8
 lr_connector = 1e-3 * 0.28
-lr_dino = 1e-5 * 0.28
+lr_dino = lr_dino_qk = 1e-5 * 0.28
 lr_llm = 1e-5 * 0.28
 target_lr = 3e-5 * 0.28
 gradient_checkpointing = True

@@ -18,7 +18,7 @@ gradient_accumulation_steps = 4
 max_iters = 31250  # 1M samples / 32
 warmup_iters = 938  # 3%
 lr_connector = 1e-3
-lr_dino = 1e-5
+lr_dino = lr_dino_qk = 1e-5
 lr_llm = 1e-5
 schedule = 'converging'
 target_lr = 3e-5

@@ -4,5 +4,5 @@ out_dir = 'out/stage2_1.7b'
 init_from = 'out/stage1_1.7b'
 batch_size = 4
 gradient_accumulation_steps = 8
-lr_connector = lr_dino = lr_llm = 3e-5 * 0.28
+lr_connector = lr_dino = lr_dino_qk = lr_llm = 3e-5 * 0.28
 gradient_checkpointing = True

@@ -6,5 +6,5 @@ init_from = 'out/stage1_135m'  # a run dir: its latest ckpt/step-* is used
 train_data = 'data/stage2/*.tar'
 stage = 2
 replicate_image_frames = 8
-lr_connector = lr_dino = lr_llm = 3e-5
+lr_connector = lr_dino = lr_dino_qk = lr_llm = 3e-5
 schedule = 'cosine'

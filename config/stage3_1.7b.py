@@ -3,6 +3,6 @@
 exec(open('config/stage3_135m.py').read())
 out_dir = 'out/stage3_1.7b'
 init_from = 'out/stage2_1.7b'
-lr_connector = lr_dino = lr_llm = 1e-6 * 0.28
+lr_connector = lr_dino = lr_dino_qk = lr_llm = 1e-6 * 0.28
 gradient_checkpointing = True
 precompute_ref = True

@@ -132,7 +132,7 @@ def test_weight_decay_groups():
     vlm = FoveatedVLM(SmolLM2(LLMConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
                                         hidden_dim=64, max_seq_len=64)),
                       DINOv2(DinoConfig(image_size=32, patch_size=8, dim=32, n_layers=1, n_heads=2)))
-    opt = vlm.configure_optimizers(0.1, {'connector': 1.0, 'dino': 2.0, 'llm': 3.0}, 'cpu')
+    opt = vlm.configure_optimizers(0.1, {'connector': 1.0, 'dino': 2.0, 'dino_qk': 4.0, 'llm': 3.0}, 'cpu')
     names = {id(p): n for n, p in vlm.named_parameters()}
     seen = {}
     for g in opt.param_groups:
@@ -145,3 +145,6 @@ def test_weight_decay_groups():
     assert {n for n, (_, wd, _) in seen.items() if wd == 0.1} == {n for n in seen if n.endswith('weight') and n not in no_decay}
     assert seen['query_input_proj.weight'] == ('connector', 0.1, 1.0) and seen['output_proj.weight'][0] == 'connector'
     assert seen['dino.patch_embed.weight'] == ('dino', 0.1, 2.0) and seen['llm.layers.0.mlp.up_proj.weight'][2] == 3.0
+    # DINOv2's attention query/key projections (not values, not the glimpse's own query) have their own LR
+    assert seen['dino.blocks.0.q.weight'] == ('dino_qk', 0.1, 4.0) and seen['dino.blocks.0.k.bias'] == ('dino_qk', 0.0, 4.0)
+    assert {n for n, (g, _, _) in seen.items() if g == 'dino_qk'} == {f'dino.blocks.0.{m}.{w}' for m in 'qk' for w in ('weight', 'bias')}
