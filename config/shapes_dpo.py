@@ -2,9 +2,9 @@
 # checkpoint (run `python train.py` first) and prefers the correct caption of a clip over a subtly wrong one
 # (one fact about the moving ball swapped; data.shapes_wrong_caption). Watch rewards/accuracies climb
 # from 0; the held-out MCQ accuracy is printed at the end (compare with the stage-2 run's final_eval.json).
-# DPO sharpens what the stage-2 model can already see: pairs that differ in a fact the model cannot read (today
-# the spot, and the places half the time) stay near 0.5, so rewards/accuracies tops out well below 1 (0.50-0.88
-# per batch measured).
+# DPO sharpens what the stage-2 model can already see: pairs that differ in a fact the model cannot read stay
+# near 0.5. The SFT term on the chosen caption and a gentle LR keep the QA skills (measured on an earlier model:
+# without the SFT term the held-out MCQ accuracy fell from 70.2% to 65.2%; with it, 71.2%).
 out_dir = 'out/shapes_dpo'
 init_from = 'out/shapes'  # a run dir: its latest ckpt/step-* is the policy's start and the frozen reference
 shapes_dir = 'data/shapes'
@@ -18,11 +18,10 @@ batch_size = 16
 gradient_accumulation_steps = 1
 max_iters = 120
 warmup_iters = 12
-lr_connector = 1e-4
-lr_dino = lr_dino_qk = 1e-4
-lr_llm = 1e-4
+lr_connector = lr_dino = lr_dino_qk = lr_llm = 5e-5
 schedule = 'cosine'
 beta = 0.1
+sft_weight = 1.0
 log_interval = 10
 eval_interval = 60
 ckpt_interval = 120
