@@ -607,6 +607,10 @@ def speed(llm_dir=None, ckpt=None, device="cpu", dtypes=("float32", "bfloat16"),
     report = {"device": str(device), "shape": "135M" if llm_dir else "tiny", "B": B, "T": T, "S": S,
               "image_size": size, "params": sum(p.numel() for p in model.parameters()), "train_flops_per_step": flops}
     model.train()
+    with torch.no_grad():  # the same loss in every dtype, before any update: bf16 must be within its rounding noise
+        for name in dtypes:
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=name == "bfloat16"):
+                report[name] = {"loss": model(frames, ids, loss_mask=mask, mode="coarse_fine")[1].item()}
 
     def step(dtype):
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
@@ -618,7 +622,7 @@ def speed(llm_dir=None, ckpt=None, device="cpu", dtypes=("float32", "bfloat16"),
     for name in dtypes:  # warm-up (the optimizer state and the allocator's pools are built in the first two steps)
         with peak_memory(device) as mem:
             step(getattr(torch, name)), step(getattr(torch, name))
-        report[name] = mem
+        report[name].update(mem)
     for _ in range(steps):  # dtypes interleaved, medians: load from other jobs on a shared VM hits both alike
         for name in dtypes:
             times.setdefault(name, []).append(timed(lambda: step(getattr(torch, name)), 0, 1, device))

@@ -72,6 +72,19 @@ def test_dino_parity(tiny_dino, size):
         assert (ours(pixels) - ref(pixel_values=pixels).last_hidden_state).abs().max() <= 1e-4
 
 
+def test_dino_bf16_autocast(tiny_dino):
+    # bf16 on CPU takes the explicit-attention path (model.DinoBlock); it must agree with the fp32 path (the fused
+    # kernel, HF parity above) up to bf16 rounding. Sharper q/k make the attention far from uniform.
+    ours, pixels = DINOv2.from_pretrained(tiny_dino[0]).eval(), torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        for block in ours.blocks:
+            block.q.weight.mul_(8), block.k.weight.mul_(8)
+        want = ours(pixels)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = ours(pixels).float()
+    assert (out - want).norm() / want.norm() < 2e-2
+
+
 def test_dino_base_shape_and_224(tmp_path):
     ref = write_dino(tmp_path, hidden_size=64, num_attention_heads=4, image_size=518, num_hidden_layers=1)
     ours = DINOv2.from_pretrained(tmp_path).eval()

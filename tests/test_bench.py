@@ -325,4 +325,5 @@ def test_speed_report(tok, tmp_path):
     for dt in ("float32", "bfloat16"):
         r = rep[dt]
         assert r["samples_per_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_mem_mb"] > 10
+    assert abs(rep["bfloat16"]["loss"] / rep["float32"]["loss"] - 1) < 0.02  # same weights, same batch
     assert rep["decode_tokens_per_s"] > 0 and rep["mcq_speedup"] > 1
