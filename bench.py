@@ -603,7 +603,8 @@ def speed(llm_dir=None, ckpt=None, device="cpu", dtypes=("float32", "bfloat16"),
     ids = torch.randint(3, V, (B, S), device=device)
     mask = torch.ones(B, S, dtype=torch.long, device=device)
     flops = train_flops(model, B, T, S, size)
-    opt = model.configure_optimizers(0.01, {"connector": 1e-5, "dino": 1e-5, "llm": 1e-5}, torch.device(device).type)
+    opt = model.configure_optimizers(0.01, dict.fromkeys(("connector", "dino", "dino_qk", "llm"), 1e-5),
+                                     torch.device(device).type)
     report = {"device": str(device), "shape": "135M" if llm_dir else "tiny", "B": B, "T": T, "S": S,
               "image_size": size, "params": sum(p.numel() for p in model.parameters()), "train_flops_per_step": flops}
     model.train()

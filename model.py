@@ -521,7 +521,7 @@ class FoveatedVLM(nn.Module):
 
     def configure_optimizers(self, weight_decay, lrs, device_type):
         """AdamW with a group per part (connector, incl. output_proj and the queries / dino / llm), each with its
-        own LR from `lrs`; with a 'dino_qk' LR, DINOv2's attention query/key projections get their own group.
+        own LR from `lrs`; DINOv2's attention query/key projections are a group of their own ('dino_qk').
         Only Linear and Conv2d weights decay: no decay on norms, biases, embeddings, position embeddings,
         LayerScale or the learned queries."""
         decayed = {id(m.weight) for m in self.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
@@ -529,7 +529,7 @@ class FoveatedVLM(nn.Module):
         groups = {}
         for name, p in self.named_parameters():  # tied weights are listed once
             part = name.split(".")[0] if name.startswith(("dino.", "llm.")) else "connector"
-            if part == "dino" and name.split(".")[-2] in ("q", "k") and "dino_qk" in lrs:
+            if part == "dino" and name.split(".")[-2] in ("q", "k"):
                 part = "dino_qk"  # where patches and glimpses look: may learn faster than what they see
             decay = id(p) in decayed
             groups.setdefault((part, decay), {"params": [], "name": part, "base_lr": lrs[part], "lr": lrs[part],
