@@ -111,21 +111,32 @@ def rotate(x, cos, sin):  # x [B,H,S,hd]; cos/sin [B,1,S,hd]; HF's rotate_half c
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: [n_layers, B, n_kv_heads, max_len, head_dim].
+    """Keys/values of every layer, preallocated: n_layers x [B, n_kv_heads, max_len, head_dim].
     `valid` [B, max_len] marks real tokens; padding (frames or prompt) stays in the cache but is never attended."""
 
     def __init__(self, cfg, batch, max_len, dtype, device):
-        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0
         self.padded = False  # fast path: no padding anywhere -> plain causal attention
 
+    def write(self, layer, k, v):
+        """Append k, v [B,Hkv,S,hd] at `length`; returns the layer's keys/values so far. While autograd records
+        (training autoregressive), out of place: the backward pass needs the earlier keys as they were."""
+        start, end = self.length, self.length + k.shape[2]
+        if torch.is_grad_enabled():
+            self.k[layer] = torch.cat((self.k[layer][:, :, :start], k), 2)
+            self.v[layer] = torch.cat((self.v[layer][:, :, :start], v), 2)
+            return self.k[layer], self.v[layer]
+        self.k[layer][:, :, start:end], self.v[layer][:, :, start:end] = k, v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
     def repeat(self, n):
         """Each row repeated n times (row-major): n continuations share one prefix."""
         out = KVCache.__new__(KVCache)
-        out.k, out.v = self.k.repeat_interleave(n, 1), self.v.repeat_interleave(n, 1)
+        out.k, out.v = [k.repeat_interleave(n, 0) for k in self.k], [v.repeat_interleave(n, 0) for v in self.v]
         out.valid, out.length, out.padded = self.valid.repeat_interleave(n, 0), self.length, self.padded
         return out
 
@@ -154,11 +165,8 @@ class LlamaBlock(nn.Module):
         k = a.k_proj(h).view(B, S, c.n_kv_heads, c.head_dim).transpose(1, 2)  # [B,Hkv,S,hd]
         v = a.v_proj(h).view(B, S, c.n_kv_heads, c.head_dim).transpose(1, 2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        if cache is not None:  # write this step into the preallocated cache, attend over everything so far
-            end = cache.length + S
-            cache.k[layer, :, :, cache.length:end] = k
-            cache.v[layer, :, :, cache.length:end] = v
-            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+        if cache is not None:  # attend over everything so far
+            k, v = cache.write(layer, k, v)
         causal = mask is None and S > 1 and (cache is None or cache.length == 0)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         x = x + a.o_proj(y.transpose(1, 2).reshape(B, S, -1))
@@ -176,13 +184,19 @@ class SmolLM2(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
-        freqs = torch.outer(torch.arange(cfg.max_seq_len).float(), inv_freq)
-        self.register_buffer("rope", torch.cat((freqs, freqs), dim=-1), persistent=False)  # [max_seq, hd] angles
         self.gradient_checkpointing = False
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
+
+    def rope(self, pos, dtype):
+        """cos, sin [B,1,S,hd] of positions pos [B,S]. The angles are float32 whatever the weights' dtype:
+        in bf16 a position near 1000 would be off by radians."""
+        hd = self.cfg.head_dim
+        inv_freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, hd, 2, device=pos.device).float() / hd)
+        angles = pos[..., None].float() * inv_freq  # [B,S,hd/2]
+        angles = torch.cat((angles, angles), -1)[:, None]  # [B,1,S,hd]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def new_cache(self, batch, max_len):
         return KVCache(self.cfg, batch, max_len, self.embed_tokens.weight.dtype, self.embed_tokens.weight.device)
@@ -211,10 +225,9 @@ class SmolLM2(nn.Module):
             # causal, only real keys; every query sees itself so padded rows never softmax over nothing
             mask = ((j <= i) & seen[:, None, :]) | (j == i)
             mask = mask[:, None]  # [B,1,S,L]
-        angles = self.rope[pos]  # [B,S,hd]
-        cos, sin = angles.cos().to(x.dtype)[:, None], angles.sin().to(x.dtype)[:, None]
+        cos, sin = self.rope(pos, x.dtype)
         for i, block in enumerate(self.layers):
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing and self.training and cache is None:  # a re-run would re-write the cache
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, cache, i)
@@ -388,7 +401,8 @@ MODES = ("coarse_only", "coarse_fine", "autoregressive")
 
 
 class FoveatedVLM(nn.Module):
-    def __init__(self, llm: SmolLM2, dino: DINOv2, visual_scale=0.14, encode_chunk=32, seed=0):
+    def __init__(self, llm: SmolLM2, dino: DINOv2, visual_scale=0.14, encode_chunk=32, seed=0,
+                 q_init_copies_static=True, llm_to_query_zero_init=True):
         super().__init__()
         self.llm, self.dino = llm, dino
         self.visual_scale = visual_scale  # dino_to_llm output * 0.14 matches SmolLM2's embedding std
@@ -404,11 +418,14 @@ class FoveatedVLM(nn.Module):
             self.llm_to_query = nn.Linear(L, D, dtype=dtype)
             # std 1, not 0.02: tiny queries gave uniform attention, i.e. identical glimpses
             self.q_static = nn.Parameter(torch.randn(1, D, dtype=dtype))
-            # the fine pass starts as the coarse pass (every query = q_static) and learns to move away from it:
+            self.q_init = nn.Parameter(torch.randn(1, D, dtype=dtype))
+            # the fine pass can start as the coarse pass (every query = q_static) and learn to move away from it:
             # random LLM-chosen queries at init hid what the frames hold and kept a from-scratch model blind
-            self.q_init = nn.Parameter(self.q_static.detach().clone())
-            nn.init.zeros_(self.llm_to_query.weight)
-            self.llm_to_query.bias.data.copy_(self.q_static.data[0])
+            if q_init_copies_static:
+                self.q_init.data.copy_(self.q_static.data)
+            if llm_to_query_zero_init:
+                nn.init.zeros_(self.llm_to_query.weight)
+                self.llm_to_query.bias.data.copy_(self.q_static.data[0])
 
     # -- the glimpse -------------------------------------------------------------------------------
 
@@ -459,7 +476,7 @@ class FoveatedVLM(nn.Module):
 
     def walk(self, kv, frame_mask, cache):
         """autoregressive: frame by frame through the LLM cache, each query chosen by the previous step.
-        Inference only (the cache is written in place). Returns attention maps [B,T,layers,H,1+P]."""
+        Returns attention maps [B,T,layers,H,1+P]."""
         B, T = frame_mask.shape
         row = frame_mask.flatten().cumsum(0).view(B, T) - 1  # which kv row holds frame (b, t)
         query, maps = self.q_init.expand(B, -1), []
@@ -519,23 +536,27 @@ class FoveatedVLM(nn.Module):
         h = self.llm(prompt_ids, valid=prompt_valid, cache=cache, hidden_only=True)
         return cache, self.llm.lm_head(h[:, -1]), attn
 
-    def configure_optimizers(self, weight_decay, lrs, device_type):
-        """AdamW with a group per part (connector, incl. output_proj and the queries / dino / llm), each with its
-        own LR from `lrs`; DINOv2's attention query/key projections are a group of their own ('dino_qk').
-        Only Linear and Conv2d weights decay: no decay on norms, biases, embeddings, position embeddings,
-        LayerScale or the learned queries."""
-        decayed = {id(m.weight) for m in self.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-        decayed.discard(id(self.llm.embed_tokens.weight))  # the tied lm_head is the embedding
+    def configure_optimizers(self, weight_decay, lrs, betas=(0.9, 0.95), decay="matrices", output_proj="connector"):
+        """AdamW with a group per part, each with its own LR from `lrs`: 'connector' (the projections and the
+        learned queries), 'dino', 'dino_qk' (DINOv2's attention query/key projections) and 'llm'.
+        decay='matrices': only Linear and Conv2d weights decay (no decay on norms, biases, embeddings, position
+        embeddings, LayerScale or the queries); 'all': every parameter, as the original did. output_proj: the
+        group of the glimpse's output projection ('dino' in the original, whose connector filter missed it)."""
+        matrices = {id(m.weight) for m in self.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+        matrices.discard(id(self.llm.embed_tokens.weight))  # the tied lm_head is the embedding
         groups = {}
         for name, p in self.named_parameters():  # tied weights are listed once
             part = name.split(".")[0] if name.startswith(("dino.", "llm.")) else "connector"
             if part == "dino" and name.split(".")[-2] in ("q", "k"):
                 part = "dino_qk"  # where patches and glimpses look: may learn faster than what they see
-            decay = id(p) in decayed
-            groups.setdefault((part, decay), {"params": [], "name": part, "base_lr": lrs[part], "lr": lrs[part],
-                                              "weight_decay": weight_decay if decay else 0.0})["params"].append(p)
+            if name.startswith("output_proj."):
+                part = output_proj
+            decays = decay == "all" or id(p) in matrices
+            groups.setdefault((part, decays), {"params": [], "name": part, "decays": decays, "base_lr": lrs[part],
+                                               "lr": lrs[part], "weight_decay": weight_decay if decays else 0.0})
+            groups[(part, decays)]["params"].append(p)
         # fused AdamW runs on CUDA and, in recent PyTorch, on CPU too
-        return torch.optim.AdamW(list(groups.values()), betas=(0.9, 0.95), fused=True)
+        return torch.optim.AdamW(list(groups.values()), betas=betas, fused=True)
 
     # -- loading and saving --------------------------------------------------------------------------
 
@@ -635,7 +656,7 @@ def decode(llm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, stop
     # [in, out]-major weights (the same values, transposed in memory once here), and ATen's own bf16 GEMV ~2x
     # faster than oneDNN's. Batches are matrix products where the defaults win, so they are left alone.
     gemv = logits.shape[0] == 1 and logits.device.type == "cpu"
-    if gemv and cache.k.dtype == torch.float32:
+    if gemv and cache.k[0].dtype == torch.float32:
         for m in llm.modules():
             if isinstance(m, nn.Linear) and m.weight.is_contiguous():
                 m.weight.data = m.weight.data.t().contiguous().t()  # shape [out, in] as before, strides (1, out)
