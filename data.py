@@ -23,7 +23,7 @@ from itertools import chain, groupby
 import av
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -32,7 +32,13 @@ SYSTEM_PROMPT = "You are a helpful AI assistant."
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 exactly as SmolLM2
 PAD_ID = 2  # <|im_end|> doubles as pad; padding is masked out via loss_mask, never via ignore==pad
 MAX_LEN = {1: 512, 2: 1024, 3: 1024}
-DEFAULT_USER = "Describe this video."  # used when a caption sample carries no user prompt
+DEFAULT_USER = "Describe this video."  # sample.py's default question, and the shapes task's caption prompt
+# Real caption shards carry an empty `user`: the question a caption answers, by `source`, as the original used
+SOURCE_PROMPTS = {"openvid": "Write a brief caption for this video.",
+                  "webvid": "What would be the WebVid caption for this video?",
+                  "vript": "Provide a detailed narration of what happens in this video.",
+                  "sharegpt4video": "Describe what happens in this video in detail."}
+FALLBACK_PROMPT = "Describe this."  # any other source
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 VIDEO_EXTS = ("mp4", "webm", "mkv", "gif", "avi", "mov")
@@ -134,7 +140,7 @@ def _crop(a, size):
 
 def _pil_rgb(src, size, name):
     try:
-        img = Image.open(src).convert("RGB")
+        img = ImageOps.exif_transpose(Image.open(src)).convert("RGB")  # phones store sideways + an EXIF tag
     except Exception as e:
         raise SkipSample("bad_image", f"{name}: unreadable image ({type(e).__name__}: {e})") from None
     return _crop(np.array(img.resize(_fit(*img.size, size), Image.BICUBIC)), size)  # [S,S,3] uint8
@@ -150,37 +156,98 @@ def uniform_indices(n, k):
     return [int((i + 0.5) * n / min(k, n)) for i in range(min(k, n))]
 
 
-def load_video(path, max_frames, image_size, fps=None, start=None, end=None, name=None):
-    """Decode up to max_frames frames sampled uniformly over the clip (or over [start,end] seconds), at most `fps`
-    frames per second if given. Only the picked frames are converted/resized. path: file or file-like -> [T,3,S,S]"""
-    name = name or str(path)
+def _duration(container, stream):
+    """Seconds of video after the stream's start: from the headers, else from every packet's time (no decoding)."""
+    if stream.duration:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / av.time_base
+    ends = [float((p.pts + (p.duration or 0)) * stream.time_base) for p in container.demux(stream) if p.pts is not None]
+    container.seek(0)
+    return max(ends, default=0.0) - float((stream.start_time or 0) * stream.time_base)
+
+
+def _upright_rgb(frame, size):
+    """A decoded frame -> uint8 [size,size,3]: rotated as its display matrix says (phones record sideways),
+    short side resized to `size`, centre-cropped."""
+    turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise quarter turns that make it upright
+    w, h = (frame.width, frame.height) if turns % 2 == 0 else (frame.height, frame.width)  # as displayed
+    w, h = _fit(w, h, size)
+    a = frame.to_ndarray(width=w if turns % 2 == 0 else h, height=h if turns % 2 == 0 else w, format="rgb24")
+    return _crop(np.rot90(a, turns), size)
+
+
+def video_frames(src, image_size, max_frames, fps=None, start=None, end=None, name=None):
+    """Yields uint8 frames [S,S,3] of a video file or file-like, picked by presentation time: k times at the
+    centres of k equal slices of [start, end] seconds (default: the whole video), k = max_frames, or
+    duration * fps if that is fewer. Each time gets the frame on screen then; a frame picked twice comes once.
+    Frames in between are decoded (codecs need them) but never converted."""
+    name = name or str(src)
     try:
-        with av.open(path) as c:
-            s = c.streams.video[0]
-            s.thread_type = "AUTO"
-            rate, n = float(s.average_rate or s.guessed_rate or 0) or 25.0, s.frames
-            if n <= 0:  # webm/mkv/gif often carry no frame count: count packets (demux only, no decode)
-                n = sum(1 for p in c.demux(s) if p.size)
-                c.seek(0)
-            if n <= 0:
+        with av.open(src) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            origin = float((stream.start_time or 0) * stream.time_base)
+            duration = _duration(container, stream)
+            t0 = min(max(start or 0.0, 0.0), duration)
+            t1 = min(end, duration) if end is not None and end > t0 else duration
+            k = max_frames if fps is None else max(1, min(max_frames, int((t1 - t0) * fps)))
+            targets = [origin + t0 + (i + 0.5) * (t1 - t0) / k for i in range(k)]
+            if t0 > 0:  # jump to the keyframe before `start` instead of decoding everything up to it
+                container.seek(int((origin + t0) / stream.time_base), stream=stream)
+            rate = float(stream.average_rate or stream.guessed_rate or 25)
+            shown, last, picked = None, None, 0  # the frame on screen, the last one yielded, targets done
+            for i, frame in enumerate(container.decode(stream)):
+                t = frame.time if frame.time is not None else origin + i / rate
+                while picked < k and targets[picked] < t:  # target `picked` fell before this frame
+                    if (shown or frame) is not last:
+                        last = shown or frame
+                        yield _upright_rgb(last, image_size)
+                    picked += 1
+                if picked == k:
+                    return
+                shown = frame
+            if shown is None:
                 raise ValueError("no video frames")
-            i0 = min(n - 1, int((start or 0) * rate))
-            i1 = max(i0 + 1, min(n, int(round(end * rate)) if end is not None else n))
-            k = max_frames if fps is None else max(1, min(max_frames, int((i1 - i0) / rate * fps)))
-            want, out = [i0 + i for i in uniform_indices(i1 - i0, k)], []  # strictly increasing
-            for i, f in enumerate(c.decode(s)):
-                if i == want[len(out)]:  # the other frames are decoded (codecs need them), never converted
-                    w, h = _fit(f.width, f.height, image_size)
-                    out.append(_crop(f.to_ndarray(width=w, height=h, format="rgb24"), image_size))
-                    if len(out) == len(want):
-                        break
+            late = sum(targets[j] > shown.time + 2 / rate for j in range(picked, k)) if shown.time is not None else 0
+            if late > max(1, k // 10):  # headers can be a frame off; more than that means the file was cut
+                raise SkipSample("short_video", f"{name}: video stops at {shown.time - origin:.2f} s but its header "
+                                 f"says {duration:.2f} s ({late} of {k} picked times are past the end)")
+            if picked < k and shown is not last:
+                yield _upright_rgb(shown, image_size)
     except (av.error.FFmpegError, IndexError, ValueError, OSError) as e:
+        if isinstance(e, SkipSample):
+            raise
         raise SkipSample("bad_video", f"{name}: cannot decode video ({type(e).__name__}: {e})") from None
-    if len(out) < len(want):
-        if not out or len(want) - len(out) > max(1, len(want) // 10):  # header counts can be a frame or two off
-            raise SkipSample("short_video", f"{name}: video has fewer frames than asked (decoded {len(out)} of {len(want)} wanted, header says {n})")
-        out += [out[-1]] * (len(want) - len(out))
-    return _normalize(np.stack(out))  # [T,3,S,S]
+
+
+def load_video(src, max_frames, image_size, fps=None, start=None, end=None, name=None):
+    """video_frames stacked and ImageNet-normalised -> [T,3,S,S]"""
+    return _normalize(np.stack(list(video_frames(src, image_size, max_frames, fps, start, end, name))))
+
+def natural_key(name):
+    """sort key: 'frame_2' before 'frame_10'"""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def frame_files(files):
+    """The frame images of a record (its file extensions), in natural order: every image named beyond the key
+    ({key}.000.jpg, {key}.frame_2.png). A lone {key}.jpg is an image, not a frame."""
+    return sorted((e for e in files if "." in e and e.rsplit(".", 1)[1] in IMAGE_EXTS), key=natural_key)
+
+
+def _turns(user, answer, where):
+    """`user` / `assistant` as a json holds them (strings, or equal-length lists of strings: several turns)
+    -> (users, answers) lists; an empty or missing user comes back as None. Any other type is a bad field."""
+    if isinstance(answer, list):
+        users = [None] * len(answer) if user in (None, "") else user
+    else:
+        users, answer = [user], [answer]
+    if not (isinstance(users, list) and len(users) == len(answer) and all(isinstance(a, str) and a for a in answer)
+            and all(u is None or isinstance(u, str) for u in users)):
+        raise SkipSample("bad_field", f"{where}.json: 'user' and 'assistant' must be strings, or lists of strings "
+                         f"of one length (got {type(user).__name__} and {type(answer).__name__})")
+    return [u or None for u in users], answer
 
 # -----------------------------------------------------------------------------
 # tar shards (reference section 6): files sharing a key form one sample
@@ -257,13 +324,15 @@ class ShardDataset(IterableDataset):
     reader re-reads the current epoch's tar members and drops the consumed ones without decoding them."""
 
     def __init__(self, globs, tok, stage, image_size=224, max_frames=64, replicate_image_frames=1, text_ratio=0.0,
-                 seed=0, rank=0, world_size=1, text_globs=None, loop=True, shuffle_buffer=1000, fps=None, max_len=None):
+                 seed=0, rank=0, world_size=1, text_globs=None, loop=True, shuffle_buffer=1000, fps=None, max_len=None,
+                 prompts=None):
         self.shards = expand_globs(globs)
         self.text_shards = expand_globs(text_globs) if text_globs else []
         self.tok, self.stage, self.image_size, self.max_frames = tok, stage, image_size, max_frames
         self.replicate, self.text_ratio, self.seed, self.fps = replicate_image_frames, text_ratio, seed, fps
         self.rank, self.world_size, self.loop, self.shuffle_buffer = rank, world_size, loop, shuffle_buffer
         self.max_len = max_len or MAX_LEN[stage]
+        self.prompts = SOURCE_PROMPTS | {"": FALLBACK_PROMPT} | (prompts or {})  # source -> question; "" = any other
         self.batch_size, self.max_batch_frames = None, None  # set by make_loader: batches are built in workers
         self.resume, self.start_worker = {}, 0  # from Loader.load_state_dict: gwid -> state; whose turn was next
         self.skipped = Counter()  # this process's skips; collated batches carry it to the main process
@@ -305,6 +374,9 @@ class ShardDataset(IterableDataset):
             except SkipSample as e:
                 _skip(self.skipped, e.reason, str(e))
                 continue
+            except Exception as e:  # a sample no rule foresaw still never kills the run: named and counted
+                _skip(self.skipped, "bad_sample", f"{rec['shard']}:{rec['key']}: {type(e).__name__}: {e}")
+                continue
             yield dict(s, _state=(gwid, dict(st)))
 
     def __iter__(self):
@@ -337,11 +409,8 @@ class ShardDataset(IterableDataset):
         out = self.text(meta, txt, any(e not in ("json", "txt") for e in files), where)  # text first: cheap to reject
         return dict(out, key=rec["key"], frames=self.frames(files, meta, where))
 
-    def _enc(self, user, answer, where):
-        """user/answer strings, or equal-length lists of them: a conversation of several turns"""
-        users, answers = (user, answer) if isinstance(answer, list) else ([user], [answer])
-        if not isinstance(users, list) or len(users) != len(answers):
-            raise SkipSample("missing_field", f"{where}.json: 'user' and 'assistant' lists differ in length")
+    def _enc(self, users, answers, where):
+        """equal-length lists of user / assistant strings: a conversation of one or more turns"""
         turns = [{"role": r, "content": c} for u, a in zip(users, answers) for r, c in (("user", u), ("assistant", a))]
         ids, mask, trunc = encode_chat(self.tok, turns, self.stage, self.max_len)
         if trunc:
@@ -350,33 +419,51 @@ class ShardDataset(IterableDataset):
             raise SkipSample("no_targets", f"{where}: no target tokens left after truncation to {self.max_len}")
         return ids, mask
 
+    def prompt_for(self, meta):
+        """the question of a sample whose `user` is empty or missing: by its source"""
+        return self.prompts.get(str(meta.get("source", "")).lower(), self.prompts.get("", FALLBACK_PROMPT))
+
     def text(self, meta, txt, has_media, where):
         if self.stage == 3:
-            if need := [f for f in ("user", "chosen_assistant", "rejected_assistant") if not meta.get(f)]:
+            if need := [f for f in ("chosen_assistant", "rejected_assistant") if not meta.get(f)]:
                 raise SkipSample("missing_field", f"{where}.json: DPO sample misses {need}")
-            c, r = (self._enc(meta["user"], meta[f"{k}_assistant"], where) for k in ("chosen", "rejected"))
+            user = meta.get("user") or (self.prompt_for(meta) if has_media else None)
+            c, r = (self._enc(*_turns(user, meta[f"{k}_assistant"], where), where) for k in ("chosen", "rejected"))
             return {"chosen_ids": c[0], "chosen_mask": c[1], "rejected_ids": r[0], "rejected_mask": r[1]}
-        if "token_ids" in meta:  # pre-tokenized; a missing mask means "all targets" only in stage 1
-            ids, mask = meta["token_ids"], meta.get("loss_mask", [1] * len(meta["token_ids"]) if self.stage == 1 else None)
-            if mask is None or len(mask) != len(ids):
-                raise SkipSample("missing_field", f"{where}.json: token_ids without a matching loss_mask")
-            if len(ids) > self.max_len:
-                self.skipped["truncated (kept)"] += 1
-            return {"input_ids": ids[:self.max_len], "loss_mask": mask[:self.max_len]}
+        if "token_ids" in meta:
+            return self._pretokenized(meta, where)
         # stage 1 prefers the caption, stage 2 the user/assistant pair; either falls back to the other.
-        # `user` belongs to `assistant`: a caption next to an assistant answer gets DEFAULT_USER
+        # `user` belongs to `assistant`: a caption next to an assistant answer gets the source's prompt
         cap, asst = meta.get("caption") or txt, meta.get("assistant")
         if asst and not (self.stage == 1 and cap):
             answer, user = asst, meta.get("user")
         else:
-            answer, user = cap, (None if asst else meta.get("user")) or (DEFAULT_USER if has_media else None)
-        if not answer or not user:
-            raise SkipSample("missing_field", f"{where}.json: needs 'user' and 'assistant' (or 'caption')")
-        return dict(zip(("input_ids", "loss_mask"), self._enc(user, answer, where)))
+            answer, user = cap, None if asst else meta.get("user")
+        if not answer:
+            raise SkipSample("missing_field", f"{where}.json: needs 'assistant' (or 'caption')")
+        users, answers = _turns(user, answer, where)
+        if has_media:  # a sample with media and an answer is never dropped for lack of a question
+            users = [u or self.prompt_for(meta) for u in users]
+        if not all(users):
+            raise SkipSample("missing_field", f"{where}.json: a text-only sample needs a 'user' question")
+        return dict(zip(("input_ids", "loss_mask"), self._enc(users, answers, where)))
+
+    def _pretokenized(self, meta, where):
+        """token_ids + loss_mask as stored; a missing mask means "all targets" only in stage 1"""
+        ids, mask = meta["token_ids"], meta.get("loss_mask", "all" if self.stage == 1 else None)
+        mask = [1] * len(ids) if mask == "all" and isinstance(ids, list) else mask
+        vocab = self.tok.get_vocab_size()
+        if not (isinstance(ids, list) and all(type(i) is int and 0 <= i < vocab for i in ids)):
+            raise SkipSample("bad_field", f"{where}.json: token_ids must be a list of ids in [0, {vocab})")
+        if not (isinstance(mask, list) and len(mask) == len(ids) and all(m in (0, 1) for m in mask)):
+            raise SkipSample("bad_field", f"{where}.json: token_ids without a matching loss_mask of 0/1")
+        if len(ids) > self.max_len:
+            self.skipped["truncated (kept)"] += 1
+        return {"input_ids": ids[:self.max_len], "loss_mask": mask[:self.max_len]}
 
     def frames(self, files, meta, where):
         S = self.image_size
-        jpgs = sorted(e for e in files if re.fullmatch(r"\d+\.(jpg|jpeg|png)", e))
+        jpgs = frame_files(files)
         if jpgs:
             if isinstance(meta.get("frame_count"), int) and len(jpgs) < meta["frame_count"]:
                 raise SkipSample("short_video", f"{where}: {len(jpgs)} frame files but frame_count {meta['frame_count']}")
@@ -434,11 +521,16 @@ class Loader(DataLoader):
         """per-rank; keyed by global reader id, so train.py may merge all ranks' dicts into one"""
         return {"workers": {g: dict(s) for g, s in self.workers.items()}, "samples": self.samples_seen,
                 "epoch": max([s["epoch"] for s in self.workers.values()] or [0]),
-                "next_worker": {self.dataset.rank: self.next_worker}, "num_workers": self.nw}
+                "next_worker": {self.dataset.rank: self.next_worker}, "num_workers": self.nw,
+                "world_size": self.dataset.world_size}
 
     def load_state_dict(self, sd):
-        if sd.get("num_workers", self.nw) != self.nw:
-            raise ValueError(f"data.py: loader state saved with num_workers={sd['num_workers']}, now {self.nw}; resume with the same num_workers and world size")
+        # which reader reads which shard depends on both numbers: another split would re-read or skip samples
+        saved, now = (sd.get("num_workers"), sd.get("world_size")), (self.nw, self.dataset.world_size)
+        if saved != now:
+            raise ValueError(f"data.py: the checkpoint's data position was saved with num_workers={saved[0]} x "
+                             f"world_size={saved[1]}, this run has {now[0]} x {now[1]}: resume with the same "
+                             f"--num_workers and number of ranks (or start a new run from it with --init_from=DIR)")
         self.workers = {int(g): dict(s) for g, s in sd["workers"].items()}
         self.dataset.resume, self.samples_seen = dict(self.workers), sd.get("samples", 0)
         self.dataset.start_worker = {int(k): v for k, v in sd.get("next_worker", {}).items()}.get(self.dataset.rank, 0)
@@ -447,6 +539,11 @@ class Loader(DataLoader):
 def make_loader(dataset, batch_size, num_workers=0, max_batch_frames=None, **kw):
     """batches are built inside the readers (so dynamic batching by frame count is possible);
     kw goes to DataLoader (e.g. pin_memory). Log loader.skipped(); checkpoint loader.state_dict()."""
+    readers = dataset.world_size * max(1, num_workers)
+    if dataset.loop and len(dataset.shards) < readers:  # said here, in the main process, not in a worker
+        raise ValueError(f"data.py: {len(dataset.shards)} shards for {readers} readers (world_size x num_workers): "
+                         f"every reader needs a shard of its own: use more shards, or "
+                         + (f"--num_workers={n}" if (n := len(dataset.shards) // dataset.world_size) else "fewer ranks"))
     dataset.batch_size, dataset.max_batch_frames = batch_size, max_batch_frames
     return Loader(dataset, num_workers, **kw)
 
@@ -632,7 +729,7 @@ def read_mcq(path, image_size=64):
     for shard, byk in need.items():
         for rec in read_tar(shard):
             if rec["key"] in byk:
-                jpgs = sorted(e for e in rec["files"] if re.fullmatch(r"\d+\.jpg", e))
+                jpgs = frame_files(rec["files"])
                 byk[rec["key"]]["frames"] = _normalize(np.stack([_pil_rgb(io.BytesIO(rec["files"][e]), image_size, shard) for e in jpgs]))
     if missing := [r["question"] for r in recs if "frames" not in r and "video" not in r]:
         raise ValueError(f"{path}: {len(missing)} MCQs whose key is not in their shard; regenerate with make_shapes")

@@ -117,7 +117,7 @@ def test_shard_layouts_roundtrip(tmp_path, tok):
     ds = data.ShardDataset(str(tmp_path / "a.tar"), tok, stage=2, image_size=16, max_frames=4, replicate_image_frames=8, loop=False)
     got = {s["key"]: s for s in ds}
     assert set(got) == {"frames", "image", "video", "text", "pretok", "turns"}  # "uneven" skipped
-    assert ds.skipped["missing_field"] == 1
+    assert ds.skipped["bad_field"] == 1
     f = got["frames"]["frames"]
     assert f.shape == (3, 3, 16, 16) and f.dtype == torch.float32
     rgb = (f * data.STD[0] + data.MEAN[0]).mean((2, 3))
@@ -132,7 +132,7 @@ def test_shard_layouts_roundtrip(tmp_path, tok):
     targets = [i for i, m in zip(got["turns"]["input_ids"], got["turns"]["loss_mask"]) if m]
     assert tok.decode(targets, skip_special_tokens=False) == "red.<|im_end|>left.<|im_end|>"  # lists: one conversation, every answer a target
     assert "<|im_end|>\n<|im_start|>user\nwhere?" in tok.decode(got["turns"]["input_ids"], skip_special_tokens=False)
-    assert data.DEFAULT_USER in tok.decode(got["image"]["input_ids"])
+    assert data.FALLBACK_PROMPT in tok.decode(got["image"]["input_ids"])
     # plain files are sources too: a video with a sidecar json, an image with a sidecar txt
     (tmp_path / "plain.json").write_text(json.dumps({"user": "describe it.", "assistant": "plain video."}))
     (tmp_path / "plain.mp4").write_bytes(mp4.read_bytes())
@@ -252,7 +252,7 @@ def test_bad_inputs_skipped_counted_reported(tmp_path, tok, capfd):
     assert loader.skipped() == Counter({"bad_video": 2, "bad_image": 1, "missing_field": 1, "bad_json": 1, "short_video": 3, "bad_tar": 2})
     err = capfd.readouterr().err
     for name in ("corruptvideo.mp4", "emptyvideo.mp4", "cutvideo.mp4", "badimage.jpg", "nofield.json", "badjson.json",
-                 "fewframes", "shortvideo.mp4: video has fewer frames", "cut.tar", "cut2.tar"):
+                 "fewframes", "shortvideo.mp4: video stops at", "cut.tar", "cut2.tar"):
         assert name in err, name
     with pytest.raises(ValueError, match="v.mp4: cannot decode"):
         data.load_video(io.BytesIO(b"junk"), 4, 16, name=str(mp4))
@@ -290,3 +290,113 @@ def test_shapes_task(tmp_path):
     assert "\nA. " in tok.decode(s2["input_ids"]) and s2["frames"].shape == (4, 3, 64, 64)
     s3 = next(iter(data.ShardDataset(str(a / "dpo-*.tar"), tok, 3, image_size=64, loop=False)))
     assert s3["chosen_ids"] != s3["rejected_ids"]
+
+
+def write_frames(path, times, size=32, rotation=0, step=6, left_half=False):
+    """an mp4 with a frame at each time (seconds; variable rates allowed): flat grey i*step, or (left_half)
+    white on the left half only; `rotation` as a phone writes it (display matrix, counter-clockwise degrees)"""
+    from fractions import Fraction
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt, s.options = size * (2 if left_half else 1), size, "yuv420p", {"crf": "0"}
+        s.time_base = Fraction(1, 100)
+        if rotation:
+            s.set_display_rotation(rotation)
+        for i, t in enumerate(times):
+            a = np.full((size, s.width, 3), i * step, np.uint8)
+            if left_half:
+                a[:] = 0
+                a[:, :size] = 255
+            f = av.VideoFrame.from_ndarray(a, format="rgb24")
+            f.pts, f.time_base = round(t * 100), Fraction(1, 100)
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def test_frames_by_timestamp_fps_and_orientation(tmp_path):
+    # frames every 0.1 s for 2 s, then every second: picked by presentation time, not index x average rate
+    write_frames(tmp_path / "vfr.mp4", [i / 10 for i in range(20)] + [2.0 + i for i in range(9)])
+    assert frame_index(data.load_video(str(tmp_path / "vfr.mp4"), 4, 16, start=5, end=9)) == [23, 24, 25, 26]
+    assert frame_index(data.load_video(str(tmp_path / "vfr.mp4"), 64, 16, fps=1)) == \
+        [5, 15, 20, 21, 22, 23, 24, 25, 26, 27]  # 1 fps: the frame on screen at 0.5 s, 1.5 s, ...
+    # a phone video shot upright: stored sideways (white on the left) + rotation -90, the way phones record
+    write_frames(tmp_path / "phone.mp4", [i / 10 for i in range(3)], rotation=-90, left_half=True)
+    up = data.load_video(str(tmp_path / "phone.mp4"), 2, 16) * data.STD[0] + data.MEAN[0]
+    assert up[:, :, :6].mean() > 0.9 and up[:, :, -6:].mean() < 0.1  # upright: white on top
+    # a jpg with EXIF orientation 6 (turn 90 degrees clockwise to show): the same upright picture
+    a = np.zeros((32, 64, 3), np.uint8)
+    a[:, :32] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(a).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    up = data.load_image(str(tmp_path / "phone.jpg"), 16) * data.STD[0] + data.MEAN[0]
+    assert up[:, :, :6].mean() > 0.9 and up[:, :, -6:].mean() < 0.1
+
+
+def test_frame_files_in_natural_order(tmp_path, tok):
+    names = ["frame_10.jpg", "frame_2.jpg", "frame_1.jpg"]  # lexical order would put 10 before 2
+    colours = {"frame_1.jpg": (255, 0, 0), "frame_2.jpg": (0, 255, 0), "frame_10.jpg": (0, 0, 255)}
+    data.write_tar(tmp_path / "n.tar", [("k", {**{n: jpg(colours[n]) for n in names},
+                                               "json": {"user": "describe it.", "assistant": "a red frame."}})])
+    s = next(iter(data.ShardDataset(str(tmp_path / "n.tar"), tok, stage=2, image_size=16, loop=False)))
+    assert (s["frames"] * data.STD[0] + data.MEAN[0]).mean((2, 3)).argmax(1).tolist() == [0, 1, 2]
+
+
+def test_real_caption_shards_get_prompts(tmp_path, tok):
+    mp4 = tmp_path / "v.mp4"
+    gray_video(mp4, 12)
+    data.write_tar(tmp_path / "cap.tar", [
+        ("a", {"000.jpg": jpg((1, 1, 1)), "json": {"user": "", "caption": "a red frame.", "source": "openvid"}}),
+        ("b", {"mp4": mp4.read_bytes(), "json": {"user": "", "assistant": "a red frame.", "source": "WebVid"}}),
+        ("c", {"jpg": jpg((1, 1, 1)), "json": {"assistant": "a red frame.", "source": "somewhere"}}),
+        ("d", {"jpg": jpg((1, 1, 1)), "json": {"user": "", "assistant": "a red frame.", "source": "vript"}}),
+        ("text", {"json": {"user": "", "assistant": "a red frame."}}),  # no media, no question: nothing to learn
+    ])
+    ask = lambda s: tok.decode(s["input_ids"]).split("user\n")[1].split("assistant\n")[0].strip()
+    for stage in (1, 2):
+        ds = data.ShardDataset(str(tmp_path / "cap.tar"), tok, stage=stage, image_size=16, loop=False)
+        got = {s["key"]: ask(s) for s in ds}
+        assert got == {"a": data.SOURCE_PROMPTS["openvid"], "b": data.SOURCE_PROMPTS["webvid"],
+                       "c": data.FALLBACK_PROMPT, "d": data.SOURCE_PROMPTS["vript"]}, stage
+        assert ds.skipped["missing_field"] == 1
+    ds = data.ShardDataset(str(tmp_path / "cap.tar"), tok, stage=2, image_size=16, loop=False,
+                           prompts={"openvid": "describe it.", "": "a red frame?"})  # from the config
+    assert {s["key"]: ask(s) for s in ds} | {"b": None, "d": None} == \
+        {"a": "describe it.", "b": None, "c": "a red frame?", "d": None}
+    data.write_tar(tmp_path / "dpo.tar", [("p", {"jpg": jpg((1, 1, 1)), "json": {
+        "user": "", "chosen_assistant": "a red frame.", "rejected_assistant": "a blue frame.", "source": "x"}})])
+    pair = next(iter(data.ShardDataset(str(tmp_path / "dpo.tar"), tok, stage=3, image_size=16, loop=False)))
+    assert data.FALLBACK_PROMPT in tok.decode(pair["chosen_ids"])
+
+
+def test_wrongly_typed_json_is_skipped_in_a_worker(tmp_path, tok):
+    good = {"user": "describe it.", "assistant": "a red frame."}
+    data.write_tar(tmp_path / "types.tar", [
+        ("ok", {"jpg": jpg((1, 1, 1)), "json": good}),
+        ("userlist", {"jpg": jpg((1, 1, 1)), "json": {"user": ["a", "b"], "assistant": "a red frame."}}),
+        ("number", {"jpg": jpg((1, 1, 1)), "json": {"user": "describe it.", "assistant": 3}}),
+        ("nulls", {"jpg": jpg((1, 1, 1)), "json": {"token_ids": [1, None, 2], "loss_mask": [1, 1, 1]}}),
+        ("vocab", {"jpg": jpg((1, 1, 1)), "json": {"token_ids": [1, 10 ** 6], "loss_mask": [1, 1]}}),
+        ("list", {"jpg": jpg((1, 1, 1)), "json": "[1, 2, 3]"}),
+        ("ok2", {"jpg": jpg((1, 1, 1)), "json": good}),
+    ])
+    ds = data.ShardDataset(str(tmp_path / "types.tar"), tok, stage=2, image_size=16, loop=False)
+    loader = data.make_loader(ds, batch_size=2, num_workers=1)  # a TypeError in a worker would end the run
+    assert sorted(k for b in loader for k in b["keys"]) == ["ok", "ok2"]
+    assert loader.skipped() == Counter({"bad_field": 4, "bad_json": 1})
+
+
+def test_reader_split_is_checked_up_front(tmp_path, tok):
+    text_shard(tmp_path / "a.tar", ["x"])
+    text_shard(tmp_path / "b.tar", ["y"])
+    ds = data.ShardDataset(str(tmp_path / "*.tar"), tok, stage=2, image_size=16)
+    with pytest.raises(ValueError, match="2 shards for 4 readers.*--num_workers=2"):
+        data.make_loader(ds, batch_size=1, num_workers=4)  # in this process, not in a worker
+    loader = data.make_loader(ds, batch_size=1, num_workers=2)
+    next(iter(loader))
+    state = loader.state_dict()
+    other = data.ShardDataset(str(tmp_path / "*.tar"), tok, stage=2, image_size=16, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="num_workers=2 x world_size=1.*1 x 2"):
+        data.make_loader(other, batch_size=1, num_workers=1).load_state_dict(state)
