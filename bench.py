@@ -25,7 +25,7 @@ Layouts read (--data_dir points at the folder you downloaded):
              Image questions of --split (default test) only. Images are replicated to 8 frames.
   pope       the official POPE files (e.g. coco_pope_random.json, JSON lines {question_id, image, text, label
              yes|no}; `question`/`answer` also accepted) + the COCO images (val2014/) anywhere under --data_dir.
-             Asked as a 2-option MCQ (A. yes / B. no); category = file suffix (random/popular/adversarial).
+             Asked as a 2-option MCQ (A. yes / B. no); category = the file (coco_random, aokvqa_popular, ...).
   shards     the research tar shards (reference section 6): `user` = question + lettered options, `assistant`
              = "X. ..."; read with data.read_tar, frames decoded by data.ShardDataset.
   shapes     the synthetic held-out MCQs of the embedded default (data.read_mcq; default data/shapes).
@@ -39,7 +39,7 @@ import os
 import re
 import sys
 import time
-from collections import defaultdict
+from collections import Counter
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 
@@ -49,22 +49,27 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from data import (IMAGE_EXTS, PAD_ID, VIDEO_EXTS, ShardDataset, SkipSample, encode_answer, encode_prompt, format_mcq,
-                  load_image, load_tokenizer, load_video, read_mcq, read_tar, uniform_indices)
+                  load_image, load_tokenizer, load_video, natural_key, read_mcq, read_tar, uniform_indices)
 from model import MODES, DinoConfig, DINOv2, FoveatedVLM, SmolLM2, decode, find_checkpoint, left_pad
 
 LETTERS = "ABCDEFGH"
 SHORT = {"coarse_only": "co", "coarse_fine": "cf", "autoregressive": "ar"}
 GENERATE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."  # lmms-eval's MCQ post-prompt
-SCORING = {"likelihood": "likelihood: lowest {score} CE of the assistant turn 'X. option' (research protocol, ref. section 7)",
+SCORES = {"mean": "mean CE of the tokens of 'X. option<|im_end|>'", "sum": "summed CE of 'X. option<|im_end|>'",
+          "original": "(CE of 'X. option' + CE of the final newline) / (tokens + 2), the original benchmark's score "
+                      "of 'X. option<|im_end|>\\n' with <|im_end|> ignored but counted"}
+SCORING = {"likelihood": "likelihood: lowest score of the assistant turn ({score})",
            "generate": "generate: greedy answer, letter extracted lmms-eval style (comparable with SmolVLM2 numbers)"}
 
 # -----------------------------------------------------------------------------
 # scoring one question
 
 
-def option_answers(tok, options):
-    """The K assistant turns to score: "X. option text" + <|im_end|>, as token ids."""
-    return [encode_answer(tok, f"{LETTERS[i]}. {o}") for i, o in enumerate(options)]
+def option_answers(tok, options, score="mean"):
+    """The K assistant turns to score: "X. option text" + <|im_end|> (+ the newline after it for the original
+    score), as token ids."""
+    newline = tok.encode("\n", add_special_tokens=False).ids if score == "original" else []
+    return [encode_answer(tok, f"{LETTERS[i]}. {o}") + newline for i, o in enumerate(options)]
 
 
 @torch.no_grad()
@@ -88,7 +93,9 @@ def score_options(model, kv, frame_mask, prompts, answers, mode, score="mean"):
     pred = torch.cat((last.repeat_interleave(K, 0)[:, None], logits[:, :-1]), 1).float()  # the prompt predicts token 0
     # class dim last and contiguous: the transposed layout takes a kernel ~1e-4 less accurate over 49k classes
     ce = F.cross_entropy(pred.flatten(0, 1), ids.flatten(), reduction="none").view(Q * K, A) * real
-    scores = (ce.sum(1) / real.sum(1).clamp(min=1) if score == "mean" else ce.sum(1)).view(Q, K)
+    if score == "original":  # its CE ignored the pad id, which is <|im_end|>, but its mask still counted it
+        ce = ce * (ids != PAD_ID)
+    scores = (ce.sum(1) if score == "sum" else ce.sum(1) / real.sum(1).clamp(min=1)).view(Q, K)
     return [scores[q, :len(a)] for q, a in enumerate(answers)]
 
 
@@ -140,7 +147,7 @@ def extract_choice(text, options):
 
 def load_frame_dir(path, n, size, start=None, end=None, fps=3):
     """A folder of frame images (MVBench's tvqa frames, 3 fps) -> [n,3,S,S], within [start,end] seconds."""
-    files = sorted(f for f in os.listdir(path) if f.lower().rsplit(".", 1)[-1] in IMAGE_EXTS)
+    files = sorted((f for f in os.listdir(path) if f.lower().rsplit(".", 1)[-1] in IMAGE_EXTS), key=natural_key)
     if not files:
         raise ValueError(f"{path}: frame folder holds no images")
     i0 = min(len(files) - 1, max(0, round(start * fps))) if start is not None else 0
@@ -195,8 +202,7 @@ def evaluate_mcq(model, tok, records, modes=MODES, device="cpu", score="mean", p
     was_training = model.training
     model.eval()
     dtype = model.dino.patch_embed.weight.dtype
-    correct = {m: defaultdict(int) for m in modes}
-    total, skipped, items = defaultdict(int), [], []
+    items = []
     bar = tqdm(total=len(records), disable=not progress, desc=f"mcq ({scoring})", dynamic_ncols=True)
     loaded = prefetched(records, lambda r: load_frames(r, frames, image_size))
     for start in range(0, len(records), batch_size):
@@ -204,10 +210,8 @@ def evaluate_mcq(model, tok, records, modes=MODES, device="cpu", score="mean", p
         for i in range(start, min(start + batch_size, len(records))):
             rec, video = next(loaded)
             item = {"id": rec.get("id", i), "category": rec.get("category", "all"), "answer": rec["answer"], "pred": {}}
-            total[item["category"]] += 1
             items.append(item)
             if isinstance(video, Exception):  # counted (wrong), never silently out of the denominator
-                skipped.append({"id": item["id"], "category": item["category"], "reason": str(video)})
                 item["error"] = str(video)
             else:
                 batch.append((rec, item, video))
@@ -225,23 +229,32 @@ def evaluate_mcq(model, tok, records, modes=MODES, device="cpu", score="mean", p
                     preds = [extract_choice(t, rec["options"]) for t, (rec, _, _) in zip(outs, batch)]
                 else:
                     scores = score_options(model, kv, frame_mask, [encode_prompt(tok, u) for u in users],
-                                           [option_answers(tok, rec["options"]) for rec, _, _ in batch], mode, score)
+                                           [option_answers(tok, rec["options"], score) for rec, _, _ in batch],
+                                           mode, score)
                     preds = [int(s.argmin()) for s in scores]
                     outs = [[round(float(x), 5) for x in s] for s in scores]
                 for pred, out, (rec, item, _) in zip(preds, outs, batch):
                     item.setdefault("text" if scoring == "generate" else "scores", {})[mode] = out
                     item["pred"][mode] = pred
-                    correct[mode][item["category"]] += int(pred == rec["answer"])
-        n = sum(total.values())
-        bar.set_postfix({SHORT.get(m, m): f"{100 * sum(correct[m].values()) / n:.1f}" for m in modes}, refresh=False)
-        bar.update(n - bar.n)
+        acc = mcq_results(items, modes, scoring, score)["accuracy"]
+        bar.set_postfix({SHORT.get(m, m): f"{100 * a:.1f}" for m, a in acc.items()}, refresh=False)
+        bar.update(len(items) - bar.n)
     bar.close()
     model.train(was_training)
-    n = sum(total.values())
+    return mcq_results(items, modes, scoring, score)
+
+
+def mcq_results(items, modes, scoring="likelihood", score="mean"):
+    """Accuracy per mode and category of evaluate_mcq's items (also of several ranks' items put together)."""
+    total, correct = Counter(i["category"] for i in items), {m: Counter() for m in modes}
+    for item in items:
+        for m in modes:
+            correct[m][item["category"]] += int(item["pred"].get(m, -1) == item["answer"])
     stats = lambda c, t: {"accuracy": c / t if t else 0.0, "correct": c, "total": t}
-    per_mode = {m: dict(stats(sum(correct[m].values()), n), per_category={
+    per_mode = {m: dict(stats(sum(correct[m].values()), len(items)), per_category={
         k: stats(correct[m][k], t) for k, t in sorted(total.items())}) for m in modes}
-    return {"scoring": SCORING[scoring].format(score=score), "score": score, "count": n,
+    skipped = [{"id": i["id"], "category": i["category"], "reason": i["error"]} for i in items if "error" in i]
+    return {"scoring": SCORING[scoring].format(score=SCORES[score]), "score": score, "count": len(items),
             "accuracy": {m: r["accuracy"] for m, r in per_mode.items()}, "modes": per_mode, "skipped": skipped,
             "skipped_count": len(skipped), "items": items}
 
@@ -318,7 +331,10 @@ def read_rows(path):
         except json.JSONDecodeError:  # POPE's .json files are JSON lines
             f.seek(0)
             return [json.loads(line) for line in f if line.strip()]
-    return [dict(v, _key=k) for k, v in rows.items()] if isinstance(rows, dict) else rows
+    if isinstance(rows, dict):  # {id: row} as ScienceQA's problems.json, or one row (JSON lines of one line)
+        nested = rows and all(isinstance(v, dict) for v in rows.values())
+        rows = [dict(v, _key=k) for k, v in rows.items()] if nested else [rows]
+    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
 
 
 def table_files(data_dir, need):
@@ -411,7 +427,7 @@ def read_pope(data_dir):
             label = str(r.get("label", r.get("answer"))).strip().lower()
             rec = {"id": f"{stem}/{r.get('question_id', j)}", "question": r.get("text") or r["question"],
                    "options": ["yes", "no"], "answer": 0 if label == "yes" else 1,
-                   "category": r.get("category") or stem.rsplit("_", 1)[-1]}
+                   "category": r.get("category") or stem.replace("_pope", "")}  # e.g. coco_random, gqa_popular
             recs.append(locate(rec, "image", os.path.join(os.path.dirname(path), r["image"]), r["image"], IMAGE_EXTS))
     return recs
 
@@ -603,8 +619,7 @@ def speed(llm_dir=None, ckpt=None, device="cpu", dtypes=("float32", "bfloat16"),
     ids = torch.randint(3, V, (B, S), device=device)
     mask = torch.ones(B, S, dtype=torch.long, device=device)
     flops = train_flops(model, B, T, S, size)
-    opt = model.configure_optimizers(0.01, dict.fromkeys(("connector", "dino", "dino_qk", "llm"), 1e-5),
-                                     torch.device(device).type)
+    opt = model.configure_optimizers(0.01, dict.fromkeys(("connector", "dino", "dino_qk", "llm"), 1e-5))
     report = {"device": str(device), "shape": "135M" if llm_dir else "tiny", "B": B, "T": T, "S": S,
               "image_size": size, "params": sum(p.numel() for p in model.parameters()), "train_flops_per_step": flops}
     model.train()
@@ -677,9 +692,10 @@ def main(argv=None):
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--limit", type=int, default=None, help="first N questions only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--frames", type=int, default=16, help="frames sampled per video")
+    p.add_argument("--frames", type=int, default=None, help="frames sampled per video (shards: up to 64, "
+                   "every frame as in the original; others 16)")
     p.add_argument("--image_size", type=int, default=None, help="default 224 (shapes: as generated, 64)")
-    p.add_argument("--score", default="mean", choices=["mean", "sum"])
+    p.add_argument("--score", default="mean", choices=list(SCORES))
     p.add_argument("--scoring", default="likelihood", choices=["likelihood", "generate"])
     p.add_argument("--split", default="test", help="scienceqa split")
     p.add_argument("--out", default=None, help="write everything to this json")
@@ -690,6 +706,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3, help="speed: timed training steps")
     p.add_argument("--naive", action="store_true", help="speed: also time the naive MCQ evaluation (slow)")
     args = p.parse_args(argv)
+    args.frames = args.frames or (64 if args.task == "shards" else 16)
     if args.task == "speed":
         dtypes = ("float32", "bfloat16") if args.dtype == "both" else (args.dtype,)
         out = speed(args.llm_dir, args.ckpt, args.device, dtypes, args.batch_size, args.num_frames, args.seq_len,

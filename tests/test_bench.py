@@ -65,6 +65,39 @@ def check_cached_equals_full(model, tok, frames, options, tol=1e-4):
             assert (fast - full).abs().max().item() <= tol, (mode, score, fast, full)
 
 
+@torch.no_grad()
+def original_scores(model, tok, frames, question, options, mode):
+    """The original benchmark's option score, written the way it computed it: the whole chat as one text,
+    "...X. option<|im_end|>\\n", a loss mask from the end of the generation prompt, CE with ignore_index = the
+    pad id (<|im_end|>), summed over the mask and divided by the mask's sum."""
+    from data import SYSTEM_PROMPT
+    head = f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{format_mcq(question, options)}<|im_end|>\n"
+    prompt = tok.encode(head + "<|im_start|>assistant\n", add_special_tokens=False).ids
+    out = []
+    for i, o in enumerate(options):
+        ids = tok.encode(head + f"<|im_start|>assistant\n{'ABCD'[i]}. {o}<|im_end|>\n", add_special_tokens=False).ids
+        logits, _ = model(frames[None], torch.tensor([ids]), mode=mode)
+        mask = torch.zeros(len(ids))
+        mask[len(prompt):] = 1
+        ce = torch.nn.functional.cross_entropy(logits[0, :-1], torch.tensor(ids[1:]), ignore_index=2, reduction="none")
+        out.append(float((ce * mask[1:]).sum() / mask[1:].sum()))
+    return out
+
+
+def test_original_score_equals_the_original_formula(vlm, tok):
+    frames = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    options = ["dog", "fish horse cat bird", "cat"]
+    prompt = encode_prompt(tok, format_mcq("which animal is it?", options))
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    kv = vlm.encode(frames[None], mask)
+    for mode in MODES:
+        ours = score_options(vlm, kv, mask, [prompt], [option_answers(tok, options, "original")], mode, "original")[0]
+        want = original_scores(vlm, tok, frames, "which animal is it?", options, mode)
+        assert ours.tolist() == pytest.approx(want, abs=1e-4), mode
+        mean = score_options(vlm, kv, mask, [prompt], [option_answers(tok, options)], mode, "mean")[0]
+        assert (ours - mean).abs().max() > 1e-3  # a different score, not a renamed one
+
+
 def test_cached_scores_equal_full_recomputation(vlm, tok):
     g = torch.Generator().manual_seed(1)
     check_cached_equals_full(vlm, tok, torch.randn(3, 3, SIZE, SIZE, generator=g), ["dog", "fish horse cat bird", "cat"])
@@ -194,7 +227,7 @@ def test_read_mvbench(tmp_path):
     write_video(elsewhere / "lost.mp4")  # not in its mapped folder: found by name
     tvqa = d / "video" / "tvqa" / "frames_fps3_hq" / "castle_s01_clip_01"
     for i in range(1, 31):
-        write_image(str(tvqa / f"{i:05d}.jpg"), colour=(i * 8, 0, 0))
+        write_image(str(tvqa / f"frame_{i}.jpg"), colour=(i * 8, 0, 0))  # natural order: frame_2 before frame_10
     json.dump([{"video": "AB12C.mp4", "question": "What did the person do first?", "candidates": ["sat", "ran", "ate"],
                 "answer": "ran", "start": 0.5, "end": 3.0}], open(d / "json" / "action_sequence.json", "w"))
     json.dump([{"video": "clip.gif", "question": "What happens?", "candidates": ["falling", "jumping"], "answer": "falling"},
@@ -212,8 +245,9 @@ def test_read_mvbench(tmp_path):
     assert frames_of(by_id["fine_grained_action/0"]).shape == (4, 3, SIZE, SIZE)
     assert by_id["fine_grained_action/1"]["video"] == str(elsewhere / "lost.mp4") and by_id["fine_grained_action/1"]["answer"] == 1
     assert "missing" in by_id["fine_grained_action/2"]["error"]
-    ep = frames_of(by_id["episodic_reasoning/0"])  # frames 6..24 of 30 at 3 fps: red rises with the index
-    assert ep.shape == (4, 3, SIZE, SIZE) and ep[0, 0].mean() < ep[-1, 0].mean()
+    ep = frames_of(by_id["episodic_reasoning/0"])  # files 6..24 of 30 at 3 fps: red is 8 x the frame number
+    red = (ep[:, 0] * 0.229 + 0.485).mean((1, 2)) * 255 / 8
+    assert ep.shape == (4, 3, SIZE, SIZE) and red.round().tolist() == [9, 13, 18, 22]
 
 
 def test_read_videomme(tmp_path):
@@ -226,6 +260,7 @@ def test_read_videomme(tmp_path):
     (d / "videomme").mkdir()
     with open(d / "videomme" / "test.jsonl", "w") as f:
         f.write(json.dumps(row) + "\n" + json.dumps(dict(row, videoID="missing1", question_id="002-1", answer="A")) + "\n")
+    json.dump({"version": 1}, open(d / "videomme" / "meta.json", "w"))  # unrelated: ignored
     recs = bench.read_videomme(str(d))
     assert [r["answer"] for r in recs] == [2, 0] and recs[0]["options"] == ["1.", "2.", "3.", "4."]
     assert recs[0]["category"] == "short" and recs[0]["task_type"] == "Counting Problem"
@@ -244,6 +279,8 @@ def test_read_scienceqa(tmp_path):
     json.dump(problems, open(d / "problems.json", "w"))
     write_image(str(d / "images" / "test" / "5" / "image.png"))
     write_image(str(d / "images" / "train" / "7" / "image.png"))
+    json.dump({"version": 1}, open(d / "info.json", "w"))
+    json.dump({"train": ["7"], "test": ["5", "6"]}, open(d / "pid_splits.json", "w"))
     recs = bench.read_scienceqa(str(tmp_path / "ScienceQA"))
     assert len(recs) == 1
     r = recs[0]
@@ -261,29 +298,35 @@ def test_read_pope(tmp_path):
             {"question_id": 2, "image": "COCO_val2014_000000310196.jpg", "text": "Is there a dog in the image?", "label": "no"}]
     with open(d / "output" / "coco" / "coco_pope_adversarial.json", "w") as f:
         f.write("\n".join(json.dumps(r) for r in rows) + "\n")  # the official files are JSON lines
+    with open(d / "output" / "coco" / "aokvqa_pope_adversarial.json", "w") as f:  # another variant, same suffix
+        f.write(json.dumps(rows[0]) + "\n")
+    json.dump({"version": 1}, open(d / "output" / "info.json", "w"))  # unrelated json files get ignored
+    json.dump([1, 2], open(d / "list.json", "w"))
     recs = bench.read_pope(str(d))
-    assert [r["answer"] for r in recs] == [0, 1] and recs[0]["options"] == ["yes", "no"]
-    assert recs[0]["category"] == "adversarial" and frames_of(recs[1]).shape == (8, 3, SIZE, SIZE)
+    assert [r["answer"] for r in recs] == [0, 0, 1] and recs[0]["options"] == ["yes", "no"]
+    assert [r["category"] for r in recs] == ["aokvqa_adversarial", "coco_adversarial", "coco_adversarial"]
+    assert frames_of(recs[1]).shape == (8, 3, SIZE, SIZE)
 
 
 def test_read_shards_and_cli(tmp_path, tok, vlm):
     from data import _jpg
     img = Image.new("RGB", (SIZE, SIZE), (10, 200, 10))
-    samples = [("s0", {"000.jpg": _jpg(img), "001.jpg": _jpg(img), "json": {
+    samples = [("s0", {**{f"{i:03d}.jpg": _jpg(img) for i in range(20)}, "json": {
                    "user": "which animal is it?\nA. dog\nB. cat\nC. fish", "assistant": "B. cat", "source": "zoo"}}),
                ("s1", {"json": {"user": "no options here", "assistant": "hello"}}),
                ("s2", {"mp4": b"not a video", "json": {"user": "which?\nA. yes\nB. no", "assistant": "A. yes"}})]
     write_tar(str(tmp_path / "val-0000.tar"), samples)
-    recs = bench.read_shards(str(tmp_path), tok, frames=4, image_size=SIZE)
+    recs = bench.read_shards(str(tmp_path), tok, frames=16, image_size=SIZE)
     assert [(r["question"], r["options"], r["answer"]) for r in recs] == [
         ("which animal is it?", ["dog", "cat", "fish"], 1), ("which?", ["yes", "no"], 0)]
-    assert frames_of(recs[0]).shape == (2, 3, SIZE, SIZE)
+    assert frames_of(recs[0]).shape == (16, 3, SIZE, SIZE)  # what the reader was asked for
     # the CLI end to end on our checkpoint format: the corrupt mp4 is counted and listed
     ckpt = tmp_path / "ckpt"
     vlm.save(str(ckpt), tokenizer=tok.path)
-    out = bench.main(["--task", "shards", "--data_dir", str(tmp_path), "--ckpt", str(ckpt), "--frames", "4",
+    out = bench.main(["--task", "shards", "--data_dir", str(tmp_path), "--ckpt", str(ckpt),
                       "--image_size", str(SIZE), "--out", str(tmp_path / "r.json"), "--modes", "coarse_only,autoregressive"])
     saved = json.load(open(tmp_path / "r.json"))
+    assert saved["frames"] == 64 and saved["score"] == "mean"  # shards: every frame, up to 64, as the original
     assert saved["count"] == 2 and saved["skipped_count"] == 1 and "decode" in saved["skipped"][0]["reason"]
     assert list(saved["modes"]) == ["coarse_only", "autoregressive"] and saved["task"] == "shards"
     assert out["modes"]["coarse_only"]["total"] == 2
