@@ -18,7 +18,7 @@ import difflib
 import sys
 
 _known = {k: v for k, v in globals().items()
-          if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
+          if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, list, dict, type(None)))}
 
 
 def _set(key, raw):

@@ -45,8 +45,10 @@ tiny_visual_scale = 20.0  # loud visual tokens: at 0.14 (SmolLM2's value) or 1 a
 image_size = 64
 max_frames = 8
 replicate_image_frames = 8
+fps = 0.0  # video frames per second (up to max_frames over the clip); 0 = max_frames spread over the clip
 text_ratio = 0.05
 num_workers = 1
+source_prompts = {}  # {source: question} for samples with an empty `user`, over data.SOURCE_PROMPTS; '' = any other
 # optimisation
 batch_size = 16  # per rank, per micro-step
 gradient_accumulation_steps = 1
@@ -66,8 +68,13 @@ schedule = 'cosine'  # 'cosine': warmup then cosine to min_lr_ratio; 'converging
 target_lr = 3e-5
 min_lr_ratio = 0.1
 weight_decay = 0.01
+weight_decay_params = 'matrices'  # 'matrices': Linear/Conv weights only; 'all': every parameter (the original)
+beta1, beta2 = 0.9, 0.95  # AdamW (the original: 0.9, 0.999)
+output_proj_group = 'connector'  # the LR group of the glimpse's output_proj ('dino' in the original)
+q_init_copies_static = True  # a fresh connector's fine pass starts as the coarse pass (the original: random)
+llm_to_query_zero_init = True
 grad_clip = 1.0
-train_mode = 'coarse_fine'
+train_mode = 'coarse_fine'  # coarse_only | coarse_fine | autoregressive
 # DPO (stage 3)
 beta = 0.1
 label_smoothing = 0.0
@@ -90,7 +97,7 @@ wandb_log = False
 wandb_project = 'nanofvlm'
 wandb_run_name = 'run'
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, dict))}
 # -----------------------------------------------------------------------------
 
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -106,6 +113,10 @@ master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 if dtype not in ('float32', 'bfloat16'):  # float16 would need a GradScaler; bf16 does not
     sys.exit(f"train.py: dtype={dtype!r}: use 'float32' or 'bfloat16'")
+if train_mode not in MODES:
+    sys.exit(f"train.py: train_mode={train_mode!r}: choose one of {', '.join(MODES)}")
+if weight_decay_params not in ('matrices', 'all') or output_proj_group not in ('connector', 'dino'):
+    sys.exit("train.py: weight_decay_params is 'matrices' or 'all'; output_proj_group is 'connector' or 'dino'")
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
 autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
 torch.manual_seed(seed)
@@ -144,11 +155,14 @@ if ddp:
     dist.barrier()  # rank 0 may have been generating the task
 
 # -- model ----------------------------------------------------------------------
+fresh_connector = dict(q_init_copies_static=q_init_copies_static, llm_to_query_zero_init=llm_to_query_zero_init)
+
+
 def load_start(source):
     """The model a run starts from: 'scratch', our checkpoint dir, or the released fVLM-135M .safetensors."""
     if source == 'scratch':
         if llm_dir and dino_dir:
-            return FoveatedVLM.from_pretrained(llm_dir, dino_dir, seed=seed)
+            return FoveatedVLM.from_pretrained(llm_dir, dino_dir, seed=seed, **fresh_connector)
         if llm_dir or dino_dir:
             fail("set both --llm_dir and --dino_dir (or neither, for the tiny model from scratch)")
         vocab = data.load_tokenizer(tokenizer or shapes_dir).get_vocab_size()
@@ -157,7 +171,7 @@ def load_start(source):
                                 hidden_dim=tiny_llm_hidden, max_seq_len=2048))
         dino = DINOv2(DinoConfig(image_size=image_size, patch_size=tiny_patch_size, dim=tiny_dino_dim,
                                  n_layers=tiny_dino_layers, n_heads=tiny_dino_heads))
-        return FoveatedVLM(llm, dino, visual_scale=tiny_visual_scale, seed=seed)
+        return FoveatedVLM(llm, dino, visual_scale=tiny_visual_scale, seed=seed, **fresh_connector)
     if os.path.isfile(os.path.join(source, 'config.json')):  # a previous stage's checkpoint (our format)
         return FoveatedVLM.from_checkpoint(source)
     if os.path.isfile(source):  # the released fVLM-135M weights need the HF dirs for the architecture
@@ -199,8 +213,8 @@ if compile:
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 
-optimizer = raw_model.configure_optimizers(weight_decay, {'connector': lr_connector, 'dino': lr_dino,
-                                                          'dino_qk': lr_dino_qk, 'llm': lr_llm}, device_type)
+lrs = {'connector': lr_connector, 'dino': lr_dino, 'dino_qk': lr_dino_qk, 'llm': lr_llm}
+optimizer = raw_model.configure_optimizers(weight_decay, lrs, (beta1, beta2), weight_decay_params, output_proj_group)
 
 
 def lr_at(it, base):
@@ -217,6 +231,7 @@ def lr_at(it, base):
 def make_dataset(globs, loop, for_rank=True):
     return data.ShardDataset(globs.split(','), tok, stage, image_size=image_size, max_frames=max_frames,
                              replicate_image_frames=replicate_image_frames, seed=seed, loop=loop,
+                             fps=fps or None, prompts=source_prompts,
                              rank=rank if for_rank else 0, world_size=world_size if for_rank else 1,
                              text_ratio=text_ratio if loop else 0.0,
                              text_globs=text_data.split(',') if loop and text_data else None)
@@ -230,6 +245,14 @@ iter_num = 0
 if resume_dir:
     state = torch.load(os.path.join(resume_dir, 'train_state.pt'), map_location='cpu', weights_only=True)
     optimizer.load_state_dict(state['optimizer'])
+    for group in optimizer.param_groups:  # the moments are the checkpoint's; LRs, betas and decay this run's keys
+        group.update(base_lr=lrs[group['name']], betas=(beta1, beta2),
+                     weight_decay=weight_decay if group['decays'] else 0.0)
+    changed = {k: (state['config'].get(k), v) for k, v in config.items()
+               if k != 'init_from' and state['config'].get(k, v) != v}
+    if changed:
+        say("resume: these keys differ from the checkpoint's run, this run's values are used: "
+            + ", ".join(f"{k}={new!r} (was {old!r})" for k, (old, new) in changed.items()))
     train_loader.load_state_dict(state['loader'])
     torch.set_rng_state(state['rng_cpu'])
     if device_type == 'cuda' and 'rng_cuda' in state:
@@ -252,34 +275,49 @@ def batch_loss(batch):
         return loss, {}
 
 
+def ddp_loss(loss):
+    """DDP all-reduces every parameter's gradient after every backward. A mode that never uses some (coarse_only:
+    q_init, llm_to_query) or a micro-batch without frames would leave gradients missing: add them with weight 0."""
+    return loss + 0.0 * sum(p.view(-1)[0] for p in raw_model.parameters() if p.requires_grad) if ddp else loss
+
+
 mcq_records = None
 
 
 @torch.no_grad()
 def evaluate():
-    """Held-out loss per mode and, where there are MCQs, accuracy per mode through bench.py's scoring."""
-    from bench import evaluate_mcq
+    """Held-out loss per mode and, where there are MCQs, accuracy per mode through bench.py's scoring.
+    Every rank takes part (its share of the val shards and of the MCQs; the results are reduced), so no rank
+    waits in a collective while another evaluates."""
+    from bench import evaluate_mcq, mcq_results
     raw_model.eval()
     out = {}
     modes = [m for m in eval_modes.split(',') if m]
     if val_data and stage != 3:
-        losses = {m: [] for m in modes}
-        val_loader = data.make_loader(make_dataset(val_data, loop=False, for_rank=False), batch_size, 0)
+        sums = torch.zeros(2, len(modes), device=device)  # summed loss, batches; per mode
+        val_loader = data.make_loader(make_dataset(val_data, loop=False), batch_size, 0)
         for i, batch in enumerate(val_loader):
             if i >= eval_iters:
                 break
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             kv = raw_model.encode(batch['frames'], batch['frame_mask'])  # one encode serves every mode
-            for m in modes:
+            for j, m in enumerate(modes):
                 with autocast:
                     _, loss = raw_model(None, batch['input_ids'], batch['loss_mask'], batch['frame_mask'], mode=m, kv=kv)
-                losses[m].append(loss.item())
-        out.update({f'val_loss_{m}': sum(v) / len(v) for m, v in losses.items() if v})
+                sums[:, j] += torch.stack((loss.detach().float(), torch.ones((), device=device)))
+        if ddp:
+            dist.all_reduce(sums)
+        out.update({f'val_loss_{m}': (sums[0, j] / sums[1, j]).item() for j, m in enumerate(modes) if sums[1, j]})
     if mcq_data:
         global mcq_records
         mcq_records = mcq_records or data.read_mcq(mcq_data, image_size=image_size)  # decoded once per run
         with autocast:
-            res = evaluate_mcq(raw_model, tok, mcq_records, modes=modes, device=device, progress=False)
+            res = evaluate_mcq(raw_model, tok, mcq_records[rank::world_size], modes=modes, device=device,
+                               progress=False)
+        if ddp:
+            parts = [None] * world_size
+            dist.all_gather_object(parts, res['items'])
+            res = mcq_results([item for part in parts for item in part], modes)
         out.update({f'acc_{m}': res['accuracy'][m] for m in modes})
         out['mcq'] = res
     raw_model.train()
@@ -356,7 +394,7 @@ while iter_num < max_iters:
         sync = not ddp or micro == gradient_accumulation_steps - 1  # all-reduce grads only on the last micro-step
         with (nullcontext() if sync else model.no_sync()):
             loss, metrics = batch_loss(batch)
-            (loss / gradient_accumulation_steps).backward()
+            (ddp_loss(loss) / gradient_accumulation_steps).backward()
         loss_sum += loss.detach()
         for k, v in metrics.items():
             metrics_sum[k] = metrics_sum.get(k, 0.0) + v.detach()
@@ -380,7 +418,8 @@ while iter_num < max_iters:
     if compile and iter_num == 1:
         from torch._dynamo.utils import counters
         say(f"torch.compile: {counters['stats']['unique_graphs']} graphs compiled")
-    if iter_num % log_interval == 0 or iter_num == max_iters:
+    do_eval = iter_num % eval_interval == 0 or iter_num == max_iters
+    if iter_num % log_interval == 0 or do_eval:  # an eval gets a log row of its own iteration
         dt = time.time() - t_last
         row = {'iter': iter_num, 'loss': logged[0].item(), **{f'lr_{k}': v for k, v in lrs.items()},
                **{k: v.item() for k, v in zip(metrics_sum, logged[1:])},
@@ -389,23 +428,22 @@ while iter_num < max_iters:
                'skipped_samples': sum(train_loader.skipped().values())}
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lrs['llm']:.1e}", sps=f"{row['samples_per_sec']:.1f}",
                         tps=f"{row['tokens_per_sec']:.0f}", mfu=f"{100 * row['mfu']:.1f}%")
-        if iter_num % eval_interval == 0 or iter_num == max_iters:
-            if master:
-                last_eval = dict(evaluate(), iter=iter_num)
-                row.update(last_eval)
-                say(f"iter {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
-                                                     if k.startswith(('val_', 'acc_'))))
+        if do_eval:
+            last_eval = dict(evaluate(), iter=iter_num)
+            row.update(last_eval)
+            say(f"iter {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                                 if k.startswith(('val_', 'acc_'))))
         log(row)
         t_last, samples_since, tokens_since, flops_since = time.time(), 0, 0, 0.0
     if iter_num % ckpt_interval == 0 or iter_num == max_iters:
         save_checkpoint(iter_num)
 bar.close()
 
+final = last_eval if last_eval.get('iter') == iter_num else evaluate()  # every rank
 if master:
     skipped = train_loader.skipped()
     if skipped:
         say("skipped samples: " + ", ".join(f"{k}: {v}" for k, v in skipped.items()))
-    final = last_eval if last_eval.get('iter') == iter_num else evaluate()
     if 'mcq' in final:
         modes = list(final['mcq']['modes'])
         say("held-out MCQ accuracy per mode: " + ", ".join(f"{m} {100 * final[f'acc_{m}']:.1f}%" for m in modes))

@@ -7,21 +7,13 @@
 # without the SFT term the held-out MCQ accuracy fell from 70.2% to 65.2%; with it, 71.2%).
 out_dir = 'out/shapes_dpo'
 init_from = 'out/shapes'  # a run dir: its latest ckpt/step-* is the policy's start and the frozen reference
-shapes_dir = 'data/shapes'
 train_data = 'data/shapes/dpo-*.tar'
 val_data = ''
 text_data = ''
-mcq_data = 'data/shapes/mcq_val.json'
 stage = 3
-image_size = 64
-batch_size = 16
-gradient_accumulation_steps = 1
 max_iters = 120
 warmup_iters = 12
 lr_connector = lr_dino = lr_dino_qk = lr_llm = 5e-5
-schedule = 'cosine'
-beta = 0.1
 sft_weight = 1.0
-log_interval = 10
 eval_interval = 60
 ckpt_interval = 120

@@ -14,7 +14,6 @@ gradient_accumulation_steps = 8
 max_iters = 2600  # 83K pairs / 32
 warmup_iters = 260
 lr_connector = lr_dino = lr_dino_qk = lr_llm = 1e-6
-beta = 0.1
-precompute_ref = False  # True: reference log-probs in one pass first, then one model in memory
+# precompute_ref = True: the reference's log-probs in one pass first, then one model in memory
 eval_interval = 500
 ckpt_interval = 500

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import shutil
+
 import pytest
 import torch
 
@@ -46,6 +48,7 @@ def metrics(out):
 def test_resume_is_bit_exact_and_schedule(shapes, tmp_path):
     train(shapes, tmp_path / 'full', '--max_iters=6', '--ckpt_interval=3', '--lr_connector=2e-3')
     train(shapes, tmp_path / 'half', '--max_iters=3', '--lr_decay_iters=6', '--ckpt_interval=3', '--lr_connector=2e-3')
+    shutil.copytree(tmp_path / 'half', tmp_path / 'other')
     train(shapes, tmp_path / 'half', '--max_iters=6', '--init_from=resume', '--ckpt_interval=3', '--lr_connector=2e-3')
     full, half = metrics(tmp_path / 'full'), metrics(tmp_path / 'half')
     assert [r['iter'] for r in half] == [1, 2, 3, 4, 5, 6]
@@ -56,6 +59,15 @@ def test_resume_is_bit_exact_and_schedule(shapes, tmp_path):
         want = base * (it + 1) / 2 if it < 2 else base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (it - 2) / 4)))
         assert r['lr_connector'] == pytest.approx(want, rel=1e-9)
     assert full[0]['lr_llm'] > 0  # the first step does not run at LR 0
+    # a resumed run takes its LR keys from the command line, and says which keys changed
+    proc = train(shapes, tmp_path / 'other', '--max_iters=4', '--init_from=resume', '--lr_decay_iters=6',
+                 '--lr_connector=4e-3', '--ckpt_interval=100')
+    assert "lr_connector=0.004 (was 0.002)" in proc.stdout
+    want = 4e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 1 / 4)))
+    assert metrics(tmp_path / 'other')[-1]['lr_connector'] == pytest.approx(want, rel=1e-9)
+    # another reader split would read other samples: refused, with what to do
+    proc = train(shapes, tmp_path / 'other', '--max_iters=5', '--init_from=resume', '--num_workers=2', check=False)
+    assert proc.returncode == 1 and 'resume with the same --num_workers' in proc.stderr
     for key in ('loss', 'grad_norm', 'samples_per_sec', 'tokens_per_sec', 'mfu', 'skipped_samples', 'lr_dino'):
         assert key in full[-1]
 
@@ -81,6 +93,24 @@ def test_ddp_equals_doubled_accumulation(shapes, tmp_path):
     for a, b in zip(ddp, one):
         assert a['loss'] == pytest.approx(b['loss'], abs=1e-5)
         assert a['grad_norm'] == pytest.approx(b['grad_norm'], abs=1e-5)
+
+
+def test_ddp_every_mode_text_only_and_eval(shapes, tmp_path):
+    # coarse_only never uses q_init / llm_to_query; eval runs on both ranks on its own schedule (not the log's)
+    train(shapes, tmp_path / 'co', '--max_iters=3', '--train_mode=coarse_only', '--log_interval=1000',
+          '--eval_interval=2', f'--mcq_data={shapes}/mcq_val.json', '--eval_modes=coarse_only,autoregressive',
+          '--ckpt_interval=100', nproc=2)
+    rows = metrics(tmp_path / 'co')
+    assert [r['iter'] for r in rows] == [2, 3] and all('acc_autoregressive' in r and 'val_loss_coarse_only' in r
+                                                       for r in rows)
+    final = json.load(open(tmp_path / 'co' / 'final_eval.json'))
+    assert final['count'] == 8  # every MCQ once, shared between the ranks
+    # autoregressive training, and micro-batches without a single frame
+    train(shapes, tmp_path / 'ar', '--max_iters=2', '--train_mode=autoregressive', '--text_ratio=1.0',
+          '--val_data=', '--ckpt_interval=100', nproc=2)  # text_ratio 1: every sample is text-only
+    assert all(math.isfinite(r['loss']) for r in metrics(tmp_path / 'ar'))
+    bad = train(shapes, tmp_path / 'bad', '--train_mode=fast', check=False)
+    assert bad.returncode == 1 and 'coarse_only, coarse_fine, autoregressive' in bad.stderr
 
 
 def test_killed_save_leaves_a_loadable_checkpoint(shapes, tmp_path):
@@ -132,7 +162,7 @@ def test_weight_decay_groups():
     vlm = FoveatedVLM(SmolLM2(LLMConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
                                         hidden_dim=64, max_seq_len=64)),
                       DINOv2(DinoConfig(image_size=32, patch_size=8, dim=32, n_layers=1, n_heads=2)))
-    opt = vlm.configure_optimizers(0.1, {'connector': 1.0, 'dino': 2.0, 'dino_qk': 4.0, 'llm': 3.0}, 'cpu')
+    opt = vlm.configure_optimizers(0.1, {'connector': 1.0, 'dino': 2.0, 'dino_qk': 4.0, 'llm': 3.0})
     names = {id(p): n for n, p in vlm.named_parameters()}
     seen = {}
     for g in opt.param_groups:
@@ -148,3 +178,12 @@ def test_weight_decay_groups():
     # DINOv2's attention query/key projections (not values, not the glimpse's own query) have their own LR
     assert seen['dino.blocks.0.q.weight'] == ('dino_qk', 0.1, 4.0) and seen['dino.blocks.0.k.bias'] == ('dino_qk', 0.0, 4.0)
     assert {n for n, (g, _, _) in seen.items() if g == 'dino_qk'} == {f'dino.blocks.0.{m}.{w}' for m in 'qk' for w in ('weight', 'bias')}
+    # the original's recipe: decay on every parameter, output_proj with DINOv2, betas (0.9, 0.999)
+    opt = vlm.configure_optimizers(0.1, {'connector': 1.0, 'dino': 2.0, 'dino_qk': 4.0, 'llm': 3.0}, (0.9, 0.999),
+                                   decay='all', output_proj='dino')
+    by_name = {names[id(p)]: g for g in opt.param_groups for p in g['params']}
+    assert all(g['weight_decay'] == 0.1 and g['betas'] == (0.9, 0.999) for g in opt.param_groups)
+    assert by_name['output_proj.weight']['name'] == by_name['output_proj.bias']['name'] == 'dino'
+    assert by_name['q_static']['name'] == 'connector'
+    fresh = FoveatedVLM(vlm.llm, vlm.dino, q_init_copies_static=False, llm_to_query_zero_init=False)
+    assert not torch.equal(fresh.q_init, fresh.q_static) and fresh.llm_to_query.weight.abs().sum() > 0

@@ -110,6 +110,25 @@ def test_loss_and_gradients_reach_everything(vlm):
     vlm.zero_grad()
 
 
+def test_autoregressive_trains_with_gradient_checkpointing(vlm):
+    frames, ids = video()
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        want, _ = vlm(frames, ids, mode="autoregressive")
+    vlm.train()
+    vlm.llm.gradient_checkpointing = True  # never without the cache: the frames must stay in context
+    try:
+        logits, loss = vlm(frames, ids, loss_mask=mask, mode="autoregressive")
+        loss.backward()
+    finally:
+        vlm.llm.gradient_checkpointing = False
+        vlm.eval()
+    assert (logits - want).abs().max() <= 1e-5
+    for name in ("q_init", "llm_to_query.weight", "dino.blocks.0.q.weight", "llm.layers.0.mlp.up_proj.weight"):
+        assert vlm.get_parameter(name).grad.abs().sum() > 0, name
+    vlm.zero_grad()
+
+
 def test_save_load_and_released_layout(vlm, tiny_llama, tiny_dino, tmp_path):
     frames, ids = video()
     vlm.save(tmp_path / "ours", tokenizer=None)
