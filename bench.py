@@ -1,38 +1,39 @@
 """
 Benchmarks for nanofVLM: multiple-choice accuracy on video/image benchmarks, and training/inference speed.
 
-    python bench.py --task shapes                               # after `python train.py`: the held-out shapes MCQs
-    python bench.py --task mvbench --data_dir MVBench --ckpt out/my/ckpt --out results.json
-    python bench.py --task videomme --data_dir Video-MME --llm_dir SmolLM2-135M-Instruct --dino_dir dinov2-small \
-        --init_from fVLM-135M/model.safetensors --limit 200
-    python bench.py --task speed [--llm_dir SmolLM2-135M-Instruct] [--dtype both] [--naive]
+    python bench.py --task=shapes                              # after `python train.py`: the held-out shapes MCQs
+    python bench.py --task=mvbench --data_dir=MVBench --init_from=out/my_run --out=results.json
+    python bench.py --task=videomme --data_dir=Video-MME --llm_dir=SmolLM2-135M-Instruct --dino_dir=dinov2-small \\
+        --init_from=fVLM-135M/model.safetensors --limit=200
+    python bench.py --task=speed --llm_dir=SmolLM2-135M-Instruct  # train step, decode, MCQ and DPO speed
 
-Scoring (reference section 7): ONE DINOv2 encode per question and ONE LLM prefill per mode; the K options
-("X. option text" + <|im_end|>) are scored in one batch from the repeated cache. Lowest mean (--score=sum: summed)
-per-token CE wins: "likelihood". --scoring=generate answers greedily and extracts a letter lmms-eval style (minus
-its traps), comparable with published SmolVLM2 results but not with "likelihood"; the output says which was used.
+Every global below is a config key (configurator.py; `--help` lists them). The model comes from init_from /
+llm_dir / dino_dir, with the rules of model.load_model, as in train.py and sample.py.
+
+Scoring: ONE DINOv2 encode per question and ONE LLM prefill per mode; the K options ("X. option text" +
+<|im_end|>) are scored in one batch from the repeated cache; the lowest score wins ("likelihood"). --score: mean
+(per-token CE), sum, or original (the original benchmark's: see SCORES). --scoring=generate answers greedily and
+extracts a letter lmms-eval style (minus its traps), comparable with published SmolVLM2 results but not with
+"likelihood"; the results say which ran.
 
 Layouts read (--data_dir points at the folder you downloaded):
-  mvbench    json/<task>.json (20 tasks, lists of {video, question, candidates, answer (option text), start?, end?})
-             and video/<folder>/<video>: folder from the official task -> folder table (MVBENCH_VIDEO below);
-             a video not found there is searched by file name under --data_dir. mp4/webm/avi/gif or frame folders.
-  videomme   any *.json / *.jsonl (or *.parquet when pyarrow is installed) with rows {videoID, question,
-             options ["A. ..", ...], answer (letter), duration, domain, task_type}; videos <videoID>.mp4 anywhere
-             under --data_dir (the release unzips them into data/). Category = duration (short/medium/long).
+  mvbench    json/<task>.json (20 tasks, lists of {video, question, candidates, answer (option text), start?,
+             end?}) and video/<folder>/<video>, folder from the official task -> folder table (MVBENCH_VIDEO); a
+             video not found there is searched by file name under data_dir. mp4/webm/avi/gif or frame folders.
+  videomme   any *.json / *.jsonl (or *.parquet with pyarrow) with rows {videoID, question, options ["A. ..",
+             ...], answer (letter), duration, domain, task_type}; videos <videoID>.mp4 anywhere under data_dir
+             (the release unzips them into data/). Category = duration (short/medium/long).
   scienceqa  the official release: problems.json ({pid: {question, choices, answer (index), hint, image, split,
-             subject}}) with images/<split>/<pid>/image.png; or a JSON/JSONL list of {question, choices,
-             answer (index, letter or text), image (path relative to the file), hint?, subject?}.
-             Image questions of --split (default test) only. Images are replicated to 8 frames.
-  pope       the official POPE files (e.g. coco_pope_random.json, JSON lines {question_id, image, text, label
-             yes|no}; `question`/`answer` also accepted) + the COCO images (val2014/) anywhere under --data_dir.
-             Asked as a 2-option MCQ (A. yes / B. no); category = the file (coco_random, aokvqa_popular, ...).
-  shards     the research tar shards (reference section 6): `user` = question + lettered options, `assistant`
-             = "X. ..."; read with data.read_tar, frames decoded by data.ShardDataset.
-  shapes     the synthetic held-out MCQs of the embedded default (data.read_mcq; default data/shapes).
-A missing or undecodable video/image is counted wrong and listed under "skipped" with its reason, never dropped.
+             subject}}) with images/<split>/<pid>/image.png; or a JSON/JSONL list of {question, choices, answer
+             (index, letter or text), image (relative to the file), hint?, subject?}. Image questions of `split`.
+  pope       the official POPE files (coco_pope_random.json, ...: JSON lines {question_id, image, text, label
+             yes|no}) + the COCO images anywhere under data_dir. A 2-option MCQ (A. yes / B. no); category = the
+             file (coco_random, aokvqa_popular, ...).
+  shards     research tar shards: `user` = question + lettered options, `assistant` = "X. ...".
+  shapes     the held-out MCQs of the embedded default (data_dir default data/shapes).
+Images are replicated to 8 frames. A missing or undecodable video/image is counted wrong and listed under
+"skipped" with its reason, never dropped.
 """
-import argparse
-import ctypes
 import glob
 import json
 import os
@@ -40,17 +41,48 @@ import re
 import sys
 import time
 from collections import Counter
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from data import (IMAGE_EXTS, PAD_ID, VIDEO_EXTS, ShardDataset, SkipSample, encode_answer, encode_prompt, format_mcq,
-                  load_image, load_tokenizer, load_video, natural_key, read_mcq, read_tar, uniform_indices)
-from model import MODES, DinoConfig, DINOv2, FoveatedVLM, SmolLM2, decode, find_checkpoint, left_pad
+from data import (IMAGE_EXTS, IMAGE_FRAMES, PAD_ID, VIDEO_EXTS, ShardDataset, SkipSample, encode_answer,
+                  encode_prompt, format_mcq, frame_files, load_image, load_tokenizer, load_video, natural_key,
+                  read_tar, record_frames, record_text, uniform_indices)
+from model import (MODES, DinoConfig, DINOv2, FoveatedVLM, SmolLM2, decode, keep_freed_memory, left_pad,
+                   load_model, peak_flops, train_flops)
+
+# -----------------------------------------------------------------------------
+# config
+task = 'shapes'  # mvbench | videomme | scienceqa | pope | shards | shapes | speed
+data_dir = ''  # the benchmark as downloaded ('' for shapes: data/shapes)
+init_from = 'out/shapes'  # our checkpoint (dir, run dir) | a .safetensors file over llm_dir + dino_dir
+llm_dir = ''  # a Hugging Face SmolLM2 dir
+dino_dir = ''  # a Hugging Face DINOv2 dir
+modes = 'coarse_only,coarse_fine,autoregressive'
+limit = 0  # the first N questions only; 0 = all
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'float32'  # float32 | bfloat16 (autocast; the original benchmark ran bf16 on GPU)
+frames = 0  # frames sampled per video; 0 = 16 (shards: every frame up to 64, as the original)
+fps = 0.0  # > 0: videos at this many frames per second, up to `frames`
+image_size = 0  # 0 = 224 (shapes: the size it was generated at)
+score = 'mean'  # mean | sum | original
+scoring = 'likelihood'  # likelihood | generate
+split = 'test'  # scienceqa split
+batch_size = 32  # questions per model call
+out = ''  # write every result (and each question's scores) to this json
+# --task=speed: the 135M stage-2 train step (real SmolLM2 from llm_dir, random DINOv2-small) or, without llm_dir,
+# the init_from checkpoint's shape
+speed_dtypes = 'float32,bfloat16'
+speed_batch = 2
+speed_frames = 8
+speed_text = 64  # text tokens per sample
+speed_steps = 3  # timed steps per dtype, after 2 warm-up steps
+if __name__ == "__main__":  # as a script: a config file and --key=value overrides; as an import, these defaults
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 
 LETTERS = "ABCDEFGH"
 SHORT = {"coarse_only": "co", "coarse_fine": "cf", "autoregressive": "ar"}
@@ -62,7 +94,7 @@ SCORING = {"likelihood": "likelihood: lowest score of the assistant turn ({score
            "generate": "generate: greedy answer, letter extracted lmms-eval style (comparable with SmolVLM2 numbers)"}
 
 # -----------------------------------------------------------------------------
-# scoring one question
+# scoring the questions of one batch
 
 
 def option_answers(tok, options, score="mean"):
@@ -74,10 +106,10 @@ def option_answers(tok, options, score="mean"):
 
 @torch.no_grad()
 def score_options(model, kv, frame_mask, prompts, answers, mode, score="mean"):
-    """Q questions at once: prompts [Q lists of ids], answers [Q lists of K_q answers (ids)] -> Q score tensors [K_q]
-    (lower = more likely). Each prefix [visual tokens][prompt] is computed once; its cache row is repeated K times and
-    all Q*K answers, right-padded, run as one batch. Padding after an answer is invisible to it (causal attention)
-    and only real answer tokens are scored."""
+    """Q questions at once: prompts [Q lists of ids], answers [Q lists of K_q answers (ids)] -> Q score tensors
+    [K_q] (lower = more likely). Each prefix [visual tokens][prompt] is computed once; its cache row is repeated K
+    times and all Q*K answers, right-padded, run as one batch. Padding after an answer is invisible to it (causal
+    attention) and only real answer tokens are scored."""
     device = frame_mask.device
     Q, K = len(prompts), max(len(a) for a in answers)
     A = max(len(x) for a in answers for x in a)
@@ -100,19 +132,6 @@ def score_options(model, kv, frame_mask, prompts, answers, mode, score="mean"):
 
 
 @torch.no_grad()
-def score_options_naive(model, frames, prompt_ids, answers, mode, score="mean"):
-    """What the original evaluation did: per option a full forward, re-encoding the video every time.
-    Kept as the reference the fast path is tested against, and as the baseline of `--task speed --naive`."""
-    out = []
-    for a in answers:
-        ids = torch.tensor([prompt_ids + a], device=frames.device)
-        mask = torch.tensor([[0] * len(prompt_ids) + [1] * len(a)], device=frames.device)
-        _, loss = model(frames[None], ids, loss_mask=mask, mode=mode)
-        out.append(loss * (1 if score == "mean" else len(a)))
-    return torch.stack(out).float()
-
-
-@torch.no_grad()
 def generate_answers(model, tok, kv, frame_mask, prompts, mode, max_new_tokens=16):
     """Greedy answer texts of Q questions after their [visual tokens][prompt], decoded as one batch."""
     prompt_ids, prompt_valid = left_pad(prompts, frame_mask.device)
@@ -132,7 +151,7 @@ def extract_choice(text, options):
          or re.match(rf"\(([{letters.lower()}])\)", s))  # "B", "(B)", "B.", "B) cat", "(b)"
     if m:
         return LETTERS.index(m.group(1).upper())
-    norm = lambda x: " ".join(re.sub(r"[^\w\s]", " ", x.lower()).split())
+    norm = lambda x: " ".join(re.sub(r"[^\w\s]", " ", x.lower()).split())  # noqa: E731
     found = [i for i, o in enumerate(options) if norm(o) and re.search(rf"\b{re.escape(norm(o))}\b", norm(s))]
     if found:  # the longest mention wins ("dark red" over "red")
         return max(found, key=lambda i: len(norm(options[i])))
@@ -141,8 +160,9 @@ def extract_choice(text, options):
             return LETTERS.index(m.group(1))
     return None
 
+
 # -----------------------------------------------------------------------------
-# loading a question's frames (records: see evaluate_mcq)
+# a question's frames (records: see evaluate_mcq)
 
 
 def load_frame_dir(path, n, size, start=None, end=None, fps=3):
@@ -155,7 +175,7 @@ def load_frame_dir(path, n, size, start=None, end=None, fps=3):
     return torch.cat([load_image(os.path.join(path, files[i0 + i]), size) for i in uniform_indices(i1 - i0, n)])
 
 
-def load_frames(rec, frames=16, image_size=224, image_frames=8):
+def load_frames(rec, frames=16, image_size=224, fps=None):
     """A record's frames [T,3,S,S]; raises ValueError/OSError with the reason when they cannot be had."""
     if "error" in rec:
         raise ValueError(rec["error"])
@@ -168,9 +188,9 @@ def load_frames(rec, frames=16, image_size=224, image_frames=8):
         raise ValueError(f"missing file: {path}")
     if os.path.isdir(path):
         return load_frame_dir(path, frames, image_size, rec.get("start"), rec.get("end"))
-    if path.lower().rsplit(".", 1)[-1] in IMAGE_EXTS:  # images: replicated to 8 frames (reference section 4)
-        return load_image(path, image_size, replicate=image_frames)
-    return load_video(path, frames, image_size, start=rec.get("start"), end=rec.get("end"))
+    if path.lower().rsplit(".", 1)[-1] in IMAGE_EXTS:
+        return load_image(path, image_size, replicate=IMAGE_FRAMES)
+    return load_video(path, frames, image_size, fps, start=rec.get("start"), end=rec.get("end"))
 
 
 def prefetched(records, load, ahead=2):
@@ -188,12 +208,13 @@ def prefetched(records, load, ahead=2):
             yield r, futures[i].result()
             futures[i] = None  # free the frames
 
+
 # -----------------------------------------------------------------------------
 # evaluation
 
 
-def evaluate_mcq(model, tok, records, modes=MODES, device="cpu", score="mean", progress=True,
-                 scoring="likelihood", frames=16, image_size=224, max_new_tokens=16, batch_size=32):
+def evaluate_mcq(model, tok, records, modes=MODES, device="cpu", score="mean", progress=True, scoring="likelihood",
+                 frames=16, image_size=224, max_new_tokens=16, batch_size=32, fps=None):
     """Accuracy per mode and per category of multiple-choice records
     {question, options [str], answer (index), category?, id?} + one of: frames [T,3,S,S] | video (file or frame
     folder, + start/end s) | image | load (callable -> frames) | error (why the media is unavailable).
@@ -204,7 +225,7 @@ def evaluate_mcq(model, tok, records, modes=MODES, device="cpu", score="mean", p
     dtype = model.dino.patch_embed.weight.dtype
     items = []
     bar = tqdm(total=len(records), disable=not progress, desc=f"mcq ({scoring})", dynamic_ncols=True)
-    loaded = prefetched(records, lambda r: load_frames(r, frames, image_size))
+    loaded = prefetched(records, lambda r: load_frames(r, frames, image_size, fps))
     for start in range(0, len(records), batch_size):
         batch = []  # (record, item, video [T,3,S,S]) of the questions whose media loaded
         for i in range(start, min(start + batch_size, len(records))):
@@ -216,26 +237,7 @@ def evaluate_mcq(model, tok, records, modes=MODES, device="cpu", score="mean", p
             else:
                 batch.append((rec, item, video))
         if batch:
-            vids = pad_sequence([v.to(device, dtype) for _, _, v in batch], batch_first=True)  # [Q,T,3,S,S], zero-padded
-            lengths = torch.tensor([v.shape[0] for _, _, v in batch], device=device)
-            frame_mask = torch.arange(vids.shape[1], device=device) < lengths[:, None]  # [Q,T]
-            with torch.no_grad():
-                kv = model.encode(vids, frame_mask)  # once per question: every mode and option reuses it
-            users = [format_mcq(rec["question"], rec["options"]) for rec, _, _ in batch]
-            for mode in modes:
-                if scoring == "generate":
-                    prompts = [encode_prompt(tok, u + GENERATE_SUFFIX) for u in users]
-                    outs = generate_answers(model, tok, kv, frame_mask, prompts, mode, max_new_tokens)  # texts
-                    preds = [extract_choice(t, rec["options"]) for t, (rec, _, _) in zip(outs, batch)]
-                else:
-                    scores = score_options(model, kv, frame_mask, [encode_prompt(tok, u) for u in users],
-                                           [option_answers(tok, rec["options"], score) for rec, _, _ in batch],
-                                           mode, score)
-                    preds = [int(s.argmin()) for s in scores]
-                    outs = [[round(float(x), 5) for x in s] for s in scores]
-                for pred, out, (rec, item, _) in zip(preds, outs, batch):
-                    item.setdefault("text" if scoring == "generate" else "scores", {})[mode] = out
-                    item["pred"][mode] = pred
+            score_batch(model, tok, batch, modes, device, dtype, score, scoring, max_new_tokens)
         acc = mcq_results(items, modes, scoring, score)["accuracy"]
         bar.set_postfix({SHORT.get(m, m): f"{100 * a:.1f}" for m, a in acc.items()}, refresh=False)
         bar.update(len(items) - bar.n)
@@ -244,13 +246,36 @@ def evaluate_mcq(model, tok, records, modes=MODES, device="cpu", score="mean", p
     return mcq_results(items, modes, scoring, score)
 
 
+@torch.no_grad()
+def score_batch(model, tok, batch, modes, device, dtype, score, scoring, max_new_tokens):
+    """Fill item["pred"] (and "scores" or "text") per mode for a batch of (record, item, video)."""
+    videos = pad_sequence([v.to(device, dtype) for _, _, v in batch], batch_first=True)  # [Q,T,3,S,S]
+    lengths = torch.tensor([v.shape[0] for _, _, v in batch], device=device)
+    frame_mask = torch.arange(videos.shape[1], device=device) < lengths[:, None]  # [Q,T]
+    kv = model.encode(videos, frame_mask)  # once per question: every mode and option reuses it
+    users = [format_mcq(rec["question"], rec["options"]) for rec, _, _ in batch]
+    for mode in modes:
+        if scoring == "generate":
+            prompts = [encode_prompt(tok, u + GENERATE_SUFFIX) for u in users]
+            outs = generate_answers(model, tok, kv, frame_mask, prompts, mode, max_new_tokens)  # texts
+            preds = [extract_choice(text, rec["options"]) for text, (rec, _, _) in zip(outs, batch)]
+        else:
+            answers = [option_answers(tok, rec["options"], score) for rec, _, _ in batch]
+            scores = score_options(model, kv, frame_mask, [encode_prompt(tok, u) for u in users], answers, mode, score)
+            preds = [int(s.argmin()) for s in scores]
+            outs = [[round(float(x), 5) for x in s] for s in scores]
+        for pred, result, (_, item, _) in zip(preds, outs, batch):
+            item.setdefault("text" if scoring == "generate" else "scores", {})[mode] = result
+            item["pred"][mode] = pred
+
+
 def mcq_results(items, modes, scoring="likelihood", score="mean"):
     """Accuracy per mode and category of evaluate_mcq's items (also of several ranks' items put together)."""
     total, correct = Counter(i["category"] for i in items), {m: Counter() for m in modes}
     for item in items:
         for m in modes:
             correct[m][item["category"]] += int(item["pred"].get(m, -1) == item["answer"])
-    stats = lambda c, t: {"accuracy": c / t if t else 0.0, "correct": c, "total": t}
+    stats = lambda c, t: {"accuracy": c / t if t else 0.0, "correct": c, "total": t}  # noqa: E731
     per_mode = {m: dict(stats(sum(correct[m].values()), len(items)), per_category={
         k: stats(correct[m][k], t) for k, t in sorted(total.items())}) for m in modes}
     skipped = [{"id": i["id"], "category": i["category"], "reason": i["error"]} for i in items if "error" in i]
@@ -261,17 +286,19 @@ def mcq_results(items, modes, scoring="likelihood", score="mean"):
 
 def format_table(results):
     """Accuracy (%) per category (rows) and mode (columns)."""
-    modes = list(results["modes"])
-    cats = list(next(iter(results["modes"].values()))["per_category"]) if modes else []
+    per_mode = results["modes"]
+    cats = list(next(iter(per_mode.values()))["per_category"]) if per_mode else []
     w = max([len(c) for c in cats] + [8])
-    lines = [results["scoring"], f"{'category':<{w}} {'n':>5} " + " ".join(f"{m:>14}" for m in modes)]
+    lines = [results["scoring"], f"{'category':<{w}} {'n':>5} " + " ".join(f"{m:>14}" for m in per_mode)]
     for c in cats:
-        row = [results["modes"][m]["per_category"][c] for m in modes]
+        row = [r["per_category"][c] for r in per_mode.values()]
         lines.append(f"{c:<{w}} {row[0]['total']:>5} " + " ".join(f"{100 * r['accuracy']:>14.1f}" for r in row))
-    lines.append(f"{'all':<{w}} {results['count']:>5} " + " ".join(f"{100 * results['modes'][m]['accuracy']:>14.1f}" for m in modes))
+    lines.append(f"{'all':<{w}} {results['count']:>5} "
+                 + " ".join(f"{100 * r['accuracy']:>14.1f}" for r in per_mode.values()))
     if results["skipped_count"]:
-        lines.append(f"{results['skipped_count']} questions had no usable media (counted wrong; see 'skipped' in --out)")
+        lines.append(f"{results['skipped_count']} questions had no usable media (counted wrong; see 'skipped' in out)")
     return "\n".join(lines)
+
 
 # -----------------------------------------------------------------------------
 # task readers: each returns MCQ records (see evaluate_mcq)
@@ -293,18 +320,18 @@ MVBENCH_BOUNDED = {"action_sequence", "action_prediction", "object_interaction",
 
 
 def media_finder(root):
-    """locate(rec, key, path, rel, exts) sets rec[key] = path if it exists, else a file named like `rel` (a name, or a
-    relative path matched by its ending; exts: other extensions accepted) found anywhere under root -- datasets get
-    unpacked in many ways; one os.walk, on first need -- else sets rec['error']. Returns rec."""
+    """locate(rec, key, path, rel, exts) sets rec[key] = path if it exists, else a file named like `rel` (a name,
+    or a relative path matched by its ending; exts: other extensions accepted) found anywhere under root
+    (datasets get unpacked in many ways; one os.walk, on first need), else sets rec['error']. Returns rec."""
     by_name = {}
 
     def locate(rec, key, path, rel, exts):
         if not os.path.exists(path):
             if not by_name:
-                for d, dirs, files in os.walk(root):
+                for folder, dirs, files in os.walk(root):
                     for name in files + dirs:
                         for k in (name, os.path.splitext(name)[0] + ".*"):
-                            by_name.setdefault(k, []).append(os.path.join(d, name))
+                            by_name.setdefault(k, []).append(os.path.join(folder, name))
             rel = rel.replace("\\", "/")
             base = os.path.basename(rel.rstrip("/"))
             hits = by_name.get(base, []) + [p for p in by_name.get(os.path.splitext(base)[0] + ".*", [])
@@ -319,7 +346,7 @@ def media_finder(root):
 
 
 def read_rows(path):
-    """Rows of a .json (list, or dict of rows), .jsonl or .parquet file."""
+    """Rows (dicts) of a .json (a list, {id: row}, or one row), .jsonl or .parquet file; anything else: []."""
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq  # optional: only asked for when a parquet file is the input
         return pq.read_table(path).to_pylist()
@@ -330,7 +357,7 @@ def read_rows(path):
             rows = json.load(f)
         except json.JSONDecodeError:  # POPE's .json files are JSON lines
             f.seek(0)
-            return [json.loads(line) for line in f if line.strip()]
+            rows = [json.loads(line) for line in f if line.strip()]
     if isinstance(rows, dict):  # {id: row} as ScienceQA's problems.json, or one row (JSON lines of one line)
         nested = rows and all(isinstance(v, dict) for v in rows.values())
         rows = [dict(v, _key=k) for k, v in rows.items()] if nested else [rows]
@@ -347,184 +374,161 @@ def table_files(data_dir, need):
             rows = read_rows(path)
         except (ValueError, OSError, ImportError):  # ImportError: parquet without pyarrow
             continue
-        if rows and isinstance(rows[0], dict) and all(any(k in rows[0] for k in alt.split("|")) for alt in need):
+        if rows and all(any(k in rows[0] for k in alt.split("|")) for alt in need):
             out.append((path, rows))
     if not out:
         hint = " (parquet needs pyarrow: pip install pyarrow, or convert it to json)" if any(
             p.endswith(".parquet") for p in paths) else ""
-        raise FileNotFoundError(f"bench.py: no json/jsonl under {data_dir} with fields {need}{hint}; check --data_dir")
+        raise FileNotFoundError(f"bench.py: no json/jsonl under {data_dir} with fields {need}{hint}; check data_dir")
     return out
 
 
-def _answer_index(ans, opts):
-    if isinstance(ans, int):
-        return ans
-    ans = str(ans).strip()
-    if len(ans) == 1 and ans.upper() in LETTERS[:len(opts)]:
-        return LETTERS.index(ans.upper())
-    return opts.index(re.sub(r"^[A-H]\.\s*", "", ans))
+def answer_index(answer, options):
+    """An answer as benchmarks write it (an index, a letter, "B. text" or the option's text) -> its index."""
+    if isinstance(answer, int):
+        return answer
+    answer = str(answer).strip()
+    if len(answer) == 1 and answer.upper() in LETTERS[:len(options)]:
+        return LETTERS.index(answer.upper())
+    return options.index(re.sub(r"^[A-H]\.\s*", "", answer))
+
+
+def mcq_record(row, where, category="all"):
+    """One MCQ row of MVBench ({question, candidates, answer text}), Video-MME ({question, options "A. ...",
+    answer letter}) or our shapes layout ({question, options, answer index}) -> a record without its media."""
+    options = [re.sub(r"^[A-H]\.\s*", "", o) for o in row.get("options") or row["candidates"]]
+    rec = {"question": row["question"], "options": options, "category": row.get("category", category)}
+    try:
+        rec["answer"] = answer_index(row["answer"], options)
+    except ValueError:
+        rec["error"], rec["answer"] = f"{where}: answer {row['answer']!r} is not among the options", -1
+    return rec
+
+
+def read_mcq_file(path, image_size=64):
+    """Our MCQ json (make_shapes' mcq_val.json; a dir means its mcq_val.json): rows {key, shard, question,
+    options, answer, category}, each clip's frames read from its shard, or rows with a `video` path."""
+    path = os.path.join(path, "mcq_val.json") if os.path.isdir(path) else path
+    root, records, wanted = os.path.dirname(os.path.abspath(path)), [], {}
+    for j, row in enumerate(read_rows(path)):
+        rec = dict(mcq_record(row, f"{path}[{j}]"), id=j)
+        if "shard" in row:
+            wanted.setdefault(os.path.join(root, row["shard"]), {})[row["key"]] = rec
+        else:
+            rec.update(video=os.path.join(root, row["video"]), **{k: row[k] for k in ("start", "end") if k in row})
+        records.append(rec)
+    for shard, by_key in wanted.items():
+        for clip in read_tar(shard):
+            if clip["key"] in by_key:
+                by_key[clip["key"]]["frames"] = record_frames(clip["files"], frame_files(clip["files"]),
+                                                              image_size, shard)
+    if missing := [r["question"] for r in records if "frames" not in r and "video" not in r]:
+        raise ValueError(f"{path}: {len(missing)} MCQs whose key is not in their shard; regenerate with make_shapes")
+    return records
 
 
 def read_mvbench(data_dir):
     json_dir = os.path.join(data_dir, "json") if os.path.isdir(os.path.join(data_dir, "json")) else data_dir
     files = sorted(glob.glob(os.path.join(json_dir, "*.json")))
     if not files:
-        raise FileNotFoundError(f"bench.py: no MVBench json/*.json under {data_dir}; point --data_dir at the MVBench download")
-    locate, recs = media_finder(data_dir), []
+        raise FileNotFoundError(f"bench.py: no MVBench json/*.json under {data_dir}; point data_dir at the download")
+    locate, records = media_finder(data_dir), []
     for path in files:
-        task = os.path.splitext(os.path.basename(path))[0]
-        folder = os.path.join(data_dir, "video", MVBENCH_VIDEO.get(task, ""))
-        for j, r in enumerate(read_rows(path)):
-            rec = {"id": f"{task}/{j}", "question": r["question"], "options": list(r["candidates"]), "category": task}
-            if task in MVBENCH_BOUNDED or task not in MVBENCH_VIDEO:
-                rec.update({k: float(r[k]) for k in ("start", "end") if r.get(k) is not None})
-            locate(rec, "video", os.path.join(folder, r["video"]), r["video"], VIDEO_EXTS + ("webm", "avi"))
-            if r["answer"] not in rec["options"]:
-                rec["error"], rec["answer"] = f"{path}[{j}]: answer {r['answer']!r} is not among the candidates", -1
-            else:
-                rec["answer"] = rec["options"].index(r["answer"])
-            recs.append(rec)
-    return recs
+        name = os.path.splitext(os.path.basename(path))[0]
+        folder = os.path.join(data_dir, "video", MVBENCH_VIDEO.get(name, ""))
+        for j, row in enumerate(read_rows(path)):
+            rec = dict(mcq_record(row, f"{path}[{j}]", name), id=f"{name}/{j}")
+            if name in MVBENCH_BOUNDED or name not in MVBENCH_VIDEO:
+                rec.update({k: float(row[k]) for k in ("start", "end") if row.get(k) is not None})
+            records.append(locate(rec, "video", os.path.join(folder, row["video"]), row["video"], VIDEO_EXTS))
+    return records
 
 
 def read_videomme(data_dir):
-    locate, recs = media_finder(data_dir), []
+    locate, records = media_finder(data_dir), []
     for path, rows in table_files(data_dir, ["videoID|videoid|video_id", "question", "options", "answer"]):
-        for j, r in enumerate(rows):
-            vid = str(r.get("videoID") or r.get("videoid") or r.get("video_id"))
-            opts = [re.sub(r"^[A-H]\.\s*", "", o) for o in r["options"]]
-            rec = {"id": r.get("question_id", f"{vid}/{j}"), "question": r["question"], "options": opts,
-                   "answer": _answer_index(r["answer"], opts), "category": r.get("duration", "all"),
-                   "domain": r.get("domain"), "task_type": r.get("task_type")}
-            recs.append(locate(rec, "video", os.path.join(data_dir, "data", vid + ".mp4"), vid + ".mp4", VIDEO_EXTS))
-    return recs
+        for j, row in enumerate(rows):
+            vid = str(row.get("videoID") or row.get("videoid") or row.get("video_id"))
+            rec = dict(mcq_record(row, f"{path}[{j}]", row.get("duration", "all")),
+                       id=row.get("question_id", f"{vid}/{j}"), domain=row.get("domain"), task_type=row.get("task_type"))
+            records.append(locate(rec, "video", os.path.join(data_dir, "data", vid + ".mp4"), vid + ".mp4", VIDEO_EXTS))
+    return records
 
 
 def read_scienceqa(data_dir, split="test"):
-    locate, recs = media_finder(data_dir), []
+    locate, records = media_finder(data_dir), []
     official = glob.glob(os.path.join(data_dir, "**", "problems.json"), recursive=True)
     sources = [(p, read_rows(p)) for p in official] or table_files(data_dir, ["question", "choices", "answer"])
     for path, rows in sources:
         root = os.path.dirname(path)
-        for j, r in enumerate(rows):
-            if not r.get("image") or (official and r.get("split", split) != split):
+        for j, row in enumerate(rows):
+            if not row.get("image") or (official and row.get("split", split) != split):
                 continue  # image questions of the split only (the usual ScienceQA-IMG protocol)
             # problems.json: images/<split>/<pid>/image.png; a plain list: relative to its file
-            rel = f"{split}/{r['_key']}/{r['image']}" if official else r["image"]
-            hint = (r.get("hint") or "").strip()
-            rec = {"id": r.get("_key", r.get("id", j)), "question": (f"Context: {hint}\n" if hint else "") + r["question"],
-                   "options": list(r["choices"]), "answer": _answer_index(r["answer"], r["choices"]),
-                   "category": r.get("subject", "all")}
-            recs.append(locate(rec, "image", os.path.join(root, "images" if official else "", rel), rel, IMAGE_EXTS))
-    return recs
+            rel = f"{split}/{row['_key']}/{row['image']}" if official else row["image"]
+            hint = (row.get("hint") or "").strip()
+            rec = {"id": row.get("_key", row.get("id", j)), "options": list(row["choices"]),
+                   "question": (f"Context: {hint}\n" if hint else "") + row["question"],
+                   "answer": answer_index(row["answer"], row["choices"]), "category": row.get("subject", "all")}
+            records.append(locate(rec, "image", os.path.join(root, "images" if official else "", rel), rel, IMAGE_EXTS))
+    return records
 
 
 def read_pope(data_dir):
-    locate, recs = media_finder(data_dir), []
+    locate, records = media_finder(data_dir), []
     for path, rows in table_files(data_dir, ["text|question", "label|answer", "image"]):
         stem = os.path.splitext(os.path.basename(path))[0]
-        for j, r in enumerate(rows):
-            label = str(r.get("label", r.get("answer"))).strip().lower()
-            rec = {"id": f"{stem}/{r.get('question_id', j)}", "question": r.get("text") or r["question"],
+        for j, row in enumerate(rows):
+            label = str(row.get("label", row.get("answer"))).strip().lower()
+            rec = {"id": f"{stem}/{row.get('question_id', j)}", "question": row.get("text") or row["question"],
                    "options": ["yes", "no"], "answer": 0 if label == "yes" else 1,
-                   "category": r.get("category") or stem.replace("_pope", "")}  # e.g. coco_random, gqa_popular
-            recs.append(locate(rec, "image", os.path.join(os.path.dirname(path), r["image"]), r["image"], IMAGE_EXTS))
-    return recs
+                   "category": row.get("category") or stem.replace("_pope", "")}  # e.g. coco_random, gqa_popular
+            records.append(locate(rec, "image", os.path.join(os.path.dirname(path), row["image"]), row["image"],
+                                  IMAGE_EXTS))
+    return records
 
 
-def read_shards(data_dir, tok, frames=16, image_size=224):
+def read_shards(data_dir, tok, frames=64, image_size=224):
     """MCQs from research tar shards: `user` ends with lettered option lines, `assistant` starts with the letter."""
     shards = sorted(glob.glob(os.path.join(data_dir, "*.tar*"))) if os.path.isdir(data_dir) else glob.glob(data_dir)
     if not shards:
         raise FileNotFoundError(f"bench.py: no *.tar shards in {data_dir}")
-    ds = ShardDataset(shards, tok, 2, image_size=image_size, max_frames=frames, replicate_image_frames=8, loop=False)
-    recs = []
+    ds = ShardDataset(shards, tok, 2, image_size=image_size, max_frames=frames, replicate_image_frames=IMAGE_FRAMES,
+                      loop=False)
+    records = []
     for shard in shards:
-        for rec in read_tar(shard):
+        for clip in read_tar(shard):
             try:
-                meta = json.loads(rec["files"].get("json", b"{}"))
-            except ValueError:
+                meta, _ = record_text(clip)
+            except SkipSample:
                 continue
-            lines = (meta.get("user") or "").split("\n")
+            lines = str(meta.get("user") or "").split("\n")
             k = len(lines)
             while k > 0 and re.match(r"^[A-H]\. ", lines[k - 1]):
                 k -= 1
-            opts = [line[3:] for line in lines[k:]]
-            m = re.match(r"^\(?([A-H])[.):]", (meta.get("assistant") or "").strip())
-            if len(opts) < 2 or not m or LETTERS.index(m.group(1)) >= len(opts):
+            options = [line[3:] for line in lines[k:]]
+            m = re.match(r"^\(?([A-H])[.):]", str(meta.get("assistant") or "").strip())
+            if len(options) < 2 or not m or LETTERS.index(m.group(1)) >= len(options):
                 continue  # not a lettered MCQ
-            files, where = rec["files"], f"{shard}:{rec['key']}"
-            recs.append({"id": where, "question": "\n".join(lines[:k]), "options": opts,
-                         "answer": LETTERS.index(m.group(1)), "category": meta.get("category", meta.get("source", "all")),
-                         "load": lambda files=files, meta=meta, where=where: ds.frames(files, meta, where)})
-    return recs
+            files, where = clip["files"], f"{shard}:{clip['key']}"
+            records.append({"id": where, "question": "\n".join(lines[:k]), "options": options,
+                            "answer": LETTERS.index(m.group(1)), "category": meta.get("category", meta.get("source", "all")),
+                            "load": lambda files=files, meta=meta, where=where: ds.frames(files, meta, where)})
+    return records
 
 
 def read_task(task, data_dir, tok, frames, image_size, split="test"):
     if task == "shapes":  # at the size the task was generated with, as train.py's eval reads it
-        return [dict(r, id=i) for i, r in enumerate(read_mcq(data_dir, image_size=image_size))]
+        return read_mcq_file(data_dir, image_size)
     if task == "shards":
         return read_shards(data_dir, tok, frames, image_size)
     if task == "scienceqa":
         return read_scienceqa(data_dir, split)
     return {"mvbench": read_mvbench, "videomme": read_videomme, "pope": read_pope}[task](data_dir)
 
+
 # -----------------------------------------------------------------------------
-# speed: what nanoGPT's bench.py is for. FLOPs, peak FLOPs, step throughput, decode, MCQ, memory.
-
-GPU_PEAK = {  # dense TFLOPS: (bf16/fp16 tensor core, fp32 without TF32), matched by substring of the device name
-    "H100": (989, 67), "A100": (312, 19.5), "A10G": (70, 31.2), "A10": (125, 31.2), "L40S": (362, 91.6),
-    "L4": (121, 30.3), "RTX 5090": (209.5, 104.8), "RTX 4090": (165.2, 82.6), "RTX 3090": (71, 35.6),
-    "V100": (125, 15.7), "T4": (65, 8.1)}
-_cpu_peak = {}
-
-
-def peak_flops(device="cpu", dtype=torch.float32):
-    """Peak FLOP/s for MFU: a table for known GPUs; on CPU a measured matmul peak (cached per process)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, (half, full) in GPU_PEAK.items():
-            if key in name:
-                return (half if dtype in (torch.bfloat16, torch.float16) else full) * 1e12
-        print(f"bench.py: unknown GPU {name!r}, MFU against 312 TFLOPS (A100 bf16)", file=sys.stderr)
-        return 312e12
-    if dtype not in _cpu_peak:
-        a = torch.randn(1024, 1024, dtype=dtype)
-        best = min(timed(lambda: a @ a, 0, 1, "cpu") for _ in range(10))  # best of 10: the machine may be shared
-        _cpu_peak[dtype] = 2 * 1024 ** 3 / best
-    return _cpu_peak[dtype]
-
-
-def keep_freed_memory():
-    """CPU training: glibc returns freed blocks to the OS (mmap'd blocks over a few MB, the heap's top) and then
-    page-faults them back in on the next step, which made the 135M train step ~1.25x slower on CPU. Keep them: blocks up
-    to 32 MB (glibc's maximum) come from the heap, and the heap is never trimmed. No effect off Linux/glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: never give the heap's top back
-    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-
-
-def train_flops(model, B, T, S, image_size):
-    """Analytic FLOPs of one coarse_fine training step (forward + backward = 3x forward): DINOv2 encode of B*T
-    frames, 2 glimpse passes (coarse, fine), 2 LLM passes (T visual tokens; T+S), lm_head over the S text tokens."""
-    d, lc = model.dino.cfg, model.llm.cfg
-    D, Hd, P = d.dim, int(d.dim * d.mlp_ratio), (image_size // d.patch_size) ** 2
-    N = P + 1
-    per_token_mlp = 2 * 2 * D * Hd
-    dino = P * 2 * 3 * d.patch_size ** 2 * D + d.n_layers * N * (2 * 4 * D * D + per_token_mlp + 2 * 2 * N * D)
-    glimpse = 2 * D * D * 2 + d.n_layers * (2 * 2 * D * D + 2 * 2 * N * D + per_token_mlp)  # in/out proj + walk
-    connect = 2 * D * lc.dim  # dino_to_llm
-    L, q, kvd = lc.dim, lc.n_heads * lc.head_dim, lc.n_kv_heads * lc.head_dim
-
-    def llm(n):  # n tokens, causal attention (every token sees ~n/2 keys on average)
-        return lc.n_layers * n * (2 * L * (2 * q + 2 * kvd) + 2 * 3 * L * lc.hidden_dim + 2 * 2 * q * (n + 1) / 2)
-    fwd = (B * T * (dino + 2 * (glimpse + connect) + 2 * L * D)  # + llm_to_query
-           + B * (llm(T) + llm(T + S)) + B * S * 2 * L * lc.vocab_size)
-    return 3 * fwd
+# speed: what nanoGPT's bench.py is for. Train step throughput and MFU, decode, MCQ, DPO, peak memory.
 
 
 def _peak_rss():
@@ -539,8 +543,8 @@ def _peak_rss():
 @contextmanager
 def peak_memory(device):
     """Yields a dict that gets the block's peak memory in MB ("peak_mem_mb", "mem_growth_mb"): on GPU from
-    torch.cuda.max_memory_allocated; on CPU the process's peak RSS, reset through /proc/self/clear_refs (if that is
-    not allowed, only the growth is the block's own)."""
+    torch.cuda.max_memory_allocated; on CPU the process's peak RSS, reset through /proc/self/clear_refs (if that
+    is not allowed, only the growth is the block's own)."""
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -556,186 +560,183 @@ def peak_memory(device):
     mem.update(peak_mem_mb=peak / 2 ** 20, mem_growth_mb=(peak - base) / 2 ** 20)
 
 
-def timed(fn, warmup, iters, device):
-    for _ in range(warmup):
-        fn()
+def timed(fn, device, repeat=1):
+    """Seconds per call of fn (after the device has finished)."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    for _ in range(iters):
+    for _ in range(repeat):
         fn()
     sync()
-    return (time.perf_counter() - t0) / iters
+    return (time.perf_counter() - t0) / repeat
 
 
-def mcq_speed(model, tok_len, T, image_size, device, naive=False, batch=4, K=4, modes=MODES, rounds=3):
-    """Questions/s of K options x modes on random frames: the fast path scores `batch` questions per call, as
-    evaluate_mcq does; the naive one (naive=True) re-encodes per option and mode, one question at a time.
-    With naive, the two alternate for `rounds` rounds and each reports its median."""
-    g = torch.Generator().manual_seed(0)
-    vids = torch.randn(batch, T, 3, image_size, image_size, generator=g).to(device)
-    prompt = torch.randint(3, tok_len, (48,), generator=g).tolist()
-    answers = [torch.randint(3, tok_len, (4 + i,), generator=g).tolist() + [PAD_ID] for i in range(K)]
-    fm = torch.ones(batch, T, dtype=torch.bool, device=device)
-
-    def fast():
-        with torch.no_grad():
-            kv = model.encode(vids, fm)
-            for m in modes:
-                score_options(model, kv, fm, [prompt] * batch, [answers] * batch, m)
-
-    slow = lambda: [score_options_naive(model, vids[0], prompt, answers, m) for m in modes]
-    fast()  # warm-up
-    times = {"fast": [], "slow": []}
-    for _ in range(rounds if naive else 1):  # interleaved, so that load from other jobs hits both alike
-        times["fast"].append(timed(fast, 0, 1, device))
-        if naive:
-            times["slow"].append(timed(slow, 0, 1, device))
-    median = lambda t: sorted(t)[len(t) // 2]
-    out = {"mcq_questions_per_s": batch / median(times["fast"]), "mcq_batch": batch}
-    if naive:
-        out["mcq_naive_questions_per_s"] = 1 / median(times["slow"])
-        out["mcq_speedup"] = out["mcq_questions_per_s"] / out["mcq_naive_questions_per_s"]
-    return out
+def median(xs):
+    return sorted(xs)[len(xs) // 2]
 
 
-def speed(llm_dir=None, ckpt=None, device="cpu", dtypes=("float32", "bfloat16"), B=2, T=8, S=64, steps=3,
-          decode_tokens=32, naive=False, mcq_frames=16):
-    """Training step throughput (samples/s, tokens/s, MFU), decode tokens/s, MCQ questions/s, peak memory."""
+def train_speed(model, batch, device, dtypes, steps, mode="coarse_fine"):
+    """Seconds per stage-2 train step (forward, backward, fused AdamW) per dtype, interleaved so that load from
+    other jobs on a shared machine hits every dtype alike; the loss of each dtype on the same weights and batch,
+    before any update; peak memory of the warm-up steps."""
+    opt = model.configure_optimizers(0.01, dict.fromkeys(("connector", "dino", "dino_qk", "llm"), 1e-5))
+    report = {name: {} for name in dtypes}
+    model.train()
+
+    def step(name, update=True):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=name == "bfloat16"):
+            _, loss = model(batch["frames"], batch["input_ids"], batch["loss_mask"], mode=mode)
+        if update:
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss.item()
+    with torch.no_grad():
+        for name in dtypes:
+            report[name]["loss"] = step(name, update=False)
+    for name in dtypes:  # warm-up: the optimizer state and the allocator's pools are built in the first two steps
+        with peak_memory(device) as mem:
+            step(name), step(name)
+        report[name].update(mem)
+    times = {name: [] for name in dtypes}
+    for _ in range(steps):
+        for name in dtypes:
+            times[name].append(timed(lambda: step(name), device))
+    for name in dtypes:
+        report[name]["step_s"] = median(times[name])
+    return report
+
+
+def dpo_speed(model, batch, device, rounds=3):
+    """DPO step / stage-2 step (forward + backward) on the same batch: with the live reference and with a
+    precomputed one. The chosen answers are the stage-2 batch's texts; the rejected ones are the same tokens
+    shifted, so both answers have the batch's length."""
+    import dpo
+    pair = {"frames": batch["frames"], "frame_mask": torch.ones(batch["frames"].shape[:2], dtype=torch.bool,
+                                                                 device=device),
+            "keys": [str(i) for i in range(len(batch["frames"]))], "chosen_ids": batch["input_ids"],
+            "chosen_mask": batch["loss_mask"], "rejected_ids": batch["input_ids"].roll(1, 1),
+            "rejected_mask": batch["loss_mask"]}
+    ref = dpo.make_reference(model)
+    table = dict(zip(pair["keys"], dpo.reference_logps(ref, pair, "coarse_fine")))
+    steps = {"stage2": lambda: model(pair["frames"], pair["chosen_ids"], pair["chosen_mask"])[1].backward(),
+             "dpo": lambda: dpo.batch_loss(model, ref, pair)[0].backward(),
+             "dpo_precomputed": lambda: dpo.batch_loss(model, table, pair)[0].backward()}
+    times = {name: [] for name in steps}
+    for i in range(rounds + 1):  # interleaved; the first round is a warm-up
+        for name, fn in steps.items():
+            t = timed(fn, device)
+            model.zero_grad(set_to_none=True)
+            if i:
+                times[name].append(t)
+    stage2 = median(times["stage2"])
+    return {"dpo_over_stage2": median(times["dpo"]) / stage2,
+            "dpo_precomputed_over_stage2": median(times["dpo_precomputed"]) / stage2}
+
+
+def speed():
+    """--task=speed: train step per dtype (samples/s, tokens/s, MFU), decode tokens/s, MCQ questions/s, the DPO
+    step against a stage-2 step, peak memory."""
     torch.manual_seed(0)
     if torch.device(device).type == "cpu":
         keep_freed_memory()  # as train.py does
     if llm_dir:  # the 135M shape: real SmolLM2, random DINOv2-small
         model = FoveatedVLM(SmolLM2.from_pretrained(llm_dir), DINOv2(DinoConfig()))
-    else:  # the embedded default's checkpoint (a run dir or a dir of step-* works too)
-        try:
-            model = FoveatedVLM.from_checkpoint(ckpt)
-        except FileNotFoundError as e:
-            sys.exit(f"bench.py: {e}, or pass --llm_dir for the 135M shape")
-    size = 224 if llm_dir else model.dino.cfg.image_size
+    else:
+        model, _ = load_model(init_from)
+    size = image_size or (224 if llm_dir else model.dino.cfg.image_size)
     model.to(device)
-    V = model.llm.cfg.vocab_size
-    frames = torch.randn(B, T, 3, size, size, device=device)
-    ids = torch.randint(3, V, (B, S), device=device)
-    mask = torch.ones(B, S, dtype=torch.long, device=device)
+    B, T, S, V = speed_batch, speed_frames, speed_text, model.llm.cfg.vocab_size
+    batch = {"frames": torch.randn(B, T, 3, size, size, device=device),
+             "input_ids": torch.randint(3, V, (B, S), device=device),
+             "loss_mask": torch.ones(B, S, dtype=torch.long, device=device)}
     flops = train_flops(model, B, T, S, size)
-    opt = model.configure_optimizers(0.01, dict.fromkeys(("connector", "dino", "dino_qk", "llm"), 1e-5))
-    report = {"device": str(device), "shape": "135M" if llm_dir else "tiny", "B": B, "T": T, "S": S,
+    report = {"device": str(device), "shape": "135M" if llm_dir else init_from, "B": B, "T": T, "S": S,
               "image_size": size, "params": sum(p.numel() for p in model.parameters()), "train_flops_per_step": flops}
-    model.train()
-    with torch.no_grad():  # the same loss in every dtype, before any update: bf16 must be within its rounding noise
-        for name in dtypes:
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=name == "bfloat16"):
-                report[name] = {"loss": model(frames, ids, loss_mask=mask, mode="coarse_fine")[1].item()}
-
-    def step(dtype):
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            _, loss = model(frames, ids, loss_mask=mask, mode="coarse_fine")
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    times = {}
-    for name in dtypes:  # warm-up (the optimizer state and the allocator's pools are built in the first two steps)
-        with peak_memory(device) as mem:
-            step(getattr(torch, name)), step(getattr(torch, name))
-        report[name].update(mem)
-    for _ in range(steps):  # dtypes interleaved, medians: load from other jobs on a shared VM hits both alike
-        for name in dtypes:
-            times.setdefault(name, []).append(timed(lambda: step(getattr(torch, name)), 0, 1, device))
-    for name in dtypes:
-        dt, peak = sorted(times[name])[steps // 2], peak_flops(device, getattr(torch, name))
-        report[name].update(step_s=dt, samples_per_s=B / dt, tokens_per_s=B * (T + S) / dt, mfu=flops / dt / peak,
-                            peak_flops=peak)
+    dtypes = speed_dtypes.split(",")
+    for name, r in train_speed(model, batch, device, dtypes, speed_steps).items():
+        peak = peak_flops(device, getattr(torch, name))
+        report[name] = dict(r, samples_per_s=B / r["step_s"], tokens_per_s=B * (T + S) / r["step_s"],
+                            mfu=flops / r["step_s"] / peak, peak_flops=peak)
     model.eval()
-    fm = torch.ones(1, T, dtype=torch.bool, device=device)
-    kv = model.encode(frames[:1], fm)
+    mask = torch.ones(1, T, dtype=torch.bool, device=device)
+    with torch.no_grad():
+        kv = model.encode(batch["frames"][:1], mask)
 
-    def gen():
-        cache, last, _ = model.prefill(kv, fm, ids[:1, :16], "autoregressive", extra=decode_tokens)
-        for _ in decode(model.llm, cache, last, decode_tokens, stop_id=-1):  # never stops: a fixed length
+    def generate(n=32):
+        cache, last, _ = model.prefill(kv, mask, batch["input_ids"][:1, :16], "autoregressive", extra=n)
+        for _ in decode(model.llm, cache, last, n, stop_id=-1):  # never stops: a fixed length
             pass
-    report["decode_tokens_per_s"] = decode_tokens / timed(gen, 1, 2, device)
+    generate(4)
+    report["decode_tokens_per_s"] = 32 / median([timed(generate, device) for _ in range(3)])
     with peak_memory(device) as mem:
-        report.update(mcq_speed(model, V, mcq_frames, size, device, naive))
-    report.update(mcq_peak_mem_mb=mem["peak_mem_mb"], mcq_frames=mcq_frames)
+        report["mcq_questions_per_s"] = mcq_speed(model, V, 16, size, device)
+    report.update(mcq_peak_mem_mb=mem["peak_mem_mb"], mcq_frames=16)
+    report.update(dpo_speed(model.train(), batch, device))
     return report
+
+
+def mcq_speed(model, vocab, T, size, device, questions=4, K=4):
+    """Questions/s of K options in every mode on random frames, `questions` per call as evaluate_mcq does."""
+    g = torch.Generator().manual_seed(0)
+    videos = torch.randn(questions, T, 3, size, size, generator=g).to(device)
+    prompt = torch.randint(3, vocab, (48,), generator=g).tolist()
+    answers = [torch.randint(3, vocab, (4 + i,), generator=g).tolist() + [PAD_ID] for i in range(K)]
+    mask = torch.ones(questions, T, dtype=torch.bool, device=device)
+
+    def run():
+        with torch.no_grad():
+            kv = model.encode(videos, mask)
+            for m in MODES:
+                score_options(model, kv, mask, [prompt] * questions, [answers] * questions, m)
+    run()  # warm-up
+    return questions / median([timed(run, device) for _ in range(3)])
+
 
 # -----------------------------------------------------------------------------
 # CLI
 
 
-def load_model(args):
-    """(model, tokenizer) from --ckpt (our format), or --llm_dir/--dino_dir/--init_from (released weights)."""
-    if args.llm_dir:
-        dino = DINOv2.from_pretrained(args.dino_dir) if args.dino_dir else DINOv2(DinoConfig())
-        model = FoveatedVLM(SmolLM2.from_pretrained(args.llm_dir), dino)
-        if args.init_from:
-            model.load_weights(args.init_from)
-        elif not args.dino_dir:
-            sys.exit("bench.py: --llm_dir needs --dino_dir or --init_from (the DINOv2 weights)")
-        return model, load_tokenizer(args.llm_dir)
+TASKS = ("mvbench", "videomme", "scienceqa", "pope", "shards", "shapes", "speed")
+
+
+def main():
+    for key, value, choices in (("task", task, TASKS), ("score", score, tuple(SCORES)),
+                                ("scoring", scoring, tuple(SCORING)), ("dtype", dtype, ("float32", "bfloat16"))):
+        if value not in choices:
+            sys.exit(f"bench.py: {key}={value!r}: choose one of {', '.join(choices)}")
+    if task == "speed":
+        return speed()
     try:
-        ckpt = find_checkpoint(args.ckpt)
-    except FileNotFoundError as e:
-        sys.exit(f"bench.py: {e}, or pass --ckpt / --llm_dir")
-    return FoveatedVLM.from_checkpoint(ckpt), load_tokenizer(ckpt)
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="shapes", choices=["mvbench", "videomme", "scienceqa", "pope", "shards", "shapes", "speed"])
-    p.add_argument("--data_dir", default=None, help="the benchmark as downloaded (shapes: data/shapes)")
-    p.add_argument("--ckpt", default="out/shapes/ckpt", help="our checkpoint dir")
-    p.add_argument("--llm_dir", default=None, help="SmolLM2 HF dir (released weights)")
-    p.add_argument("--dino_dir", default=None, help="DINOv2 HF dir")
-    p.add_argument("--init_from", default=None, help="fVLM checkpoint (released safetensors or our dir) over the backbones")
-    p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--limit", type=int, default=None, help="first N questions only")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--frames", type=int, default=None, help="frames sampled per video (shards: up to 64, "
-                   "every frame as in the original; others 16)")
-    p.add_argument("--image_size", type=int, default=None, help="default 224 (shapes: as generated, 64)")
-    p.add_argument("--score", default="mean", choices=list(SCORES))
-    p.add_argument("--scoring", default="likelihood", choices=["likelihood", "generate"])
-    p.add_argument("--split", default="test", help="scienceqa split")
-    p.add_argument("--out", default=None, help="write everything to this json")
-    p.add_argument("--dtype", default="both", choices=["float32", "bfloat16", "both"], help="speed: training dtype")
-    p.add_argument("--batch_size", type=int, default=2, help="speed")
-    p.add_argument("--num_frames", type=int, default=8, help="speed: frames per training sample")
-    p.add_argument("--seq_len", type=int, default=64, help="speed: text tokens per training sample")
-    p.add_argument("--steps", type=int, default=3, help="speed: timed training steps")
-    p.add_argument("--naive", action="store_true", help="speed: also time the naive MCQ evaluation (slow)")
-    args = p.parse_args(argv)
-    args.frames = args.frames or (64 if args.task == "shards" else 16)
-    if args.task == "speed":
-        dtypes = ("float32", "bfloat16") if args.dtype == "both" else (args.dtype,)
-        out = speed(args.llm_dir, args.ckpt, args.device, dtypes, args.batch_size, args.num_frames, args.seq_len,
-                    args.steps, naive=args.naive, mcq_frames=args.frames)
-        print(json.dumps(out, indent=2))
-    else:
-        model, tok = load_model(args)
-        model.to(args.device)
-        data_dir = args.data_dir or ("data/shapes" if args.task == "shapes" else None)
-        if data_dir is None:
-            sys.exit(f"bench.py: --task {args.task} needs --data_dir (the benchmark folder as downloaded)")
-        if args.image_size is None:  # shapes: the size its frames were drawn at (data/shapes/shapes.json)
-            marker = os.path.join(data_dir, "shapes.json")
-            args.image_size = 224 if args.task != "shapes" else \
-                json.load(open(marker))["image_size"] if os.path.isfile(marker) else 64
-        records = read_task(args.task, data_dir, tok, args.frames, args.image_size, args.split)[:args.limit]
-        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-        if set(modes) - set(MODES):
-            sys.exit(f"bench.py: unknown --modes {sorted(set(modes) - set(MODES))}; choose from {', '.join(MODES)}")
-        out = evaluate_mcq(model, tok, records, modes, args.device, args.score, scoring=args.scoring,
-                           frames=args.frames, image_size=args.image_size)
-        out.update(task=args.task, data_dir=data_dir, frames=args.frames, image_size=args.image_size,
-                   weights=args.init_from or args.llm_dir or args.ckpt)
-        print(format_table(out))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
-    return out
+        model, tok_path = load_model(init_from, llm_dir, dino_dir)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"bench.py: {e}")
+    model.to(device)
+    tok = load_tokenizer(tok_path)
+    folder = data_dir or ("data/shapes" if task == "shapes" else "")
+    if not folder:
+        sys.exit(f"bench.py: --task={task} needs --data_dir (the benchmark folder as downloaded)")
+    size = image_size or 224
+    if task == "shapes" and not image_size:  # the size its frames were drawn at
+        marker = os.path.join(folder, "shapes.json")
+        size = json.load(open(marker))["image_size"] if os.path.isfile(marker) else 64
+    n_frames = frames or (64 if task == "shards" else 16)
+    run_modes = [m for m in modes.split(",") if m]
+    if set(run_modes) - set(MODES):
+        sys.exit(f"bench.py: unknown modes {sorted(set(run_modes) - set(MODES))}; choose from {', '.join(MODES)}")
+    records = read_task(task, folder, tok, n_frames, size, split)[:limit or None]
+    with torch.autocast(torch.device(device).type, torch.bfloat16) if dtype == "bfloat16" else nullcontext():
+        results = evaluate_mcq(model, tok, records, run_modes, device, score, scoring=scoring, frames=n_frames,
+                               image_size=size, batch_size=batch_size, fps=fps or None)
+    print(format_table(results))
+    return dict(results, task=task, data_dir=folder, frames=n_frames, image_size=size, dtype=dtype,
+                weights=init_from if init_from != "scratch" else f"{llm_dir} + {dino_dir}")
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    if task == "speed":
+        print(json.dumps(result, indent=2))
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)

@@ -17,8 +17,9 @@ import ast
 import difflib
 import sys
 
-_known = {k: v for k, v in globals().items()
-          if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, list, dict, type(None)))}
+_types = (int, float, bool, str, tuple, list, dict, type(None))
+_known = {k: v for k, v in globals().items()  # UPPER_CASE names are constants, not keys
+          if not k.startswith('_') and not k.isupper() and isinstance(v, _types)}
 
 
 def _set(key, raw):
@@ -36,9 +37,10 @@ def _set(key, raw):
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if default is not None and not isinstance(value, type(default)) and not isinstance(default, str):
-        sys.exit(f"configurator: --{key} expects {type(default).__name__} (default {default!r}), got {raw!r}")
-    if isinstance(default, str):
-        value = raw if not isinstance(value, str) else value  # strings stay strings: --out_dir=2024 is '2024'
+        sys.exit(f"configurator: --{key} expects {type(default).__name__} (default {default!r}), "
+                 f"got {raw!r}")
+    if isinstance(default, str):  # strings stay strings: --out_dir=2024 is '2024'
+        value = raw if not isinstance(value, str) else value
     print(f"override: {key} = {value!r}")
     globals()[key] = value
 

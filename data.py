@@ -1,12 +1,12 @@
 """
 Every input nanofVLM trains and evaluates on, in one file:
   1. tokenizer + ChatML template + per-stage loss masks
-  2. media decoding: videos (PyAV), images (Pillow), frame jpgs inside tar shards
-  3. ShardDataset: streaming tar shards, split once over ranks x workers, seeded
-     shuffle buffer, text-only mixing at text_ratio, resumable state
-  4. collate (text right-padded with <|im_end|>, frames padded + frame_mask)
+  2. media: images (Pillow), videos (PyAV, frames picked by presentation time), upright as they are shown
+  3. tar shards: files sharing a key form one sample
+  4. ShardDataset: streaming shards split once over ranks x workers, seeded shuffle, text-only mixing,
+     resumable reader state; collate; the Loader that remembers where each reader is
   5. "shapes": the synthetic foveation task that is our embedded default
-Bad inputs are skipped, warned about once (stderr) and counted (loader.skipped()).
+Bad inputs are skipped, warned about once (stderr) and counted (loader.skipped()): never fatal, never silent.
 """
 import glob as globlib
 import io
@@ -18,6 +18,7 @@ import sys
 import tarfile
 import zlib
 from collections import Counter
+from dataclasses import asdict, dataclass, field
 from itertools import chain, groupby
 
 import av
@@ -28,10 +29,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-SYSTEM_PROMPT = "You are a helpful AI assistant."
+SYSTEM_PROMPT = "You are a helpful AI assistant."  # always explicit: SmolLM2's default one injects a persona
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 exactly as SmolLM2
 PAD_ID = 2  # <|im_end|> doubles as pad; padding is masked out via loss_mask, never via ignore==pad
-MAX_LEN = {1: 512, 2: 1024, 3: 1024}
+MAX_LEN = {1: 512, 2: 1024, 3: 1024}  # text tokens per sample, by stage
 DEFAULT_USER = "Describe this video."  # sample.py's default question, and the shapes task's caption prompt
 # Real caption shards carry an empty `user`: the question a caption answers, by `source`, as the original used
 SOURCE_PROMPTS = {"openvid": "Write a brief caption for this video.",
@@ -39,10 +40,11 @@ SOURCE_PROMPTS = {"openvid": "Write a brief caption for this video.",
                   "vript": "Provide a detailed narration of what happens in this video.",
                   "sharegpt4video": "Describe what happens in this video in detail."}
 FALLBACK_PROMPT = "Describe this."  # any other source
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # ImageNet normalisation, as DINOv2 was trained
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 VIDEO_EXTS = ("mp4", "webm", "mkv", "gif", "avi", "mov")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_FRAMES = 8  # an image is replicated to this many frames in stages 2-3 (8 beat 1, 4 and 16)
 
 # -----------------------------------------------------------------------------
 # bad input: never fatal, never silent
@@ -57,29 +59,32 @@ class SkipSample(ValueError):  # a ValueError, so callers outside the dataset ju
         self.reason = reason
 
 
-def _skip(counter, reason, msg):
+def count_skip(counter, reason, msg):
     counter[reason] += 1
-    if msg not in _warned:  # once per path+reason, a run with a million bad files must not flood the log
+    if msg not in _warned:  # once per path and reason: a run with a million bad files must not flood the log
         _warned.add(msg)
         print(f"data.py: skipping {msg}", file=sys.stderr)
 
 
 def expand_globs(globs):
     paths = []
-    for g in [globs] if isinstance(globs, str) else globs:
-        if not (hits := sorted(globlib.glob(g))):
-            raise FileNotFoundError(f"data.py: glob '{g}' matched no files; check the path (or run make_shapes)")
+    for pattern in [globs] if isinstance(globs, str) else globs:
+        if not (hits := sorted(globlib.glob(pattern))):
+            raise FileNotFoundError(f"data.py: glob '{pattern}' matched no files; check the path "
+                                    f"(or run make_shapes)")
         paths += hits
     return paths
 
+
 # -----------------------------------------------------------------------------
-# tokenizer and chat template
+# 1. tokenizer and chat template
 
 
 def load_tokenizer(path_or_dir):
     path = os.path.join(path_or_dir, "tokenizer.json") if os.path.isdir(path_or_dir) else path_or_dir
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data.py: {path} not found; pass a SmolLM2 dir or a tokenizer.json (make_shapes writes one)")
+        raise FileNotFoundError(f"data.py: {path} not found; pass a SmolLM2 dir or a tokenizer.json "
+                                f"(make_shapes writes one)")
     tok = Tokenizer.from_file(path)
     for i, s in enumerate(SPECIALS):
         if tok.token_to_id(s) != i:
@@ -88,8 +93,8 @@ def load_tokenizer(path_or_dir):
 
 
 def encode_chat(tok, messages, stage, max_len=None):
-    """ChatML with the system prompt, written by hand (reference section 5) -> (input_ids, loss_mask, truncated).
-    Stage 1: every token is a target; stages 2/3: only assistant content and its <|im_end|> (not the '\\n' after it)."""
+    """ChatML with the system prompt, written by hand -> (input_ids, loss_mask, truncated). Stage 1: every token is
+    a target; stages 2-3: only assistant content and its <|im_end|> (not the '\\n' after it)."""
     text, spans = "", []
     for m in [{"role": "system", "content": SYSTEM_PROMPT}] + list(messages):
         text += f"<|im_start|>{m['role']}\n"
@@ -98,14 +103,16 @@ def encode_chat(tok, messages, stage, max_len=None):
         text += m["content"] + "<|im_end|>\n"
     # one encode of the whole text, so ids equal HF apply_chat_template; a target token's characters lie in a span
     enc = tok.encode(text, add_special_tokens=False)
-    mask = [1] * len(enc.ids) if stage == 1 else [int(any(s <= a and b <= e for s, e in spans)) for a, b in enc.offsets]
+    in_answer = [int(any(s <= a and b <= e for s, e in spans)) for a, b in enc.offsets]
+    mask = [1] * len(enc.ids) if stage == 1 else in_answer
     max_len = max_len or MAX_LEN[stage]
     return enc.ids[:max_len], mask[:max_len], len(enc.ids) > max_len
 
 
 def encode_prompt(tok, user):
     """System + user turn + generation prompt '<|im_start|>assistant\\n'."""
-    text = f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    text = (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+            f"<|im_start|>assistant\n")
     return tok.encode(text, add_special_tokens=False).ids
 
 
@@ -115,45 +122,53 @@ def encode_answer(tok, text):
 
 
 def format_mcq(question, options):
-    """The user text of a multiple-choice question (reference section 7)."""
+    """The user text of a multiple-choice question: the question, then one "X. option" line per option."""
     return question + "\n" + "\n".join(f"{'ABCDEFGH'[i]}. {o}" for i, o in enumerate(options))
 
+
 # -----------------------------------------------------------------------------
-# media
+# 2. media
 
 
-def _normalize(frames):
+def normalize(frames):
     """uint8 [T,H,W,3] numpy -> ImageNet-normalised float32 [T,3,H,W]"""
     return (torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255) - MEAN) / STD
 
 
-def _fit(w, h, size):
-    """size of the resize that makes the short side `size`"""
+def short_side_to(w, h, size):
+    """the size (w, h) of the resize that makes the short side `size`"""
     return max(size, round(w * (size / min(w, h)))), max(size, round(h * (size / min(w, h))))
 
 
-def _crop(a, size):
-    """centre crop [H,W,3] -> [size,size,3]"""
+def centre_crop(a, size):
+    """[H,W,3] -> [size,size,3]"""
     y, x = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
     return a[y:y + size, x:x + size]
 
 
-def _pil_rgb(src, size, name):
+def read_image(src, size, name=None):
+    """An image file or file-like -> uint8 [size,size,3]: upright (EXIF orientation), short side resized, centre
+    crop."""
     try:
-        img = ImageOps.exif_transpose(Image.open(src)).convert("RGB")  # phones store sideways + an EXIF tag
+        img = ImageOps.exif_transpose(Image.open(src)).convert("RGB")
     except Exception as e:
-        raise SkipSample("bad_image", f"{name}: unreadable image ({type(e).__name__}: {e})") from None
-    return _crop(np.array(img.resize(_fit(*img.size, size), Image.BICUBIC)), size)  # [S,S,3] uint8
+        raise SkipSample("bad_image", f"{name or src}: unreadable image ({type(e).__name__}: {e})") from None
+    return centre_crop(np.array(img.resize(short_side_to(*img.size, size), Image.BICUBIC)), size)
 
 
-def load_image(path, image_size, replicate=1, name=None):
-    """image -> [replicate,3,S,S]; images are replicated to 8 frames in stages 2-3 (reference section 4)"""
-    return _normalize(_pil_rgb(path, image_size, name or str(path))[None]).expand(replicate, -1, -1, -1).contiguous()
+def load_image(src, image_size, replicate=1, name=None):
+    """An image -> normalised [replicate,3,S,S]."""
+    return normalize(read_image(src, image_size, name)[None]).expand(replicate, -1, -1, -1).contiguous()
 
 
 def uniform_indices(n, k):
     """k indices spread uniformly over n frames (centres of k equal segments)"""
     return [int((i + 0.5) * n / min(k, n)) for i in range(min(k, n))]
+
+
+def natural_key(name):
+    """sort key: 'frame_2' before 'frame_10'"""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def _duration(container, stream):
@@ -162,9 +177,10 @@ def _duration(container, stream):
         return float(stream.duration * stream.time_base)
     if container.duration:
         return container.duration / av.time_base
-    ends = [float((p.pts + (p.duration or 0)) * stream.time_base) for p in container.demux(stream) if p.pts is not None]
+    tb = stream.time_base
+    ends = [float((p.pts + (p.duration or 0)) * tb) for p in container.demux(stream) if p.pts is not None]
     container.seek(0)
-    return max(ends, default=0.0) - float((stream.start_time or 0) * stream.time_base)
+    return max(ends, default=0.0) - float((stream.start_time or 0) * tb)
 
 
 def _upright_rgb(frame, size):
@@ -172,9 +188,9 @@ def _upright_rgb(frame, size):
     short side resized to `size`, centre-cropped."""
     turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise quarter turns that make it upright
     w, h = (frame.width, frame.height) if turns % 2 == 0 else (frame.height, frame.width)  # as displayed
-    w, h = _fit(w, h, size)
-    a = frame.to_ndarray(width=w if turns % 2 == 0 else h, height=h if turns % 2 == 0 else w, format="rgb24")
-    return _crop(np.rot90(a, turns), size)
+    w, h = short_side_to(w, h, size)
+    stored_w, stored_h = (w, h) if turns % 2 == 0 else (h, w)
+    return centre_crop(np.rot90(frame.to_ndarray(width=stored_w, height=stored_h, format="rgb24"), turns), size)
 
 
 def video_frames(src, image_size, max_frames, fps=None, start=None, end=None, name=None):
@@ -209,9 +225,10 @@ def video_frames(src, image_size, max_frames, fps=None, start=None, end=None, na
                 shown = frame
             if shown is None:
                 raise ValueError("no video frames")
-            late = sum(targets[j] > shown.time + 2 / rate for j in range(picked, k)) if shown.time is not None else 0
+            end_time = shown.time if shown.time is not None else origin + duration
+            late = sum(t > end_time + 2 / rate for t in targets[picked:])
             if late > max(1, k // 10):  # headers can be a frame off; more than that means the file was cut
-                raise SkipSample("short_video", f"{name}: video stops at {shown.time - origin:.2f} s but its header "
+                raise SkipSample("short_video", f"{name}: video stops at {end_time - origin:.2f} s but its header "
                                  f"says {duration:.2f} s ({late} of {k} picked times are past the end)")
             if picked < k and shown is not last:
                 yield _upright_rgb(shown, image_size)
@@ -223,11 +240,57 @@ def video_frames(src, image_size, max_frames, fps=None, start=None, end=None, na
 
 def load_video(src, max_frames, image_size, fps=None, start=None, end=None, name=None):
     """video_frames stacked and ImageNet-normalised -> [T,3,S,S]"""
-    return _normalize(np.stack(list(video_frames(src, image_size, max_frames, fps, start, end, name))))
+    return normalize(np.stack(list(video_frames(src, image_size, max_frames, fps, start, end, name))))
 
-def natural_key(name):
-    """sort key: 'frame_2' before 'frame_10'"""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+# -----------------------------------------------------------------------------
+# 3. tar shards: {key}.json + frames {key}.000.jpg ... | an image {key}.jpg | a video {key}.mp4 (+ {key}.txt)
+
+
+def write_tar(path, samples):
+    """samples: iterable of (key, {ext: bytes|str|dict}); deterministic bytes (mtime 0)"""
+    with tarfile.open(path, "w") as tf:
+        for key, files in samples:
+            for ext, payload in files.items():
+                payload = json.dumps(payload) if isinstance(payload, dict) else payload
+                payload = payload.encode() if isinstance(payload, str) else payload
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime = len(payload), 0
+                tf.addfile(info, io.BytesIO(payload))
+
+
+def read_tar(path, counter=skipped):
+    """Stream one tar ('r|*', no seeking) -> records {key, shard, files {ext: bytes}}. A truncated or corrupt
+    tar keeps the records before the damage and counts the rest as one skip."""
+    def members(tf):  # (key, ext, bytes); a record is only yielded once the next key (or the end) is reached intact
+        for m in tf:
+            if m.isfile():
+                folder, base = os.path.split(m.name)
+                key, _, ext = base.partition(".")  # keys contain no dots, so "k.000.jpg" -> "k", "000.jpg"
+                payload = tf.extractfile(m).read()
+                if len(payload) != m.size:
+                    raise EOFError("unexpected end of data")
+                yield os.path.join(folder, key), ext.lower(), payload
+        # tarfile ends quietly when the stream stops at/inside a header; an intact plain tar ends with zero blocks
+        if getattr(tf.fileobj, "comptype", "") == "tar" and tf.offset + 512 > os.path.getsize(path):
+            raise EOFError("no end-of-archive marker (file cut short)")
+    try:
+        with tarfile.open(path, "r|*") as tf:
+            for key, group in groupby(members(tf), key=lambda m: m[0]):
+                yield {"key": key, "shard": path, "files": {ext: payload for _, ext, payload in group}}
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        count_skip(counter, "bad_tar", f"{path}: truncated or corrupt tar ({type(e).__name__}: {e}); "
+                   f"rest of shard dropped")
+
+
+def read_source(path, counter=skipped):
+    """A tar shard, or a plain video/image file (+ optional sidecar {stem}.json / {stem}.txt) as one record."""
+    if ".tar" in os.path.basename(path):
+        return read_tar(path, counter)
+    stem, ext = os.path.splitext(path)
+    exts = [e for e in (ext[1:], "json", "txt") if os.path.exists(f"{stem}.{e}")]
+    files = {e.lower(): open(f"{stem}.{e}", "rb").read() for e in exts}
+    return [{"key": os.path.basename(stem), "shard": os.path.dirname(path), "files": files}]
 
 
 def frame_files(files):
@@ -236,7 +299,24 @@ def frame_files(files):
     return sorted((e for e in files if "." in e and e.rsplit(".", 1)[1] in IMAGE_EXTS), key=natural_key)
 
 
-def _turns(user, answer, where):
+def record_frames(files, names, image_size, where):
+    """The named image files of a record -> normalised frames [T,3,S,S]"""
+    return normalize(np.stack([read_image(io.BytesIO(files[e]), image_size, f"{where}.{e}") for e in names]))
+
+
+def record_text(record):
+    """A record's json (a dict; {} when it has none) and its .txt caption (or None)."""
+    files, where = record["files"], f"{record['shard']}:{record['key']}"
+    try:
+        meta = json.loads(files["json"]) if "json" in files else {}
+    except ValueError as e:
+        raise SkipSample("bad_json", f"{where}.json: bad json ({e})") from None
+    if not isinstance(meta, dict):
+        raise SkipSample("bad_json", f"{where}.json: bad json (a {type(meta).__name__}, not an object)")
+    return meta, files["txt"].decode("utf-8", "replace").strip() if "txt" in files else None
+
+
+def turns(user, answer, where):
     """`user` / `assistant` as a json holds them (strings, or equal-length lists of strings: several turns)
     -> (users, answers) lists; an empty or missing user comes back as None. Any other type is a bad field."""
     if isinstance(answer, list):
@@ -249,63 +329,24 @@ def _turns(user, answer, where):
                          f"of one length (got {type(user).__name__} and {type(answer).__name__})")
     return [u or None for u in users], answer
 
-# -----------------------------------------------------------------------------
-# tar shards (reference section 6): files sharing a key form one sample
-
-
-def write_tar(path, samples):
-    """samples: iterable of (key, {ext: bytes|str|dict}); deterministic bytes (mtime 0)"""
-    with tarfile.open(path, "w") as tf:
-        for key, files in samples:
-            for ext, data in files.items():
-                data = json.dumps(data) if isinstance(data, dict) else data
-                data = data.encode() if isinstance(data, str) else data
-                ti = tarfile.TarInfo(f"{key}.{ext}")
-                ti.size, ti.mtime = len(data), 0
-                tf.addfile(ti, io.BytesIO(data))
-
-
-def read_tar(path, counter=skipped):
-    """stream one tar ('r|*', no seeking) -> {key, shard, files{ext: bytes}}; a truncated or
-    corrupt tar keeps the samples before the damage and counts the rest as one skip"""
-    def members(tf):  # (key, ext, bytes); a sample is only yielded once the next key (or the end) is reached intact
-        for m in tf:
-            if m.isfile():
-                d, base = os.path.split(m.name)
-                key, _, ext = base.partition(".")  # keys contain no dots, so "k.000.jpg" -> "k", "000.jpg"
-                data = tf.extractfile(m).read()
-                if len(data) != m.size:
-                    raise EOFError("unexpected end of data")
-                yield os.path.join(d, key), ext.lower(), data
-        # tarfile ends quietly when the stream stops at/inside a header; an intact plain tar ends with zero blocks
-        if getattr(tf.fileobj, "comptype", "") == "tar" and tf.offset + 512 > os.path.getsize(path):
-            raise EOFError("no end-of-archive marker (file cut short)")
-    try:
-        with tarfile.open(path, "r|*") as tf:
-            for key, group in groupby(members(tf), key=lambda m: m[0]):
-                yield {"key": key, "shard": path, "files": {ext: data for _, ext, data in group}}
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        _skip(counter, "bad_tar", f"{path}: truncated or corrupt tar ({type(e).__name__}: {e}); rest of shard dropped")
-
-
-def read_source(path, counter=skipped):
-    """a tar shard, or a plain video/image file (+ optional sidecar {stem}.json / {stem}.txt) as one sample"""
-    if ".tar" in os.path.basename(path):
-        return read_tar(path, counter)
-    stem, ext = os.path.splitext(path)
-    files = {e.lower(): open(f"{stem}.{e}", "rb").read() for e in (ext[1:], "json", "txt") if os.path.exists(f"{stem}.{e}")}
-    return [{"key": os.path.basename(stem), "shard": os.path.dirname(path), "files": files}]
 
 # -----------------------------------------------------------------------------
-# the dataset, its collate and its resumable loader
+# 4. the dataset, its collate and its resumable loader
 
 
-def _shuffled(it, rng, size):
-    """bounded shuffle buffer"""
+def seeded(*keys):
+    """The one way this file draws random numbers: a random.Random seeded by a tuple of keys (the run's seed, an
+    epoch, a reader id, a stream position...). The same keys give the same stream in every process, so any
+    draw can be replayed on resume from the keys alone."""
+    return random.Random(repr(keys))  # a str seed goes through sha512: no per-process hash salt
+
+
+def shuffled(items, rng, size):
+    """A bounded shuffle buffer over a stream: holds `size` items, each next one takes a random one's place."""
     buf = []
-    for x in it:
+    for x in items:
         buf.append(x)
-        if len(buf) > size:  # full: a random element leaves, the new one takes its slot
+        if len(buf) > size:
             i = rng.randrange(size)
             buf[i], buf[-1] = buf[-1], buf[i]
             yield buf.pop()
@@ -313,19 +354,39 @@ def _shuffled(it, rng, size):
     yield from buf
 
 
+@dataclass
+class Cursor:
+    """Where a reader is in one stream of shards: the epoch, and how many records of it were consumed."""
+    epoch: int = 0
+    consumed: int = 0
+
+
+@dataclass
+class ReaderState:
+    """Everything a reader needs to resume exactly: its cursor in the main and the text-only shards, and how
+    many records it has drawn from either (the text-or-main draw of record n depends on n alone)."""
+    main: Cursor = field(default_factory=Cursor)
+    text: Cursor = field(default_factory=Cursor)
+    drawn: int = 0
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(Cursor(**d["main"]), Cursor(**d["text"]), d["drawn"])
+
+
 class ShardDataset(IterableDataset):
     """Streams samples {key, frames [T,3,S,S], input_ids, loss_mask} (stage 3: chosen_/rejected_ ids and
     masks) from tar shards or plain files; json-only samples are text-only (frames [0,3,S,S]).
-    Splitting: each epoch the shard list is shuffled with seed+epoch and shard i goes to global reader
-    i % (world_size*num_workers), reader = rank*num_workers+worker_id: every shard once per epoch.
-    Text mixing: with text_globs and text_ratio>0, each stream position draws (seeded) whether it takes the next
-    sample from the text shards (all of them on every reader if they are fewer than the readers) or the main ones.
-    Resume: per reader state (epoch, records consumed this epoch, text epoch/pos, position n); a resumed
-    reader re-reads the current epoch's tar members and drops the consumed ones without decoding them."""
+    Split: there are world_size x num_workers readers, reader = rank * num_workers + worker. Each epoch the
+    shard list is shuffled (seed, epoch) and shard i goes to reader i % readers: every shard once per epoch.
+    Text mixing: with text_globs and text_ratio > 0, each draw takes the next record from the text shards with
+    probability text_ratio (every reader reads all text shards if they are fewer than the readers).
+    Resume: a ReaderState per reader; a resumed reader re-reads its epoch's records up to where it was and drops
+    them without decoding."""
 
     def __init__(self, globs, tok, stage, image_size=224, max_frames=64, replicate_image_frames=1, text_ratio=0.0,
-                 seed=0, rank=0, world_size=1, text_globs=None, loop=True, shuffle_buffer=1000, fps=None, max_len=None,
-                 prompts=None):
+                 seed=0, rank=0, world_size=1, text_globs=None, loop=True, shuffle_buffer=1000, fps=None,
+                 max_len=None, prompts=None):
         self.shards = expand_globs(globs)
         self.text_shards = expand_globs(text_globs) if text_globs else []
         self.tok, self.stage, self.image_size, self.max_frames = tok, stage, image_size, max_frames
@@ -334,121 +395,116 @@ class ShardDataset(IterableDataset):
         self.max_len = max_len or MAX_LEN[stage]
         self.prompts = SOURCE_PROMPTS | {"": FALLBACK_PROMPT} | (prompts or {})  # source -> question; "" = any other
         self.batch_size, self.max_batch_frames = None, None  # set by make_loader: batches are built in workers
-        self.resume, self.start_worker = {}, 0  # from Loader.load_state_dict: gwid -> state; whose turn was next
-        self.skipped = Counter()  # this process's skips; collated batches carry it to the main process
+        self.resume, self.first_reader = {}, 0  # from Loader.load_state_dict: reader -> ReaderState; whose turn
+        self.skipped = Counter()  # this process's skips; every batch carries them to the main process
 
-    def _records(self, shards, gwid, total, st, ek, pk):
-        """records (raw tar members, undecoded) of one reader, advancing st[ek] (epoch), st[pk] (pos)"""
+    def records(self, shards, reader, readers, cursor, is_text):
+        """The undecoded records of one reader, advancing `cursor`. Its order depends on the seed and the epoch
+        alone, so a resumed reader can drop the records it had consumed."""
         while True:
             order = list(shards)
-            random.Random(self.seed * 7919 + st[ek]).shuffle(order)  # same on every reader
-            mine = order[gwid::total]
-            if len(order) < total and pk == "text_pos":
-                mine = order  # few text shards: every reader reads all of them, in its own order
-            elif len(order) < total and self.loop:  # (eval: surplus readers just read nothing)
-                raise ValueError(f"data.py: {len(order)} shards for {total} readers (world_size x num_workers); use fewer workers or more shards")
-            rng = random.Random((self.seed * 1_000_003 + st[ek]) * 10_007 + gwid + (pk == "text_pos") * 7)
-            raw = (r for p in mine for r in read_source(p, self.skipped))
-            done, got = st[pk], 0
-            for got, rec in enumerate(_shuffled(raw, rng, self.shuffle_buffer), 1):
-                if got > done:  # resume: the first `done` records were consumed; dropped without decoding
-                    st[pk] += 1
+            seeded(self.seed, "shards", is_text, cursor.epoch).shuffle(order)  # the same on every reader
+            mine = order if is_text and len(order) < readers else order[reader::readers]
+            stream = (rec for path in mine for rec in read_source(path, self.skipped))
+            rng, seen = seeded(self.seed, "buffer", is_text, cursor.epoch, reader), 0
+            for seen, rec in enumerate(shuffled(stream, rng, self.shuffle_buffer), 1):
+                if seen > cursor.consumed:  # resume: consumed records are dropped without decoding
+                    cursor.consumed += 1
                     yield rec
-            if not self.loop or got == 0:
-                return  # got == 0: nothing readable, stop instead of spinning forever
-            st[ek], st[pk] = st[ek] + 1, 0
+            if not self.loop or seen == 0:
+                return  # seen == 0: nothing readable, stop instead of spinning forever
+            cursor.epoch, cursor.consumed = cursor.epoch + 1, 0
 
-    def samples(self, gwid, total):
-        st = {"epoch": 0, "pos": 0, "text_epoch": 0, "text_pos": 0, "n": 0} | self.resume.get(gwid, {})
-        main = self._records(self.shards, gwid, total, st, "epoch", "pos")
-        text = self._records(self.text_shards, gwid, total, st, "text_epoch", "text_pos") if self.text_shards and self.text_ratio > 0 else None
+    def samples(self, reader, readers):
+        """(decoded sample, reader state after it) of one reader; bad records are counted and skipped"""
+        state = self.resume.get(reader, ReaderState())
+        main = self.records(self.shards, reader, readers, state.main, False)
+        mixing = self.text_shards and self.text_ratio > 0
+        text = self.records(self.text_shards, reader, readers, state.text, True) if mixing else iter(())
         while True:
-            # the text-vs-media draw depends on the stream position n alone, so resume needs no RNG state
-            draw = text and random.Random((self.seed * 1_000_003 + gwid) * 1_000_000_007 + st["n"]).random() < self.text_ratio
-            rec = (draw and next(text, None)) or next(main, None)
+            take_text = mixing and seeded(self.seed, "mix", reader, state.drawn).random() < self.text_ratio
+            rec = (take_text and next(text, None)) or next(main, None)
             if rec is None:
                 return
-            st["n"] += 1
+            state.drawn += 1
             try:
-                s = self.decode(rec)
+                yield self.decode(rec), asdict(state)
             except SkipSample as e:
-                _skip(self.skipped, e.reason, str(e))
-                continue
+                count_skip(self.skipped, e.reason, str(e))
             except Exception as e:  # a sample no rule foresaw still never kills the run: named and counted
-                _skip(self.skipped, "bad_sample", f"{rec['shard']}:{rec['key']}: {type(e).__name__}: {e}")
-                continue
-            yield dict(s, _state=(gwid, dict(st)))
+                count_skip(self.skipped, "bad_sample", f"{rec['shard']}:{rec['key']}: {type(e).__name__}: {e}")
 
     def __iter__(self):
         info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
         # worker 0 runs the reader whose turn was next: after a resume the DataLoader's round-robin goes on as before
-        it = self.samples(self.rank * nw + (wid + self.start_worker) % nw, self.world_size * nw)
-        return it if self.batch_size is None else self._batches(it)
+        reader = self.rank * workers + (worker + self.first_reader) % workers
+        samples = self.samples(reader, self.world_size * workers)
+        return (s for s, _ in samples) if self.batch_size is None else self.batches(samples, reader)
 
-    def _batches(self, it):
-        """lists of samples; a batch is closed only when the next sample (or the end: None) arrives, so the skip
-        counts it carries include the skips after its last sample"""
-        batch, cap = [], self.max_batch_frames
-        for s in chain(it, [None]):
-            full = s is None or len(batch) == self.batch_size or (cap and sum(len(x["frames"]) for x in [*batch, s]) > cap)
-            if batch and full:  # cap: dynamic batching by real frames
-                batch[-1]["_state"] += (dict(self.skipped),)  # this reader's skip counts so far
-                yield batch
+    def batches(self, samples, reader):
+        """Collated batches, each with the reader's state after its last sample and the reader's skip counts.
+        A batch closes when the next sample arrives (or the stream ends), so its skip counts include the skips
+        after its last sample."""
+        batch, state = [], None
+        for sample, next_state in chain(samples, [(None, None)]):
+            frames = sum(len(s["frames"]) for s in batch) + (len(sample["frames"]) if sample else 0)
+            full = len(batch) == self.batch_size or (self.max_batch_frames and frames > self.max_batch_frames)
+            if batch and (sample is None or full):
+                yield collate(batch) | {"progress": {"reader": reader, "state": state, "skipped": dict(self.skipped)}}
                 batch = []
-            batch.append(s)
+            if sample is not None:
+                batch.append(sample)
+            state = next_state
 
     def decode(self, rec):
-        files, where = rec["files"], f"{rec['shard']}:{rec['key']}"
-        try:
-            meta = json.loads(files["json"]) if "json" in files else {}
-            assert isinstance(meta, dict), "json is not an object"
-        except (ValueError, AssertionError) as e:
-            raise SkipSample("bad_json", f"{where}.json: bad json ({e})") from None
-        txt = files["txt"].decode("utf-8", "replace").strip() if "txt" in files else None
-        out = self.text(meta, txt, any(e not in ("json", "txt") for e in files), where)  # text first: cheap to reject
-        return dict(out, key=rec["key"], frames=self.frames(files, meta, where))
+        where = f"{rec['shard']}:{rec['key']}"
+        meta, txt = record_text(rec)
+        has_media = any(e not in ("json", "txt") for e in rec["files"])
+        return dict(self.text(meta, txt, has_media, where), key=rec["key"], frames=self.frames(rec["files"], meta, where))
 
-    def _enc(self, users, answers, where):
-        """equal-length lists of user / assistant strings: a conversation of one or more turns"""
-        turns = [{"role": r, "content": c} for u, a in zip(users, answers) for r, c in (("user", u), ("assistant", a))]
-        ids, mask, trunc = encode_chat(self.tok, turns, self.stage, self.max_len)
-        if trunc:
+    def question_for(self, meta):
+        """the question of a sample whose `user` is empty or missing: by its source"""
+        return self.prompts.get(str(meta.get("source", "")).lower(), self.prompts[""])
+
+    def conversation(self, users, answers, where):
+        """equal-length lists of user / assistant strings -> (input_ids, loss_mask) of this stage"""
+        chat = [{"role": r, "content": c} for u, a in zip(users, answers) for r, c in (("user", u), ("assistant", a))]
+        ids, mask, truncated = encode_chat(self.tok, chat, self.stage, self.max_len)
+        if truncated:
             self.skipped["truncated (kept)"] += 1
         if not any(mask):
             raise SkipSample("no_targets", f"{where}: no target tokens left after truncation to {self.max_len}")
         return ids, mask
 
-    def prompt_for(self, meta):
-        """the question of a sample whose `user` is empty or missing: by its source"""
-        return self.prompts.get(str(meta.get("source", "")).lower(), self.prompts.get("", FALLBACK_PROMPT))
-
     def text(self, meta, txt, has_media, where):
+        """The token ids and loss masks of a record's json (see the research layout in section 3)."""
         if self.stage == 3:
             if need := [f for f in ("chosen_assistant", "rejected_assistant") if not meta.get(f)]:
                 raise SkipSample("missing_field", f"{where}.json: DPO sample misses {need}")
-            user = meta.get("user") or (self.prompt_for(meta) if has_media else None)
-            c, r = (self._enc(*_turns(user, meta[f"{k}_assistant"], where), where) for k in ("chosen", "rejected"))
-            return {"chosen_ids": c[0], "chosen_mask": c[1], "rejected_ids": r[0], "rejected_mask": r[1]}
+            user = meta.get("user") or (self.question_for(meta) if has_media else None)
+            pair = [self.conversation(*turns(user, meta[f"{k}_assistant"], where), where) for k in ("chosen", "rejected")]
+            return {"chosen_ids": pair[0][0], "chosen_mask": pair[0][1],
+                    "rejected_ids": pair[1][0], "rejected_mask": pair[1][1]}
         if "token_ids" in meta:
-            return self._pretokenized(meta, where)
+            return self.pretokenized(meta, where)
         # stage 1 prefers the caption, stage 2 the user/assistant pair; either falls back to the other.
-        # `user` belongs to `assistant`: a caption next to an assistant answer gets the source's prompt
-        cap, asst = meta.get("caption") or txt, meta.get("assistant")
-        if asst and not (self.stage == 1 and cap):
-            answer, user = asst, meta.get("user")
+        # `user` belongs to `assistant`: a caption next to an assistant answer gets the source's question
+        caption, assistant = meta.get("caption") or txt, meta.get("assistant")
+        if assistant and not (self.stage == 1 and caption):
+            answer, user = assistant, meta.get("user")
         else:
-            answer, user = cap, None if asst else meta.get("user")
+            answer, user = caption, None if assistant else meta.get("user")
         if not answer:
             raise SkipSample("missing_field", f"{where}.json: needs 'assistant' (or 'caption')")
-        users, answers = _turns(user, answer, where)
+        users, answers = turns(user, answer, where)
         if has_media:  # a sample with media and an answer is never dropped for lack of a question
-            users = [u or self.prompt_for(meta) for u in users]
+            users = [u or self.question_for(meta) for u in users]
         if not all(users):
             raise SkipSample("missing_field", f"{where}.json: a text-only sample needs a 'user' question")
-        return dict(zip(("input_ids", "loss_mask"), self._enc(users, answers, where)))
+        return dict(zip(("input_ids", "loss_mask"), self.conversation(users, answers, where)))
 
-    def _pretokenized(self, meta, where):
+    def pretokenized(self, meta, where):
         """token_ids + loss_mask as stored; a missing mask means "all targets" only in stage 1"""
         ids, mask = meta["token_ids"], meta.get("loss_mask", "all" if self.stage == 1 else None)
         mask = [1] * len(ids) if mask == "all" and isinstance(ids, list) else mask
@@ -462,13 +518,13 @@ class ShardDataset(IterableDataset):
         return {"input_ids": ids[:self.max_len], "loss_mask": mask[:self.max_len]}
 
     def frames(self, files, meta, where):
+        """A record's frames [T,3,S,S]: its frame images (at most max_frames, spread uniformly), its video, its
+        image (replicated), or none (text-only)."""
         S = self.image_size
-        jpgs = frame_files(files)
-        if jpgs:
-            if isinstance(meta.get("frame_count"), int) and len(jpgs) < meta["frame_count"]:
-                raise SkipSample("short_video", f"{where}: {len(jpgs)} frame files but frame_count {meta['frame_count']}")
-            pick = [jpgs[i] for i in uniform_indices(len(jpgs), self.max_frames)]  # others never decoded
-            return _normalize(np.stack([_pil_rgb(io.BytesIO(files[e]), S, f"{where}.{e}") for e in pick]))
+        if names := frame_files(files):
+            if isinstance(meta.get("frame_count"), int) and len(names) < meta["frame_count"]:
+                raise SkipSample("short_video", f"{where}: {len(names)} frame files but frame_count {meta['frame_count']}")
+            return record_frames(files, [names[i] for i in uniform_indices(len(names), self.max_frames)], S, where)
         for e in VIDEO_EXTS:
             if e in files:
                 return load_video(io.BytesIO(files[e]), self.max_frames, S, self.fps, name=f"{where}.{e}")
@@ -479,10 +535,11 @@ class ShardDataset(IterableDataset):
 
 
 def collate(samples):
-    """right-pad text with PAD_ID (loss_mask 0), pad frames to the batch's max T with frame_mask"""
+    """Right-pad text with PAD_ID (loss_mask 0), pad frames to the batch's max T with frame_mask."""
     frames = pad_sequence([s["frames"] for s in samples], batch_first=True)  # [B,T,3,S,S], zeros after each clip
-    frame_mask = torch.arange(frames.shape[1]) < torch.tensor([len(s["frames"]) for s in samples])[:, None]  # [B,T]
-    out = {"frames": frames, "frame_mask": frame_mask, "keys": [s["key"] for s in samples]}
+    lengths = torch.tensor([len(s["frames"]) for s in samples])
+    out = {"frames": frames, "frame_mask": torch.arange(frames.shape[1]) < lengths[:, None],  # [B,T]
+           "keys": [s["key"] for s in samples]}
     # input_ids + loss_mask, or (stage 3) chosen_/rejected_ ids + mask, all [B,L] with one L for the batch
     names = [k for k in samples[0] if k.endswith(("_ids", "_mask"))]
     L = max(len(s[k]) for s in samples for k in names)
@@ -490,80 +547,65 @@ def collate(samples):
         out[k] = torch.full((len(samples), L), PAD_ID if k.endswith("_ids") else 0, dtype=torch.long)
         for i, s in enumerate(samples):
             out[k][i, :len(s[k])] = torch.as_tensor(s[k], dtype=torch.long)
-    if "_state" in samples[-1]:
-        out["_state"] = samples[-1]["_state"]  # reader state after the batch's last sample
     return out
 
 
 class Loader(DataLoader):
-    """DataLoader that remembers how far the consumer got, per reader, so a resumed run continues with
-    the next sample. Batches come round-robin from workers; after resume we keep that rotation."""
+    """A DataLoader that remembers how far the consumer got, per reader, so a resumed run continues with the
+    next sample. Batches come round-robin from the workers; after a resume that rotation goes on."""
 
     def __init__(self, dataset, num_workers, **kw):
-        super().__init__(dataset, batch_size=None, num_workers=num_workers, collate_fn=collate,
-                         persistent_workers=False, **kw)
-        self.nw, self.workers, self.stats, self.samples_seen, self.next_worker = max(1, num_workers), {}, {}, 0, 0
+        super().__init__(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False, **kw)
+        self.workers, self.states, self.skip_counts, self.next_worker = max(1, num_workers), {}, {}, 0
 
     def __iter__(self):
-        self.next_worker = self.dataset.start_worker
-        for b in super().__iter__():
-            g, st, sk = b.pop("_state")
-            self.workers[g], self.stats[g] = st, sk
-            self.samples_seen += len(b["keys"])
-            self.next_worker = (g + 1) % self.nw  # g = rank * nw + worker
-            yield b
+        self.next_worker = self.dataset.first_reader
+        for batch in super().__iter__():
+            progress = batch.pop("progress")
+            reader = progress["reader"]  # = rank * workers + worker
+            self.states[reader], self.skip_counts[reader] = progress["state"], progress["skipped"]
+            self.next_worker = (reader + 1) % self.workers
+            yield batch
 
     def skipped(self):
         """skip reasons summed over this rank's readers (log this)"""
-        return sum((Counter(s) for s in self.stats.values()), Counter())
+        return sum((Counter(s) for s in self.skip_counts.values()), Counter())
 
     def state_dict(self):
-        """per-rank; keyed by global reader id, so train.py may merge all ranks' dicts into one"""
-        return {"workers": {g: dict(s) for g, s in self.workers.items()}, "samples": self.samples_seen,
-                "epoch": max([s["epoch"] for s in self.workers.values()] or [0]),
-                "next_worker": {self.dataset.rank: self.next_worker}, "num_workers": self.nw,
-                "world_size": self.dataset.world_size}
+        """Per rank, keyed by global reader id, so train.py may merge all ranks' dicts into one."""
+        return {"workers": dict(self.states), "next_worker": {self.dataset.rank: self.next_worker},
+                "num_workers": self.workers, "world_size": self.dataset.world_size}
 
     def load_state_dict(self, sd):
         # which reader reads which shard depends on both numbers: another split would re-read or skip samples
-        saved, now = (sd.get("num_workers"), sd.get("world_size")), (self.nw, self.dataset.world_size)
+        saved, now = (sd.get("num_workers"), sd.get("world_size")), (self.workers, self.dataset.world_size)
         if saved != now:
             raise ValueError(f"data.py: the checkpoint's data position was saved with num_workers={saved[0]} x "
                              f"world_size={saved[1]}, this run has {now[0]} x {now[1]}: resume with the same "
                              f"--num_workers and number of ranks (or start a new run from it with --init_from=DIR)")
-        self.workers = {int(g): dict(s) for g, s in sd["workers"].items()}
-        self.dataset.resume, self.samples_seen = dict(self.workers), sd.get("samples", 0)
-        self.dataset.start_worker = {int(k): v for k, v in sd.get("next_worker", {}).items()}.get(self.dataset.rank, 0)
+        self.states = {int(r): s for r, s in sd["workers"].items()}
+        self.dataset.resume = {r: ReaderState.from_dict(s) for r, s in self.states.items()}
+        self.dataset.first_reader = {int(r): w for r, w in sd["next_worker"].items()}.get(self.dataset.rank, 0)
 
 
 def make_loader(dataset, batch_size, num_workers=0, max_batch_frames=None, **kw):
-    """batches are built inside the readers (so dynamic batching by frame count is possible);
-    kw goes to DataLoader (e.g. pin_memory). Log loader.skipped(); checkpoint loader.state_dict()."""
+    """Batches are built inside the readers (so dynamic batching by frame count is possible); kw goes to
+    DataLoader (e.g. pin_memory). Log loader.skipped(); checkpoint loader.state_dict()."""
     readers = dataset.world_size * max(1, num_workers)
     if dataset.loop and len(dataset.shards) < readers:  # said here, in the main process, not in a worker
+        n = len(dataset.shards) // dataset.world_size
         raise ValueError(f"data.py: {len(dataset.shards)} shards for {readers} readers (world_size x num_workers): "
                          f"every reader needs a shard of its own: use more shards, or "
-                         + (f"--num_workers={n}" if (n := len(dataset.shards) // dataset.world_size) else "fewer ranks"))
+                         + (f"--num_workers={n}" if n else "fewer ranks"))
     dataset.batch_size, dataset.max_batch_frames = batch_size, max_batch_frames
     return Loader(dataset, num_workers, **kw)
 
+
 # -----------------------------------------------------------------------------
-# "shapes": the synthetic task and our embedded default. Grey frames with clutter dots and two static grey decoy
-# balls; one coloured ball moves from one quadrant to another. Every ball carries a small coloured spot. The
-# questions are about the mover: its colour (visible in any summary of the frame), where it starts and where it
-# stops (the right frames), and the colour of its spot: a few pixels that a summary of the whole frame blurs with
-# the decoys' spots and the clutter, so the glimpse has to land on the mover. It does so by content (the only
-# coloured ball), so the static coarse glimpse learns it as well as the steered ones: measured, the spot is read
-# in every mode alike. The spot is 1/12 of the frame wide: at 1/16 (4 px, split over up to four 8 px patches)
-# some seeds read it and others did not (21-76%).
-# Half the training clips keep the ball in its quadrant: there every frame says where it is, so the LLM learns to
-# read places off a glimpse. With moving balls only, a from-scratch LLM stayed at chance on places (the held-out
-# clips all move). Which frame to read (start vs stop) is the slowest part to learn: seeds differ most there.
-# Tried and dropped: the ball resting an extra frame at each end gave 87 / 91 / 74 / 82% AR for seeds 1 / 2 / 1337 / 3
-# (73 / 74 / 93% for the first three without): the seeds that learn the direction changed, the spread did not.
-# Also dropped: a quarter of the clips still instead of half (seeds 1 / 2: 47 / 70%).
-# Learnable from scratch on a CPU in minutes was the constraint: small shapes (circle vs square) and a 3x3 grid of
-# places with small balls were tried first and stayed at chance in that budget.
+# 5. "shapes": the synthetic task and our embedded default. Grey frames with clutter dots and two static grey decoy
+# balls; one coloured ball moves from one quadrant to another; every ball carries a small coloured spot. The
+# questions are about the mover: its colour, its spot's colour, where it starts and where it stops. Learnable from
+# scratch on a CPU in minutes (what was tried: docs/LOG.md).
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (240, 210, 30)}
 SPOTS = {"white": (255, 255, 255), "black": (0, 0, 0), "cyan": (0, 230, 230), "magenta": (230, 0, 230)}
@@ -571,7 +613,7 @@ PLACES = ["top left", "top right", "bottom left", "bottom right"]  # the quadran
 QUESTIONS = {"colour": "what colour is the moving ball?", "spot": "what colour is the spot on the moving ball?",
              "start": "where does the moving ball start?", "end": "where does the moving ball stop?"}
 DECOYS = 2  # static grey balls with spots (at most 2: the mover and the decoys each take a quadrant)
-STILL = 0.5  # share of training clips whose ball stays put (see above)
+STILL = 0.5  # share of training clips whose ball stays put: every frame says where it is
 SHAPES_VERSION = 4  # bump when the task changes: ensure_shapes then regenerates old copies
 
 
@@ -708,29 +750,3 @@ def ensure_shapes(out_dir, **kw):
         print(f"data.py: generating the shapes task in {out_dir}", file=sys.stderr)
         make_shapes(out_dir, **kw)
     return out_dir
-
-
-def read_mcq(path, image_size=64):
-    """A json list of MCQs -> [{question, options, answer (index), category, frames [T,3,S,S] or video}]. Our shapes
-    format: {key, shard, question, options, answer, category}, frames read from the shard. Also accepts {video,
-    question, candidates, answer (text)} (MVBench) and options lettered "A. ..." with a letter answer (Video-MME)."""
-    path = os.path.join(path, "mcq_val.json") if os.path.isdir(path) else path
-    root = os.path.dirname(os.path.abspath(path))
-    recs, need = [], {}
-    for r in json.load(open(path)):
-        opts, a = [re.sub(r"^[A-H]\. ", "", o) for o in r.get("options") or r["candidates"]], r["answer"]
-        ans = a if not isinstance(a, str) else "ABCDEFGH".index(a) if re.fullmatch("[A-H]", a) else opts.index(a)
-        out = {"question": r["question"], "options": opts, "answer": ans, "category": r.get("category", r.get("task_type", "all"))}
-        if "shard" in r:
-            need.setdefault(os.path.join(root, r["shard"]), {})[r["key"]] = out
-        else:
-            out.update(video=os.path.join(root, r["video"]), **{k: r[k] for k in ("start", "end") if k in r})
-        recs.append(out)
-    for shard, byk in need.items():
-        for rec in read_tar(shard):
-            if rec["key"] in byk:
-                jpgs = frame_files(rec["files"])
-                byk[rec["key"]]["frames"] = _normalize(np.stack([_pil_rgb(io.BytesIO(rec["files"][e]), image_size, shard) for e in jpgs]))
-    if missing := [r["question"] for r in recs if "frames" not in r and "video" not in r]:
-        raise ValueError(f"{path}: {len(missing)} MCQs whose key is not in their shard; regenerate with make_shapes")
-    return recs

@@ -1,19 +1,16 @@
 """
-Stage 3: Direct Preference Optimisation (DPO) on image/video preference pairs.
-
-train.py runs this through its one training loop (stage=3): only the batch loss differs from stages 1-2.
+Stage 3: Direct Preference Optimisation (DPO) on image/video preference pairs. train.py runs it through its
+one training loop (stage=3): only the batch loss differs from stages 1-2.
 
     loss = -logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
 
 pi / ref are the SUMMED log-probs of the answer tokens (chosen c, rejected r) under the policy and the frozen
 reference (the stage-2 model). At step 0 the policy is the reference, so the loss is ln 2.
 
-Sharing: one DINOv2 encode and one coarse pass per sample serve both answers; the two fine LLM passes run as
-one batch of 2B rows (FoveatedVLM.forward with n_texts=2; rows are chosen_0, rejected_0, chosen_1, ...).
-
-The reference is either a frozen copy of the initial policy (make_reference), or, with precompute_ref, a table of
-its log-probs computed in one pass over the data before training (precompute_reference), so that training
-holds one model in memory and skips the reference forward.
+One DINOv2 encode and one coarse pass per sample serve both answers; the two fine LLM passes run as one batch
+of 2B rows (FoveatedVLM.forward with n_texts=2; rows chosen_0, rejected_0, chosen_1, ...). The reference is a
+frozen copy of the initial policy (make_reference), or with precompute_ref a table of its log-probs computed
+in one pass before training (precompute_reference): one model in memory, no reference forward.
 """
 import copy
 from contextlib import nullcontext
@@ -27,26 +24,26 @@ import data
 
 
 def pair_ids(batch):
-    """data.collate's stage-3 batch -> (ids [2B,S], loss mask [2B,S]), chosen and rejected interleaved per sample."""
+    """data.collate's stage-3 batch -> ids and loss mask [2B,S], chosen and rejected interleaved per sample."""
     ids = torch.stack((batch['chosen_ids'], batch['rejected_ids']), 1).flatten(0, 1)
     mask = torch.stack((batch['chosen_mask'], batch['rejected_mask']), 1).flatten(0, 1)
     return ids, mask
 
 
 def sequence_logps(logits, ids, mask):
-    """logits [R,S,V] (position i predicts token i+1), ids/mask [R,S] -> (summed log-prob of the target tokens
-    [R] (mask[i]=1 marks token i as a target, as in model.forward), number of target tokens [R])."""
+    """logits [R,S,V] (position i predicts token i+1), ids/mask [R,S] -> summed log-prob of the target tokens
+    [R] (mask[i] = 1 marks token i as a target, as in model.forward) and the number of targets [R]."""
     target = mask[:, 1:].bool()  # [R,S-1]
-    # only the target positions go through the vocab-wide softmax: answers are a fraction of the sequence
-    ce = F.cross_entropy(logits[:, :-1][target].float(), ids[:, 1:][target], reduction='none')  # [N]
+    # only the targets go through the vocab-wide softmax: answers are a fraction of the sequence
+    ce = F.cross_entropy(logits[:, :-1][target].float(), ids[:, 1:][target], reduction='none')
     rows = target.nonzero()[:, 0]
     logps = torch.zeros(ids.shape[0], device=logits.device).index_add(0, rows, -ce)
     return logps, target.sum(1)
 
 
 def answer_logps(model, batch, mode):
-    """(summed log-probs [B,2] (chosen, rejected), target token counts [B,2]) of both answers of every sample:
-    one encode and one coarse pass serve both answers. `model` may be the DDP wrapper (its forward is called)."""
+    """Summed log-probs [B,2] (chosen, rejected) of both answers of every sample and their target counts
+    [B,2]. `model` may be the DDP wrapper (its forward is what runs)."""
     ids, mask = pair_ids(batch)
     logits, _ = model(batch['frames'], ids, None, batch['frame_mask'], mode=mode, n_texts=2)  # [2B,S,V]
     logps, counts = sequence_logps(logits, ids, mask)
@@ -54,41 +51,41 @@ def answer_logps(model, batch, mode):
 
 
 def make_reference(model, precompute_ref=False):
-    """The frozen reference: a copy of the initial policy in eval() with no grads (or None with precompute_ref:
-    then precompute_reference builds a table instead). Make it before torch.compile wraps methods of `model`."""
+    """The frozen reference: a copy of the initial policy, in eval() with no grads; None with precompute_ref
+    (precompute_reference builds a table instead). Make it before torch.compile wraps methods of `model`."""
     if precompute_ref:
         return None
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def precompute_reference(model, dataset, device, autocast=nullcontext(), mode='coarse_fine', batch_size=8,
-                         num_workers=0):
-    """One pass over a non-looping stage-3 ShardDataset with the (initial) model -> {sample key: tensor [2]
-    (ref_c, ref_r)}, the `ref` that batch_loss takes. Under DDP every rank scores its share of the shards and
-    the tables are merged, so every rank can look up any sample (shard order changes between epochs)."""
+def precompute_reference(model, dataset, device, autocast=nullcontext(), mode='coarse_fine', batch_size=8):
+    """One pass of the (initial) model over a non-looping stage-3 ShardDataset -> {sample key: [ref_c, ref_r]},
+    the `ref` that batch_loss takes. Under DDP every rank scores its share of the shards and the tables are
+    merged, so that every rank can look up any sample (the shard order changes between epochs)."""
     was_training = model.training
     model.eval()
-    table, dup = {}, set()
-    loader = data.make_loader(dataset, batch_size, num_workers)
+    table, repeated = {}, set()
     master = not dist.is_initialized() or dist.get_rank() == 0
+    loader = data.make_loader(dataset, batch_size)
     for batch in tqdm(loader, desc='dpo: reference log-probs', disable=not master, dynamic_ncols=True):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with autocast:
             logps, _ = answer_logps(model, batch, mode)
         for key, lp in zip(batch['keys'], logps.float().cpu()):
-            dup.update([key] if key in table else [])
+            repeated.update([key] if key in table else [])
             table[key] = lp
     if dist.is_initialized():
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, table)
         table = {}
         for part in parts:
-            dup.update(table.keys() & part.keys())
+            repeated.update(table.keys() & part.keys())
             table.update(part)
-    if dup:
-        raise ValueError(f"dpo.py: {len(dup)} sample keys occur more than once in the DPO shards (e.g. "
-                         f"{sorted(dup)[0]!r}): precompute_ref needs unique keys; make them unique or use precompute_ref=False")
+    if repeated:
+        raise ValueError(f"dpo.py: {len(repeated)} sample keys occur more than once in the DPO shards (e.g. "
+                         f"{sorted(repeated)[0]!r}): precompute_ref needs unique keys; make them unique "
+                         f"or use precompute_ref=False")
     model.train(was_training)
     return table
 
@@ -106,10 +103,10 @@ def reference_logps(ref, batch, mode):
 
 
 def batch_loss(model, ref, batch, beta=0.1, label_smoothing=0.0, sft_weight=0.0, mode='coarse_fine'):
-    """DPO loss of one micro-batch (data.collate's stage-3 dict, on device) and metrics (dict of 0-dim tensors).
-    model: the policy, or its DDP wrapper (the forward goes through it so gradients sync); ref: make_reference's
-    model or precompute_reference's table. label_smoothing > 0: conservative DPO (the label is flipped with that
-    probability). sft_weight > 0 adds sft_weight * the mean CE of the chosen answers' tokens."""
+    """DPO loss of one micro-batch (data.collate's stage-3 dict, on device) and its metrics (0-dim tensors).
+    model: the policy or its DDP wrapper (the forward goes through it, so gradients sync); ref: make_reference's
+    model or precompute_reference's table. label_smoothing > 0: conservative DPO (the label is flipped with
+    that probability). sft_weight > 0 adds sft_weight * the mean CE of the chosen answers' tokens."""
     policy, counts = answer_logps(model, batch, mode)  # [B,2]
     reference = reference_logps(ref, batch, mode)  # [B,2]
     rewards = beta * (policy.float() - reference).detach()  # [B,2] implicit rewards, for the metrics
@@ -119,9 +116,10 @@ def batch_loss(model, ref, batch, beta=0.1, label_smoothing=0.0, sft_weight=0.0,
     metrics = {'rewards/chosen': rewards[:, 0].mean(), 'rewards/rejected': rewards[:, 1].mean(),
                'rewards/accuracies': (rewards[:, 0] > rewards[:, 1]).float().mean(),
                'rewards/margins': (rewards[:, 0] - rewards[:, 1]).mean(),
-               'logps/chosen': policy[:, 0].detach().mean(), 'logps/rejected': policy[:, 1].detach().mean()}
+               'logps/chosen': policy[:, 0].detach().mean(),
+               'logps/rejected': policy[:, 1].detach().mean()}
     if sft_weight > 0:
-        sft = -policy[:, 0].sum() / counts[:, 0].sum().clamp(min=1)  # token-weighted, like model.forward's CE
+        sft = -policy[:, 0].sum() / counts[:, 0].sum().clamp(min=1)  # token-weighted, as model.forward's CE
         metrics['loss/dpo'], metrics['loss/sft'] = loss.detach(), sft.detach()
         loss = loss + sft_weight * sft
     return loss, metrics

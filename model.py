@@ -1,20 +1,22 @@
 """
-nanofVLM: a foveated video-language model in one file.
-
-Read top to bottom:
+nanofVLM: a foveated video-language model in one file. Read top to bottom:
   1. loading helpers   safetensors in, strict key checks, errors that name the file
   2. SmolLM2           the Llama-architecture language model, with a preallocated KV cache
-  3. DINOv2            the ViT that encodes a frame; each block hands back its keys/values
-  4. the glimpse       one query token walks every DINOv2 layer against the cached K/V
-  5. FoveatedVLM       glimpses -> one LLM token per frame; the LLM chooses the next query
+  3. DINOv2            the ViT that encodes a frame; its blocks also run the glimpse against cached K/V
+  4. FoveatedVLM       one glimpse per frame -> one LLM token; the LLM chooses where the next glimpse looks
+  5. load_model        the one loader every script calls
   6. generation        greedy / temperature / top-k decoding from a filled cache
+  7. speed             FLOPs of a step, peak FLOP/s, and the CPU-specific tricks, each named
 """
+import ctypes
 import glob
 import json
 import math
 import os
 import re
 import shutil
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -38,37 +40,38 @@ def read_config(path, model_type):
     return cfg
 
 
-def read_safetensors(model_dir):
+def read_weights(path):
+    """One safetensors file -> {name: tensor}, with an error that says which file is broken."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found (expected next to config.json)")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: cannot read safetensors ({e}). Is the file truncated? Download it again.") from e
+
+
+def read_hf_weights(model_dir):
     """All tensors of a HF dir: model.safetensors, or model.safetensors.index.json and its shards."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     files = ["model.safetensors"]
     if os.path.isfile(index):
         with open(index) as f:
             files = sorted(set(json.load(f)["weight_map"].values()))
-    state = {}
-    for name in files:
-        path = os.path.join(model_dir, name)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: not found (expected next to config.json)")
-        try:
-            state.update(load_file(path))
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path}: cannot read safetensors ({e}). Is the file truncated? Download it again.") from e
-    return state
+    return {k: v for name in files for k, v in read_weights(os.path.join(model_dir, name)).items()}
 
 
 def load_strict(module, state, source):
     """load_state_dict, but every missing / unexpected / mis-shaped key is listed with the source file."""
     ours = module.state_dict()
-    missing = sorted(set(ours) - set(state))
-    unexpected = sorted(set(state) - set(ours))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(ours[k].shape)}"
-              for k in ours if k in state and state[k].shape != ours[k].shape]
-    if missing or unexpected or shapes:
+    problems = {"missing": sorted(set(ours) - set(state)), "unexpected": sorted(set(state) - set(ours)),
+                "wrong shape": [f"{k}: file {tuple(state[k].shape)} vs model {tuple(ours[k].shape)}"
+                                for k in ours if k in state and state[k].shape != ours[k].shape]}
+    if any(problems.values()):
         lines = [f"{source}: weights do not match the model"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+        for title, keys in problems.items():
             if keys:
-                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+                more = " ..." if len(keys) > 20 else ""
+                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:20]) + more)
         raise ValueError("\n".join(lines))
     module.load_state_dict(state)  # copies, so bf16 files land in whatever dtype the module has
 
@@ -105,7 +108,8 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rotate(x, cos, sin):  # x [B,H,S,hd]; cos/sin [B,1,S,hd]; HF's rotate_half convention
+def rotate(x, cos, sin):
+    """RoPE on x [B,H,S,hd] with cos/sin [B,1,S,hd], in HF's rotate_half convention"""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -159,17 +163,17 @@ class LlamaBlock(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         B, S, _ = x.shape
-        a, c = self.self_attn, self.cfg
+        attn, cfg = self.self_attn, self.cfg
         h = self.input_layernorm(x)
-        q = a.q_proj(h).view(B, S, c.n_heads, c.head_dim).transpose(1, 2)  # [B,H,S,hd]
-        k = a.k_proj(h).view(B, S, c.n_kv_heads, c.head_dim).transpose(1, 2)  # [B,Hkv,S,hd]
-        v = a.v_proj(h).view(B, S, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        q = attn.q_proj(h).view(B, S, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # [B,H,S,hd]
+        k = attn.k_proj(h).view(B, S, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B,Hkv,S,hd]
+        v = attn.v_proj(h).view(B, S, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        causal = mask is None and S > 1 and (cache is None or cache.length == 0)
         if cache is not None:  # attend over everything so far
             k, v = cache.write(layer, k, v)
-        causal = mask is None and S > 1 and (cache is None or cache.length == 0)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
-        x = x + a.o_proj(y.transpose(1, 2).reshape(B, S, -1))
+        x = x + attn.o_proj(y.transpose(1, 2).reshape(B, S, -1))
         h = self.post_attention_layernorm(x)
         return x + self.mlp.down_proj(F.silu(self.mlp.gate_proj(h)) * self.mlp.up_proj(h))
 
@@ -201,30 +205,34 @@ class SmolLM2(nn.Module):
     def new_cache(self, batch, max_len):
         return KVCache(self.cfg, batch, max_len, self.embed_tokens.weight.dtype, self.embed_tokens.weight.device)
 
-    def forward(self, idx=None, embeds=None, valid=None, cache=None, hidden_only=False):
-        """idx [B,S] token ids or embeds [B,S,D]. valid [B,S] bool marks real tokens: padding is never
-        attended by a real token and does not advance positions, so a padded sample computes exactly what
-        it would alone. cache: a KVCache to append to (incremental decoding).
-        Returns logits [B,S,V], or the final-normed hidden states [B,S,D] with hidden_only=True."""
-        x = self.embed_tokens(idx) if embeds is None else embeds
-        B, S, _ = x.shape
+    def positions_and_mask(self, B, S, device, valid, cache):
+        """Positions [B,S] of the new tokens and the attention mask (None: plain causal). Padding is never
+        attended by a real token and does not advance positions."""
         start = cache.length if cache is not None else 0
         if cache is not None and valid is not None:
             cache.valid[:, start:start + S] = valid
             cache.padded = cache.padded or not bool(valid.all())
         if valid is None and (cache is None or not cache.padded):
-            pos = torch.arange(start, start + S, device=x.device).expand(B, S)
+            pos = torch.arange(start, start + S, device=device).expand(B, S)
             mask = None  # causal (or a single new token): SDPA needs no mask
             if cache is not None and start > 0 and S > 1:
-                mask = torch.ones(S, start + S, dtype=torch.bool, device=x.device).tril(start)
-        else:
-            seen = cache.valid[:, :start + S] if cache is not None else valid  # [B,L]
-            pos = (seen.cumsum(1) - 1).clamp(min=0)[:, start:]  # [B,S] positions skip padding
-            i = torch.arange(start, start + S, device=x.device)[:, None]
-            j = torch.arange(start + S, device=x.device)[None]
-            # causal, only real keys; every query sees itself so padded rows never softmax over nothing
-            mask = ((j <= i) & seen[:, None, :]) | (j == i)
-            mask = mask[:, None]  # [B,1,S,L]
+                mask = torch.ones(S, start + S, dtype=torch.bool, device=device).tril(start)
+            return pos, mask
+        seen = cache.valid[:, :start + S] if cache is not None else valid  # [B,L]
+        pos = (seen.cumsum(1) - 1).clamp(min=0)[:, start:]  # [B,S]
+        i = torch.arange(start, start + S, device=device)[:, None]
+        j = torch.arange(start + S, device=device)[None]
+        # causal, only real keys; every query sees itself so padded rows never softmax over nothing
+        mask = ((j <= i) & seen[:, None, :]) | (j == i)
+        return pos, mask[:, None]  # [B,1,S,L]
+
+    def forward(self, idx=None, embeds=None, valid=None, cache=None, hidden_only=False):
+        """idx [B,S] token ids or embeds [B,S,D]. valid [B,S] bool marks real tokens, so a padded sample computes
+        exactly what it would alone. cache: a KVCache to append to (incremental decoding).
+        Returns logits [B,S,V], or the final-normed hidden states [B,S,D] with hidden_only=True."""
+        x = self.embed_tokens(idx) if embeds is None else embeds
+        B, S, _ = x.shape
+        pos, mask = self.positions_and_mask(B, S, x.device, valid, cache)
         cos, sin = self.rope(pos, x.dtype)
         for i, block in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:  # a re-run would re-write the cache
@@ -246,15 +254,15 @@ class SmolLM2(nn.Module):
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise ValueError(f"{path}: rope scaling {rope} is not supported")
+        heads = hf["num_attention_heads"]
         cfg = LLMConfig(
-            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-            n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
+            n_kv_heads=hf.get("num_key_value_heads", heads), head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
             hidden_dim=hf["intermediate_size"], norm_eps=hf["rms_norm_eps"],
             rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
             max_seq_len=hf.get("max_position_embeddings", 8192), tie_embeddings=hf.get("tie_word_embeddings", True))
         model = cls(cfg).to(dtype)
-        load_strict(model, llm_state(read_safetensors(model_dir), cfg), model_dir)
+        load_strict(model, llm_state(read_hf_weights(model_dir), cfg), model_dir)
         return model
 
 
@@ -284,32 +292,34 @@ class DinoConfig:
 class DinoBlock(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        d = cfg.dim
+        d, hidden = cfg.dim, int(cfg.dim * cfg.mlp_ratio)
         self.n_heads = cfg.n_heads
         self.norm1 = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.proj = nn.Linear(d, d)  # attention output
         self.ls1 = nn.Parameter(torch.ones(d))  # LayerScale
         self.norm2 = nn.LayerNorm(d, eps=cfg.norm_eps)
-        self.mlp = nn.Sequential(nn.Linear(d, int(d * cfg.mlp_ratio)), nn.GELU(), nn.Linear(int(d * cfg.mlp_ratio), d))
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
         self.ls2 = nn.Parameter(torch.ones(d))
 
     def heads(self, x):  # [N,L,D] -> [N,H,L,hd]
         return x.view(*x.shape[:2], self.n_heads, x.shape[2] // self.n_heads).transpose(1, 2)
 
-    def forward(self, x):
-        """x [N,L,D] -> (x, (k, v)): the keys/values are handed back so the glimpse reuses them."""
+    def forward(self, x, kv=None):
+        """The encoder: x [N,L,D] attend to each other; returns (x, their (k, v) [N,H,L,hd], None).
+        The glimpse: x [N,Q,D] are queries that attend to a frame's cached kv only (the patches never see
+        them); returns (x, kv, attention weights [N,H,Q,L])."""
         h = self.norm1(x)
-        q, k, v = self.heads(self.q(h)), self.heads(self.k(h)), self.heads(self.v(h))
-        if q.is_cuda or q.dtype == torch.float32:
-            y = F.scaled_dot_product_attention(q, k, v)
-        else:  # bf16 on CPU: PyTorch's fused kernel is 2.5x slower than two matmuls and a softmax (bench.py: the
-            # 135M bf16 train step 1.1x faster with these); in fp32 the fused kernel is the faster one
-            y = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1) @ v  # [N,H,1+P,hd]
-        y = y.transpose(1, 2).flatten(2)
-        x = x + self.ls1 * self.proj(y)
+        q = self.heads(self.q(h))
+        if kv is None:
+            kv = self.heads(self.k(h)), self.heads(self.v(h))
+            y, weights = attention(*(q, *kv)), None
+        else:
+            weights = (q @ kv[0].transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
+            y = weights @ kv[1]
+        x = x + self.ls1 * self.proj(y.transpose(1, 2).flatten(2))
         x = x + self.ls2 * self.mlp(self.norm2(x))
-        return x, (k, v)
+        return x, kv, weights
 
 
 def sincos_2d(grid, dim):
@@ -327,8 +337,8 @@ class DINOv2(nn.Module):
         grid = cfg.image_size // cfg.patch_size
         self.patch_embed = nn.Conv2d(3, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.dim) * 0.02)
-        # fixed 2D sine-cosine init (CLS slot zero): with a 0.02 random init a tiny ViT from scratch could not tell
-        # where things are for hundreds of steps. Pretrained weights overwrite it.
+        # a fixed 2D sine-cosine init (CLS slot zero): a tiny ViT from scratch finds where things are sooner.
+        # Pretrained weights overwrite it.
         self.pos_embed = nn.Parameter(torch.cat((torch.zeros(1, cfg.dim), sincos_2d(grid, cfg.dim)))[None])
         self.blocks = nn.ModuleList(DinoBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
@@ -350,7 +360,7 @@ class DINOv2(nn.Module):
         per-layer (k, v) [N,H,1+P,hd] that the glimpse attends to."""
         x, kv = self.embed(pixels), []
         for block in self.blocks:
-            x, layer_kv = block(x)
+            x, layer_kv, _ = block(x)
             kv.append(layer_kv)
         x = self.norm(x)
         return (x, kv) if return_kv else x
@@ -365,7 +375,7 @@ class DINOv2(nn.Module):
                          n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
                          mlp_ratio=hf.get("mlp_ratio", 4.0), norm_eps=hf.get("layer_norm_eps", 1e-6))
         model = cls(cfg).to(dtype)
-        state = {dino_key(k): v for k, v in read_safetensors(model_dir).items() if not k.endswith("mask_token")}
+        state = {dino_key(k): v for k, v in read_hf_weights(model_dir).items() if not k.endswith("mask_token")}
         load_strict(model, state, model_dir)
         return model
 
@@ -377,6 +387,7 @@ DINO_KEYS = [  # HF Dinov2Model name -> ours, applied in order
     (r"^encoder\.layer\.(\d+)\.", r"blocks.\1."),
     (r"attention\.attention\.query\.", "q."), (r"attention\.attention\.key\.", "k."),
     (r"attention\.attention\.value\.", "v."), (r"attention\.output\.dense\.", "proj."),
+    (r"attention\.([qkv])_proj\.", r"\1."), (r"attention\.o_proj\.", "proj."),  # transformers >= 5 names
     (r"layer_scale1\.lambda1$", "ls1"), (r"layer_scale2\.lambda1$", "ls2"),
     (r"mlp\.fc1\.", "mlp.0."), (r"mlp\.fc2\.", "mlp.2."),
     (r"^layernorm\.", "norm."),
@@ -390,7 +401,7 @@ def dino_key(hf_key):
 
 
 # ----------------------------------------------------------------------------
-# 4-5. The foveated VLM.
+# 4. The foveated VLM.
 #
 #   frame --DINOv2 once--> per-layer patch K/V (the cache)
 #   query --query_input_proj--> one token that walks all DINOv2 layers, attending to the cache
@@ -435,22 +446,18 @@ class FoveatedVLM(nn.Module):
         real = frames.flatten(0, 1) if frame_mask is None else frames[frame_mask]  # [N,3,H,W]
         chunks = [self.dino(real[i:i + self.encode_chunk], return_kv=True)[1]  # N=0 (text only) gives empty kv
                   for i in range(0, max(real.shape[0], 1), self.encode_chunk)]
-        return [(torch.cat([c[l][0] for c in chunks]), torch.cat([c[l][1] for c in chunks]))
-                for l in range(len(self.dino.blocks))]
+        return [(torch.cat([c[layer][0] for c in chunks]), torch.cat([c[layer][1] for c in chunks]))
+                for layer in range(len(self.dino.blocks))]
 
     def glimpse(self, query, kv):
         """query [N,Dq], kv from encode -> (glimpse tokens [N,Dd], attention [N,layers,H,1+P]).
-        The query is one extra token that runs through every DINOv2 block; it attends to that layer's cached
-        patch keys/values (CLS included), and the patches never see it."""
-        x = self.query_input_proj(query)[:, None]  # [N,1,D]
-        attn = []
-        for block, (k, v) in zip(self.dino.blocks, kv):
-            q = block.heads(block.q(block.norm1(x)))  # [N,H,1,hd]
-            w = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)  # [N,H,1,1+P]
-            x = x + block.ls1 * block.proj((w @ v).transpose(1, 2).flatten(2))
-            x = x + block.ls2 * block.mlp(block.norm2(x))
-            attn.append(w[:, :, 0])
-        return self.output_proj(self.dino.norm(x[:, 0])), torch.stack(attn, 1)
+        The query is one extra token that runs through every DINOv2 block, attending to that layer's cached
+        patch keys/values (CLS included)."""
+        x, maps = self.query_input_proj(query)[:, None], []  # [N,1,D]
+        for block, layer_kv in zip(self.dino.blocks, kv):
+            x, _, weights = block(x, layer_kv)
+            maps.append(weights[:, :, 0])
+        return self.output_proj(self.dino.norm(x[:, 0])), torch.stack(maps, 1)
 
     def look(self, queries, kv, frame_mask):
         """queries [N,Dq] for the real frames -> LLM tokens [B,T,L] (padded slots are zero glimpses,
@@ -460,6 +467,8 @@ class FoveatedVLM(nn.Module):
         maps = attn.new_zeros(*frame_mask.shape, *attn.shape[1:])
         tokens[frame_mask], maps[frame_mask] = g, attn
         return self.dino_to_llm(tokens) * self.visual_scale, maps
+
+    # -- the three modes ---------------------------------------------------------------------------
 
     def visual_tokens(self, kv, frame_mask, mode):
         """The T visual tokens of coarse_only / coarse_fine: [B,T,L] and their attention maps."""
@@ -524,8 +533,8 @@ class FoveatedVLM(nn.Module):
 
     @torch.no_grad()
     def prefill(self, kv, frame_mask, prompt_ids, mode, extra=0, prompt_valid=None):
-        """Visual prefix + prompt into a fresh LLM cache with room for `extra` more tokens.
-        prompt_ids [B,S] (left-padded when prompt_valid is given). Returns (cache, last logits [B,V], attention maps)."""
+        """Visual prefix + prompt into a fresh LLM cache with room for `extra` more tokens. prompt_ids [B,S]
+        (left-padded when prompt_valid is given). Returns (cache, last logits [B,V], attention maps)."""
         B, T = frame_mask.shape
         cache = self.llm.new_cache(B, T + prompt_ids.shape[1] + extra)
         if mode == "autoregressive":
@@ -552,46 +561,14 @@ class FoveatedVLM(nn.Module):
             if name.startswith("output_proj."):
                 part = output_proj
             decays = decay == "all" or id(p) in matrices
-            groups.setdefault((part, decays), {"params": [], "name": part, "decays": decays, "base_lr": lrs[part],
-                                               "lr": lrs[part], "weight_decay": weight_decay if decays else 0.0})
-            groups[(part, decays)]["params"].append(p)
+            group = groups.setdefault((part, decays), {"params": [], "name": part, "decays": decays,
+                                                       "base_lr": lrs[part], "lr": lrs[part],
+                                                       "weight_decay": weight_decay if decays else 0.0})
+            group["params"].append(p)
         # fused AdamW runs on CUDA and, in recent PyTorch, on CPU too
         return torch.optim.AdamW(list(groups.values()), betas=betas, fused=True)
 
-    # -- loading and saving --------------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(cls, llm, dino, checkpoint=None, dtype=torch.float32, **fovea_options):
-        """Backbones from two HF dirs and a fresh connector; `checkpoint` (our dir or file, or the released
-        fVLM-135M safetensors) then overwrites every weight."""
-        model = cls(SmolLM2.from_pretrained(llm, dtype), DINOv2.from_pretrained(dino, dtype), **fovea_options)
-        if checkpoint is not None:
-            model.load_weights(checkpoint)
-        return model
-
-    @classmethod
-    def from_checkpoint(cls, ckpt_dir, dtype=torch.float32):
-        """Our format: a dir with model.safetensors, config.json, tokenizer.json. Needs no HF dirs.
-        A dir of train.py's step-* checkpoints (or a run's out_dir) means its newest one."""
-        ckpt_dir = find_checkpoint(ckpt_dir)
-        cfg = read_config(os.path.join(ckpt_dir, "config.json"), "nanofvlm")
-        model = cls(SmolLM2(LLMConfig(**cfg["llm"])), DINOv2(DinoConfig(**cfg["dino"])), **cfg["fovea"]).to(dtype)
-        model.load_weights(ckpt_dir)
-        return model
-
-    def load_weights(self, path):
-        file = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file}: checkpoint not found")
-        try:
-            raw = load_file(file)
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{file}: cannot read safetensors ({e}). Is the file truncated?") from e
-        state = {vlm_key(k): v for k, v in raw.items()}
-        state.pop("dino.embeddings.mask_token", None)  # in HF's Dinov2Model, unused
-        llm = llm_state({k[4:]: v for k, v in state.items() if k.startswith("llm.")}, self.llm.cfg)
-        state = {k: v for k, v in state.items() if not k.startswith("llm.")} | {"llm." + k: v for k, v in llm.items()}
-        load_strict(self, state, file)
+    # -- our checkpoint format: model.safetensors + config.json (+ tokenizer.json) ------------------
 
     def save(self, out_dir, tokenizer=None):
         """Write our format. `tokenizer` is a path to the tokenizer.json to copy alongside."""
@@ -606,10 +583,39 @@ class FoveatedVLM(nn.Module):
         if tokenizer is not None:
             shutil.copyfile(tokenizer, os.path.join(out_dir, "tokenizer.json"))
 
+    def load_weights(self, file):
+        """Every weight from a safetensors file of our format or of the released fVLM-135M layout."""
+        state = {vlm_key(k): v for k, v in read_weights(file).items()}
+        state.pop("dino.embeddings.mask_token", None)  # in HF's Dinov2Model, unused
+        llm = llm_state({k[4:]: v for k, v in state.items() if k.startswith("llm.")}, self.llm.cfg)
+        state = {k: v for k, v in state.items() if not k.startswith("llm.")} | {"llm." + k: v for k, v in llm.items()}
+        load_strict(self, state, file)
+
+
+def vlm_key(key):
+    """A key of our format or of the released fVLM-135M layout -> ours. Released: `encoder.dino.` + HF Dinov2Model
+    keys, `encoder.query_input_proj` / `encoder.output_proj`, `llm.model.` + HF Llama keys; torch.compile may
+    have added `._orig_mod`."""
+    key = re.sub(r"(^|\.)_orig_mod\.", r"\1", key)
+    if key.startswith("encoder.dino."):
+        return "dino." + dino_key(key.removeprefix("encoder.dino."))
+    if key.startswith("encoder."):
+        return key.removeprefix("encoder.")
+    if key.startswith("llm.model."):
+        return "llm." + key.removeprefix("llm.model.")
+    return key
+
+
+# ----------------------------------------------------------------------------
+# 5. the one loader
+
 
 def find_checkpoint(path):
     """A checkpoint dir as given, or the newest finished step-* in a dir of them (train.py's out_dir/ckpt) or in
     out_dir/ckpt. Half-written saves (.tmp-*) are never picked."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint (init_from takes our checkpoint dir, a run's out_dir, "
+                                f"a .safetensors file or 'scratch')")
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return path
     steps = sorted(glob.glob(os.path.join(path, "step-*")) or glob.glob(os.path.join(path, "ckpt", "step-*")))
@@ -619,16 +625,27 @@ def find_checkpoint(path):
     return steps[-1]
 
 
-def vlm_key(key):
-    """A key of our format or of the released fVLM-135M layout (reference §8) -> ours."""
-    key = re.sub(r"(^|\.)_orig_mod\.", r"\1", key)  # torch.compile's infix
-    if key.startswith("encoder.dino."):
-        return "dino." + dino_key(key.removeprefix("encoder.dino."))
-    if key.startswith("encoder."):  # encoder.query_input_proj, encoder.output_proj
-        return key.removeprefix("encoder.")
-    if key.startswith("llm.model."):
-        return "llm." + key.removeprefix("llm.model.")
-    return key
+def load_model(init_from, llm_dir="", dino_dir="", dtype=torch.float32, **fresh):
+    """The model every script starts from, by the same three keys:
+      init_from  a checkpoint of ours (a dir, a dir of train.py's step-* dirs, or a run's out_dir: its newest
+                 checkpoint; needs nothing else), or a weights file (.safetensors: the released fVLM-135M or
+                 ours) over llm_dir + dino_dir, or 'scratch': llm_dir + dino_dir with a fresh connector (`fresh`
+                 goes to FoveatedVLM);
+      llm_dir    a Hugging Face SmolLM2 dir;  dino_dir  a Hugging Face DINOv2 dir.
+    Returns (model, the tokenizer.json that belongs to it)."""
+    if init_from and init_from != "scratch" and not os.path.isfile(init_from):
+        ckpt = find_checkpoint(init_from)
+        cfg = read_config(os.path.join(ckpt, "config.json"), "nanofvlm")
+        model = FoveatedVLM(SmolLM2(LLMConfig(**cfg["llm"])), DINOv2(DinoConfig(**cfg["dino"])), **cfg["fovea"])
+        model.to(dtype).load_weights(os.path.join(ckpt, "model.safetensors"))
+        return model, os.path.join(ckpt, "tokenizer.json")
+    if not (llm_dir and dino_dir):
+        what = f"init_from={init_from} is a weights file" if init_from != "scratch" else "init_from='scratch'"
+        raise ValueError(f"{what}: set llm_dir and dino_dir too (a SmolLM2 and a DINOv2 Hugging Face dir)")
+    model = FoveatedVLM(SmolLM2.from_pretrained(llm_dir, dtype), DINOv2.from_pretrained(dino_dir, dtype), **fresh)
+    if init_from != "scratch":
+        model.load_weights(init_from)
+    return model, os.path.join(llm_dir, "tokenizer.json")
 
 
 # ----------------------------------------------------------------------------
@@ -651,28 +668,16 @@ def decode(llm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, stop
     """Continue from a filled cache whose last position gave `logits` [B,V]. Yields next tokens [B] one step
     at a time (so callers can stream); a finished row keeps emitting stop_id. The cache needs room for
     max_new_tokens - 1 more positions."""
-    # A batch-1 step is matrix-vector products that stream every weight once, so its speed is the kernel's memory
-    # bandwidth. Measured on a 2-core AVX-512 CPU (torch 2.13): MKL's fp32 GEMV streams ~1.9x faster from
-    # [in, out]-major weights (the same values, transposed in memory once here), and ATen's own bf16 GEMV ~2x
-    # faster than oneDNN's. Batches are matrix products where the defaults win, so they are left alone.
-    gemv = logits.shape[0] == 1 and logits.device.type == "cpu"
-    if gemv and cache.k[0].dtype == torch.float32:
-        for m in llm.modules():
-            if isinstance(m, nn.Linear) and m.weight.is_contiguous():
-                m.weight.data = m.weight.data.t().contiguous().t()  # shape [out, in] as before, strides (1, out)
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-    for step in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_k, generator).masked_fill(done, stop_id)
-        yield token
-        done |= token == stop_id
-        if done.all() or step == max_new_tokens - 1:
-            return
-        mkldnn = torch.backends.mkldnn.enabled
-        torch.backends.mkldnn.enabled = mkldnn and not gemv
-        try:
-            logits = llm(token[:, None], cache=cache)[:, -1]
-        finally:
-            torch.backends.mkldnn.enabled = mkldnn
+    with cpu_gemv(llm, logits.shape[0]):
+        for step in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_k, generator).masked_fill(done, stop_id)
+            yield token
+            done |= token == stop_id
+            if done.all() or step == max_new_tokens - 1:
+                return
+            with gemv_kernels(token.shape[0], token.device):
+                logits = llm(token[:, None], cache=cache)[:, -1]
 
 
 def left_pad(prompts, device, pad_id=2):
@@ -684,13 +689,106 @@ def left_pad(prompts, device, pad_id=2):
     return ids, None if valid.all() else valid
 
 
-@torch.no_grad()
-def generate(llm, prompts, max_new_tokens=128, temperature=0.0, top_k=None, stop_id=2, generator=None):
-    """Text-only generation for a batch of prompts (lists of ids) of any lengths: left-padded, masked.
-    Returns the new ids per prompt, without the stop token."""
-    ids, valid = left_pad(prompts, llm.embed_tokens.weight.device)
-    cache = llm.new_cache(len(prompts), ids.shape[1] + max_new_tokens)
-    logits = llm.lm_head(llm(ids, valid=valid, cache=cache, hidden_only=True)[:, -1])
-    steps = list(decode(llm, cache, logits, max_new_tokens, temperature, top_k, stop_id, generator))
-    out = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]
-    return [row[:row.index(stop_id)] if stop_id in row else row for row in out]
+# ----------------------------------------------------------------------------
+# 7. speed: FLOPs, peak FLOP/s, and the tricks that only pay on some machines (each named, each optional)
+
+
+def attention(q, k, v):
+    """DINOv2's self-attention. PyTorch's fused kernel, except bf16 on CPU, where it is 2.5x slower than two
+    matmuls and a softmax (fp32 on CPU: the fused kernel is the faster one)."""
+    if q.is_cuda or q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v)
+    return (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1) @ v
+
+
+@contextmanager
+def cpu_gemv(llm, batch):
+    """A batch-1 decoding step on a CPU is matrix-vector products that stream every weight once, so its speed is
+    the GEMV kernel's memory bandwidth. MKL's fp32 GEMV streams ~1.9x faster from [in, out]-major weights: inside
+    this block the fp32 Linear weights are laid out so in memory (same shapes and values), and back on exit.
+    Batches (matrix products, where the defaults win) and GPUs are left alone."""
+    linears = [m for m in llm.modules() if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32
+               and m.weight.is_contiguous() and m.weight.device.type == "cpu"] if batch == 1 else []
+    for m in linears:
+        m.weight.data = m.weight.data.t().contiguous().t()  # shape [out, in] as before, strides (1, out)
+    try:
+        yield
+    finally:
+        for m in linears:
+            m.weight.data = m.weight.data.contiguous()
+
+
+@contextmanager
+def gemv_kernels(batch, device):
+    """For one batch-1 LLM step on a CPU: oneDNN off, as ATen's own bf16 GEMV is ~2x faster than oneDNN's."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled and not (batch == 1 and device.type == "cpu")
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
+def keep_freed_memory():
+    """CPU training: glibc returns freed blocks to the OS and page-faults them back in on the next step, which
+    made the 135M train step ~1.25x slower. Keep them: blocks up to 32 MB (glibc's maximum) come from the heap,
+    and the heap is never trimmed. No effect off Linux/glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: never give the heap's top back
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+
+
+GPU_PEAK = {  # dense TFLOPS: (bf16/fp16 tensor core, fp32 without TF32), matched by substring of the device name
+    "H100": (989, 67), "A100": (312, 19.5), "A10G": (70, 31.2), "A10": (125, 31.2), "L40S": (362, 91.6),
+    "L4": (121, 30.3), "RTX 5090": (209.5, 104.8), "RTX 4090": (165.2, 82.6), "RTX 3090": (71, 35.6),
+    "V100": (125, 15.7), "T4": (65, 8.1)}
+_cpu_peak = {}
+
+
+def peak_flops(device="cpu", dtype=torch.float32):
+    """Peak FLOP/s for MFU: a table for known GPUs; on CPU a measured matmul peak (cached per process)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (half, full) in GPU_PEAK.items():
+            if key in name:
+                return (half if dtype in (torch.bfloat16, torch.float16) else full) * 1e12
+        print(f"model.py: unknown GPU {name!r}, MFU against 312 TFLOPS (A100 bf16)")
+        return 312e12
+    if dtype not in _cpu_peak:
+        a = torch.randn(1024, 1024, dtype=dtype)
+        a @ a
+        best = float("inf")
+        for _ in range(10):  # best of 10: the machine may be shared
+            t0 = time.perf_counter()
+            a @ a
+            best = min(best, time.perf_counter() - t0)
+        _cpu_peak[dtype] = 2 * 1024 ** 3 / best
+    return _cpu_peak[dtype]
+
+
+def forward_flops(model, B, T, S, image_size, mode, n_texts=1):
+    """Analytic FLOPs of one forward of B samples of T frames, with n_texts text rows of S tokens per sample
+    (DPO: 2), in `mode`: the DINOv2 encode, one glimpse pass (two in coarse_fine), the LLM passes, lm_head."""
+    d, lc = model.dino.cfg, model.llm.cfg
+    D, P, L = d.dim, (image_size // d.patch_size) ** 2, lc.dim
+    mlp = 2 * 2 * D * int(D * d.mlp_ratio)  # per token
+    frame = P * 2 * 3 * d.patch_size ** 2 * D + d.n_layers * (P + 1) * (2 * 4 * D * D + mlp + 2 * 2 * (P + 1) * D)
+    glimpse = 2 * 2 * D * D + d.n_layers * (2 * 2 * D * D + 2 * 2 * (P + 1) * D + mlp) + 2 * D * L  # + dino_to_llm
+    q, kv = lc.n_heads * lc.head_dim, lc.n_kv_heads * lc.head_dim
+
+    def llm(n):  # n tokens under causal attention: token i attends to i + 1 keys
+        return lc.n_layers * (n * (2 * L * (2 * q + 2 * kv) + 2 * 3 * L * lc.hidden_dim) + 2 * 2 * q * n * (n + 1) / 2)
+    rows = B * n_texts
+    text = {"coarse_only": rows * llm(T + S), "coarse_fine": B * llm(T) + rows * llm(T + S),
+            "autoregressive": B * llm(T) + rows * (llm(T + S) - llm(T))}[mode]
+    steer = 0 if mode == "coarse_only" else B * T * 2 * L * D  # llm_to_query
+    return B * T * (frame + glimpse * (2 if mode == "coarse_fine" else 1)) + steer + text + rows * S * 2 * L * lc.vocab_size
+
+
+def train_flops(model, B, T, S, image_size, mode="coarse_fine", n_texts=1, reference=False):
+    """FLOPs of one training step: forward + backward (2x the forward), plus a frozen reference's forward (DPO)."""
+    return (3 + reference) * forward_flops(model, B, T, S, image_size, mode, n_texts)

@@ -4,7 +4,7 @@ frame's glimpse looked.
 
     python sample.py --mode=autoregressive --attention_out=glimpses.png   # a held-out shapes clip
     python sample.py --video=clip.mp4 --prompt="What happens here?" --attention_out=glimpses.gif
-    python sample.py --image=cat.jpg --llm_dir=DIR --dino_dir=DIR --init_from=fVLM-135M.safetensors
+    python sample.py --image=cat.jpg --llm_dir=DIR --dino_dir=DIR --init_from=fVLM-135M/model.safetensors
 
 The picture has one column per frame (.png) or one animation frame per video frame (.gif), and rows:
 the frame, the coarse glimpse (q_static: what coarse_only sees), the glimpse of --mode (if not coarse). The
@@ -15,7 +15,6 @@ The generated text goes to stdout; everything else to stderr.
 """
 import glob
 import io
-import json
 import math
 import os
 import sys
@@ -34,10 +33,9 @@ import model
 video = ''  # a video file PyAV reads (mp4, webm, gif, mkv, ...)
 image = ''  # an image file, replicated to image_frames frames as in training
 prompt = ''  # the user turn; '' = "Describe this video." (the caption prompt the shapes task trains on)
-ckpt = 'out/shapes/ckpt'  # our checkpoint dir, or train.py's dir of step-* checkpoints (the latest is used)
-llm_dir = ''  # or the released weights: SmolLM2 dir + DINOv2 dir (+ init_from: fVLM-135M safetensors)
-dino_dir = ''
-init_from = ''
+init_from = 'out/shapes'  # our checkpoint (dir, run dir: its newest) | a .safetensors file over llm_dir + dino_dir
+llm_dir = ''  # a Hugging Face SmolLM2 dir (for a weights file, or init_from='scratch')
+dino_dir = ''  # a Hugging Face DINOv2 dir
 shapes_dir = 'data/shapes'  # with neither --video nor --image: clip number `clip` of its val split
 clip = 0
 mode = 'autoregressive'  # coarse_only | coarse_fine | autoregressive
@@ -70,10 +68,9 @@ def shapes_val_clip(root, index):
     rec = next((r for i, r in enumerate(recs) if i == index), None)
     if rec is None:
         fail(f"{root}: the val split has no clip {index}")
-    jpgs = sorted(e for e in rec["files"] if e[:-4].isdigit() and e.endswith(".jpg"))
-    side = image_size or Image.open(io.BytesIO(rec["files"][jpgs[0]])).width
-    frames = torch.cat([data.load_image(io.BytesIO(rec["files"][e]), side) for e in jpgs])
-    return frames, json.loads(rec["files"]["json"]).get("caption")
+    names = data.frame_files(rec["files"])
+    side = image_size or Image.open(io.BytesIO(rec["files"][names[0]])).width
+    return data.record_frames(rec["files"], names, side, rec["shard"]), data.record_text(rec)[0].get("caption")
 
 
 INFERNO = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)
@@ -155,21 +152,13 @@ for path in (video, image):
 torch.manual_seed(seed)
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 try:
-    if llm_dir or dino_dir:
-        if not (llm_dir and dino_dir):
-            fail("--llm_dir and --dino_dir go together (a SmolLM2 dir and a DINOv2 dir)")
-        vlm = model.FoveatedVLM.from_pretrained(llm_dir, dino_dir, checkpoint=init_from or None, dtype=ptdtype)
-        tok = data.load_tokenizer(llm_dir)
-        ckpt = init_from or f"{llm_dir} + {dino_dir} with an UNTRAINED connector (pass --init_from)"
-    else:
-        try:
-            ckpt = model.find_checkpoint(ckpt)
-        except FileNotFoundError as e:
-            fail(f"{e}, or pass --llm_dir/--dino_dir/--init_from")
-        vlm = model.FoveatedVLM.from_checkpoint(ckpt, ptdtype)
-        tok = data.load_tokenizer(ckpt)
+    vlm, tok_path = model.load_model(init_from, llm_dir, dino_dir, ptdtype)
+    tok = data.load_tokenizer(tok_path)
 except (FileNotFoundError, ValueError) as e:
     fail(e)
+weights = os.path.dirname(tok_path) if os.path.isdir(init_from) else init_from  # the checkpoint really used
+if init_from == 'scratch':
+    weights = f"{llm_dir} + {dino_dir} with an UNTRAINED connector"
 vlm.to(device).eval()
 
 reference = None
@@ -188,7 +177,7 @@ ids = data.encode_prompt(tok, prompt)
 if frames.shape[0] + len(ids) + max_new_tokens > vlm.llm.cfg.max_seq_len:
     fail(f"{frames.shape[0]} frames + {len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the LLM's "
          f"max_seq_len {vlm.llm.cfg.max_seq_len}; lower --max_frames or --max_new_tokens")
-print(f"checkpoint: {ckpt}", file=sys.stderr)
+print(f"weights: {weights}", file=sys.stderr)
 print(f"{frames.shape[0]} frames of {frames.shape[-1]}px, mode {mode}, prompt: {prompt}", file=sys.stderr)
 if reference:
     print(f"reference: {reference}", file=sys.stderr)

@@ -6,6 +6,7 @@ Train a foveated VLM: stages 1-2 (next-token CE) and stage 3 (DPO, the batch los
     torchrun --nproc_per_node=8 train.py config/stage2_135m.py   # DDP on many
 
 Every global below is a config key: override with a config file and/or --key=value (see configurator.py).
+Why the embedded default's values are what they are: docs/LOG.md.
 """
 import glob
 import json
@@ -22,16 +23,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import MODES, DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2, find_checkpoint
+from model import (MODES, DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2, find_checkpoint,
+                   keep_freed_memory, load_model, peak_flops, train_flops)
 
 # -----------------------------------------------------------------------------
 # config: the embedded default (a tiny fVLM trained from scratch on the shapes task)
 out_dir = 'out/shapes'
-init_from = 'scratch'  # 'scratch' | 'resume' | a checkpoint dir, a run's out_dir, or the released fVLM-135M .safetensors
-llm_dir = ''  # a Hugging Face SmolLM2 dir; '' = a tiny SmolLM2-architecture model from scratch
-dino_dir = ''  # a Hugging Face DINOv2 dir; '' = a tiny DINOv2 from scratch
-tokenizer = ''  # tokenizer.json; '' = the one in llm_dir (or the checkpoint's)
-shapes_dir = 'data/shapes'  # the synthetic task; generated here if missing when the data globs point into it
+init_from = 'scratch'  # 'scratch' | 'resume' | our checkpoint (a dir, a run dir) | a .safetensors file
+llm_dir = ''  # a Hugging Face SmolLM2 dir; with dino_dir also '': a tiny model from scratch
+dino_dir = ''  # a Hugging Face DINOv2 dir
+tokenizer = ''  # tokenizer.json; '' = the checkpoint's, llm_dir's, or the shapes task's
+shapes_dir = 'data/shapes'  # the synthetic task; generated if missing when the data globs point into it
 train_data = 'data/shapes/train-*.tar'  # globs, comma-separated
 val_data = 'data/shapes/val-*.tar'
 text_data = 'data/shapes/text-*.tar'  # text-only shards, mixed in at text_ratio
@@ -40,38 +42,36 @@ stage = 2  # 1: CE on all text, 2: CE on the answer, 3: DPO (dpo.py)
 # tiny backbones used when llm_dir / dino_dir are empty
 tiny_llm_dim, tiny_llm_layers, tiny_llm_heads, tiny_llm_kv_heads, tiny_llm_hidden = 128, 4, 4, 2, 384
 tiny_dino_dim, tiny_dino_layers, tiny_dino_heads, tiny_patch_size = 96, 4, 4, 8
-tiny_visual_scale = 20.0  # loud visual tokens: at 0.14 (SmolLM2's value) or 1 a from-scratch LLM took far longer to read where things are
+tiny_visual_scale = 20.0  # loud visual tokens: a from-scratch LLM reads them sooner than at 0.14
 # data
 image_size = 64
 max_frames = 8
 replicate_image_frames = 8
-fps = 0.0  # video frames per second (up to max_frames over the clip); 0 = max_frames spread over the clip
+fps = 0.0  # video frames per second (up to max_frames); 0 = max_frames spread over the clip
+max_text_len = 0  # tokens per sample; 0 = the stage's default (512 in stage 1, 1024 after)
 text_ratio = 0.05
 num_workers = 1
-source_prompts = {}  # {source: question} for samples with an empty `user`, over data.SOURCE_PROMPTS; '' = any other
+shuffle_buffer = 1000  # samples per reader
+max_batch_frames = 0  # > 0: a batch closes early once its real frames would pass this many
+source_prompts = {}  # {source: question} for an empty `user`, over data.SOURCE_PROMPTS; '': any other
 # optimisation
 batch_size = 16  # per rank, per micro-step
 gradient_accumulation_steps = 1
 max_iters = 1200  # about 9 minutes on 2 CPU cores
 warmup_iters = 50
 lr_decay_iters = 0  # length of warmup + decay; 0 means max_iters
-# connector and DINOv2 slow, the LLM fast: at 2e-3 / 1e-3 Adam's early, noisy steps buried where things are in
-# the visual tokens (a linear probe on them fell from 98% to 39%) before the LLM had learned to read it
-lr_connector = 1e-4
+lr_connector = 1e-4  # connector and DINOv2 slow: fast early steps buried where things are
 lr_dino = 1e-4
-# ...except where DINOv2 looks: its attention query/key weights. At 1e-4 the glimpse's attention stayed nearly
-# uniform (max weight 0.05 over 65 tokens), so each glimpse was a blur of the whole frame; at 1e-3 it lands on
-# the ball (0.24; 47% of the mass on the ball's 19% of the frame) while what the LLM reads stays stable
-lr_dino_qk = 1e-3
+lr_dino_qk = 1e-3  # DINOv2's attention query/key weights fast: where the glimpse looks
 lr_llm = 1e-3
 schedule = 'cosine'  # 'cosine': warmup then cosine to min_lr_ratio; 'converging': every group -> target_lr
 target_lr = 3e-5
 min_lr_ratio = 0.1
 weight_decay = 0.01
-weight_decay_params = 'matrices'  # 'matrices': Linear/Conv weights only; 'all': every parameter (the original)
+weight_decay_params = 'matrices'  # 'matrices': Linear/Conv weights; 'all': every parameter (the original)
 beta1, beta2 = 0.9, 0.95  # AdamW (the original: 0.9, 0.999)
 output_proj_group = 'connector'  # the LR group of the glimpse's output_proj ('dino' in the original)
-q_init_copies_static = True  # a fresh connector's fine pass starts as the coarse pass (the original: random)
+q_init_copies_static = True  # a fresh connector's fine pass starts as the coarse pass (original: random)
 llm_to_query_zero_init = True
 grad_clip = 1.0
 train_mode = 'coarse_fine'  # coarse_only | coarse_fine | autoregressive
@@ -85,11 +85,12 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype; weights stay fp32
 compile = False
 gradient_checkpointing = False
+encode_chunk = 32  # frames per DINOv2 call: bounds activation memory on long videos
 seed = 1337
 # logging, eval, checkpoints
 log_interval = 10
 eval_interval = 500
-eval_iters = 10  # val batches per mode
+eval_iters = 10  # val batches per mode (per rank)
 eval_modes = 'coarse_only,coarse_fine,autoregressive'
 ckpt_interval = 500
 keep_last = 2
@@ -97,7 +98,7 @@ wandb_log = False
 wandb_project = 'nanofvlm'
 wandb_run_name = 'run'
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, dict))}
+config = {k: v for k, v in globals().items() if k in _known}  # configurator's keys, as this run has them
 # -----------------------------------------------------------------------------
 
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -111,16 +112,6 @@ else:
     rank, world_size = 0, 1
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-if dtype not in ('float32', 'bfloat16'):  # float16 would need a GradScaler; bf16 does not
-    sys.exit(f"train.py: dtype={dtype!r}: use 'float32' or 'bfloat16'")
-if train_mode not in MODES:
-    sys.exit(f"train.py: train_mode={train_mode!r}: choose one of {', '.join(MODES)}")
-if weight_decay_params not in ('matrices', 'all') or output_proj_group not in ('connector', 'dino'):
-    sys.exit("train.py: weight_decay_params is 'matrices' or 'all'; output_proj_group is 'connector' or 'dino'")
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
-autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
-torch.manual_seed(seed)
-ckpt_root = os.path.join(out_dir, 'ckpt')
 
 
 def say(*args):
@@ -134,18 +125,24 @@ def fail(msg):
     sys.exit(1)
 
 
+for key, choices in (('dtype', ('float32', 'bfloat16')),  # float16 would need a GradScaler
+                     ('train_mode', MODES), ('schedule', ('cosine', 'converging')),
+                     ('weight_decay_params', ('matrices', 'all')),
+                     ('output_proj_group', ('connector', 'dino'))):
+    value = globals()[key]
+    if value not in choices:
+        fail(f"{key}={value!r}: choose one of {', '.join(choices)}")
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
+autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+torch.manual_seed(seed)
+ckpt_root = os.path.join(out_dir, 'ckpt')
+
+
 def latest_checkpoint():
     try:
-        return find_checkpoint(ckpt_root)  # the newest finished step-*: a half-written .tmp-* is never picked
+        return find_checkpoint(ckpt_root)  # the newest finished step-*, never a half-written .tmp-*
     except FileNotFoundError:
         return None
-
-
-if init_from not in ('scratch', 'resume') and os.path.isdir(init_from):  # a checkpoint, a dir of them, a run dir
-    try:
-        init_from = find_checkpoint(init_from)
-    except FileNotFoundError as e:
-        fail(str(e))
 
 
 # -- data ---------------------------------------------------------------------
@@ -155,56 +152,63 @@ if ddp:
     dist.barrier()  # rank 0 may have been generating the task
 
 # -- model ----------------------------------------------------------------------
-fresh_connector = dict(q_init_copies_static=q_init_copies_static, llm_to_query_zero_init=llm_to_query_zero_init)
+fresh = dict(seed=seed, q_init_copies_static=q_init_copies_static,
+             llm_to_query_zero_init=llm_to_query_zero_init)  # a fresh connector's init
 
 
-def load_start(source):
-    """The model a run starts from: 'scratch', our checkpoint dir, or the released fVLM-135M .safetensors."""
-    if source == 'scratch':
-        if llm_dir and dino_dir:
-            return FoveatedVLM.from_pretrained(llm_dir, dino_dir, seed=seed, **fresh_connector)
-        if llm_dir or dino_dir:
-            fail("set both --llm_dir and --dino_dir (or neither, for the tiny model from scratch)")
-        vocab = data.load_tokenizer(tokenizer or shapes_dir).get_vocab_size()
-        llm = SmolLM2(LLMConfig(vocab_size=vocab, dim=tiny_llm_dim, n_layers=tiny_llm_layers, n_heads=tiny_llm_heads,
-                                n_kv_heads=tiny_llm_kv_heads, head_dim=tiny_llm_dim // tiny_llm_heads,
-                                hidden_dim=tiny_llm_hidden, max_seq_len=2048))
-        dino = DINOv2(DinoConfig(image_size=image_size, patch_size=tiny_patch_size, dim=tiny_dino_dim,
-                                 n_layers=tiny_dino_layers, n_heads=tiny_dino_heads))
-        return FoveatedVLM(llm, dino, visual_scale=tiny_visual_scale, seed=seed, **fresh_connector)
-    if os.path.isfile(os.path.join(source, 'config.json')):  # a previous stage's checkpoint (our format)
-        return FoveatedVLM.from_checkpoint(source)
-    if os.path.isfile(source):  # the released fVLM-135M weights need the HF dirs for the architecture
-        if not (llm_dir and dino_dir):
-            fail(f"init_from={source} is a weights file: also set --llm_dir and --dino_dir for the architecture")
-        return FoveatedVLM.from_pretrained(llm_dir, dino_dir, checkpoint=source)
-    fail(f"init_from={source!r}: no such checkpoint (expected 'scratch', 'resume', a checkpoint dir or a .safetensors file)")
+def tiny_model():
+    """The embedded default's backbones from scratch: a few layers of each, the shapes vocabulary."""
+    vocab = data.load_tokenizer(tokenizer or shapes_dir).get_vocab_size()
+    llm = SmolLM2(LLMConfig(vocab_size=vocab, dim=tiny_llm_dim, n_layers=tiny_llm_layers,
+                            n_heads=tiny_llm_heads, n_kv_heads=tiny_llm_kv_heads,
+                            head_dim=tiny_llm_dim // tiny_llm_heads, hidden_dim=tiny_llm_hidden,
+                            max_seq_len=2048))
+    dino = DINOv2(DinoConfig(image_size=image_size, patch_size=tiny_patch_size, dim=tiny_dino_dim,
+                             n_layers=tiny_dino_layers, n_heads=tiny_dino_heads))
+    tok_file = os.path.join(shapes_dir, 'tokenizer.json')
+    return FoveatedVLM(llm, dino, visual_scale=tiny_visual_scale, **fresh), tok_file
+
+
+def start_model(source):
+    """The model a run starts from (model.load_model's rules), and its tokenizer.json."""
+    if source == 'scratch' and not (llm_dir or dino_dir):
+        return tiny_model()
+    try:
+        return load_model(source, llm_dir, dino_dir, **fresh)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
 
 
 resume_dir = None
 if init_from == 'resume':
     resume_dir = latest_checkpoint()
     if resume_dir is None:
-        fail(f"init_from='resume' but {ckpt_root} has no checkpoint; train first or set --init_from=scratch")
-    model = FoveatedVLM.from_checkpoint(resume_dir)
-    # remember where the run started: the DPO reference is that model, not the resumed one
-    config['init_from'] = torch.load(os.path.join(resume_dir, 'train_state.pt'), weights_only=True)['config']['init_from']
+        fail(f"init_from='resume' but {ckpt_root} has no checkpoint; train first or use --init_from=scratch")
+    state = torch.load(os.path.join(resume_dir, 'train_state.pt'), map_location='cpu', weights_only=True)
+    model, tok_path = start_model(resume_dir)
+    config['init_from'] = state['config']['init_from']  # where the run started: DPO's reference
 else:
-    model = load_start(init_from)
-    config['init_from'] = init_from  # resolved: a resumed run finds its start here
-tok_path = tokenizer or next((os.path.join(d, 'tokenizer.json') for d in (resume_dir, init_from, llm_dir, shapes_dir)
-                              if d and os.path.isfile(os.path.join(d, 'tokenizer.json'))), None)
-if tok_path is None:
-    fail("no tokenizer.json found: set --tokenizer")
-tok = data.load_tokenizer(tok_path)
+    if init_from != 'scratch' and os.path.isdir(init_from):  # a run dir or a dir of step-*: its newest
+        try:
+            init_from = config['init_from'] = find_checkpoint(init_from)  # a resumed run finds its start
+        except FileNotFoundError as e:
+            fail(str(e))
+    model, tok_path = start_model(init_from)
+candidates = (tok_path, os.path.join(shapes_dir, 'tokenizer.json'))
+tok_path = tokenizer or next((p for p in candidates if os.path.isfile(p)), 'tokenizer.json')
+try:
+    tok = data.load_tokenizer(tok_path)
+except (FileNotFoundError, ValueError) as e:
+    fail(f"{e}; set --tokenizer")
+model.encode_chunk = encode_chunk
 model.to(device)
 model.llm.gradient_checkpointing = gradient_checkpointing
 raw_model = model
 ref_model = None
-if stage == 3:  # the frozen reference (or None with precompute_ref); copied before compile swaps in wrapped methods
+if stage == 3:  # the frozen reference (None with precompute_ref), copied before compile wraps methods
     import dpo
-    start_model = raw_model if resume_dir is None else load_start(config['init_from']).to(device)
-    ref_model = dpo.make_reference(start_model, precompute_ref)
+    reference_start = start_model(config['init_from'])[0].to(device) if resume_dir else raw_model
+    ref_model = dpo.make_reference(reference_start, precompute_ref)
 if compile:
     # compile the modules whose forward really runs: every DINOv2 and LLM block, and the glimpse walk
     for block in list(model.dino.blocks) + list(model.llm.layers):
@@ -214,7 +218,8 @@ if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 
 lrs = {'connector': lr_connector, 'dino': lr_dino, 'dino_qk': lr_dino_qk, 'llm': lr_llm}
-optimizer = raw_model.configure_optimizers(weight_decay, lrs, (beta1, beta2), weight_decay_params, output_proj_group)
+optimizer = raw_model.configure_optimizers(weight_decay, lrs, (beta1, beta2), weight_decay_params,
+                                           output_proj_group)
 
 
 def lr_at(it, base):
@@ -228,57 +233,55 @@ def lr_at(it, base):
     return floor + (base - floor) * c
 
 
-def make_dataset(globs, loop, for_rank=True):
-    return data.ShardDataset(globs.split(','), tok, stage, image_size=image_size, max_frames=max_frames,
-                             replicate_image_frames=replicate_image_frames, seed=seed, loop=loop,
-                             fps=fps or None, prompts=source_prompts,
-                             rank=rank if for_rank else 0, world_size=world_size if for_rank else 1,
-                             text_ratio=text_ratio if loop else 0.0,
-                             text_globs=text_data.split(',') if loop and text_data else None)
+def make_dataset(globs, loop):
+    text = dict(text_ratio=text_ratio, text_globs=text_data.split(',')) if loop and text_data else {}
+    return data.ShardDataset(
+        globs.split(','), tok, stage, image_size=image_size, max_frames=max_frames, fps=fps or None,
+        replicate_image_frames=replicate_image_frames, seed=seed, loop=loop, rank=rank,
+        world_size=world_size, shuffle_buffer=shuffle_buffer, max_len=max_text_len or None,
+        prompts=source_prompts, **text)
 
 
 try:
-    train_loader = data.make_loader(make_dataset(train_data, loop=True), batch_size, num_workers)
+    train_loader = data.make_loader(make_dataset(train_data, loop=True), batch_size, num_workers,
+                                    max_batch_frames or None, pin_memory=device_type == 'cuda')
+    iter_num = 0
+    if resume_dir:
+        optimizer.load_state_dict(state['optimizer'])
+        train_loader.load_state_dict(state['loader'])
+        torch.set_rng_state(state['rng_cpu'])
+        if device_type == 'cuda' and 'rng_cuda' in state:
+            torch.cuda.set_rng_state(state['rng_cuda'])
+        iter_num = state['iter_num']
+        for group in optimizer.param_groups:  # the checkpoint's moments; this run's LRs, betas, decay
+            group.update(base_lr=lrs[group['name']], betas=(beta1, beta2),
+                         weight_decay=weight_decay if group['decays'] else 0.0)
+        changed = [f"{k}={v!r} (was {state['config'].get(k)!r})" for k, v in config.items()
+                   if k != 'init_from' and state['config'].get(k, v) != v]
+        say(f"resumed from {resume_dir} at iter {iter_num}" + (
+            "; these keys differ from the checkpoint's run, this run's values are used: "
+            + ", ".join(changed) if changed else ""))
 except ValueError as e:
     fail(str(e))
-iter_num = 0
-if resume_dir:
-    state = torch.load(os.path.join(resume_dir, 'train_state.pt'), map_location='cpu', weights_only=True)
-    optimizer.load_state_dict(state['optimizer'])
-    for group in optimizer.param_groups:  # the moments are the checkpoint's; LRs, betas and decay this run's keys
-        group.update(base_lr=lrs[group['name']], betas=(beta1, beta2),
-                     weight_decay=weight_decay if group['decays'] else 0.0)
-    changed = {k: (state['config'].get(k), v) for k, v in config.items()
-               if k != 'init_from' and state['config'].get(k, v) != v}
-    if changed:
-        say("resume: these keys differ from the checkpoint's run, this run's values are used: "
-            + ", ".join(f"{k}={new!r} (was {old!r})" for k, (old, new) in changed.items()))
-    train_loader.load_state_dict(state['loader'])
-    torch.set_rng_state(state['rng_cpu'])
-    if device_type == 'cuda' and 'rng_cuda' in state:
-        torch.cuda.set_rng_state(state['rng_cuda'])
-    iter_num = state['iter_num']
-    say(f"resumed from {resume_dir} at iter {iter_num}")
 if stage == 3 and precompute_ref:
-    ref_model = dpo.precompute_reference(start_model, make_dataset(train_data, loop=False), device, autocast,
-                                           mode=train_mode)
+    ref_model = dpo.precompute_reference(reference_start, make_dataset(train_data, loop=False), device,
+                                         autocast, mode=train_mode)
 
 
 def batch_loss(batch):
     """Loss of one micro-batch (and DPO metrics in stage 3). The forward goes through the DDP wrapper."""
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     with autocast:
         if stage == 3:
-            return dpo.batch_loss(model, ref_model, batch, beta=beta, label_smoothing=label_smoothing,
-                                  sft_weight=sft_weight, mode=train_mode)
-        _, loss = model(batch['frames'], batch['input_ids'], batch['loss_mask'], batch['frame_mask'], mode=train_mode)
-        return loss, {}
-
-
-def ddp_loss(loss):
-    """DDP all-reduces every parameter's gradient after every backward. A mode that never uses some (coarse_only:
-    q_init, llm_to_query) or a micro-batch without frames would leave gradients missing: add them with weight 0."""
-    return loss + 0.0 * sum(p.view(-1)[0] for p in raw_model.parameters() if p.requires_grad) if ddp else loss
+            loss, metrics = dpo.batch_loss(model, ref_model, batch, beta, label_smoothing, sft_weight,
+                                           train_mode)
+        else:
+            _, loss = model(batch['frames'], batch['input_ids'], batch['loss_mask'], batch['frame_mask'],
+                            mode=train_mode)
+            metrics = {}
+    if ddp:  # DDP reduces every parameter's gradient: add those this mode or batch did not use, weight 0
+        loss = loss + 0.0 * sum(p.view(-1)[0] for p in raw_model.parameters())
+    return loss, metrics
 
 
 mcq_records = None
@@ -287,56 +290,54 @@ mcq_records = None
 @torch.no_grad()
 def evaluate():
     """Held-out loss per mode and, where there are MCQs, accuracy per mode through bench.py's scoring.
-    Every rank takes part (its share of the val shards and of the MCQs; the results are reduced), so no rank
-    waits in a collective while another evaluates."""
-    from bench import evaluate_mcq, mcq_results
+    Every rank takes part (its share of the val shards and the MCQs; the results are reduced), so no
+    rank waits in a collective while another evaluates."""
+    from bench import evaluate_mcq, mcq_results, read_mcq_file
+    global mcq_records
     raw_model.eval()
     out = {}
     modes = [m for m in eval_modes.split(',') if m]
     if val_data and stage != 3:
         sums = torch.zeros(2, len(modes), device=device)  # summed loss, batches; per mode
-        val_loader = data.make_loader(make_dataset(val_data, loop=False), batch_size, 0)
-        for i, batch in enumerate(val_loader):
+        for i, batch in enumerate(data.make_loader(make_dataset(val_data, loop=False), batch_size)):
             if i >= eval_iters:
                 break
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             kv = raw_model.encode(batch['frames'], batch['frame_mask'])  # one encode serves every mode
             for j, m in enumerate(modes):
                 with autocast:
-                    _, loss = raw_model(None, batch['input_ids'], batch['loss_mask'], batch['frame_mask'], mode=m, kv=kv)
-                sums[:, j] += torch.stack((loss.detach().float(), torch.ones((), device=device)))
+                    _, loss = raw_model(None, batch['input_ids'], batch['loss_mask'], batch['frame_mask'],
+                                        mode=m, kv=kv)
+                sums[:, j] += torch.stack((loss.float(), torch.ones((), device=device)))
         if ddp:
             dist.all_reduce(sums)
-        out.update({f'val_loss_{m}': (sums[0, j] / sums[1, j]).item() for j, m in enumerate(modes) if sums[1, j]})
+        out.update({f'val_loss_{m}': (sums[0, j] / sums[1, j]).item()
+                    for j, m in enumerate(modes) if sums[1, j]})
     if mcq_data:
-        global mcq_records
-        mcq_records = mcq_records or data.read_mcq(mcq_data, image_size=image_size)  # decoded once per run
+        mcq_records = mcq_records or read_mcq_file(mcq_data, image_size)  # decoded once per run
         with autocast:
-            res = evaluate_mcq(raw_model, tok, mcq_records[rank::world_size], modes=modes, device=device,
+            res = evaluate_mcq(raw_model, tok, mcq_records[rank::world_size], modes, device,
                                progress=False)
         if ddp:
             parts = [None] * world_size
             dist.all_gather_object(parts, res['items'])
             res = mcq_results([item for part in parts for item in part], modes)
-        out.update({f'acc_{m}': res['accuracy'][m] for m in modes})
-        out['mcq'] = res
+        out.update({f'acc_{m}': res['accuracy'][m] for m in modes}, mcq=res)
     raw_model.train()
     return out
 
 
 def save_checkpoint(it):
-    """Atomic: everything goes to a .tmp dir that is renamed when complete; the last keep_last are kept."""
+    """Atomic: everything goes to a .tmp dir, renamed when complete; the last keep_last are kept."""
     loader_states = [train_loader.state_dict()]
     if ddp:
         loader_states = [None] * world_size
         dist.all_gather_object(loader_states, train_loader.state_dict())
     if not master:
         return
-    loader_state = {'workers': {}, 'next_worker': {}, 'samples': 0}
-    for s in loader_states:  # merge the ranks' reader states (keyed by global reader id)
-        loader_state = s | {'workers': loader_state['workers'] | s['workers'],
-                            'next_worker': loader_state['next_worker'] | s['next_worker'],
-                            'samples': loader_state['samples'] + s['samples']}
+    loader_state = loader_states[0] | {  # the ranks' reader states, keyed by global reader id
+        'workers': {g: s for part in loader_states for g, s in part['workers'].items()},
+        'next_worker': {r: w for part in loader_states for r, w in part['next_worker'].items()}}
     final = os.path.join(ckpt_root, f'step-{it:07d}')
     tmp = os.path.join(ckpt_root, f'.tmp-step-{it:07d}')
     shutil.rmtree(tmp, ignore_errors=True)
@@ -355,10 +356,11 @@ def save_checkpoint(it):
 def log(row):
     if not master:
         return
+    row = {k: v for k, v in row.items() if k != 'mcq'}
     with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
-        f.write(json.dumps({k: v for k, v in row.items() if k != 'mcq'}) + '\n')
+        f.write(json.dumps(row) + '\n')
     if wandb_run is not None:
-        wandb_run.log({k: v for k, v in row.items() if k != 'mcq'}, step=row['iter'])
+        wandb_run.log(row, step=row['iter'])
 
 
 # -- the loop -------------------------------------------------------------------
@@ -373,9 +375,8 @@ if master:
             wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, config=config)
         except ImportError:
             say("wandb_log=True but wandb is not installed: logging to metrics.jsonl only")
-    say(f"model: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params, device {device}, dtype {dtype}, "
-        f"{world_size} rank(s), batch {batch_size}x{gradient_accumulation_steps}x{world_size}")
-from bench import keep_freed_memory, peak_flops, train_flops  # noqa: E402  (bench.py owns the speed tricks)
+    say(f"model: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params, device {device}, "
+        f"dtype {dtype}, {world_size} rank(s), batch {batch_size}x{gradient_accumulation_steps}x{world_size}")
 if device_type == 'cpu':
     keep_freed_memory()
 peak = peak_flops(device, ptdtype)
@@ -385,32 +386,33 @@ bar = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=
 t_last, samples_since, tokens_since, flops_since = time.time(), 0, 0, 0.0
 last_eval = {}
 while iter_num < max_iters:
-    lrs = {}
+    lrs_now = {}
     for group in optimizer.param_groups:
-        group['lr'] = lrs[group['name']] = lr_at(iter_num, group['base_lr'])
+        group['lr'] = lrs_now[group['name']] = lr_at(iter_num, group['base_lr'])
     loss_sum, metrics_sum = torch.zeros((), device=device), {}
     for micro in range(gradient_accumulation_steps):
         batch = next(batches)
-        sync = not ddp or micro == gradient_accumulation_steps - 1  # all-reduce grads only on the last micro-step
+        sync = not ddp or micro == gradient_accumulation_steps - 1  # all-reduce on the last micro-step only
         with (nullcontext() if sync else model.no_sync()):
             loss, metrics = batch_loss(batch)
-            (ddp_loss(loss) / gradient_accumulation_steps).backward()
+            (loss / gradient_accumulation_steps).backward()
         loss_sum += loss.detach()
         for k, v in metrics.items():
             metrics_sum[k] = metrics_sum.get(k, 0.0) + v.detach()
         frames, ids = batch['frames'], batch.get('input_ids', batch.get('chosen_ids'))
         samples_since += frames.shape[0]
-        tokens_since += int(batch['frame_mask'].sum()) + ids.numel()
-        flops_since += train_flops(raw_model, frames.shape[0], frames.shape[1], ids.shape[1], frames.shape[-1])
+        tokens_since += int(batch['frame_mask'].sum()) + ids.numel() * (1 + (stage == 3))
+        flops_since += train_flops(raw_model, *frames.shape[:2], ids.shape[1], frames.shape[-1],
+                                   train_mode, n_texts=2 if stage == 3 else 1,
+                                   reference=stage == 3 and not precompute_ref)
     # mean over micro-steps and ranks, for logging
     logged = torch.stack([loss_sum] + list(metrics_sum.values())) / gradient_accumulation_steps
     if ddp:
         dist.all_reduce(logged, op=dist.ReduceOp.AVG)
     if not torch.isfinite(logged[0]):
-        prev = latest_checkpoint()
         fail(f"loss is {logged[0].item()} at iter {iter_num}: stopping. The last good checkpoint is "
-             f"{prev or 'none (nothing was saved yet)'}; lower the LRs or use grad_clip.")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
+             f"{latest_checkpoint() or 'none (nothing was saved yet)'}; lower the LRs or use grad_clip.")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
@@ -421,13 +423,14 @@ while iter_num < max_iters:
     do_eval = iter_num % eval_interval == 0 or iter_num == max_iters
     if iter_num % log_interval == 0 or do_eval:  # an eval gets a log row of its own iteration
         dt = time.time() - t_last
-        row = {'iter': iter_num, 'loss': logged[0].item(), **{f'lr_{k}': v for k, v in lrs.items()},
+        row = {'iter': iter_num, 'loss': logged[0].item(), **{f'lr_{k}': v for k, v in lrs_now.items()},
                **{k: v.item() for k, v in zip(metrics_sum, logged[1:])},
                'grad_norm': grad_norm.item(), 'samples_per_sec': samples_since * world_size / dt,
                'tokens_per_sec': tokens_since * world_size / dt, 'mfu': flops_since / dt / peak,
                'skipped_samples': sum(train_loader.skipped().values())}
-        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lrs['llm']:.1e}", sps=f"{row['samples_per_sec']:.1f}",
-                        tps=f"{row['tokens_per_sec']:.0f}", mfu=f"{100 * row['mfu']:.1f}%")
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lrs_now['llm']:.1e}",
+                        sps=f"{row['samples_per_sec']:.1f}", tps=f"{row['tokens_per_sec']:.0f}",
+                        mfu=f"{100 * row['mfu']:.1f}%")
         if do_eval:
             last_eval = dict(evaluate(), iter=iter_num)
             row.update(last_eval)
@@ -441,15 +444,15 @@ bar.close()
 
 final = last_eval if last_eval.get('iter') == iter_num else evaluate()  # every rank
 if master:
-    skipped = train_loader.skipped()
-    if skipped:
+    if skipped := train_loader.skipped():
         say("skipped samples: " + ", ".join(f"{k}: {v}" for k, v in skipped.items()))
     if 'mcq' in final:
-        modes = list(final['mcq']['modes'])
-        say("held-out MCQ accuracy per mode: " + ", ".join(f"{m} {100 * final[f'acc_{m}']:.1f}%" for m in modes))
-        for cat in final['mcq']['modes'][modes[0]]['per_category']:
-            say(f"  {cat:>12}: " + ", ".join(f"{m} {100 * final['mcq']['modes'][m]['per_category'][cat]['accuracy']:.1f}%"
-                                             for m in modes))
+        per_mode = final['mcq']['modes']
+        say("held-out MCQ accuracy per mode: "
+            + ", ".join(f"{m} {100 * r['accuracy']:.1f}%" for m, r in per_mode.items()))
+        for cat in next(iter(per_mode.values()))['per_category']:
+            say(f"  {cat:>12}: " + ", ".join(f"{m} {100 * r['per_category'][cat]['accuracy']:.1f}%"
+                                             for m, r in per_mode.items()))
         with open(os.path.join(out_dir, 'final_eval.json'), 'w') as f:
             json.dump({k: v for k, v in final['mcq'].items() if k != 'items'}, f, indent=2)
     say(f"checkpoint: {latest_checkpoint()}")

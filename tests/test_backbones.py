@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import write_dino, write_llama
-from model import DINOv2, LLMConfig, SmolLM2, decode, generate
+from conftest import generate, write_dino, write_llama
+from model import DINOv2, LLMConfig, SmolLM2
 
 
 def test_llama_parity_gqa(tiny_llama):

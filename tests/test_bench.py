@@ -2,6 +2,8 @@
 official layout (real mp4/gif written with PyAV), letter extraction, FLOPs, the speed report."""
 import json
 import os
+import subprocess
+import sys
 
 import av
 import numpy as np
@@ -10,12 +12,12 @@ import torch
 from PIL import Image
 
 import bench
-from bench import (MODES, evaluate_mcq, extract_choice, load_frames, option_answers, score_options,
-                   score_options_naive)
+from bench import MODES, evaluate_mcq, extract_choice, load_frames, option_answers, score_options
 from data import encode_prompt, format_mcq, train_tokenizer, write_tar
 from conftest import steered
-from model import DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2
+from model import DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2, train_flops
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANIMALS = ["dog", "cat", "bird", "fish", "horse"]
 SIZE = 28  # 2x2 patches of 14: tiny but real DINOv2 shapes
 
@@ -49,6 +51,26 @@ def tiny_vlm(tok, seed=0):
 @pytest.fixture(scope="module")
 def vlm(tok):
     return tiny_vlm(tok)
+
+
+@torch.no_grad()
+def score_options_naive(model, frames, prompt_ids, answers, mode, score="mean"):
+    """The oracle: per option a full forward, re-encoding the video every time (what the original did)."""
+    out = []
+    for a in answers:
+        ids = torch.tensor([prompt_ids + a], device=frames.device)
+        mask = torch.tensor([[0] * len(prompt_ids) + [1] * len(a)], device=frames.device)
+        _, loss = model(frames[None], ids, loss_mask=mask, mode=mode)
+        out.append(loss * (1 if score == "mean" else len(a)))
+    return torch.stack(out).float()
+
+
+def run_bench(tmp_path, *args):
+    """bench.py as users run it; returns what it wrote to --out"""
+    proc = subprocess.run([sys.executable, "bench.py", *args, f"--out={tmp_path / 'r.json'}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.load(open(tmp_path / "r.json"))
 
 
 def check_cached_equals_full(model, tok, frames, options, tol=1e-4):
@@ -323,26 +345,25 @@ def test_read_shards_and_cli(tmp_path, tok, vlm):
     # the CLI end to end on our checkpoint format: the corrupt mp4 is counted and listed
     ckpt = tmp_path / "ckpt"
     vlm.save(str(ckpt), tokenizer=tok.path)
-    out = bench.main(["--task", "shards", "--data_dir", str(tmp_path), "--ckpt", str(ckpt),
-                      "--image_size", str(SIZE), "--out", str(tmp_path / "r.json"), "--modes", "coarse_only,autoregressive"])
-    saved = json.load(open(tmp_path / "r.json"))
+    saved = run_bench(tmp_path, "--task=shards", f"--data_dir={tmp_path}", f"--init_from={ckpt}",
+                      f"--image_size={SIZE}", "--modes=coarse_only,autoregressive")
     assert saved["frames"] == 64 and saved["score"] == "mean"  # shards: every frame, up to 64, as the original
     assert saved["count"] == 2 and saved["skipped_count"] == 1 and "decode" in saved["skipped"][0]["reason"]
     assert list(saved["modes"]) == ["coarse_only", "autoregressive"] and saved["task"] == "shards"
-    assert out["modes"]["coarse_only"]["total"] == 2
+    assert saved["modes"]["coarse_only"]["total"] == 2
 
 
 def test_shapes_cli_matches_evaluate_mcq(tmp_path):
-    from data import QUESTIONS, load_tokenizer, make_shapes, read_mcq
+    from data import QUESTIONS, load_tokenizer, make_shapes
     d = tmp_path / "shapes"
     make_shapes(str(d), n_train=4, n_val=6, n_dpo=1, n_text=1, image_size=32, frames=3)
     tok = load_tokenizer(str(d))
     model = tiny_vlm(tok, seed=1)
     model.save(str(tmp_path / "ckpt"), tokenizer=str(d / "tokenizer.json"))
-    out = bench.main(["--task", "shapes", "--data_dir", str(d), "--ckpt", str(tmp_path / "ckpt")])
+    out = run_bench(tmp_path, "--task=shapes", f"--data_dir={d}", f"--init_from={tmp_path / 'ckpt'}")
     assert out["image_size"] == 32 and out["count"] == 6  # the size shapes.json says, as train.py reads it
     assert set(out["modes"]["coarse_fine"]["per_category"]) == set(QUESTIONS)
-    direct = evaluate_mcq(model, tok, read_mcq(str(d), image_size=32), progress=False)  # what train.py calls
+    direct = evaluate_mcq(model, tok, bench.read_mcq_file(str(d), 32), progress=False)  # what train.py calls
     assert direct["accuracy"] == out["accuracy"]
 
 
@@ -350,23 +371,25 @@ def test_shapes_cli_matches_evaluate_mcq(tmp_path):
 # speed
 
 
-def test_train_flops_matches_counted(vlm):
+@pytest.mark.parametrize("mode,n_texts", [(m, 1) for m in MODES] + [("coarse_fine", 2)])
+def test_train_flops_matches_counted(vlm, mode, n_texts):
     from torch.utils.flop_counter import FlopCounterMode
     B, T, S = 2, 3, 10
-    frames, ids = torch.randn(B, T, 3, SIZE, SIZE), torch.randint(3, 300, (B, S))
+    frames, ids = torch.randn(B, T, 3, SIZE, SIZE), torch.randint(3, 300, (B * n_texts, S))
     with FlopCounterMode(display=False) as fc:
-        vlm(frames, ids, mode="coarse_fine")
-    counted, ours = fc.get_total_flops(), bench.train_flops(vlm, B, T, S, SIZE) / 3
+        vlm(frames, ids, mode=mode, n_texts=n_texts)
+    counted, ours = fc.get_total_flops(), train_flops(vlm, B, T, S, SIZE, mode, n_texts) / 3
     assert abs(ours - counted) / counted < 0.1, (ours, counted)
 
 
-def test_speed_report(tok, tmp_path):
-    assert bench.peak_flops("cpu") is not None and bench.peak_flops("cpu") == bench.peak_flops("cpu")  # cached
+def test_speed_report(tok, tmp_path, monkeypatch):
     tiny_vlm(tok).save(tmp_path / "ckpt" / "step-0000001")  # a run's dir of step-* checkpoints, as train.py writes
-    rep = bench.speed(None, tmp_path, "cpu", ("float32", "bfloat16"), B=2, T=2, S=8, steps=1, decode_tokens=4,
-                      naive=True, mcq_frames=4)
+    for key, value in dict(init_from=str(tmp_path), speed_frames=2, speed_text=8, speed_steps=1).items():
+        monkeypatch.setattr(bench, key, value)
+    rep = bench.speed()
     for dt in ("float32", "bfloat16"):
         r = rep[dt]
         assert r["samples_per_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_mem_mb"] > 10
     assert abs(rep["bfloat16"]["loss"] / rep["float32"]["loss"] - 1) < 0.02  # same weights, same batch
-    assert rep["decode_tokens_per_s"] > 0 and rep["mcq_speedup"] > 1
+    assert rep["decode_tokens_per_s"] > 0 and rep["mcq_questions_per_s"] > 0
+    assert rep["dpo_over_stage2"] > 0 and rep["dpo_precomputed_over_stage2"] > 0

@@ -1,15 +1,12 @@
 """dpo.py: the DPO loss against a naive implementation, the shared chosen/rejected forward, the precomputed
-reference, and a 2-process DDP run of train.py against 1 process with doubled accumulation.
-
-    python tests/test_dpo.py [checkpoint_dir]   # also: time a DPO step against a stage-2 step on one batch
-"""
+reference, and a 2-process DDP run of train.py against 1 process with doubled accumulation. The DPO step's
+cost against a stage-2 step is measured by `python bench.py --task=speed`."""
 import json
 import math
 import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -213,57 +210,3 @@ def test_ddp_step_equals_one_process_with_doubled_accumulation(shapes, tmp_path)
         for k in ('loss', 'grad_norm', 'rewards/chosen', 'rewards/margins', 'logps/chosen', 'logps/rejected'):
             assert abs(a[k] - b[k]) < 1e-5, (a['iter'], k, a[k], b[k])
             assert abs(a[k] - c[k]) < 1e-5, (a['iter'], k, a[k], c[k])
-
-
-# -----------------------------------------------------------------------------
-# timing (not a test): python tests/test_dpo.py [checkpoint_dir | 135m [S]]
-
-def bench(model, batch, mode='coarse_fine', iters=5):
-    """seconds per optimiser-free train step (forward + backward) on one batch: stage 2 (the chosen answers),
-    DPO with the live reference, DPO with a precomputed reference."""
-    ref = dpo.make_reference(model)
-    table = {k: v for k, v in zip(batch['keys'], dpo.reference_logps(ref, batch, mode))}
-
-    def stage2():
-        _, loss = model(batch['frames'], batch['chosen_ids'], batch['chosen_mask'], batch['frame_mask'], mode=mode)
-        loss.backward()
-
-    def dpo_step(r):
-        return lambda: dpo.batch_loss(model, r, batch, mode=mode)[0].backward()
-    steps = {'stage2': stage2, 'dpo': dpo_step(ref), 'dpo_precomputed': dpo_step(table)}
-    times = {name: [] for name in steps}
-    for i in range(iters + 1):  # interleaved, so that load from other processes hits all three alike
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            if i:  # the first round is a warm-up
-                times[name].append(time.perf_counter() - t0)
-            model.zero_grad(set_to_none=True)
-    out = {name: sorted(t)[len(t) // 2] for name, t in times.items()}  # median
-    return out
-
-
-if __name__ == '__main__':
-    torch.set_num_threads(1)  # one thread: steadier timings on a shared machine
-    arg = sys.argv[1] if len(sys.argv) > 1 else 'tiny'
-    if arg == '135m':  # fVLM-135M's architecture (random weights): 224px, 8 frames, S text tokens (argv[2], default
-        # 160): a quarter prompt, then ~100-token answers scaled by S/160 (RLAIF-V-like at 160; 64 is bench.py's shape)
-        S = int(sys.argv[2]) if len(sys.argv) > 2 else 160
-        model = FoveatedVLM(SmolLM2(LLMConfig()), DINOv2(DinoConfig()))
-        batch = pair_batch(B=2, T=8, size=224, vocab=49152)
-        for k in ('chosen', 'rejected'):  # stretch the toy texts
-            n = S // 4 + (torch.tensor([[100, 110], [105, 90]]) * S // 160)[:, int(k == 'rejected')]
-            pos = torch.arange(S)
-            batch[f'{k}_ids'] = torch.randint(3, 49152, (2, S)).masked_fill(pos >= n[:, None], 2)
-            batch[f'{k}_mask'] = ((pos >= S // 4) & (pos < n[:, None])).long()
-    elif arg != 'tiny':  # a checkpoint dir, on a batch of the shapes DPO pairs
-        model, tok = FoveatedVLM.from_checkpoint(arg), data.load_tokenizer(arg)
-        ds = data.ShardDataset([os.path.join(ROOT, 'data', 'shapes', 'dpo-*.tar')], tok, 3,
-                               image_size=model.dino.cfg.image_size, max_frames=8, loop=False)
-        batch = next(iter(data.make_loader(ds, 16)))
-    else:
-        model, batch = tiny_vlm(), pair_batch(B=4)
-    t = bench(model.train(), batch, iters=3 if arg == '135m' else 10)
-    print(f"{arg}: seconds per fwd+bwd on batch {batch['frames'].shape[0]}: " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()))
-    print(f"DPO / stage-2 step: {t['dpo'] / t['stage2']:.2f}x live reference, "
-          f"{t['dpo_precomputed'] / t['stage2']:.2f}x precomputed reference")

@@ -65,7 +65,7 @@ def write_video(path, codec, pix_fmt, n=5):
 
 def run(ckpt_dir, *args):
     env = dict(os.environ, PYTHONIOENCODING="utf-8", OMP_NUM_THREADS="2")
-    p = subprocess.run([sys.executable, "sample.py", f"--ckpt={ckpt_dir}", *args], cwd=ROOT, env=env,
+    p = subprocess.run([sys.executable, "sample.py", f"--init_from={ckpt_dir}", *args], cwd=ROOT, env=env,
                        capture_output=True, timeout=300)
     out, err = p.stdout.decode("utf-8"), p.stderr.decode("utf-8")
     lines = out.split("\n")
@@ -142,7 +142,7 @@ def test_default_is_a_held_out_shapes_clip(ckpt, tmp_path):
     assert rc == 0, err
     val = next(r for i, r in enumerate(data.read_tar(str(tmp_path / "shapes" / "val-0000.tar"))) if i == 1)
     caption = json.loads(val["files"]["json"])["caption"]
-    assert f"checkpoint: {out / 'run' / 'ckpt' / 'step-0000010'}" in err
+    assert f"weights: {out / 'run' / 'ckpt' / 'step-0000010'}" in err
     assert "6 frames of 64px" in err and f"prompt: {data.DEFAULT_USER}" in err and f"reference: {caption}" in err
 
 
@@ -157,7 +157,7 @@ def test_bad_input_is_one_line_naming_it(ckpt, tmp_path):
         "no_ckpt": (tmp_path / "no_ckpt", "--clip=0", tmp_path / "no_ckpt"),
     }
     env = dict(os.environ, PYTHONIOENCODING="utf-8", OMP_NUM_THREADS="1")
-    procs = {case: subprocess.Popen([sys.executable, "sample.py", f"--ckpt={c}", arg], cwd=ROOT, env=env,
+    procs = {case: subprocess.Popen([sys.executable, "sample.py", f"--init_from={c}", arg], cwd=ROOT, env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for case, (c, arg, _) in cases.items()}  # side by side: each run is mostly `import torch`
     for case, p in procs.items():

@@ -1,4 +1,5 @@
 """FoveatedVLM on tiny random backbones: the glimpse, the three modes, padding, gradients, save/load."""
+import re
 import time
 
 import pytest
@@ -6,12 +7,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import steered
-from model import MODES, DINOv2, FoveatedVLM, SmolLM2
+from model import MODES, DINOv2, FoveatedVLM, SmolLM2, load_model
 
 
 @pytest.fixture(scope="module")
 def vlm(tiny_llama, tiny_dino):
-    return steered(FoveatedVLM.from_pretrained(tiny_llama[0], tiny_dino[0]).eval())
+    return steered(load_model("scratch", tiny_llama[0], tiny_dino[0])[0].eval())
 
 
 def video(B=2, T=3, size=56, seed=0):
@@ -37,7 +38,7 @@ def test_kv_cache_is_dinos_own(vlm, tiny_dino):
 
 
 def test_fine_pass_starts_as_the_coarse_pass(tiny_llama, tiny_dino):
-    fresh = FoveatedVLM.from_pretrained(tiny_llama[0], tiny_dino[0]).eval()
+    fresh = load_model("scratch", tiny_llama[0], tiny_dino[0])[0].eval()
     frames, ids = video()
     with torch.no_grad():
         coarse, fine = (fresh(frames, ids, mode=m)[0] for m in ("coarse_only", "coarse_fine"))
@@ -132,7 +133,7 @@ def test_autoregressive_trains_with_gradient_checkpointing(vlm):
 def test_save_load_and_released_layout(vlm, tiny_llama, tiny_dino, tmp_path):
     frames, ids = video()
     vlm.save(tmp_path / "ours", tokenizer=None)
-    again = FoveatedVLM.from_checkpoint(tmp_path / "ours").eval()
+    again = load_model(str(tmp_path / "ours"))[0].eval()
     # the released fVLM-135M layout: HF keys under encoder.dino. / llm., a compile infix, a tied lm_head
     released = {}
     for k, v in vlm.state_dict().items():
@@ -144,9 +145,13 @@ def test_save_load_and_released_layout(vlm, tiny_llama, tiny_dino, tmp_path):
     for k, v in load_file(tiny_dino[0] / "model.safetensors").items():  # HF names, mask_token included
         released["encoder.dino." + k] = v + 0.01  # differs from the HF dir, so loading must take it from here
     save_file(released, tmp_path / "fvlm.safetensors")
-    from_released = FoveatedVLM.from_pretrained(tiny_llama[0], tiny_dino[0], checkpoint=tmp_path / "fvlm.safetensors",
-                                                seed=123).eval()
+    from_released = load_model(str(tmp_path / "fvlm.safetensors"), tiny_llama[0], tiny_dino[0], seed=123)[0].eval()
     assert torch.equal(from_released.dino.blocks[1].ls2, tiny_dino[1].encoder.layer[1].layer_scale2.lambda1 + 0.01)
+    renamed = {re.sub(r"attention\.attention\.(query|key|value)\.", lambda m: f"attention.{m[1][0]}_proj.", k)
+               .replace("attention.output.dense.", "attention.o_proj."): v for k, v in released.items()}
+    save_file(renamed, tmp_path / "fvlm5.safetensors")  # the names transformers >= 5 gives Dinov2's attention
+    from_renamed = load_model(str(tmp_path / "fvlm5.safetensors"), tiny_llama[0], tiny_dino[0])[0]
+    assert all(torch.equal(a, b) for a, b in zip(from_renamed.state_dict().values(), from_released.state_dict().values()))
     from_released.dino.load_state_dict(vlm.dino.state_dict())
     with torch.no_grad():
         for mode in MODES:
