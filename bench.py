@@ -50,7 +50,7 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from data import (IMAGE_EXTS, IMAGE_FRAMES, PAD_ID, VIDEO_EXTS, ShardDataset, SkipSample, encode_answer,
-                  encode_prompt, format_mcq, frame_files, load_image, load_tokenizer, load_video, natural_key,
+                  format_mcq, frame_files, prompt_parts, load_image, load_tokenizer, load_video, natural_key,
                   read_tar, record_frames, record_text, uniform_indices)
 from model import (MODES, DinoConfig, DINOv2, FoveatedVLM, SmolLM2, decode, keep_freed_memory, left_pad,
                    load_model, peak_flops, train_flops)
@@ -104,25 +104,34 @@ def option_answers(tok, options, score="mean"):
     return [encode_answer(tok, f"{LETTERS[i]}. {o}") + newline for i, o in enumerate(options)]
 
 
+def prefill_users(model, tok, kv, frame_mask, users, mode, extra):
+    """Each user turn's prefix, in the model's layout, into one cache: [visual][prompt] (frames first) or
+    [question][visual][<|im_start|>assistant\\n] (question first), room for `extra` tokens after it.
+    Returns (cache, last logits [Q,V], attention)."""
+    parts = [prompt_parts(tok, u, model.layout) for u in users]
+    question = left_pad([q for q, _ in parts], frame_mask.device) if parts[0][0] else None
+    prompt_ids, prompt_valid = left_pad([p for _, p in parts], frame_mask.device)
+    return model.prefill(kv, frame_mask, prompt_ids, mode, extra, prompt_valid, question)
+
+
 @torch.no_grad()
-def score_options(model, kv, frame_mask, prompts, answers, mode, score="mean"):
-    """Q questions at once: prompts [Q lists of ids], answers [Q lists of K_q answers (ids)] -> Q score tensors
-    [K_q] (lower = more likely). Each prefix [visual tokens][prompt] is computed once; its cache row is repeated K
-    times and all Q*K answers, right-padded, run as one batch. Padding after an answer is invisible to it (causal
+def score_options(model, tok, kv, frame_mask, users, answers, mode, score="mean"):
+    """Q questions at once: users [Q user turns], answers [Q lists of K_q answers (ids)] -> Q score tensors
+    [K_q] (lower = more likely). Each question's prefix is computed once; its cache row is repeated K times
+    and all Q*K answers, right-padded, run as one batch. Padding after an answer is invisible to it (causal
     attention) and only real answer tokens are scored."""
     device = frame_mask.device
-    Q, K = len(prompts), max(len(a) for a in answers)
+    Q, K = len(users), max(len(a) for a in answers)
     A = max(len(x) for a in answers for x in a)
-    prompt_ids, prompt_valid = left_pad(prompts, device)
-    cache, last, _ = model.prefill(kv, frame_mask, prompt_ids, mode, extra=A, prompt_valid=prompt_valid)
-    cache = cache.repeat(K)  # row q*K+k continues question q with answer k
+    cache, last, _ = prefill_users(model, tok, kv, frame_mask, users, mode, extra=A)
+    cache = cache.rows(torch.arange(Q, device=device).repeat_interleave(K))  # row q*K+k: question q, answer k
     ids = torch.full((Q * K, A), PAD_ID, dtype=torch.long, device=device)  # [QK,A]
     real = torch.zeros(Q * K, A, dtype=torch.bool, device=device)  # [QK,A]
     for q, options in enumerate(answers):
         for k, a in enumerate(options):
             ids[q * K + k, :len(a)], real[q * K + k, :len(a)] = torch.tensor(a, device=device), True
     logits = model.llm(ids, cache=cache)  # [QK,A,V]; position i predicts answer token i+1
-    pred = torch.cat((last.repeat_interleave(K, 0)[:, None], logits[:, :-1]), 1).float()  # the prompt predicts token 0
+    pred = torch.cat((last.repeat_interleave(K, 0)[:, None], logits[:, :-1]), 1).float()  # prompt -> token 0
     # class dim last and contiguous: the transposed layout takes a kernel ~1e-4 less accurate over 49k classes
     ce = F.cross_entropy(pred.flatten(0, 1), ids.flatten(), reduction="none").view(Q * K, A) * real
     if score == "original":  # its CE ignored the pad id, which is <|im_end|>, but its mask still counted it
@@ -132,12 +141,11 @@ def score_options(model, kv, frame_mask, prompts, answers, mode, score="mean"):
 
 
 @torch.no_grad()
-def generate_answers(model, tok, kv, frame_mask, prompts, mode, max_new_tokens=16):
-    """Greedy answer texts of Q questions after their [visual tokens][prompt], decoded as one batch."""
-    prompt_ids, prompt_valid = left_pad(prompts, frame_mask.device)
-    cache, last, _ = model.prefill(kv, frame_mask, prompt_ids, mode, extra=max_new_tokens, prompt_valid=prompt_valid)
+def generate_answers(model, tok, kv, frame_mask, users, mode, max_new_tokens=16):
+    """Greedy answer texts of Q user turns after their prefixes, decoded as one batch."""
+    cache, last, _ = prefill_users(model, tok, kv, frame_mask, users, mode, extra=max_new_tokens)
     steps = list(decode(model.llm, cache, last, max_new_tokens, stop_id=PAD_ID))
-    rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]
+    rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in users]
     return [tok.decode(r[:r.index(PAD_ID)] if PAD_ID in r else r, skip_special_tokens=True) for r in rows]
 
 
@@ -256,12 +264,12 @@ def score_batch(model, tok, batch, modes, device, dtype, score, scoring, max_new
     users = [format_mcq(rec["question"], rec["options"]) for rec, _, _ in batch]
     for mode in modes:
         if scoring == "generate":
-            prompts = [encode_prompt(tok, u + GENERATE_SUFFIX) for u in users]
-            outs = generate_answers(model, tok, kv, frame_mask, prompts, mode, max_new_tokens)  # texts
+            users_asked = [u + GENERATE_SUFFIX for u in users]
+            outs = generate_answers(model, tok, kv, frame_mask, users_asked, mode, max_new_tokens)  # texts
             preds = [extract_choice(text, rec["options"]) for text, (rec, _, _) in zip(outs, batch)]
         else:
             answers = [option_answers(tok, rec["options"], score) for rec, _, _ in batch]
-            scores = score_options(model, kv, frame_mask, [encode_prompt(tok, u) for u in users], answers, mode, score)
+            scores = score_options(model, tok, kv, frame_mask, users, answers, mode, score)
             preds = [int(s.argmin()) for s in scores]
             outs = [[round(float(x), 5) for x in s] for s in scores]
         for pred, result, (_, item, _) in zip(preds, outs, batch):
@@ -612,14 +620,16 @@ def dpo_speed(model, batch, device, rounds=3):
     precomputed one. The chosen answers are the stage-2 batch's texts; the rejected ones are the same tokens
     shifted, so both answers have the batch's length."""
     import dpo
+    B = len(batch["frames"])
+    two = lambda a, b: torch.stack((a, b), 1).flatten(0, 1)  # noqa: E731  (rows chosen_0, rejected_0, ...)
     pair = {"frames": batch["frames"], "frame_mask": torch.ones(batch["frames"].shape[:2], dtype=torch.bool,
                                                                  device=device),
-            "keys": [str(i) for i in range(len(batch["frames"]))], "chosen_ids": batch["input_ids"],
-            "chosen_mask": batch["loss_mask"], "rejected_ids": batch["input_ids"].roll(1, 1),
-            "rejected_mask": batch["loss_mask"]}
+            "keys": [str(i) for i in range(B)], "owner": torch.arange(B, device=device).repeat_interleave(2),
+            "input_ids": two(batch["input_ids"], batch["input_ids"].roll(1, 1)),
+            "loss_mask": two(batch["loss_mask"], batch["loss_mask"])}
     ref = dpo.make_reference(model)
     table = dict(zip(pair["keys"], dpo.reference_logps(ref, pair, "coarse_fine")))
-    steps = {"stage2": lambda: model(pair["frames"], pair["chosen_ids"], pair["chosen_mask"])[1].backward(),
+    steps = {"stage2": lambda: model(batch["frames"], batch["input_ids"], batch["loss_mask"])[1].backward(),
              "dpo": lambda: dpo.batch_loss(model, ref, pair)[0].backward(),
              "dpo_precomputed": lambda: dpo.batch_loss(model, table, pair)[0].backward()}
     times = {name: [] for name in steps}
@@ -641,9 +651,10 @@ def speed():
     if torch.device(device).type == "cpu":
         keep_freed_memory()  # as train.py does
     if llm_dir:  # the 135M shape: real SmolLM2, random DINOv2-small
-        model = FoveatedVLM(SmolLM2.from_pretrained(llm_dir), DINOv2(DinoConfig()))
+        model, tok = FoveatedVLM(SmolLM2.from_pretrained(llm_dir), DINOv2(DinoConfig())), load_tokenizer(llm_dir)
     else:
-        model, _ = load_model(init_from)
+        model, tok_path = load_model(init_from)
+        tok = load_tokenizer(tok_path)
     size = image_size or (224 if llm_dir else model.dino.cfg.image_size)
     model.to(device)
     B, T, S, V = speed_batch, speed_frames, speed_text, model.llm.cfg.vocab_size
@@ -664,31 +675,31 @@ def speed():
         kv = model.encode(batch["frames"][:1], mask)
 
     def generate(n=32):
-        cache, last, _ = model.prefill(kv, mask, batch["input_ids"][:1, :16], "autoregressive", extra=n)
+        cache, last, _ = prefill_users(model, tok, kv, mask, ["Describe this video."], "autoregressive", n)
         for _ in decode(model.llm, cache, last, n, stop_id=-1):  # never stops: a fixed length
             pass
     generate(4)
     report["decode_tokens_per_s"] = 32 / median([timed(generate, device) for _ in range(3)])
     with peak_memory(device) as mem:
-        report["mcq_questions_per_s"] = mcq_speed(model, V, 16, size, device)
+        report["mcq_questions_per_s"] = mcq_speed(model, tok, 16, size, device)
     report.update(mcq_peak_mem_mb=mem["peak_mem_mb"], mcq_frames=16)
     report.update(dpo_speed(model.train(), batch, device))
     return report
 
 
-def mcq_speed(model, vocab, T, size, device, questions=4, K=4):
-    """Questions/s of K options in every mode on random frames, `questions` per call as evaluate_mcq does."""
-    g = torch.Generator().manual_seed(0)
-    videos = torch.randn(questions, T, 3, size, size, generator=g).to(device)
-    prompt = torch.randint(3, vocab, (48,), generator=g).tolist()
-    answers = [torch.randint(3, vocab, (4 + i,), generator=g).tolist() + [PAD_ID] for i in range(K)]
+def mcq_speed(model, tok, T, size, device, questions=4):
+    """Questions/s of 4 options in every mode on random frames, `questions` per call as evaluate_mcq does."""
+    videos = torch.randn(questions, T, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    options = ["a red ball", "a dog on a sofa", "two people talking in a kitchen", "nothing"]
+    user = format_mcq("What does the video show, and what happens at the end of it?", options)
+    answers = option_answers(tok, options)
     mask = torch.ones(questions, T, dtype=torch.bool, device=device)
 
     def run():
         with torch.no_grad():
             kv = model.encode(videos, mask)
             for m in MODES:
-                score_options(model, kv, mask, [prompt] * questions, [answers] * questions, m)
+                score_options(model, tok, kv, mask, [user] * questions, [answers] * questions, m)
     run()  # warm-up
     return questions / median([timed(run, device) for _ in range(3)])
 

@@ -93,27 +93,49 @@ def load_tokenizer(path_or_dir):
 
 
 def encode_chat(tok, messages, stage, max_len=None):
-    """ChatML with the system prompt, written by hand -> (input_ids, loss_mask, truncated). Stage 1: every token is
-    a target; stages 2-3: only assistant content and its <|im_end|> (not the '\\n' after it)."""
-    text, spans = "", []
+    """ChatML with the system prompt, written by hand -> (input_ids, loss_mask, truncated, question_end).
+    Stage 1: every token is a target; stages 2-3: only assistant content and its <|im_end|> (not the '\\n'
+    after it). question_end: the tokens up to the end of the first user turn, where the question-first
+    layout puts the frames."""
+    text, spans, question_end = "", [], None
     for m in [{"role": "system", "content": SYSTEM_PROMPT}] + list(messages):
         text += f"<|im_start|>{m['role']}\n"
         if m["role"] == "assistant":
             spans.append((len(text), len(text) + len(m["content"] + "<|im_end|>")))
         text += m["content"] + "<|im_end|>\n"
-    # one encode of the whole text, so ids equal HF apply_chat_template; a target token's characters lie in a span
+        if m["role"] == "user" and question_end is None:
+            question_end = len(text)
+    # one encode of the whole text, so ids equal HF apply_chat_template; a target's characters lie in a span
     enc = tok.encode(text, add_special_tokens=False)
     in_answer = [int(any(s <= a and b <= e for s, e in spans)) for a, b in enc.offsets]
     mask = [1] * len(enc.ids) if stage == 1 else in_answer
     max_len = max_len or MAX_LEN[stage]
-    return enc.ids[:max_len], mask[:max_len], len(enc.ids) > max_len
+    split = sum(b <= (question_end or 0) for _, b in enc.offsets)
+    return enc.ids[:max_len], mask[:max_len], len(enc.ids) > max_len, min(split, max_len)
+
+
+def encode_question(tok, user):
+    """System + user turn: what the question-first layout puts before the frames."""
+    text = f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+def encode_reply_start(tok):
+    """The generation prompt '<|im_start|>assistant\\n'."""
+    return tok.encode("<|im_start|>assistant\n", add_special_tokens=False).ids
 
 
 def encode_prompt(tok, user):
     """System + user turn + generation prompt '<|im_start|>assistant\\n'."""
-    text = (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
-            f"<|im_start|>assistant\n")
-    return tok.encode(text, add_special_tokens=False).ids
+    return encode_question(tok, user) + encode_reply_start(tok)
+
+
+def prompt_parts(tok, user, layout):
+    """The (question, prompt) ids of a user turn: frames first, ([], the whole prompt) after the frames;
+    question first, (system + user turn) before them and the generation prompt after them."""
+    if layout == "question_first":
+        return encode_question(tok, user), encode_reply_start(tok)
+    return [], encode_prompt(tok, user)
 
 
 def encode_answer(tok, text):
@@ -386,13 +408,14 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, globs, tok, stage, image_size=224, max_frames=64, replicate_image_frames=1, text_ratio=0.0,
                  seed=0, rank=0, world_size=1, text_globs=None, loop=True, shuffle_buffer=1000, fps=None,
-                 max_len=None, prompts=None):
+                 max_len=None, prompts=None, layout="frames_first"):
         self.shards = expand_globs(globs)
         self.text_shards = expand_globs(text_globs) if text_globs else []
         self.tok, self.stage, self.image_size, self.max_frames = tok, stage, image_size, max_frames
         self.replicate, self.text_ratio, self.seed, self.fps = replicate_image_frames, text_ratio, seed, fps
         self.rank, self.world_size, self.loop, self.shuffle_buffer = rank, world_size, loop, shuffle_buffer
         self.max_len = max_len or MAX_LEN[stage]
+        self.question_first = layout == "question_first"  # the model's layout decides the text rows
         self.prompts = SOURCE_PROMPTS | {"": FALLBACK_PROMPT} | (prompts or {})  # source -> question; "" = any other
         self.batch_size, self.max_batch_frames = None, None  # set by make_loader: batches are built in workers
         self.resume, self.first_reader = {}, 0  # from Loader.load_state_dict: reader -> ReaderState; whose turn
@@ -461,33 +484,37 @@ class ShardDataset(IterableDataset):
         where = f"{rec['shard']}:{rec['key']}"
         meta, txt = record_text(rec)
         has_media = any(e not in ("json", "txt") for e in rec["files"])
-        return dict(self.text(meta, txt, has_media, where), key=rec["key"], frames=self.frames(rec["files"], meta, where))
+        rows = self.text(meta, txt, has_media, where)  # text first: cheap to reject
+        return {"key": rec["key"], "rows": rows, "frames": self.frames(rec["files"], meta, where)}
 
     def question_for(self, meta):
         """the question of a sample whose `user` is empty or missing: by its source"""
         return self.prompts.get(str(meta.get("source", "")).lower(), self.prompts[""])
 
-    def conversation(self, users, answers, where):
-        """equal-length lists of user / assistant strings -> (input_ids, loss_mask) of this stage"""
+    def row(self, users, answers, where):
+        """A conversation (equal-length lists of user / assistant strings) -> one text row {question, ids,
+        mask} of this stage: frames first, the whole chat after the frames (question []); question first,
+        the first user turn before the frames and the rest after them."""
         chat = [{"role": r, "content": c} for u, a in zip(users, answers) for r, c in (("user", u), ("assistant", a))]
-        ids, mask, truncated = encode_chat(self.tok, chat, self.stage, self.max_len)
+        ids, mask, truncated, question_end = encode_chat(self.tok, chat, self.stage, self.max_len)
         if truncated:
             self.skipped["truncated (kept)"] += 1
-        if not any(mask):
+        if not any(mask[question_end if self.question_first else 0:]):
             raise SkipSample("no_targets", f"{where}: no target tokens left after truncation to {self.max_len}")
-        return ids, mask
+        split = question_end if self.question_first else 0
+        return {"question": ids[:split], "ids": ids[split:], "mask": mask[split:]}
 
     def text(self, meta, txt, has_media, where):
-        """The token ids and loss masks of a record's json (see the research layout in section 3)."""
+        """The text rows of a record's json (the research layout, section 3): one per sample, or in the
+        question-first layout one per question (every question steers its own glimpses; one encode serves all);
+        stage 3: the chosen row, then the rejected one."""
         if self.stage == 3:
             if need := [f for f in ("chosen_assistant", "rejected_assistant") if not meta.get(f)]:
                 raise SkipSample("missing_field", f"{where}.json: DPO sample misses {need}")
             user = meta.get("user") or (self.question_for(meta) if has_media else None)
-            pair = [self.conversation(*turns(user, meta[f"{k}_assistant"], where), where) for k in ("chosen", "rejected")]
-            return {"chosen_ids": pair[0][0], "chosen_mask": pair[0][1],
-                    "rejected_ids": pair[1][0], "rejected_mask": pair[1][1]}
+            return [self.row(*turns(user, meta[f"{k}_assistant"], where), where) for k in ("chosen", "rejected")]
         if "token_ids" in meta:
-            return self.pretokenized(meta, where)
+            return [self.pretokenized(meta, where)]
         # stage 1 prefers the caption, stage 2 the user/assistant pair; either falls back to the other.
         # `user` belongs to `assistant`: a caption next to an assistant answer gets the source's question
         caption, assistant = meta.get("caption") or txt, meta.get("assistant")
@@ -502,7 +529,9 @@ class ShardDataset(IterableDataset):
             users = [u or self.question_for(meta) for u in users]
         if not all(users):
             raise SkipSample("missing_field", f"{where}.json: a text-only sample needs a 'user' question")
-        return dict(zip(("input_ids", "loss_mask"), self.conversation(users, answers, where)))
+        if self.question_first:
+            return [self.row([u], [a], where) for u, a in zip(users, answers)]
+        return [self.row(users, answers, where)]
 
     def pretokenized(self, meta, where):
         """token_ids + loss_mask as stored; a missing mask means "all targets" only in stage 1"""
@@ -515,7 +544,7 @@ class ShardDataset(IterableDataset):
             raise SkipSample("bad_field", f"{where}.json: token_ids without a matching loss_mask of 0/1")
         if len(ids) > self.max_len:
             self.skipped["truncated (kept)"] += 1
-        return {"input_ids": ids[:self.max_len], "loss_mask": mask[:self.max_len]}
+        return {"question": [], "ids": ids[:self.max_len], "mask": mask[:self.max_len]}  # frames first
 
     def frames(self, files, meta, where):
         """A record's frames [T,3,S,S]: its frame images (at most max_frames, spread uniformly), its video, its
@@ -535,18 +564,25 @@ class ShardDataset(IterableDataset):
 
 
 def collate(samples):
-    """Right-pad text with PAD_ID (loss_mask 0), pad frames to the batch's max T with frame_mask."""
-    frames = pad_sequence([s["frames"] for s in samples], batch_first=True)  # [B,T,3,S,S], zeros after each clip
+    """Samples -> a batch: frames padded to the batch's max T with frame_mask; the text rows of every sample,
+    with owner [R] (the sample of each row), input_ids / loss_mask [R,S] right-padded with PAD_ID (loss 0),
+    and in the question-first layout question_ids / question_valid [R,P], left-padded."""
+    frames = pad_sequence([s["frames"] for s in samples], batch_first=True)  # [B,T,3,S,S], zeros after a clip
     lengths = torch.tensor([len(s["frames"]) for s in samples])
+    rows = [(i, row) for i, s in enumerate(samples) for row in s["rows"]]
+    S, P = max(len(r["ids"]) for _, r in rows), max(len(r["question"]) for _, r in rows)
     out = {"frames": frames, "frame_mask": torch.arange(frames.shape[1]) < lengths[:, None],  # [B,T]
-           "keys": [s["key"] for s in samples]}
-    # input_ids + loss_mask, or (stage 3) chosen_/rejected_ ids + mask, all [B,L] with one L for the batch
-    names = [k for k in samples[0] if k.endswith(("_ids", "_mask"))]
-    L = max(len(s[k]) for s in samples for k in names)
-    for k in names:
-        out[k] = torch.full((len(samples), L), PAD_ID if k.endswith("_ids") else 0, dtype=torch.long)
-        for i, s in enumerate(samples):
-            out[k][i, :len(s[k])] = torch.as_tensor(s[k], dtype=torch.long)
+           "keys": [s["key"] for s in samples], "owner": torch.tensor([i for i, _ in rows]),
+           "input_ids": torch.full((len(rows), S), PAD_ID), "loss_mask": torch.zeros(len(rows), S, dtype=torch.long)}
+    if P:
+        out["question_ids"] = torch.full((len(rows), P), PAD_ID)
+        out["question_valid"] = torch.zeros(len(rows), P, dtype=torch.bool)
+    for j, (_, r) in enumerate(rows):
+        out["input_ids"][j, :len(r["ids"])] = torch.tensor(r["ids"])
+        out["loss_mask"][j, :len(r["mask"])] = torch.tensor(r["mask"])
+        if P and r["question"]:
+            out["question_ids"][j, P - len(r["question"]):] = torch.tensor(r["question"])
+            out["question_valid"][j, P - len(r["question"]):] = True
     return out
 
 

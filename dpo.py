@@ -7,8 +7,8 @@ one training loop (stage=3): only the batch loss differs from stages 1-2.
 pi / ref are the SUMMED log-probs of the answer tokens (chosen c, rejected r) under the policy and the frozen
 reference (the stage-2 model). At step 0 the policy is the reference, so the loss is ln 2.
 
-One DINOv2 encode and one coarse pass per sample serve both answers; the two fine LLM passes run as one batch
-of 2B rows (FoveatedVLM.forward with n_texts=2; rows chosen_0, rejected_0, chosen_1, ...). The reference is a
+One DINOv2 encode per sample serves both answers: data.collate's stage-3 batch has two text rows per sample
+(chosen_0, rejected_0, chosen_1, ...; owner says whose), one forward of 2B rows. The reference is a
 frozen copy of the initial policy (make_reference), or with precompute_ref a table of its log-probs computed
 in one pass before training (precompute_reference): one model in memory, no reference forward.
 """
@@ -21,13 +21,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-
-
-def pair_ids(batch):
-    """data.collate's stage-3 batch -> ids and loss mask [2B,S], chosen and rejected interleaved per sample."""
-    ids = torch.stack((batch['chosen_ids'], batch['rejected_ids']), 1).flatten(0, 1)
-    mask = torch.stack((batch['chosen_mask'], batch['rejected_mask']), 1).flatten(0, 1)
-    return ids, mask
 
 
 def sequence_logps(logits, ids, mask):
@@ -44,18 +37,20 @@ def sequence_logps(logits, ids, mask):
 def answer_logps(model, batch, mode):
     """Summed log-probs [B,2] (chosen, rejected) of both answers of every sample and their target counts
     [B,2]. `model` may be the DDP wrapper (its forward is what runs)."""
-    ids, mask = pair_ids(batch)
-    logits, _ = model(batch['frames'], ids, None, batch['frame_mask'], mode=mode, n_texts=2)  # [2B,S,V]
-    logps, counts = sequence_logps(logits, ids, mask)
+    logits, _ = model(batch['frames'], batch['input_ids'], None, batch['frame_mask'], mode=mode,
+                      owner=batch['owner'], question_ids=batch.get('question_ids'),
+                      question_valid=batch.get('question_valid'))  # [2B,S,V]
+    logps, counts = sequence_logps(logits, batch['input_ids'], batch['loss_mask'])
     return logps.view(-1, 2), counts.view(-1, 2)
 
 
 def make_reference(model, precompute_ref=False):
-    """The frozen reference: a copy of the initial policy, in eval() with no grads; None with precompute_ref
+    """The frozen reference: a copy of the initial policy, in eval(), only run under no_grad; None with precompute_ref
     (precompute_reference builds a table instead). Make it before torch.compile wraps methods of `model`."""
     if precompute_ref:
         return None
-    return copy.deepcopy(model).eval().requires_grad_(False)
+    # frozen by running under no_grad: with requires_grad off CPU kernels differ by ~1e-6 from the policy's
+    return copy.deepcopy(model).eval()
 
 
 @torch.no_grad()

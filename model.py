@@ -137,11 +137,11 @@ class KVCache:
         self.k[layer][:, :, start:end], self.v[layer][:, :, start:end] = k, v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def repeat(self, n):
-        """Each row repeated n times (row-major): n continuations share one prefix."""
+    def rows(self, index):
+        """A cache of these rows; index [R] may repeat a row (several continuations of one prefix)."""
         out = KVCache.__new__(KVCache)
-        out.k, out.v = [k.repeat_interleave(n, 0) for k in self.k], [v.repeat_interleave(n, 0) for v in self.v]
-        out.valid, out.length, out.padded = self.valid.repeat_interleave(n, 0), self.length, self.padded
+        out.k, out.v = [k[index] for k in self.k], [v[index] for v in self.v]
+        out.valid, out.length, out.padded = self.valid[index], self.length, self.padded
         return out
 
 
@@ -409,15 +409,31 @@ def dino_key(hf_key):
 #   LLM hidden state at frame t --llm_to_query--> the query for frame t+1 (where to look next)
 
 MODES = ("coarse_only", "coarse_fine", "autoregressive")
+LAYOUTS = ("frames_first", "question_first")
+
+
+def frame_rows(frame_mask):
+    """frame_mask [B,T] -> [B,T]: which row of encode's K/V holds frame (b, t) (the real frames in (b, t)
+    order), -1 for a padded slot."""
+    index = frame_mask.flatten().cumsum(0).view(frame_mask.shape) - 1
+    return torch.where(frame_mask, index, -1)
+
+
+def joined(*masks):
+    """The valid masks [R,n] of consecutive parts of a sequence -> one [R,sum n] mask, None if all real."""
+    mask = torch.cat(masks, 1)
+    return None if mask.all() else mask
 
 
 class FoveatedVLM(nn.Module):
     def __init__(self, llm: SmolLM2, dino: DINOv2, visual_scale=0.14, encode_chunk=32, seed=0,
-                 q_init_copies_static=True, llm_to_query_zero_init=True):
+                 q_init_copies_static=True, llm_to_query_zero_init=True, layout="frames_first"):
         super().__init__()
+        assert layout in LAYOUTS, f"layout must be one of {LAYOUTS}, got {layout!r}"
         self.llm, self.dino = llm, dino
         self.visual_scale = visual_scale  # dino_to_llm output * 0.14 matches SmolLM2's embedding std
         self.encode_chunk = encode_chunk  # frames per DINOv2 call: bounds activation memory on long videos
+        self.layout = layout  # frames_first: [frames][chat]; question_first: [system + user][frames][answer]
         D, L = dino.cfg.dim, llm.cfg.dim
         with torch.random.fork_rng(devices=[]):  # a fresh connector is the same for a given seed
             torch.manual_seed(seed)
@@ -430,8 +446,8 @@ class FoveatedVLM(nn.Module):
             # std 1, not 0.02: tiny queries gave uniform attention, i.e. identical glimpses
             self.q_static = nn.Parameter(torch.randn(1, D, dtype=dtype))
             self.q_init = nn.Parameter(torch.randn(1, D, dtype=dtype))
-            # the fine pass can start as the coarse pass (every query = q_static) and learn to move away from it:
-            # random LLM-chosen queries at init hid what the frames hold and kept a from-scratch model blind
+            # the fine pass can start as the coarse pass (every query = q_static) and learn to move away from
+            # it: random LLM-chosen queries at init hid what the frames hold and kept a from-scratch model blind
             if q_init_copies_static:
                 self.q_init.data.copy_(self.q_static.data)
             if llm_to_query_zero_init:
@@ -442,88 +458,127 @@ class FoveatedVLM(nn.Module):
 
     def encode(self, frames, frame_mask=None):
         """frames [B,T,3,H,W] -> per-layer (k, v), each [N,H,1+P,hd] for the N real frames in (b, t) order.
-        One DINOv2 pass; every mode, option and call can reuse it."""
+        One DINOv2 pass; every mode, question, option and call can reuse it."""
         real = frames.flatten(0, 1) if frame_mask is None else frames[frame_mask]  # [N,3,H,W]
-        chunks = [self.dino(real[i:i + self.encode_chunk], return_kv=True)[1]  # N=0 (text only) gives empty kv
+        chunks = [self.dino(real[i:i + self.encode_chunk], return_kv=True)[1]  # N=0 (text only): empty
                   for i in range(0, max(real.shape[0], 1), self.encode_chunk)]
         return [(torch.cat([c[layer][0] for c in chunks]), torch.cat([c[layer][1] for c in chunks]))
                 for layer in range(len(self.dino.blocks))]
 
-    def glimpse(self, query, kv):
-        """query [N,Dq], kv from encode -> (glimpse tokens [N,Dd], attention [N,layers,H,1+P]).
-        The query is one extra token that runs through every DINOv2 block, attending to that layer's cached
-        patch keys/values (CLS included)."""
-        x, maps = self.query_input_proj(query)[:, None], []  # [N,1,D]
+    def glimpse(self, queries, kv):
+        """queries [N,Q,Dq] for the N frames of kv -> (glimpse tokens [N,Q,Dd], attention [N,Q,layers,H,1+P]).
+        Each query is an extra token that runs through every DINOv2 block, attending to that layer's cached
+        patch keys/values (CLS included); the Q queries of a frame do not see each other."""
+        x, maps = self.query_input_proj(queries), []  # [N,Q,D]
         for block, layer_kv in zip(self.dino.blocks, kv):
             x, _, weights = block(x, layer_kv)
-            maps.append(weights[:, :, 0])
-        return self.output_proj(self.dino.norm(x[:, 0])), torch.stack(maps, 1)
+            maps.append(weights)  # [N,H,Q,1+P]
+        return self.output_proj(self.dino.norm(x)), torch.stack(maps, 1).permute(0, 3, 1, 2, 4)
 
-    def look(self, queries, kv, frame_mask):
-        """queries [N,Dq] for the real frames -> LLM tokens [B,T,L] (padded slots are zero glimpses,
-        masked later) and attention [B,T,layers,H,1+P]."""
-        g, attn = self.glimpse(queries, kv)
-        tokens = g.new_zeros(*frame_mask.shape, g.shape[-1])
-        maps = attn.new_zeros(*frame_mask.shape, *attn.shape[1:])
-        tokens[frame_mask], maps[frame_mask] = g, attn
+    def look(self, queries, kv, rows):
+        """queries [R,T,Dq]: text row r's query for its frame t; rows [R,T]: the entry of kv that holds that
+        frame (-1: padding) -> LLM tokens [R,T,L] (zero at padding, masked later) and attention
+        [R,T,layers,H,1+P]. Rows that share a frame (questions about one clip) look at it together: their
+        queries are extra tokens of one glimpse, so the frame's K/V is read once."""
+        real = rows >= 0
+        frame = rows[real]  # [M]
+        order = frame.argsort(stable=True)
+        first = torch.searchsorted(frame[order], frame[order])  # where each frame's run of queries starts
+        slot = torch.empty_like(frame)
+        slot[order] = torch.arange(len(frame), device=frame.device) - first  # which query of its frame
+        x = queries.new_zeros(kv[0][0].shape[0], int(slot.max()) + 1 if len(slot) else 1, queries.shape[-1])
+        x[frame, slot] = queries[real]
+        g, attn = self.glimpse(x, kv)
+        tokens = g.new_zeros(*rows.shape, g.shape[-1])
+        maps = attn.new_zeros(*rows.shape, *attn.shape[2:])
+        tokens[real], maps[real] = g[frame, slot], attn[frame, slot]
         return self.dino_to_llm(tokens) * self.visual_scale, maps
 
     # -- the three modes ---------------------------------------------------------------------------
+    # owner [R]: the sample (row of frame_mask) of each text row; None: row r is sample r.
+    # question: (ids [R,P] left-padded, valid [R,P] or None) in the question-first layout, else None.
 
-    def visual_tokens(self, kv, frame_mask, mode):
-        """The T visual tokens of coarse_only / coarse_fine: [B,T,L] and their attention maps."""
+    def visual_tokens(self, kv, frame_mask, mode, owner=None, question=None):
+        """The T visual tokens of coarse_only / coarse_fine, per text row: [R,T,L], and their attention."""
         B, T = frame_mask.shape
-        N = int(frame_mask.sum())
-        coarse, attn = self.look(self.q_static.expand(N, -1), kv, frame_mask)
-        if mode == "coarse_only" or N == 0:
-            return coarse, attn
-        # coarse pass: the LLM reads the static glimpses (visual tokens only: causal attention means text
-        # could not change these hidden states) and says where each frame should be looked at next
-        h = self.llm(embeds=coarse, valid=None if frame_mask.all() else frame_mask, hidden_only=True)  # [B,T,L]
-        queries = torch.cat((self.q_init.expand(B, 1, -1), self.llm_to_query(h)[:, :-1]), 1)  # shift by one frame
-        return self.look(queries[frame_mask], kv, frame_mask)
+        pick = (lambda x: x) if owner is None else (lambda x: x[owner])  # noqa: E731
+        rows = frame_rows(frame_mask)  # [B,T]
+        coarse, attn = self.look(self.q_static.expand(B, T, -1), kv, rows)  # one static glimpse per frame
+        if mode == "coarse_only" or T == 0:
+            return pick(coarse), pick(attn)
+        # the coarse pass: the LLM reads the static glimpses and says where each frame should be looked at
+        if question is None:  # frames first: causal attention means the text could not change these states
+            h = self.llm(embeds=coarse, valid=joined(frame_mask), hidden_only=True)  # [B,T,L]
+            queries = torch.cat((self.q_init.expand(B, 1, -1), self.llm_to_query(h[:, :-1])), 1)  # shift by one
+            fine, attn = self.look(queries, kv, rows)
+            return pick(fine), pick(attn)
+        ids, valid = question
+        P = ids.shape[1]
+        embeds = torch.cat((self.llm.embed_tokens(ids), pick(coarse)), 1)
+        valid = joined(valid if valid is not None else torch.ones_like(ids, dtype=torch.bool), pick(frame_mask))
+        h = self.llm(embeds=embeds, valid=valid, hidden_only=True)  # [R,P+T,L]
+        # the state before each frame chooses its query: after the question for frame 0, after frame t-1 for t
+        return self.look(self.llm_to_query(h[:, P - 1:P + T - 1]), kv, pick(rows))
 
-    def walk(self, kv, frame_mask, cache):
-        """autoregressive: frame by frame through the LLM cache, each query chosen by the previous step.
-        Returns attention maps [B,T,layers,H,1+P]."""
-        B, T = frame_mask.shape
-        row = frame_mask.flatten().cumsum(0).view(B, T) - 1  # which kv row holds frame (b, t)
-        query, maps = self.q_init.expand(B, -1), []
-        for t in range(T):
-            real = frame_mask[:, t]
-            frame_kv = [(k[row[real, t]], v[row[real, t]]) for k, v in kv]
-            tokens, attn = self.look(query[real], frame_kv, real[:, None])  # [B,1,L]
-            h = self.llm(embeds=tokens, valid=None if real.all() else real[:, None], cache=cache, hidden_only=True)
+    def walk(self, kv, rows, cache, query):
+        """autoregressive: frame by frame through the LLM cache, each frame's query chosen by the LLM's state
+        after the previous step. rows [W,T]: each walker's frames (entries of kv; -1: padding); query [W,Dq]:
+        the first one. Returns attention maps [W,T,layers,H,1+P]."""
+        maps = []
+        for t in range(rows.shape[1]):
+            frame = rows[:, t]  # [W]
+            used = frame[frame >= 0].unique()  # the frames this step reads: their K/V only
+            local = torch.where(frame >= 0, torch.searchsorted(used, frame.clamp(min=0)), -1)
+            tokens, attn = self.look(query[:, None], [(k[used], v[used]) for k, v in kv], local[:, None])
+            h = self.llm(embeds=tokens, valid=joined(frame[:, None] >= 0), cache=cache, hidden_only=True)
             query = self.llm_to_query(h[:, 0])
             maps.append(attn)
         return torch.cat(maps, 1) if maps else None
 
-    def forward(self, frames, input_ids, loss_mask=None, frame_mask=None, mode="coarse_fine", kv=None, n_texts=1):
-        """frames [B,T,3,H,W] (frame_mask [B,T] marks real frames, a prefix per row; None = all real),
-        input_ids [B,S] right-padded chat text. Sequence: [T visual tokens][S text tokens].
-        Returns text logits [B,S,V] (position i predicts token i+1) and the token-weighted mean CE over
-        tokens with loss_mask == 1 (None without a mask). Pass kv=self.encode(...) to reuse one encode.
-        n_texts > 1: input_ids holds n_texts rows per sample ([n_texts*B,S], row j reads sample j // n_texts),
-        so several texts (DPO's chosen and rejected answers) share one encode and one coarse pass."""
+    def walked_cache(self, kv, frame_mask, owner=None, question=None, extra=0):
+        """autoregressive: a cache per text row holding [T walked visual tokens] (frames first: one walk per
+        sample, from q_init) or [question][T walked visual tokens] (question first: one walk per row, from the
+        LLM's state after the question), with room for `extra` more tokens. Returns (cache, attention)."""
+        B, T = frame_mask.shape
+        if question is None:
+            cache = self.llm.new_cache(B, T + extra)
+            attn = self.walk(kv, frame_rows(frame_mask), cache, self.q_init.expand(B, -1))
+            return (cache, attn) if owner is None else (cache.rows(owner), attn[owner] if T else None)
+        ids, valid = question
+        cache = self.llm.new_cache(ids.shape[0], ids.shape[1] + T + extra)
+        h = self.llm(ids, valid=valid, cache=cache, hidden_only=True)
+        rows = frame_rows(frame_mask) if owner is None else frame_rows(frame_mask)[owner]
+        return cache, self.walk(kv, rows, cache, self.llm_to_query(h[:, -1]))
+
+    def forward(self, frames, input_ids, loss_mask=None, frame_mask=None, mode="coarse_fine", kv=None,
+                owner=None, question_ids=None, question_valid=None):
+        """frames [B,T,3,H,W] (frame_mask [B,T] marks real frames, a prefix per row; None = all real) and
+        text rows input_ids [R,S], right-padded. owner [R]: the sample of each row (None: row r is sample r),
+        so several texts (questions about one clip, DPO's two answers) share one encode.
+        Frames first (question_ids None): [T visual tokens][S text], frame 0 looks with q_init. Question first:
+        question_ids [R,P] left-padded (question_valid [R,P]): [P question][T visual][S text], and the LLM's
+        state after the question chooses frame 0's query.
+        Returns text logits [R,S,V] (position i predicts token i+1) and the token-weighted mean CE over the
+        tokens with loss_mask == 1 (None without a mask). Pass kv=self.encode(...) to reuse one encode."""
         assert mode in MODES, f"mode must be one of {MODES}, got {mode!r}"
-        B, S = input_ids.shape
+        R, S = input_ids.shape
         if frame_mask is None:
             frame_mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=input_ids.device)
-        assert B == n_texts * frame_mask.shape[0], f"input_ids has {B} rows, expected n_texts * {frame_mask.shape[0]}"
         if kv is None:
             kv = self.encode(frames, frame_mask)
-        T = frame_mask.shape[1]
-        text = self.llm.embed_tokens(input_ids)  # [B,S,L]
+        question = None if question_ids is None else (question_ids, question_valid)
         if mode == "autoregressive":
-            cache = self.llm.new_cache(B // n_texts, T + S)
-            self.walk(kv, frame_mask, cache)
-            h = self.llm(embeds=text, cache=cache.repeat(n_texts) if n_texts > 1 else cache, hidden_only=True)
+            cache, _ = self.walked_cache(kv, frame_mask, owner, question, extra=S)
+            h = self.llm(input_ids, cache=cache, hidden_only=True)
         else:
-            vis, _ = self.visual_tokens(kv, frame_mask, mode)
-            vis, frame_mask = vis.repeat_interleave(n_texts, 0), frame_mask.repeat_interleave(n_texts, 0)  # [B,T,L]
-            # padded frame slots are masked out; right-padded text needs no mask under causal attention
-            valid = None if frame_mask.all() else torch.cat((frame_mask, frame_mask.new_ones(B, S)), 1)
-            h = self.llm(embeds=torch.cat((vis, text), 1), valid=valid, hidden_only=True)[:, T:]
+            vis, _ = self.visual_tokens(kv, frame_mask, mode, owner, question)  # [R,T,L]
+            parts = [vis, self.llm.embed_tokens(input_ids)]
+            masks = [frame_mask if owner is None else frame_mask[owner], torch.ones_like(input_ids, dtype=torch.bool)]
+            if question is not None:
+                parts.insert(0, self.llm.embed_tokens(question_ids))
+                masks.insert(0, question_valid if question_valid is not None else torch.ones_like(masks[1]))
+            # padded frames are masked out; right-padded text needs no mask under causal attention
+            h = self.llm(embeds=torch.cat(parts, 1), valid=joined(*masks), hidden_only=True)[:, -S:]
         logits = self.llm.lm_head(h)
         if loss_mask is None:
             return logits, None
@@ -532,16 +587,22 @@ class FoveatedVLM(nn.Module):
         return logits, (ce * weight).sum() / weight.sum().clamp(min=1)
 
     @torch.no_grad()
-    def prefill(self, kv, frame_mask, prompt_ids, mode, extra=0, prompt_valid=None):
-        """Visual prefix + prompt into a fresh LLM cache with room for `extra` more tokens. prompt_ids [B,S]
-        (left-padded when prompt_valid is given). Returns (cache, last logits [B,V], attention maps)."""
+    def prefill(self, kv, frame_mask, prompt_ids, mode, extra=0, prompt_valid=None, question=None):
+        """A fresh LLM cache holding the visual prefix and the prompt, with room for `extra` more tokens.
+        Frames first: [visual][prompt_ids] (left-padded when prompt_valid is given); question first
+        (question = (ids, valid)): [question][visual][prompt_ids]. Returns (cache, last logits [B,V],
+        attention maps)."""
         B, T = frame_mask.shape
-        cache = self.llm.new_cache(B, T + prompt_ids.shape[1] + extra)
         if mode == "autoregressive":
-            attn = self.walk(kv, frame_mask, cache)
+            cache, attn = self.walked_cache(kv, frame_mask, None, question, prompt_ids.shape[1] + extra)
         else:
-            vis, attn = self.visual_tokens(kv, frame_mask, mode)
-            self.llm(embeds=vis, valid=None if frame_mask.all() else frame_mask, cache=cache, hidden_only=True)
+            vis, attn = self.visual_tokens(kv, frame_mask, mode, None, question)
+            embeds, valid = vis, [frame_mask]
+            if question is not None:
+                embeds = torch.cat((self.llm.embed_tokens(question[0]), vis), 1)
+                valid.insert(0, question[1] if question[1] is not None else torch.ones_like(question[0], dtype=torch.bool))
+            cache = self.llm.new_cache(B, embeds.shape[1] + prompt_ids.shape[1] + extra)
+            self.llm(embeds=embeds, valid=joined(*valid), cache=cache, hidden_only=True)
         h = self.llm(prompt_ids, valid=prompt_valid, cache=cache, hidden_only=True)
         return cache, self.llm.lm_head(h[:, -1]), attn
 
@@ -577,7 +638,8 @@ class FoveatedVLM(nn.Module):
                  if not (k == "llm.lm_head.weight" and self.llm.cfg.tie_embeddings)}
         save_file(state, os.path.join(out_dir, "model.safetensors"))
         cfg = {"model_type": "nanofvlm", "llm": asdict(self.llm.cfg), "dino": asdict(self.dino.cfg),
-               "fovea": {"visual_scale": self.visual_scale, "encode_chunk": self.encode_chunk}}
+               "fovea": {"visual_scale": self.visual_scale, "encode_chunk": self.encode_chunk,
+                         "layout": self.layout}}
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
         if tokenizer is not None:
@@ -770,9 +832,10 @@ def peak_flops(device="cpu", dtype=torch.float32):
     return _cpu_peak[dtype]
 
 
-def forward_flops(model, B, T, S, image_size, mode, n_texts=1):
-    """Analytic FLOPs of one forward of B samples of T frames, with n_texts text rows of S tokens per sample
-    (DPO: 2), in `mode`: the DINOv2 encode, one glimpse pass (two in coarse_fine), the LLM passes, lm_head."""
+def forward_flops(model, B, T, S, image_size, mode, rows_per_sample=1, question_len=0):
+    """Analytic FLOPs of one forward of B samples of T frames, with rows_per_sample text rows of S tokens per
+    sample (DPO: 2), in `mode`: the DINOv2 encode, the glimpse passes, the LLM passes, lm_head. question_len
+    > 0: the question-first layout, with questions of that many tokens (each row walks its own glimpses)."""
     d, lc = model.dino.cfg, model.llm.cfg
     D, P, L = d.dim, (image_size // d.patch_size) ** 2, lc.dim
     mlp = 2 * 2 * D * int(D * d.mlp_ratio)  # per token
@@ -782,13 +845,15 @@ def forward_flops(model, B, T, S, image_size, mode, n_texts=1):
 
     def llm(n):  # n tokens under causal attention: token i attends to i + 1 keys
         return lc.n_layers * (n * (2 * L * (2 * q + 2 * kv) + 2 * 3 * L * lc.hidden_dim) + 2 * 2 * q * n * (n + 1) / 2)
-    rows = B * n_texts
-    text = {"coarse_only": rows * llm(T + S), "coarse_fine": B * llm(T) + rows * llm(T + S),
-            "autoregressive": B * llm(T) + rows * (llm(T + S) - llm(T))}[mode]
-    steer = 0 if mode == "coarse_only" else B * T * 2 * L * D  # llm_to_query
-    return B * T * (frame + glimpse * (2 if mode == "coarse_fine" else 1)) + steer + text + rows * S * 2 * L * lc.vocab_size
+    R, Q = B * rows_per_sample, question_len
+    walkers = R if Q else B  # who chooses queries: each row (question first) or each sample
+    text = {"coarse_only": R * llm(Q + T + S), "coarse_fine": walkers * llm(Q + T) + R * llm(Q + T + S),
+            "autoregressive": walkers * llm(Q + T) + R * (llm(Q + T + S) - llm(Q + T))}[mode]
+    glimpses = B * T + (walkers * T if mode != "coarse_only" else 0) - (B * T if mode == "autoregressive" else 0)
+    steer = 0 if mode == "coarse_only" else walkers * T * 2 * L * D  # llm_to_query
+    return B * T * frame + glimpses * glimpse + steer + text + R * S * 2 * L * lc.vocab_size
 
 
-def train_flops(model, B, T, S, image_size, mode="coarse_fine", n_texts=1, reference=False):
+def train_flops(model, B, T, S, image_size, mode="coarse_fine", rows_per_sample=1, reference=False, question_len=0):
     """FLOPs of one training step: forward + backward (2x the forward), plus a frozen reference's forward (DPO)."""
-    return (3 + reference) * forward_flops(model, B, T, S, image_size, mode, n_texts)
+    return (3 + reference) * forward_flops(model, B, T, S, image_size, mode, rows_per_sample, question_len)

@@ -173,10 +173,10 @@ try:
 except ValueError as e:  # data.py's messages already name the file and what is wrong with it
     fail(e)
 prompt = prompt or (data.DEFAULT_USER if not image else "Describe this image.")
-ids = data.encode_prompt(tok, prompt)
-if frames.shape[0] + len(ids) + max_new_tokens > vlm.llm.cfg.max_seq_len:
-    fail(f"{frames.shape[0]} frames + {len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the LLM's "
-         f"max_seq_len {vlm.llm.cfg.max_seq_len}; lower --max_frames or --max_new_tokens")
+question, ids = data.prompt_parts(tok, prompt, vlm.layout)
+if frames.shape[0] + len(question) + len(ids) + max_new_tokens > vlm.llm.cfg.max_seq_len:
+    fail(f"{frames.shape[0]} frames + {len(question) + len(ids)} prompt tokens + {max_new_tokens} new tokens "
+         f"exceed the LLM's max_seq_len {vlm.llm.cfg.max_seq_len}; lower --max_frames or --max_new_tokens")
 print(f"weights: {weights}", file=sys.stderr)
 print(f"{frames.shape[0]} frames of {frames.shape[-1]}px, mode {mode}, prompt: {prompt}", file=sys.stderr)
 if reference:
@@ -186,14 +186,16 @@ with torch.no_grad():
     frames = frames.to(device, ptdtype)[None]  # [1,T,3,S,S]
     frame_mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=device)
     kv = vlm.encode(frames, frame_mask)  # one DINOv2 pass serves the prefill and the coarse picture row
-    cache, logits, attn = vlm.prefill(kv, frame_mask, torch.tensor([ids], device=device), mode, extra=max_new_tokens)
+    question = (torch.tensor([question], device=device), None) if question else None
+    cache, logits, attn = vlm.prefill(kv, frame_mask, torch.tensor([ids], device=device), mode, max_new_tokens,
+                                      question=question)
     generator = torch.Generator(device=device).manual_seed(seed)
     answers = []
     for s in range(num_samples):
         if num_samples > 1:
             print(f"--- sample {s + 1}/{num_samples}", file=sys.stderr)
         out, shown, t0 = [], "", time.time()
-        for token in model.decode(vlm.llm, cache.repeat(1), logits, max_new_tokens, temperature, top_k or None, data.PAD_ID, generator):
+        for token in model.decode(vlm.llm, cache.rows(torch.zeros(1, dtype=torch.long, device=device)), logits, max_new_tokens, temperature, top_k or None, data.PAD_ID, generator):
             if token.item() == data.PAD_ID:
                 break
             out.append(token.item())

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import (MODES, DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2, find_checkpoint,
+from model import (LAYOUTS, MODES, DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2, find_checkpoint,
                    keep_freed_memory, load_model, peak_flops, train_flops)
 
 # -----------------------------------------------------------------------------
@@ -75,6 +75,7 @@ q_init_copies_static = True  # a fresh connector's fine pass starts as the coars
 llm_to_query_zero_init = True
 grad_clip = 1.0
 train_mode = 'coarse_fine'  # coarse_only | coarse_fine | autoregressive
+layout = 'frames_first'  # of a fresh model: 'frames_first' | 'question_first' (the question steers the glimpses)
 # DPO (stage 3)
 beta = 0.1
 label_smoothing = 0.0
@@ -126,7 +127,7 @@ def fail(msg):
 
 
 for key, choices in (('dtype', ('float32', 'bfloat16')),  # float16 would need a GradScaler
-                     ('train_mode', MODES), ('schedule', ('cosine', 'converging')),
+                     ('train_mode', MODES), ('layout', LAYOUTS), ('schedule', ('cosine', 'converging')),
                      ('weight_decay_params', ('matrices', 'all')),
                      ('output_proj_group', ('connector', 'dino'))):
     value = globals()[key]
@@ -152,8 +153,8 @@ if ddp:
     dist.barrier()  # rank 0 may have been generating the task
 
 # -- model ----------------------------------------------------------------------
-fresh = dict(seed=seed, q_init_copies_static=q_init_copies_static,
-             llm_to_query_zero_init=llm_to_query_zero_init)  # a fresh connector's init
+fresh = dict(seed=seed, q_init_copies_static=q_init_copies_static, llm_to_query_zero_init=llm_to_query_zero_init,
+             layout=layout)  # a fresh model's connector
 
 
 def tiny_model():
@@ -239,7 +240,7 @@ def make_dataset(globs, loop):
         globs.split(','), tok, stage, image_size=image_size, max_frames=max_frames, fps=fps or None,
         replicate_image_frames=replicate_image_frames, seed=seed, loop=loop, rank=rank,
         world_size=world_size, shuffle_buffer=shuffle_buffer, max_len=max_text_len or None,
-        prompts=source_prompts, **text)
+        prompts=source_prompts, layout=raw_model.layout, **text)
 
 
 try:
@@ -268,6 +269,11 @@ if stage == 3 and precompute_ref:
                                          autocast, mode=train_mode)
 
 
+def text_rows(batch):
+    """The forward's keywords that say whose each text row is, and the questions of question_first."""
+    return {k: batch.get(k) for k in ('owner', 'question_ids', 'question_valid')}
+
+
 def batch_loss(batch):
     """Loss of one micro-batch (and DPO metrics in stage 3). The forward goes through the DDP wrapper."""
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -277,7 +283,7 @@ def batch_loss(batch):
                                            train_mode)
         else:
             _, loss = model(batch['frames'], batch['input_ids'], batch['loss_mask'], batch['frame_mask'],
-                            mode=train_mode)
+                            train_mode, **text_rows(batch))
             metrics = {}
     if ddp:  # DDP reduces every parameter's gradient: add those this mode or batch did not use, weight 0
         loss = loss + 0.0 * sum(p.view(-1)[0] for p in raw_model.parameters())
@@ -307,7 +313,7 @@ def evaluate():
             for j, m in enumerate(modes):
                 with autocast:
                     _, loss = raw_model(None, batch['input_ids'], batch['loss_mask'], batch['frame_mask'],
-                                        mode=m, kv=kv)
+                                        m, kv, **text_rows(batch))
                 sums[:, j] += torch.stack((loss.float(), torch.ones((), device=device)))
         if ddp:
             dist.all_reduce(sums)
@@ -399,12 +405,12 @@ while iter_num < max_iters:
         loss_sum += loss.detach()
         for k, v in metrics.items():
             metrics_sum[k] = metrics_sum.get(k, 0.0) + v.detach()
-        frames, ids = batch['frames'], batch.get('input_ids', batch.get('chosen_ids'))
+        frames, ids = batch['frames'], batch['input_ids']
+        question = batch.get('question_ids', ids[:, :0])
         samples_since += frames.shape[0]
-        tokens_since += int(batch['frame_mask'].sum()) + ids.numel() * (1 + (stage == 3))
-        flops_since += train_flops(raw_model, *frames.shape[:2], ids.shape[1], frames.shape[-1],
-                                   train_mode, n_texts=2 if stage == 3 else 1,
-                                   reference=stage == 3 and not precompute_ref)
+        tokens_since += int(batch['frame_mask'].sum()) + ids.numel() + question.numel()
+        flops_since += train_flops(raw_model, *frames.shape[:2], ids.shape[1], frames.shape[-1], train_mode,
+                                   len(ids) / len(frames), stage == 3 and not precompute_ref, question.shape[1])
     # mean over micro-steps and ranks, for logging
     logged = torch.stack([loss_sum] + list(metrics_sum.values())) / gradient_accumulation_steps
     if ddp:

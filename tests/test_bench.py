@@ -74,14 +74,15 @@ def run_bench(tmp_path, *args):
 
 
 def check_cached_equals_full(model, tok, frames, options, tol=1e-4):
-    prompt = encode_prompt(tok, format_mcq("which animal is it?", options))
+    user = format_mcq("which animal is it?", options)
+    prompt = encode_prompt(tok, user)
     answers = option_answers(tok, options)
     assert len({len(a) for a in answers}) > 1, "options of different lengths exercise the right padding"
     mask = torch.ones(1, frames.shape[0], dtype=torch.bool)
     kv = model.encode(frames[None], mask)
     for mode in MODES:
         for score in ("mean", "sum"):
-            fast = score_options(model, kv, mask, [prompt], [answers], mode, score)[0]
+            fast = score_options(model, tok, kv, mask, [user], [answers], mode, score)[0]
             full = score_options_naive(model, frames, prompt, answers, mode, score)
             assert fast.shape == (len(options),)
             assert (fast - full).abs().max().item() <= tol, (mode, score, fast, full)
@@ -109,14 +110,15 @@ def original_scores(model, tok, frames, question, options, mode):
 def test_original_score_equals_the_original_formula(vlm, tok):
     frames = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
     options = ["dog", "fish horse cat bird", "cat"]
-    prompt = encode_prompt(tok, format_mcq("which animal is it?", options))
+    user = format_mcq("which animal is it?", options)
     mask = torch.ones(1, 3, dtype=torch.bool)
     kv = vlm.encode(frames[None], mask)
     for mode in MODES:
-        ours = score_options(vlm, kv, mask, [prompt], [option_answers(tok, options, "original")], mode, "original")[0]
+        ours = score_options(vlm, tok, kv, mask, [user], [option_answers(tok, options, "original")], mode,
+                             "original")[0]
         want = original_scores(vlm, tok, frames, "which animal is it?", options, mode)
         assert ours.tolist() == pytest.approx(want, abs=1e-4), mode
-        mean = score_options(vlm, kv, mask, [prompt], [option_answers(tok, options)], mode, "mean")[0]
+        mean = score_options(vlm, tok, kv, mask, [user], [option_answers(tok, options)], mode, "mean")[0]
         assert (ours - mean).abs().max() > 1e-3  # a different score, not a renamed one
 
 
@@ -371,19 +373,21 @@ def test_shapes_cli_matches_evaluate_mcq(tmp_path):
 # speed
 
 
-@pytest.mark.parametrize("mode,n_texts", [(m, 1) for m in MODES] + [("coarse_fine", 2)])
-def test_train_flops_matches_counted(vlm, mode, n_texts):
+@pytest.mark.parametrize("mode,rows,question", [(m, 1, 0) for m in MODES] + [("coarse_fine", 2, 0)]
+                         + [(m, 2, 7) for m in MODES])
+def test_train_flops_matches_counted(vlm, mode, rows, question):
     from torch.utils.flop_counter import FlopCounterMode
     B, T, S = 2, 3, 10
-    frames, ids = torch.randn(B, T, 3, SIZE, SIZE), torch.randint(3, 300, (B * n_texts, S))
+    frames, ids = torch.randn(B, T, 3, SIZE, SIZE), torch.randint(3, 300, (B * rows, S))
+    q = dict(question_ids=torch.randint(3, 300, (B * rows, question))) if question else {}
     with FlopCounterMode(display=False) as fc:
-        vlm(frames, ids, mode=mode, n_texts=n_texts)
-    counted, ours = fc.get_total_flops(), train_flops(vlm, B, T, S, SIZE, mode, n_texts) / 3
+        vlm(frames, ids, mode=mode, owner=torch.arange(B).repeat_interleave(rows), **q)
+    counted, ours = fc.get_total_flops(), train_flops(vlm, B, T, S, SIZE, mode, rows, False, question) / 3
     assert abs(ours - counted) / counted < 0.1, (ours, counted)
 
 
 def test_speed_report(tok, tmp_path, monkeypatch):
-    tiny_vlm(tok).save(tmp_path / "ckpt" / "step-0000001")  # a run's dir of step-* checkpoints, as train.py writes
+    tiny_vlm(tok).save(tmp_path / "ckpt" / "step-0000001", tok.path)  # a run dir of step-* dirs, as train.py writes
     for key, value in dict(init_from=str(tmp_path), speed_frames=2, speed_text=8, speed_steps=1).items():
         monkeypatch.setattr(bench, key, value)
     rep = bench.speed()

@@ -69,7 +69,7 @@ def text_shard(path, keys):
 def test_chat_template_matches_smollm2(smollm2_dir):
     from transformers import AutoTokenizer
     tok = data.load_tokenizer(smollm2_dir)
-    ids, mask, trunc = data.encode_chat(tok, CONV, stage=2)
+    ids, mask, trunc, _ = data.encode_chat(tok, CONV, stage=2)
     ref = AutoTokenizer.from_pretrained(smollm2_dir).apply_chat_template(
         [{"role": "system", "content": data.SYSTEM_PROMPT}] + CONV, tokenize=True)
     ref = ref["input_ids"] if not isinstance(ref, list) else ref
@@ -82,9 +82,10 @@ def test_chat_template_matches_smollm2(smollm2_dir):
 
 
 def test_masks_stage1_and_stage2(tok):
-    ids, mask, trunc = data.encode_chat(tok, CONV, stage=1)
+    ids, mask, trunc, question_end = data.encode_chat(tok, CONV, stage=1)
     assert mask == [1] * len(ids) and not trunc
-    ids2, mask2, _ = data.encode_chat(tok, CONV, stage=2)
+    ids2, mask2, _, _ = data.encode_chat(tok, CONV, stage=2)
+    assert ids[:question_end] == data.encode_question(tok, CONV[0]["content"])  # where question_first puts the frames
     assert ids2 == ids
     # targets are exactly each assistant content + its <|im_end|>
     want, cur = [], data.encode_prompt(tok, CONV[0]["content"])
@@ -96,7 +97,7 @@ def test_masks_stage1_and_stage2(tok):
         "A red circle moves to the left.<|im_end|>It stops, 3 times.<|im_end|>"
     assert data.encode_prompt(tok, "x") + data.encode_answer(tok, "y") == data.encode_chat(tok, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], 2)[0][:-1]
     # truncation keeps ids and mask aligned and says so
-    ids3, mask3, trunc3 = data.encode_chat(tok, CONV, stage=2, max_len=20)
+    ids3, mask3, trunc3, _ = data.encode_chat(tok, CONV, stage=2, max_len=20)
     assert len(ids3) == len(mask3) == 20 and trunc3 and mask3 == mask2[:20]
 
 
@@ -125,14 +126,15 @@ def test_shard_layouts_roundtrip(tmp_path, tok):
     assert got["image"]["frames"].shape == (8, 3, 16, 16)
     assert got["video"]["frames"].shape == (4, 3, 16, 16)
     assert got["text"]["frames"].shape == (0, 3, 16, 16)
-    assert got["pretok"]["input_ids"] == pre[0] and got["pretok"]["loss_mask"] == pre[1]
+    assert got["pretok"]["rows"] == [{"question": [], "ids": pre[0], "mask": pre[1]}]
     # legacy caption, .txt caption, and which words are targets
-    dec = lambda s: tok.decode([i for i, m in zip(s["input_ids"], s["loss_mask"]) if m])
+    dec = lambda s: tok.decode([i for i, m in zip(s["rows"][0]["ids"], s["rows"][0]["mask"]) if m])
     assert dec(got["image"]) == "a blue frame." and dec(got["video"]) == "a grey video." and dec(got["text"]) == "text only."
-    targets = [i for i, m in zip(got["turns"]["input_ids"], got["turns"]["loss_mask"]) if m]
+    turns = got["turns"]["rows"][0]
+    targets = [i for i, m in zip(turns["ids"], turns["mask"]) if m]
     assert tok.decode(targets, skip_special_tokens=False) == "red.<|im_end|>left.<|im_end|>"  # lists: one conversation, every answer a target
-    assert "<|im_end|>\n<|im_start|>user\nwhere?" in tok.decode(got["turns"]["input_ids"], skip_special_tokens=False)
-    assert data.FALLBACK_PROMPT in tok.decode(got["image"]["input_ids"])
+    assert "<|im_end|>\n<|im_start|>user\nwhere?" in tok.decode(turns["ids"], skip_special_tokens=False)
+    assert data.FALLBACK_PROMPT in tok.decode(got["image"]["rows"][0]["ids"])
     # plain files are sources too: a video with a sidecar json, an image with a sidecar txt
     (tmp_path / "plain.json").write_text(json.dumps({"user": "describe it.", "assistant": "plain video."}))
     (tmp_path / "plain.mp4").write_bytes(mp4.read_bytes())
@@ -143,15 +145,16 @@ def test_shard_layouts_roundtrip(tmp_path, tok):
     # DPO pairs (stage 3), then collate both kinds
     data.write_tar(tmp_path / "dpo.tar", [("p", {"jpg": jpg((1, 2, 3)), "json": {"user": "describe it.", "chosen_assistant": "a red frame.", "rejected_assistant": "a blue frame, 3 times."}})])
     d = next(iter(data.ShardDataset(str(tmp_path / "dpo.tar"), tok, stage=3, image_size=16, loop=False)))
-    assert tok.decode([i for i, m in zip(d["rejected_ids"], d["rejected_mask"]) if m]) == "a blue frame, 3 times."
+    chosen, rejected = d["rows"]
+    assert tok.decode([i for i, m in zip(rejected["ids"], rejected["mask"]) if m]) == "a blue frame, 3 times."
     b = data.collate([d, d])
-    assert b["chosen_ids"].shape == b["rejected_ids"].shape and b["chosen_mask"].shape == b["chosen_ids"].shape
-    assert (b["chosen_ids"][:, len(d["chosen_ids"]):] == data.PAD_ID).all() and b["chosen_mask"][:, len(d["chosen_ids"]):].sum() == 0
+    assert b["owner"].tolist() == [0, 0, 1, 1] and b["input_ids"].shape == b["loss_mask"].shape == (4, len(rejected["ids"]))
+    assert (b["input_ids"][0, len(chosen["ids"]):] == data.PAD_ID).all() and b["loss_mask"][0, len(chosen["ids"]):].sum() == 0
     b = data.collate([got["frames"], got["text"], got["image"]])
     assert b["frames"].shape == (3, 8, 3, 16, 16) and b["frame_mask"].sum(1).tolist() == [3, 0, 8]
     assert b["input_ids"].dtype == torch.long and b["loss_mask"].shape == b["input_ids"].shape
-    n = len(got["frames"]["input_ids"])
-    assert b["input_ids"][0, :n].tolist() == got["frames"]["input_ids"]
+    n = len(got["frames"]["rows"][0]["ids"])
+    assert b["input_ids"][0, :n].tolist() == got["frames"]["rows"][0]["ids"] and "question_ids" not in b
     assert (b["input_ids"][0, n:] == 2).all() and b["loss_mask"][0, n:].sum() == 0
 
 
@@ -281,16 +284,16 @@ def test_shapes_task(tmp_path):
     for m in mcq:
         assert len(set(m["options"])) == 4 and 0 <= m["answer"] < 4 and m["frames"].shape == (4, 3, 32, 32)
     s1 = next(iter(data.ShardDataset(str(a / "train-*.tar"), tok, 1, image_size=64, loop=False)))
-    caption = tok.decode(s1["input_ids"])
-    assert caption.count("moves from the") + caption.count("stays in the") == 1 and all(s1["loss_mask"])
+    caption = tok.decode(s1["rows"][0]["ids"])
+    assert caption.count("moves from the") + caption.count("stays in the") == 1 and all(s1["rows"][0]["mask"])
     still = {"colour": "red", "spot": "white", "start": "top left", "end": "top left"}  # a ball that stays put
     for cat in ("start", "end"):  # still four different places to choose from
         q, opts, ans = data.shapes_question(np.random.default_rng(0), still, cat)
         assert sorted(opts) == sorted(data.PLACES) and opts[ans] == "top left"
     s2 = next(iter(data.ShardDataset(str(a / "val-*.tar"), tok, 2, image_size=64, loop=False)))
-    assert "\nA. " in tok.decode(s2["input_ids"]) and s2["frames"].shape == (4, 3, 64, 64)
+    assert "\nA. " in tok.decode(s2["rows"][0]["ids"]) and s2["frames"].shape == (4, 3, 64, 64)
     s3 = next(iter(data.ShardDataset(str(a / "dpo-*.tar"), tok, 3, image_size=64, loop=False)))
-    assert s3["chosen_ids"] != s3["rejected_ids"]
+    assert s3["rows"][0]["ids"] != s3["rows"][1]["ids"]
 
 
 def write_frames(path, times, size=32, rotation=0, step=6, left_half=False):
@@ -355,7 +358,7 @@ def test_real_caption_shards_get_prompts(tmp_path, tok):
         ("d", {"jpg": jpg((1, 1, 1)), "json": {"user": "", "assistant": "a red frame.", "source": "vript"}}),
         ("text", {"json": {"user": "", "assistant": "a red frame."}}),  # no media, no question: nothing to learn
     ])
-    ask = lambda s: tok.decode(s["input_ids"]).split("user\n")[1].split("assistant\n")[0].strip()
+    ask = lambda s: tok.decode(s["rows"][0]["ids"]).split("user\n")[1].split("assistant\n")[0].strip()
     for stage in (1, 2):
         ds = data.ShardDataset(str(tmp_path / "cap.tar"), tok, stage=stage, image_size=16, loop=False)
         got = {s["key"]: ask(s) for s in ds}
@@ -369,7 +372,7 @@ def test_real_caption_shards_get_prompts(tmp_path, tok):
     data.write_tar(tmp_path / "dpo.tar", [("p", {"jpg": jpg((1, 1, 1)), "json": {
         "user": "", "chosen_assistant": "a red frame.", "rejected_assistant": "a blue frame.", "source": "x"}})])
     pair = next(iter(data.ShardDataset(str(tmp_path / "dpo.tar"), tok, stage=3, image_size=16, loop=False)))
-    assert data.FALLBACK_PROMPT in tok.decode(pair["chosen_ids"])
+    assert data.FALLBACK_PROMPT in tok.decode(pair["rows"][0]["ids"])
 
 
 def test_wrongly_typed_json_is_skipped_in_a_worker(tmp_path, tok):

@@ -38,7 +38,8 @@ def perturb(model, seed=1, scale=0.02):
 
 
 def pair_batch(B=3, T=3, size=32, vocab=96, seed=0):
-    """a stage-3 batch like data.collate's: a shared prompt, answers of different lengths, padded frames/text"""
+    """a stage-3 batch like data.collate's (text rows chosen_0, rejected_0, ...; also chosen_/rejected_ ids
+    and masks [B,S] for the oracle): a shared prompt, answers of different lengths, padded frames and text"""
     g = torch.Generator().manual_seed(seed)
     frames = torch.randn(B, T, 3, size, size, generator=g)
     frame_mask = torch.ones(B, T, dtype=torch.bool)
@@ -54,6 +55,10 @@ def pair_batch(B=3, T=3, size=32, vocab=96, seed=0):
             ids[i, :4 + lens[i]] = torch.cat((prompt, answer))
             mask[i, 4:4 + lens[i]] = 1
         out[f'{k}_ids'], out[f'{k}_mask'] = ids, mask
+    two = lambda a, b: torch.stack((a, b), 1).flatten(0, 1)  # noqa: E731  rows chosen_0, rejected_0, chosen_1, ...
+    out['input_ids'], out['loss_mask'] = two(out['chosen_ids'], out['rejected_ids']), two(out['chosen_mask'],
+                                                                                        out['rejected_mask'])
+    out['owner'] = torch.arange(B).repeat_interleave(2)
     return out
 
 
@@ -80,9 +85,9 @@ def naive_loss(policy, ref, batch, beta, label_smoothing, sft_weight, mode):
 def test_shared_forward_equals_separate_forwards(mode):
     model = tiny_vlm().eval()
     batch = pair_batch()
-    ids, _ = dpo.pair_ids(batch)
     with torch.no_grad():
-        shared, _ = model(batch['frames'], ids, None, batch['frame_mask'], mode=mode, n_texts=2)  # [2B,S,V]
+        shared, _ = model(batch['frames'], batch['input_ids'], None, batch['frame_mask'], mode=mode,
+                          owner=batch['owner'])  # [2B,S,V]
         chosen, _ = model(batch['frames'], batch['chosen_ids'], None, batch['frame_mask'], mode=mode)
         rejected, _ = model(batch['frames'], batch['rejected_ids'], None, batch['frame_mask'], mode=mode)
     assert shared.shape == (6, 16, 96)

@@ -49,9 +49,9 @@ def test_queries_change_glimpses(vlm):
     frames, _ = video(B=1, T=1)
     with torch.no_grad():
         kv = vlm.encode(frames)
-        g1, _ = vlm.glimpse(vlm.q_static, kv)
-        g2, _ = vlm.glimpse(vlm.q_init, kv)
-    assert torch.cosine_similarity(g1, g2).item() < 0.99
+        g1, _ = vlm.glimpse(vlm.q_static[None], kv)
+        g2, _ = vlm.glimpse(vlm.q_init[None], kv)
+    assert torch.cosine_similarity(g1[0], g2[0]).item() < 0.99
 
 
 def naive_autoregressive(vlm, frames, ids):
@@ -61,8 +61,8 @@ def naive_autoregressive(vlm, frames, ids):
     query, tokens = vlm.q_init.expand(B, -1), []
     for t in range(T):
         frame_kv = [(k.view(B, T, *k.shape[1:])[:, t], v.view(B, T, *v.shape[1:])[:, t]) for k, v in kv]
-        g, _ = vlm.glimpse(query, frame_kv)
-        tokens.append(vlm.dino_to_llm(g)[:, None] * vlm.visual_scale)
+        g, _ = vlm.glimpse(query[:, None], frame_kv)  # [B,1,D]
+        tokens.append(vlm.dino_to_llm(g) * vlm.visual_scale)
         query = vlm.llm_to_query(vlm.llm(embeds=torch.cat(tokens, 1), hidden_only=True)[:, -1])
     seq = torch.cat(tokens + [vlm.llm.embed_tokens(ids)], 1)
     return vlm.llm(embeds=seq)[:, T:]
