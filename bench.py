@@ -587,7 +587,7 @@ def train_speed(model, batch, device, dtypes, steps, mode="coarse_fine"):
     """Seconds per stage-2 train step (forward, backward, fused AdamW) per dtype, interleaved so that load from
     other jobs on a shared machine hits every dtype alike; the loss of each dtype on the same weights and batch,
     before any update; peak memory of the warm-up steps."""
-    opt = model.configure_optimizers(0.01, dict.fromkeys(("connector", "dino", "dino_qk", "llm"), 1e-5))
+    opt = model.configure_optimizers(0.01, dict.fromkeys(("connector", "steer", "dino", "dino_qk", "llm"), 1e-5))
     report = {name: {} for name in dtypes}
     model.train()
 

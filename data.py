@@ -505,7 +505,7 @@ class ShardDataset(IterableDataset):
         return {"question": ids[:split], "ids": ids[split:], "mask": mask[split:]}
 
     def text(self, meta, txt, has_media, where):
-        """The text rows of a record's json (the research layout, section 3): one per sample, or in the
+        """The text rows of a record's json (the research layout of section 3 above): one per sample, or in the
         question-first layout one per question (every question steers its own glimpses; one encode serves all);
         stage 3: the chosen row, then the rejected one."""
         if self.stage == 3:
@@ -638,68 +638,64 @@ def make_loader(dataset, batch_size, num_workers=0, max_batch_frames=None, **kw)
 
 
 # -----------------------------------------------------------------------------
-# 5. "shapes": the synthetic task and our embedded default. Grey frames with clutter dots and two static grey decoy
-# balls; one coloured ball moves from one quadrant to another; every ball carries a small coloured spot. The
-# questions are about the mover: its colour, its spot's colour, where it starts and where it stops. Learnable from
-# scratch on a CPU in minutes (what was tried: docs/LOG.md).
+# 5. "shapes": the synthetic task and our embedded default, where the question decides where to look. Grey
+# frames with clutter dots and three balls of different colours, each in its own quadrant and each with a
+# small coloured spot; one ball moves into the free quadrant. A question names a ball and asks for its spot
+# (the close look: 5 px, read where the glimpse looks) or where it ends up; the control question (which colour
+# is missing) needs no particular ball. Learnable from scratch on a CPU in minutes (what was tried: docs/LOG.md).
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (240, 210, 30)}
 SPOTS = {"white": (255, 255, 255), "black": (0, 0, 0), "cyan": (0, 230, 230), "magenta": (230, 0, 230)}
 PLACES = ["top left", "top right", "bottom left", "bottom right"]  # the quadrants
-QUESTIONS = {"colour": "what colour is the moving ball?", "spot": "what colour is the spot on the moving ball?",
-             "start": "where does the moving ball start?", "end": "where does the moving ball stop?"}
-DECOYS = 2  # static grey balls with spots (at most 2: the mover and the decoys each take a quadrant)
-STILL = 0.5  # share of training clips whose ball stays put: every frame says where it is
-SHAPES_VERSION = 4  # bump when the task changes: ensure_shapes then regenerates old copies
+QUESTIONS = {"spot": "what colour is the spot on the {} ball?", "missing": "which ball colour is missing?"}
+BALLS = 3  # each in a quadrant; the fourth quadrant is where the mover goes
+FEWER = 0.5  # share of training clips with one or two balls: there a glimpse of the whole frame reads the spot
+SHAPES_VERSION = 5  # bump when the task changes: ensure_shapes then regenerates old copies
 
 
-def shapes_clip(rng, image_size=64, frames=6, n_clutter=16, still=False):
-    """one clip: (list of T PIL images, facts dict); still: the ball stays in its start quadrant"""
+def shapes_clip(rng, image_size=64, frames=6, n_clutter=16, balls=BALLS):
+    """one clip: (list of T PIL images, facts: {"balls": [{colour, spot, start, end}], "missing"})"""
     S, r = image_size, image_size * 0.16
-    colour, spots = list(COLOURS)[rng.integers(0, 4)], [list(SPOTS)[i] for i in rng.integers(0, 4, 1 + DECOYS)]
-    cells = rng.permutation(4)[:2 + DECOYS]  # mover start, mover end, decoys
-    if still:
-        cells[1] = cells[0]
-    pos = [((c % 2 * 2 + 1) * S / 4 + rng.uniform(-S / 25, S / 25), (c // 2 * 2 + 1) * S / 4 + rng.uniform(-S / 25, S / 25)) for c in cells]
-    dots = [(rng.uniform(0, S), rng.uniform(0, S), tuple(int(v) for v in rng.integers(0, 256, 3))) for _ in range(n_clutter)]
+    colours = [list(COLOURS)[i] for i in rng.permutation(4)]  # the balls', then the missing ones
+    cells = rng.permutation(4)  # the balls' start quadrants, then free ones
+    mover, goal = rng.integers(0, balls), cells[rng.integers(balls, 4)]
+    facts = [{"colour": colours[b], "spot": list(SPOTS)[rng.integers(0, 4)], "start": PLACES[cells[b]],
+              "end": PLACES[goal if b == mover else cells[b]]} for b in range(balls)]
+    jitter = rng.uniform(-S / 25, S / 25, (4, 2))
+    centre = [((c % 2 * 2 + 1) * S / 4 + jitter[c][0], (c // 2 * 2 + 1) * S / 4 + jitter[c][1]) for c in range(4)]
+    dots = [(rng.uniform(0, S), rng.uniform(0, S), tuple(int(v) for v in rng.integers(0, 256, 3)))
+            for _ in range(n_clutter)]
     imgs = []
     for t in range(frames):
-        a = t / max(1, frames - 1)
+        a = t / max(1, frames - 1)  # how far along its path the mover is
         imgs.append(Image.new("RGB", (S, S), (128, 128, 128)))
-        d = ImageDraw.Draw(imgs[-1])
+        draw = ImageDraw.Draw(imgs[-1])
         for x, y, c in dots:
-            d.rectangle([x, y, x + S / 40, y + S / 40], fill=c)
-        balls = [((pos[0][0] + a * (pos[1][0] - pos[0][0]), pos[0][1] + a * (pos[1][1] - pos[0][1])), COLOURS[colour], spots[0])]
-        balls += [(pos[2 + k], (96, 96, 96), spots[1 + k]) for k in range(DECOYS)]
-        for (x, y), fill, spot in balls:
-            d.ellipse([x - r, y - r, x + r, y + r], fill=fill)
-            d.rectangle([x - S / 24, y - S / 24, x + S / 24, y + S / 24], fill=SPOTS[spot])
-    return imgs, {"colour": colour, "spot": spots[0], "start": PLACES[cells[0]], "end": PLACES[cells[1]]}
+            draw.rectangle([x, y, x + S / 40, y + S / 40], fill=c)
+        for ball in sorted(facts, key=lambda ball: ball is facts[mover]):  # the mover on top
+            (x0, y0), (x1, y1) = (centre[PLACES.index(ball[k])] for k in ("start", "end"))
+            x, y = x0 + a * (x1 - x0), y0 + a * (y1 - y0)
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=COLOURS[ball["colour"]])
+            draw.rectangle([x - S / 24, y - S / 24, x + S / 24, y + S / 24], fill=SPOTS[ball["spot"]])
+    return imgs, {"balls": facts, "missing": colours[balls] if balls == 3 else None}
 
 
-def shapes_caption(f):
-    if f["start"] == f["end"]:
-        return f"the {f['colour']} ball with the {f['spot']} spot stays in the {f['start']}."
-    return f"the {f['colour']} ball with the {f['spot']} spot moves from the {f['start']} to the {f['end']}."
+def shapes_caption(facts):
+    return " ".join(f"the {b['colour']} ball with the {b['spot']} spot " + (
+        f"stays in the {b['start']}." if b["start"] == b["end"] else f"moves from the {b['start']} to the {b['end']}.")
+        for b in facts["balls"])
 
 
-def shapes_question(rng, f, cat):
-    """(question, options, answer index) with 4 options"""
-    if cat in ("colour", "spot"):
-        right, wrong = f[cat], [x for x in (COLOURS if cat == "colour" else SPOTS) if x != f[cat]]
-    else:  # start/end: the other end of a path is always a distractor (you must know the direction)
-        right, other = f[cat], f["end" if cat == "start" else "start"]
-        rest = [p for p in PLACES if p not in (right, other)]
-        wrong = [other] * (other != right) + [rest[i] for i in rng.permutation(len(rest))]  # 3 places either way
+def shapes_question(rng, facts, cat, ball=None):
+    """(question, options, answer index) with 4 options; `ball` (index) names the ball of spot/end questions"""
+    if cat == "missing":
+        question, right, pool = QUESTIONS[cat], facts["missing"], COLOURS
+    else:
+        b = facts["balls"][rng.integers(0, len(facts["balls"])) if ball is None else ball]
+        question, right, pool = QUESTIONS[cat].format(b["colour"]), b[cat], SPOTS if cat == "spot" else PLACES
+    options = [right] + [x for x in pool if x != right]
     order = rng.permutation(4)
-    return QUESTIONS[cat], [([right] + wrong)[i] for i in order], int(np.argmax(order == 0))
-
-
-def shapes_wrong_caption(rng, f):
-    """subtly wrong caption for DPO: one fact about the mover swapped (a place never becomes the other end)"""
-    what = list(QUESTIONS)[rng.integers(0, 4)]
-    pool = [x for x in {"colour": COLOURS, "spot": SPOTS}.get(what, PLACES) if x not in (f[what], f["start"], f["end"])]
-    return shapes_caption(dict(f, **{what: pool[rng.integers(0, len(pool))]}))
+    return question, [options[i] for i in order], int(np.argmax(order == 0))
 
 
 def _jpg(img):
@@ -731,15 +727,41 @@ def _shapes_text(rng):
     return "name the ball colours and the spot colours.", ", ".join(COLOURS) + ". " + ", ".join(SPOTS) + "."
 
 
+def shapes_sample(rng, name, i, image_size, frames, cats):
+    """(json, frame images) of sample i of a split. train: a conversation of 3 of the clip's questions
+    (spot and end of each ball, the missing colour), each lettered or plain; val: one lettered MCQ, the
+    categories in rotation; dpo: a plain question, its answer against a wrong option."""
+    few = name == "train" and rng.random() < FEWER
+    imgs, facts = shapes_clip(rng, image_size, frames, balls=rng.integers(1, BALLS) if few else BALLS)
+    if name == "val":
+        cat = cats[i % len(cats)]
+        q, opts, ans = shapes_question(rng, facts, cat)
+        meta = {"user": format_mcq(q, opts), "assistant": f"{'ABCD'[ans]}. {opts[ans]}", "category": cat,
+                "question": q, "options": opts, "answer": ans}
+    elif name == "dpo":
+        q, opts, ans = shapes_question(rng, facts, cats[rng.integers(0, len(cats))])
+        wrong = [o for k, o in enumerate(opts) if k != ans]
+        meta = {"user": q, "chosen_assistant": opts[ans], "rejected_assistant": wrong[rng.integers(0, 3)]}
+    else:
+        asks = [("missing", None)] * (not few) + [("spot", b) for b in range(len(facts["balls"]))]
+        qa = [(*shapes_question(rng, facts, *asks[k]), rng.random() < 0.25) for k in rng.permutation(len(asks))[:3]]
+        meta = {"user": [format_mcq(q, o) if lettered else q for q, o, a, lettered in qa],
+                "assistant": [f"{'ABCD'[a]}. {o[a]}" if lettered else o[a] for q, o, a, lettered in qa],
+                "category": "qa"}
+    return dict(meta, caption=shapes_caption(facts), frame_count=frames, source="shapes"), imgs
+
+
 def make_shapes(out_dir, n_train=6000, n_val=500, n_dpo=1000, n_text=1000, image_size=64, frames=6,
                 shard_size=1000, seed=0):
-    """Write the shapes task: train-*.tar (json: caption for stage 1; for stage 2 a quarter caption answers and
-    three quarters conversations that ask all four questions, each lettered or plain), val-*.tar + mcq_val.json (held-out MCQs, one per val clip, categories in rotation; frames
-    live in the val shards, read_mcq joins them by key), dpo-*.tar (stage 3 pairs), text-*.tar (text-only samples
-    for text_ratio), tokenizer.json. Sample i of a split comes from its own rng (seed, split, i) alone."""
+    """Write the shapes task: train-*.tar (stage 2 conversations; the caption for stage 1), val-*.tar +
+    mcq_val.json (held-out MCQs, one per val clip; frames live in the val shards, read_mcq joins them by key),
+    dpo-*.tar (stage 3 pairs), text-*.tar (text-only samples for text_ratio), tokenizer.json.
+    Sample i of a split comes from its own rng (seed, split, i) alone."""
     args = {k: v for k, v in locals().items() if k != "out_dir"} | {"version": SHAPES_VERSION}  # -> shapes.json
     os.makedirs(out_dir, exist_ok=True)
-    cats, texts, mcqs = list(QUESTIONS), [SYSTEM_PROMPT, DEFAULT_USER, "system\n", "user\n", "assistant\n"], []
+    cats, mcqs = list(QUESTIONS), []
+    texts = [SYSTEM_PROMPT, DEFAULT_USER, "system\n", "user\n", "assistant\n"] + [q.format(c) for q in QUESTIONS.values()
+                                                                                    for c in COLOURS]
     for sid, (name, n) in enumerate([("train", n_train), ("val", n_val), ("dpo", n_dpo), ("text", n_text)]):
         for s0 in range(0, n, shard_size):
             shard, samples = f"{name}-{s0 // shard_size:04d}.tar", []
@@ -750,25 +772,13 @@ def make_shapes(out_dir, n_train=6000, n_val=500, n_dpo=1000, n_text=1000, image
                     texts += [q, a]
                     samples.append((key, {"json": {"user": q, "assistant": a, "source": "shapes-text"}}))
                     continue
-                imgs, f = shapes_clip(rng, image_size, frames, still=name == "train" and rng.random() < STILL)
-                if name == "dpo":
-                    meta = {"user": DEFAULT_USER, "chosen_assistant": shapes_caption(f), "rejected_assistant": shapes_wrong_caption(rng, f)}
-                elif name == "val":  # one lettered MCQ per clip, categories in rotation
-                    cat = cats[i % len(cats)]
-                    q, opts, ans = shapes_question(rng, f, cat)
-                    mcqs.append({"key": key, "shard": shard, "question": q, "options": opts, "answer": ans, "category": cat})
-                    meta = {"user": format_mcq(q, opts), "assistant": f"{'ABCD'[ans]}. {opts[ans]}", "category": cat}
-                elif rng.random() < 0.25:  # the caption as a stage-2 answer too, so one run learns captions and QA
-                    meta = {"user": DEFAULT_USER, "assistant": shapes_caption(f), "category": "caption"}
-                else:  # every question in one conversation (4 answers per encode), each lettered or plain
-                    qa = [(*shapes_question(rng, f, c), rng.random() < 0.5) for c in rng.permutation(cats)]
-                    meta = {"user": [format_mcq(q, o) if mcq else q for q, o, a, mcq in qa],
-                            "assistant": [f"{'ABCD'[a]}. {o[a]}" if mcq else o[a] for q, o, a, mcq in qa], "category": "qa"}
-                if name != "dpo":
-                    meta["caption"] = shapes_caption(f)
-                texts += [t for v in meta.values() for t in (v if isinstance(v, list) else [v])]
+                meta, imgs = shapes_sample(rng, name, i, image_size, frames, cats)
+                if name == "val":
+                    mcqs.append({"key": key, "shard": shard} | {k: meta.pop(k) for k in ("question", "options", "answer")}
+                                | {"category": meta["category"]})
+                texts += [t for v in meta.values() if isinstance(v, (str, list)) for t in (v if isinstance(v, list) else [v])]
                 files = {f"{t:03d}.jpg": _jpg(im) for t, im in enumerate(imgs)}
-                samples.append((key, dict(files, json=dict(meta, frame_count=frames, source="shapes"))))
+                samples.append((key, dict(files, json=meta)))
             write_tar(os.path.join(out_dir, shard), samples)
     with open(os.path.join(out_dir, "mcq_val.json"), "w") as fh:
         json.dump(mcqs, fh, indent=0)

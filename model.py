@@ -607,8 +607,9 @@ class FoveatedVLM(nn.Module):
         return cache, self.llm.lm_head(h[:, -1]), attn
 
     def configure_optimizers(self, weight_decay, lrs, betas=(0.9, 0.95), decay="matrices", output_proj="connector"):
-        """AdamW with a group per part, each with its own LR from `lrs`: 'connector' (the projections and the
-        learned queries), 'dino', 'dino_qk' (DINOv2's attention query/key projections) and 'llm'.
+        """AdamW with a group per part, each with its own LR from `lrs`: 'connector' (the projections and
+        q_static), 'steer' (llm_to_query and q_init: where the LLM makes the glimpse look), 'dino', 'dino_qk'
+        (DINOv2's attention query/key projections) and 'llm'.
         decay='matrices': only Linear and Conv2d weights decay (no decay on norms, biases, embeddings, position
         embeddings, LayerScale or the queries); 'all': every parameter, as the original did. output_proj: the
         group of the glimpse's output projection ('dino' in the original, whose connector filter missed it)."""
@@ -619,6 +620,8 @@ class FoveatedVLM(nn.Module):
             part = name.split(".")[0] if name.startswith(("dino.", "llm.")) else "connector"
             if part == "dino" and name.split(".")[-2] in ("q", "k"):
                 part = "dino_qk"  # where patches and glimpses look: may learn faster than what they see
+            if name.startswith(("llm_to_query.", "q_init")):
+                part = "steer"
             if name.startswith("output_proj."):
                 part = output_proj
             decays = decay == "all" or id(p) in matrices

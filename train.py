@@ -61,6 +61,7 @@ max_iters = 1200  # about 9 minutes on 2 CPU cores
 warmup_iters = 50
 lr_decay_iters = 0  # length of warmup + decay; 0 means max_iters
 lr_connector = 1e-4  # connector and DINOv2 slow: fast early steps buried where things are
+lr_steer = 1e-3  # llm_to_query and q_init fast: at 1e-4 the glimpses hardly moved from q_static's
 lr_dino = 1e-4
 lr_dino_qk = 1e-3  # DINOv2's attention query/key weights fast: where the glimpse looks
 lr_llm = 1e-3
@@ -218,7 +219,7 @@ if compile:
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 
-lrs = {'connector': lr_connector, 'dino': lr_dino, 'dino_qk': lr_dino_qk, 'llm': lr_llm}
+lrs = {'connector': lr_connector, 'steer': lr_steer, 'dino': lr_dino, 'dino_qk': lr_dino_qk, 'llm': lr_llm}
 optimizer = raw_model.configure_optimizers(weight_decay, lrs, (beta1, beta2), weight_decay_params,
                                            output_proj_group)
 

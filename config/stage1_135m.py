@@ -20,7 +20,7 @@ batch_size = 8
 gradient_accumulation_steps = 4
 max_iters = 31250  # 1M samples / 32
 warmup_iters = 938  # 3%
-lr_connector = 1e-3
+lr_connector = lr_steer = 1e-3
 lr_dino = lr_dino_qk = 1e-5
 lr_llm = 1e-5
 schedule = 'converging'
@@ -30,6 +30,7 @@ beta2 = 0.999
 output_proj_group = 'dino'
 q_init_copies_static = False
 llm_to_query_zero_init = False
+layout = 'frames_first'  # the released fVLM-135M's: [frames][chat]
 dtype = 'bfloat16'
 compile = True
 num_workers = 4

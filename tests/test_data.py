@@ -285,11 +285,21 @@ def test_shapes_task(tmp_path):
         assert len(set(m["options"])) == 4 and 0 <= m["answer"] < 4 and m["frames"].shape == (4, 3, 32, 32)
     s1 = next(iter(data.ShardDataset(str(a / "train-*.tar"), tok, 1, image_size=64, loop=False)))
     caption = tok.decode(s1["rows"][0]["ids"])
-    assert caption.count("moves from the") + caption.count("stays in the") == 1 and all(s1["rows"][0]["mask"])
-    still = {"colour": "red", "spot": "white", "start": "top left", "end": "top left"}  # a ball that stays put
-    for cat in ("start", "end"):  # still four different places to choose from
-        q, opts, ans = data.shapes_question(np.random.default_rng(0), still, cat)
-        assert sorted(opts) == sorted(data.PLACES) and opts[ans] == "top left"
+    assert caption.count("moves from the") == 1 and caption.count("stays in the") == 2 and all(s1["rows"][0]["mask"])
+    for seed in range(20):  # three balls of three colours in three quadrants; one moves into the fourth
+        imgs, facts = data.shapes_clip(np.random.default_rng(seed), frames=4)
+        balls = facts["balls"]
+        assert len(imgs) == 4 and len({b["colour"] for b in balls} | {facts["missing"]}) == 4
+        assert len({b["start"] for b in balls}) == 3 and len({b["end"] for b in balls}) == 3
+        assert sum(b["start"] != b["end"] for b in balls) == 1
+        for ball in range(3):  # the question names the ball its answer is about
+            q, opts, ans = data.shapes_question(np.random.default_rng(seed), facts, "spot", ball)
+            assert balls[ball]["colour"] in q and opts[ans] == balls[ball]["spot"] and sorted(opts) == sorted(data.SPOTS)
+        q, opts, ans = data.shapes_question(np.random.default_rng(seed), facts, "missing")
+        assert opts[ans] == facts["missing"] and sorted(opts) == sorted(data.COLOURS)
+    qf = data.ShardDataset(str(a / "train-*.tar"), tok, 2, image_size=64, loop=False, layout="question_first")
+    rows = next(iter(qf))["rows"]  # question first: each of the clip's four questions is its own row
+    assert len(rows) == 4 and all(tok.decode(r["question"]).count("?") == 1 for r in rows)
     s2 = next(iter(data.ShardDataset(str(a / "val-*.tar"), tok, 2, image_size=64, loop=False)))
     assert "\nA. " in tok.decode(s2["rows"][0]["ids"]) and s2["frames"].shape == (4, 3, 64, 64)
     s3 = next(iter(data.ShardDataset(str(a / "dpo-*.tar"), tok, 3, image_size=64, loop=False)))

@@ -161,7 +161,7 @@ def test_weight_decay_groups():
     vlm = FoveatedVLM(SmolLM2(LLMConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
                                         hidden_dim=64, max_seq_len=64)),
                       DINOv2(DinoConfig(image_size=32, patch_size=8, dim=32, n_layers=1, n_heads=2)))
-    opt = vlm.configure_optimizers(0.1, {'connector': 1.0, 'dino': 2.0, 'dino_qk': 4.0, 'llm': 3.0})
+    opt = vlm.configure_optimizers(0.1, {'connector': 1.0, 'steer': 5.0, 'dino': 2.0, 'dino_qk': 4.0, 'llm': 3.0})
     names = {id(p): n for n, p in vlm.named_parameters()}
     seen = {}
     for g in opt.param_groups:
@@ -177,8 +177,11 @@ def test_weight_decay_groups():
     # DINOv2's attention query/key projections (not values, not the glimpse's own query) have their own LR
     assert seen['dino.blocks.0.q.weight'] == ('dino_qk', 0.1, 4.0) and seen['dino.blocks.0.k.bias'] == ('dino_qk', 0.0, 4.0)
     assert {n for n, (g, _, _) in seen.items() if g == 'dino_qk'} == {f'dino.blocks.0.{m}.{w}' for m in 'qk' for w in ('weight', 'bias')}
+    # where the LLM makes the glimpse look has its own LR too
+    assert {n for n, (g, _, _) in seen.items() if g == 'steer'} == {'llm_to_query.weight', 'llm_to_query.bias', 'q_init'}
+    assert seen['llm_to_query.weight'] == ('steer', 0.1, 5.0)
     # the original's recipe: decay on every parameter, output_proj with DINOv2, betas (0.9, 0.999)
-    opt = vlm.configure_optimizers(0.1, {'connector': 1.0, 'dino': 2.0, 'dino_qk': 4.0, 'llm': 3.0}, (0.9, 0.999),
+    opt = vlm.configure_optimizers(0.1, {'connector': 1.0, 'steer': 5.0, 'dino': 2.0, 'dino_qk': 4.0, 'llm': 3.0}, (0.9, 0.999),
                                    decay='all', output_proj='dino')
     by_name = {names[id(p)]: g for g in opt.param_groups for p in g['params']}
     assert all(g['weight_decay'] == 0.1 and g['betas'] == (0.9, 0.999) for g in opt.param_groups)
