@@ -211,3 +211,126 @@ def test_shard_writer_caption_videos(tmp_path, tok):
     assert len(sample["frames"]) == 2
     text = text_of(tok, sample["rows"][0])
     assert data.SOURCE_PROMPTS["openvid"] in text and "a red square." in text
+
+
+# -----------------------------------------------------------------------------
+# the lmms-eval adapter
+
+
+class Request:  # lmms-eval's Instance, as far as a model sees it: .args
+    def __init__(self, *args):
+        self.args = args
+
+
+def shapes_questions(root, n):
+    """n shapes clips as frame folders + one lettered MCQ each (bench.py's record layout)"""
+    records = []
+    for i in range(n):
+        rng = np.random.default_rng([7, i])
+        imgs, facts = data.shapes_clip(rng, image_size=28, frames=4)
+        os.makedirs(root / f"clip{i}")
+        for t, im in enumerate(imgs):
+            im.save(root / f"clip{i}" / f"{t}.png")
+        q, options, answer = data.shapes_question(rng, facts, list(data.QUESTIONS)[i % 4])
+        records.append({"id": i, "video": str(root / f"clip{i}"), "question": q, "options": options,
+                        "answer": answer})
+    return records
+
+
+def lettered(vlm, tok):
+    """Loud letter embeddings (the head is tied): a random model then answers with letters that depend on its
+    input, so the accuracies compared below are not all 0."""
+    with torch.no_grad():
+        vlm.llm.embed_tokens.weight[[tok.token_to_id(c) for c in "ABCD"]] *= 4
+    return vlm
+
+
+def test_adapter_equals_bench_generate(tmp_path):
+    from bench import GENERATE_SUFFIX, evaluate_mcq, extract_choice
+    from test_bench import tiny_vlm
+    from lmms_nanofvlm.models import AVAILABLE_MODELS
+    from lmms_nanofvlm.models.nanofvlm import NanoFVLM
+    assert AVAILABLE_MODELS == {"nanofvlm": "NanoFVLM"}  # what LMMS_EVAL_PLUGINS=lmms_nanofvlm registers
+    records = shapes_questions(tmp_path, 6)
+    tok = data.train_tokenizer([data.format_mcq(r["question"], r["options"]) for r in records] * 5
+                               + ["A. B. C. D.", GENERATE_SUFFIX], vocab_size=300)
+    vlm = lettered(tiny_vlm(tok, seed=1), tok)
+    mode = "autoregressive"
+    bench = evaluate_mcq(vlm, tok, records, modes=(mode,), scoring="generate", frames=4, image_size=28,
+                         max_new_tokens=1, batch_size=1, progress=False)
+    lm = NanoFVLM(model=vlm, tokenizer=tok, mode=mode, frames=4, image_size=28, max_new_tokens=1)
+    lm.task_dict = {"shapes": {"test": records}}
+    visual = lambda doc: [doc["video"]]  # noqa: E731
+    asks = [Request(data.format_mcq(r["question"], r["options"]) + GENERATE_SUFFIX, {"until": []}, visual,
+                    i, "shapes", "test") for i, r in enumerate(records)]
+    texts = lm.generate_until(asks)
+    assert texts == [item["text"][mode] for item in bench["items"]]
+    correct = sum(extract_choice(t, r["options"]) == r["answer"] for t, r in zip(texts, records))
+    assert correct / len(records) == bench["accuracy"][mode]
+    print("adapter / bench accuracy", correct / len(records), bench["accuracy"][mode], texts)
+    # loglikelihood: the greedy answer is greedy and likelier than another continuation
+    (own, greedy), (other, not_greedy) = lm.loglikelihood([Request(asks[0].args[0], texts[0], *asks[0].args[2:]),
+                                                           Request(asks[0].args[0], "zzzz", *asks[0].args[2:])])
+    assert greedy and not not_greedy and 0 > own > other
+
+
+TASK = """task: nanofvlm_shapes
+dataset_path: json
+dataset_kwargs:
+  data_files: {data}
+test_split: train
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 1
+  until: []
+process_results: !function utils.process_results
+metric_list:
+  - metric: accuracy
+    aggregation: mean
+    higher_is_better: true
+"""
+TASK_UTILS = """from bench import GENERATE_SUFFIX, extract_choice
+from data import format_mcq
+def doc_to_visual(doc):
+    return [doc["video"]]
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return format_mcq(doc["question"], doc["options"]) + GENERATE_SUFFIX
+def process_results(doc, results):
+    return {"accuracy": float(extract_choice(results[0], doc["options"]) == doc["answer"])}
+"""
+
+
+def test_lmms_eval_runs_the_adapter(tmp_path):
+    """python -m lmms_eval --model nanofvlm on a task over local shapes questions = bench.py's accuracy.
+    Runs where lmms-eval imports (README: its venv); elsewhere the test above covers the adapter."""
+    pytest.importorskip("lmms_eval")
+    from bench import evaluate_mcq
+    from test_bench import tiny_vlm
+    records = shapes_questions(tmp_path, 6)
+    write_json(tmp_path / "questions.jsonl", records, jsonl=True)
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "shapes.yaml").write_text(TASK.format(data=tmp_path / "questions.jsonl"))
+    (tmp_path / "task" / "utils.py").write_text(TASK_UTILS)
+    tok = data.train_tokenizer([data.format_mcq(r["question"], r["options"]) for r in records] * 5, 300)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    vlm = lettered(tiny_vlm(tok, seed=1), tok)
+    vlm.save(str(tmp_path / "ckpt"), str(tmp_path / "tokenizer.json"))
+    want = evaluate_mcq(vlm, tok, records, modes=("autoregressive",), scoring="generate", frames=4,
+                        image_size=28, max_new_tokens=1, batch_size=1, progress=False)["accuracy"]
+    env = dict(os.environ, LMMS_EVAL_PLUGINS="lmms_nanofvlm", PYTHONPATH=ROOT, HF_DATASETS_OFFLINE="1",
+               HF_HUB_OFFLINE="1")
+    args = f"init_from={tmp_path / 'ckpt'},mode=autoregressive,frames=4,image_size=28,max_new_tokens=1"
+    run = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "nanofvlm", "--model_args", args,
+                          "--tasks", "nanofvlm_shapes", "--include_path", str(tmp_path / "task"),
+                          "--output_path", str(tmp_path / "out"), "--batch_size", "1"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "out") for f in fs if f.endswith("results.json")]
+    assert len(results) == 1, run.stdout[-2000:] + run.stderr[-3000:]
+    result = results[0]
+    got = json.load(open(result))["results"]["nanofvlm_shapes"]
+    assert got["accuracy,none"] == pytest.approx(want["autoregressive"])
+    print("lmms-eval / bench accuracy", got["accuracy,none"], want["autoregressive"])
