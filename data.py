@@ -353,6 +353,156 @@ def turns(user, answer, where):
 
 
 # -----------------------------------------------------------------------------
+# 3b. LLaVA-style annotation files, read as public datasets publish them: a .json list or a .jsonl of rows
+# {"id", "video" | "image", "conversations": [{"from": "human", "value": "<video>\n..."}, {"from": "gpt", ...}]}
+# (DPO: "prompt" or a human turn, "chosen", "rejected"), media paths relative to a media root (default: the
+# file's folder). A row becomes the record a tar yields ({key, shard, files}), so the dataset's one path does
+# the rest; its media is read only when the sample is decoded, so a resumed reader passes rows untouched.
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+         "system": "system"}
+PLACEHOLDER = re.compile(r"\s*<(?:image|video)>\s*")  # wherever it sits, with or without a newline
+_annotation_rows = {}  # path -> rows, parsed once per process
+
+
+def is_annotation(path):
+    """A .jsonl, or a .json whose top level is a list (a .json object is a plain file's sidecar record)."""
+    if path.endswith(".jsonl"):
+        return True
+    if not path.endswith(".json"):
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(4096).lstrip()[:1] == b"["
+
+
+def annotation_rows(path, counter=skipped):
+    """The rows of an annotation file; a jsonl line that is not json stays as its text (skipped on decode)."""
+    if path not in _annotation_rows:
+        rows = []
+        try:
+            if path.endswith(".jsonl"):
+                for line in open(path, encoding="utf-8", errors="replace"):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except ValueError:
+                            rows.append(line.strip())
+            else:
+                rows = json.load(open(path, encoding="utf-8"))
+        except (ValueError, OSError) as e:
+            count_skip(counter, "bad_json", f"{path}: unreadable annotation file ({type(e).__name__}: {e})")
+        _annotation_rows[path] = rows if isinstance(rows, list) else []
+    return _annotation_rows[path]
+
+
+def annotation_units(path, block=1, counter=skipped):
+    """What the readers share out: blocks of `block` rows (path, first row). 1 = split by row; the shard
+    writer's shard_size = the same units, hence the same order, as the shards it wrote."""
+    return [(path, start) for start in range(0, len(annotation_rows(path, counter)), block)]
+
+
+def read_annotation(unit, block=1):
+    """The rows of one unit as records {key, shard, row}: key '{row number}_{id}' (unique, no dots)."""
+    path, start = unit
+    rows = annotation_rows(path)
+    for i in range(start, min(start + block, len(rows))):
+        rid = rows[i].get("id") if isinstance(rows[i], dict) else None
+        tail = "_" + re.sub(r"[^A-Za-z0-9_-]+", "_", str(rid))[:60] if rid not in (None, "") else ""
+        yield {"key": f"{i:07d}{tail}", "shard": path, "row": rows[i]}
+
+
+def clean_turn(value):
+    return PLACEHOLDER.sub(" ", value).strip()
+
+
+def reply_text(reply):
+    """A DPO reply: a string, or a chat list whose last turn holds the text."""
+    if isinstance(reply, list) and reply and isinstance(reply[-1], dict):
+        reply = reply[-1].get("value", reply[-1].get("content"))
+    return clean_turn(reply) if isinstance(reply, str) else None
+
+
+def conversation_turns(conv, where, counter):
+    """LLaVA turns -> (users, answers): consecutive turns of one role joined, the system turn dropped (the
+    model's system prompt is fixed) and counted, a first model turn given an empty question (the source's
+    prompt fills it). A last question may have no answer (a DPO prompt)."""
+    merged = []  # [role, text]
+    for j, turn in enumerate(conv):
+        turn = turn if isinstance(turn, dict) else {}
+        role = ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
+        value = turn.get("value", turn.get("content"))
+        if role is None or not isinstance(value, str):
+            raise SkipSample("bad_field", f"{where}: turn {j} needs 'from' (human / gpt / system) and a string "
+                             f"'value' (got {str(turn)[:80]})")
+        if role == "system":
+            counter["system_turn (dropped)"] += 1
+        elif merged and merged[-1][0] == role:
+            merged[-1][1] += "\n" + clean_turn(value)
+        else:
+            merged.append([role, clean_turn(value)])
+    if merged and merged[0][0] == "assistant":
+        merged.insert(0, ["user", ""])
+    users, answers = [t for r, t in merged if r == "user"], [t for r, t in merged if r == "assistant"]
+    return users, answers
+
+
+def annotation_meta(row, where, counter):
+    """A row's text as the research layout's json: user/assistant lists, or user + chosen/rejected_assistant."""
+    meta = {"source": str(row.get("source") or row.get("data_source") or "")}
+    conv = row.get("conversations")
+    if "chosen" in row or "rejected" in row:
+        users, _ = conversation_turns(conv, where, counter) if isinstance(conv, list) else ([], [])
+        prompt = row.get("prompt", row.get("question"))
+        user = clean_turn(prompt) if isinstance(prompt, str) else (users[0] if users else "")
+        return meta | {"user": user, "chosen_assistant": reply_text(row.get("chosen")),
+                       "rejected_assistant": reply_text(row.get("rejected"))}
+    if not isinstance(conv, list):
+        raise SkipSample("missing_field", f"{where}: needs 'conversations' (a list of {{from, value}} turns)")
+    users, answers = conversation_turns(conv, where, counter)
+    if not answers:
+        raise SkipSample("missing_field", f"{where}: 'conversations' holds no answer (a 'gpt' turn)")
+    return meta | {"user": users[:len(answers)], "assistant": answers}  # an unanswered last question: dropped
+
+
+def annotation_media(row, root, max_frames, where):
+    """A row's media as record files: a video or image file ({ext: bytes}), or frames ({NNN.ext: bytes}, at
+    most max_frames spread uniformly) from a folder of frame images or a list of images. {} = text-only."""
+    media = row.get("video", row.get("image"))
+    if media in (None, "", []):
+        return {}
+    paths = media if isinstance(media, list) else [media]
+    if not all(isinstance(p, str) and p for p in paths):
+        raise SkipSample("bad_field", f"{where}: 'video' / 'image' must be a path or a list of paths")
+    paths = [os.path.join(root, p) for p in paths]  # an absolute path stays as it is
+    if missing := [p for p in paths if not os.path.exists(p)]:
+        raise SkipSample("missing_media", f"{where}: {missing[0]} not found (check media_root={root!r})")
+    if len(paths) == 1 and os.path.isdir(paths[0]):  # a folder of frames is a video
+        folder = paths[0]
+        paths = [os.path.join(folder, n) for n in sorted(os.listdir(folder), key=natural_key)
+                 if n.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
+        if not paths:
+            raise SkipSample("missing_media", f"{where}: {folder} holds no frame images")
+    exts = [p.rsplit(".", 1)[-1].lower() for p in paths]
+    if len(paths) == 1:
+        if exts[0] not in VIDEO_EXTS + IMAGE_EXTS:
+            raise SkipSample("bad_field", f"{where}: {paths[0]}: not a video ({VIDEO_EXTS}) or image")
+        return {exts[0]: open(paths[0], "rb").read()}
+    picked = uniform_indices(len(paths), max_frames)
+    return {f"{t:03d}.{exts[i]}": open(paths[i], "rb").read() for t, i in enumerate(picked)}
+
+
+def annotation_record(rec, media_root, max_frames, counter=skipped):
+    """A row record -> the record a tar would yield: {key, shard, files {json, media}}."""
+    row, where = rec["row"], f"{rec['shard']}:{rec['key']}"
+    if not isinstance(row, dict):
+        raise SkipSample("bad_json", f"{where}: a row must be a json object (got {str(row)[:80]!r})")
+    meta = annotation_meta(row, where, counter)
+    root = media_root or os.path.dirname(rec["shard"])
+    files = {"json": json.dumps(meta).encode()} | annotation_media(row, root, max_frames, where)
+    return {"key": rec["key"], "shard": rec["shard"], "files": files}
+
+
+# -----------------------------------------------------------------------------
 # 4. the dataset, its collate and its resumable loader
 
 
@@ -401,6 +551,8 @@ class ShardDataset(IterableDataset):
     masks) from tar shards or plain files; json-only samples are text-only (frames [0,3,S,S]).
     Split: there are world_size x num_workers readers, reader = rank * num_workers + worker. Each epoch the
     shard list is shuffled (seed, epoch) and shard i goes to reader i % readers: every shard once per epoch.
+    Annotation files (section 3b) are shared out by row: their rows, in blocks of block_rows, are units like
+    shards; media paths are relative to media_root (default: the annotation file's folder).
     Text mixing: with text_globs and text_ratio > 0, each draw takes the next record from the text shards with
     probability text_ratio (every reader reads all text shards if they are fewer than the readers).
     Resume: a ReaderState per reader; a resumed reader re-reads its epoch's records up to where it was and drops
@@ -408,9 +560,11 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, globs, tok, stage, image_size=224, max_frames=64, replicate_image_frames=1, text_ratio=0.0,
                  seed=0, rank=0, world_size=1, text_globs=None, loop=True, shuffle_buffer=1000, fps=None,
-                 max_len=None, prompts=None, layout="frames_first"):
-        self.shards = expand_globs(globs)
-        self.text_shards = expand_globs(text_globs) if text_globs else []
+                 max_len=None, prompts=None, layout="frames_first", media_root="", block_rows=1):
+        self.skipped = Counter()  # this process's skips; every batch carries them to the main process
+        self.media_root, self.block_rows = media_root, block_rows  # annotation files (section 3b)
+        self.shards = self.units(expand_globs(globs))
+        self.text_shards = self.units(expand_globs(text_globs)) if text_globs else []
         self.tok, self.stage, self.image_size, self.max_frames = tok, stage, image_size, max_frames
         self.replicate, self.text_ratio, self.seed, self.fps = replicate_image_frames, text_ratio, seed, fps
         self.rank, self.world_size, self.loop, self.shuffle_buffer = rank, world_size, loop, shuffle_buffer
@@ -419,7 +573,16 @@ class ShardDataset(IterableDataset):
         self.prompts = SOURCE_PROMPTS | {"": FALLBACK_PROMPT} | (prompts or {})  # source -> question; "" = any other
         self.batch_size, self.max_batch_frames = None, None  # set by make_loader: batches are built in workers
         self.resume, self.first_reader = {}, 0  # from Loader.load_state_dict: reader -> ReaderState; whose turn
-        self.skipped = Counter()  # this process's skips; every batch carries them to the main process
+
+    def units(self, paths):
+        """What the readers share out: a shard or plain file each, and an annotation file's rows in blocks."""
+        return [u for p in paths for u in (annotation_units(p, self.block_rows, self.skipped)
+                                           if is_annotation(p) else [p])]
+
+    def read_unit(self, unit):
+        if isinstance(unit, tuple):
+            return read_annotation(unit, self.block_rows)
+        return read_source(unit, self.skipped)
 
     def records(self, shards, reader, readers, cursor, is_text):
         """The undecoded records of one reader, advancing `cursor`. Its order depends on the seed and the epoch
@@ -428,7 +591,7 @@ class ShardDataset(IterableDataset):
             order = list(shards)
             seeded(self.seed, "shards", is_text, cursor.epoch).shuffle(order)  # the same on every reader
             mine = order if is_text and len(order) < readers else order[reader::readers]
-            stream = (rec for path in mine for rec in read_source(path, self.skipped))
+            stream = (rec for unit in mine for rec in self.read_unit(unit))
             rng, seen = seeded(self.seed, "buffer", is_text, cursor.epoch, reader), 0
             for seen, rec in enumerate(shuffled(stream, rng, self.shuffle_buffer), 1):
                 if seen > cursor.consumed:  # resume: consumed records are dropped without decoding
@@ -481,6 +644,8 @@ class ShardDataset(IterableDataset):
             state = next_state
 
     def decode(self, rec):
+        if "row" in rec:  # an annotation row: its json and media now
+            rec = annotation_record(rec, self.media_root, self.max_frames, self.skipped)
         where = f"{rec['shard']}:{rec['key']}"
         meta, txt = record_text(rec)
         has_media = any(e not in ("json", "txt") for e in rec["files"])

@@ -54,6 +54,8 @@ num_workers = 1
 shuffle_buffer = 1000  # samples per reader
 max_batch_frames = 0  # > 0: a batch closes early once its real frames would pass this many
 source_prompts = {}  # {source: question} for an empty `user`, over data.SOURCE_PROMPTS; '': any other
+media_root = ''  # where the media paths of LLaVA-style annotation files start ('': each file's folder)
+annotation_block = 1  # annotation rows dealt out together; = write_shards' shard_size: its shards' order
 # optimisation
 batch_size = 16  # per rank, per micro-step
 gradient_accumulation_steps = 1
@@ -241,7 +243,8 @@ def make_dataset(globs, loop):
         globs.split(','), tok, stage, image_size=image_size, max_frames=max_frames, fps=fps or None,
         replicate_image_frames=replicate_image_frames, seed=seed, loop=loop, rank=rank,
         world_size=world_size, shuffle_buffer=shuffle_buffer, max_len=max_text_len or None,
-        prompts=source_prompts, layout=raw_model.layout, **text)
+        prompts=source_prompts, layout=raw_model.layout, media_root=media_root, block_rows=annotation_block,
+        **text)
 
 
 try:

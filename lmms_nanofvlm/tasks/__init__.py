@@ -1,0 +1,1 @@
+# lmms-eval also reads a plugin's tasks package (task yamls may go here; none are needed: --include_path works)
