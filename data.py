@@ -806,8 +806,8 @@ def make_loader(dataset, batch_size, num_workers=0, max_batch_frames=None, **kw)
 # 5. "shapes": the synthetic task and our embedded default, where the question decides where to look. Grey
 # frames with clutter dots and three balls of different colours, each in its own quadrant and each with a
 # small coloured spot; one ball moves into the free quadrant. A question names a ball and asks for its spot
-# (the close look: 5 px, read where the glimpse looks) or where it ends up; the control question (which colour
-# is missing) needs no particular ball. Learnable from scratch on a CPU in minutes (what was tried: docs/LOG.md).
+# (the close look: a glimpse of the whole frame mixes three spots); the control question (which colour is
+# missing) needs no particular ball. Learnable from scratch on a CPU in minutes (what was tried: docs/LOG.md).
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (240, 210, 30)}
 SPOTS = {"white": (255, 255, 255), "black": (0, 0, 0), "cyan": (0, 230, 230), "magenta": (230, 0, 230)}
@@ -852,12 +852,12 @@ def shapes_caption(facts):
 
 
 def shapes_question(rng, facts, cat, ball=None):
-    """(question, options, answer index) with 4 options; `ball` (index) names the ball of spot/end questions"""
+    """(question, options, answer index) with 4 options; `ball` (index) names the ball of a spot question"""
     if cat == "missing":
         question, right, pool = QUESTIONS[cat], facts["missing"], COLOURS
     else:
         b = facts["balls"][rng.integers(0, len(facts["balls"])) if ball is None else ball]
-        question, right, pool = QUESTIONS[cat].format(b["colour"]), b[cat], SPOTS if cat == "spot" else PLACES
+        question, right, pool = QUESTIONS[cat].format(b["colour"]), b["spot"], SPOTS
     options = [right] + [x for x in pool if x != right]
     order = rng.permutation(4)
     return question, [options[i] for i in order], int(np.argmax(order == 0))

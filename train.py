@@ -63,7 +63,7 @@ max_iters = 1200  # about 9 minutes on 2 CPU cores
 warmup_iters = 50
 lr_decay_iters = 0  # length of warmup + decay; 0 means max_iters
 lr_connector = 1e-4  # connector and DINOv2 slow: fast early steps buried where things are
-lr_steer = 1e-3  # llm_to_query and q_init fast: at 1e-4 the glimpses hardly moved from q_static's
+lr_steer = 3e-3  # llm_to_query and q_init fast: at 1e-4 the glimpses hardly moved from q_static's
 lr_dino = 1e-4
 lr_dino_qk = 1e-3  # DINOv2's attention query/key weights fast: where the glimpse looks
 lr_llm = 1e-3
@@ -78,7 +78,7 @@ q_init_copies_static = True  # a fresh connector's fine pass starts as the coars
 llm_to_query_zero_init = True
 grad_clip = 1.0
 train_mode = 'coarse_fine'  # coarse_only | coarse_fine | autoregressive
-layout = 'frames_first'  # of a fresh model: 'frames_first' | 'question_first' (the question steers the glimpses)
+layout = 'question_first'  # of a fresh model: 'question_first' (the question steers the glimpses) | 'frames_first'
 # DPO (stage 3)
 beta = 0.1
 label_smoothing = 0.0

@@ -231,7 +231,7 @@ def shapes_questions(root, n):
         os.makedirs(root / f"clip{i}")
         for t, im in enumerate(imgs):
             im.save(root / f"clip{i}" / f"{t}.png")
-        q, options, answer = data.shapes_question(rng, facts, list(data.QUESTIONS)[i % 4])
+        q, options, answer = data.shapes_question(rng, facts, list(data.QUESTIONS)[i % len(data.QUESTIONS)])
         records.append({"id": i, "video": str(root / f"clip{i}"), "question": q, "options": options,
                         "answer": answer})
     return records
