@@ -24,11 +24,10 @@ import data
 
 
 def sequence_logps(logits, ids, mask):
-    """logits [R,S,V] (position i predicts token i+1), ids/mask [R,S] -> summed log-prob of the target tokens
-    [R] (mask[i] = 1 marks token i as a target, as in model.forward) and the number of targets [R]."""
+    """logits [n,V] of the n target positions (model.forward with a loss mask), ids/mask [R,S] -> summed
+    log-prob of the target tokens [R] (mask[i] = 1 marks token i as a target) and the number of targets [R]."""
     target = mask[:, 1:].bool()  # [R,S-1]
-    # only the targets go through the vocab-wide softmax: answers are a fraction of the sequence
-    ce = F.cross_entropy(logits[:, :-1][target].float(), ids[:, 1:][target], reduction='none')
+    ce = F.cross_entropy(logits.float(), ids[:, 1:][target], reduction='none')
     rows = target.nonzero()[:, 0]
     logps = torch.zeros(ids.shape[0], device=logits.device).index_add(0, rows, -ce)
     return logps, target.sum(1)
@@ -37,9 +36,10 @@ def sequence_logps(logits, ids, mask):
 def answer_logps(model, batch, mode):
     """Summed log-probs [B,2] (chosen, rejected) of both answers of every sample and their target counts
     [B,2]. `model` may be the DDP wrapper (its forward is what runs)."""
-    logits, _ = model(batch['frames'], batch['input_ids'], None, batch['frame_mask'], mode=mode,
+    # only the targets go through lm_head and the vocab-wide softmax: answers are a fraction of the sequence
+    logits, _ = model(batch['frames'], batch['input_ids'], batch['loss_mask'], batch['frame_mask'], mode=mode,
                       owner=batch['owner'], question_ids=batch.get('question_ids'),
-                      question_valid=batch.get('question_valid'))  # [2B,S,V]
+                      question_valid=batch.get('question_valid'))  # [n,V]
     logps, counts = sequence_logps(logits, batch['input_ids'], batch['loss_mask'])
     return logps.view(-1, 2), counts.view(-1, 2)
 

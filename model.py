@@ -305,6 +305,11 @@ class DinoBlock(nn.Module):
     def heads(self, x):  # [N,L,D] -> [N,H,L,hd]
         return x.view(*x.shape[:2], self.n_heads, x.shape[2] // self.n_heads).transpose(1, 2)
 
+    def kv(self, x):
+        """x [N,L,D] -> this block's keys and values of x, [N,H,L,hd] each."""
+        h = self.norm1(x)
+        return self.heads(self.k(h)), self.heads(self.v(h))
+
     def forward(self, x, kv=None):
         """The encoder: x [N,L,D] attend to each other; returns (x, their (k, v) [N,H,L,hd], None).
         The glimpse: x [N,Q,D] are queries that attend to a frame's cached kv only (the patches never see
@@ -364,6 +369,16 @@ class DINOv2(nn.Module):
             kv.append(layer_kv)
         x = self.norm(x)
         return (x, kv) if return_kv else x
+
+    def layer_kv(self, pixels):
+        """pixels [N,3,H,W] -> only the per-layer (k, v) [N,H,1+P,hd], what the glimpse reads. The last block's
+        attention output, MLP and the final norm feed nothing here, so that block computes its K/V only."""
+        x, kv = self.embed(pixels), []
+        for block in self.blocks[:-1]:
+            x, layer_kv, _ = block(x)
+            kv.append(layer_kv)
+        kv.append(self.blocks[-1].kv(x))
+        return kv
 
     @classmethod
     def from_pretrained(cls, model_dir, dtype=torch.float32):
@@ -460,7 +475,7 @@ class FoveatedVLM(nn.Module):
         """frames [B,T,3,H,W] -> per-layer (k, v), each [N,H,1+P,hd] for the N real frames in (b, t) order.
         One DINOv2 pass; every mode, question, option and call can reuse it."""
         real = frames.flatten(0, 1) if frame_mask is None else frames[frame_mask]  # [N,3,H,W]
-        chunks = [self.dino(real[i:i + self.encode_chunk], return_kv=True)[1]  # N=0 (text only): empty
+        chunks = [self.dino.layer_kv(real[i:i + self.encode_chunk])  # N=0 (text only): empty
                   for i in range(0, max(real.shape[0], 1), self.encode_chunk)]
         return [(torch.cat([c[layer][0] for c in chunks]), torch.cat([c[layer][1] for c in chunks]))
                 for layer in range(len(self.dino.blocks))]
@@ -558,8 +573,9 @@ class FoveatedVLM(nn.Module):
         Frames first (question_ids None): [T visual tokens][S text], frame 0 looks with q_init. Question first:
         question_ids [R,P] left-padded (question_valid [R,P]): [P question][T visual][S text], and the LLM's
         state after the question chooses frame 0's query.
-        Returns text logits [R,S,V] (position i predicts token i+1) and the token-weighted mean CE over the
-        tokens with loss_mask == 1 (None without a mask). Pass kv=self.encode(...) to reuse one encode."""
+        Without loss_mask: text logits [R,S,V] (position i predicts token i+1) and None. With it: the logits of
+        the positions that carry loss only, [n,V] (model.text_loss), and the token-weighted mean CE over the
+        tokens with loss_mask != 0. Pass kv=self.encode(...) to reuse one encode."""
         assert mode in MODES, f"mode must be one of {MODES}, got {mode!r}"
         R, S = input_ids.shape
         if frame_mask is None:
@@ -579,12 +595,9 @@ class FoveatedVLM(nn.Module):
                 masks.insert(0, question_valid if question_valid is not None else torch.ones_like(masks[1]))
             # padded frames are masked out; right-padded text needs no mask under causal attention
             h = self.llm(embeds=torch.cat(parts, 1), valid=joined(*masks), hidden_only=True)[:, -S:]
-        logits = self.llm.lm_head(h)
         if loss_mask is None:
-            return logits, None
-        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none")
-        weight = loss_mask[:, 1:].flatten().float()
-        return logits, (ce * weight).sum() / weight.sum().clamp(min=1)
+            return self.llm.lm_head(h), None
+        return text_loss(self.llm.lm_head, h, input_ids, loss_mask)
 
     @torch.no_grad()
     def prefill(self, kv, frame_mask, prompt_ids, mode, extra=0, prompt_valid=None, question=None):
@@ -655,6 +668,18 @@ class FoveatedVLM(nn.Module):
         llm = llm_state({k[4:]: v for k, v in state.items() if k.startswith("llm.")}, self.llm.cfg)
         state = {k: v for k, v in state.items() if not k.startswith("llm.")} | {"llm." + k: v for k, v in llm.items()}
         load_strict(self, state, file)
+
+
+def text_loss(lm_head, h, ids, loss_mask):
+    """h [R,S,L] final-normed states of text rows ids [R,S] -> (logits [n,V] of the n positions that predict a
+    target, in (row, position) order: position i predicts token i+1 where loss_mask[:, i+1] is nonzero; the
+    token-weighted mean CE over them). The vocab-wide head runs on those positions only."""
+    weight = loss_mask[:, 1:]  # [R,S-1]
+    target = weight != 0
+    logits = lm_head(h[:, :-1][target])  # [n,V]
+    ce = F.cross_entropy(logits.float(), ids[:, 1:][target], reduction="none")
+    weight = weight[target].float()
+    return logits, (ce * weight).sum() / weight.sum().clamp(min=1)
 
 
 def vlm_key(key):
@@ -806,23 +831,53 @@ def keep_freed_memory():
     libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
 
 
-GPU_PEAK = {  # dense TFLOPS: (bf16/fp16 tensor core, fp32 without TF32), matched by substring of the device name
-    "H100": (989, 67), "A100": (312, 19.5), "A10G": (70, 31.2), "A10": (125, 31.2), "L40S": (362, 91.6),
-    "L4": (121, 30.3), "RTX 5090": (209.5, 104.8), "RTX 4090": (165.2, 82.6), "RTX 3090": (71, 35.6),
-    "V100": (125, 15.7), "T4": (65, 8.1)}
+GPU_PEAK = {  # dense TFLOPS, no sparsity: (bf16 tensor core, tf32 tensor core, fp32 without TF32); None: no
+    # such unit. Vendor datasheets (GeForce: bf16 with fp32 accumulate). Matched as a whole word of the device
+    # name, the longest key first, so "H100 PCIe" wins over "H100", "GH200" over "H200" and "A10G" over "A10".
+    "B200": (2250, 1125, 75), "GB200": (2500, 1250, 80),
+    "H100": (989, 495, 67), "H100 PCIe": (756, 378, 51), "H100 NVL": (835, 418, 60), "H800": (989, 495, 67),
+    "H200": (989, 495, 67), "H200 NVL": (835, 418, 60), "GH200": (989, 495, 67), "H20": (148, 74, 44),
+    "A100": (312, 156, 19.5), "A800": (312, 156, 19.5), "A40": (150, 75, 37.4), "A10": (125, 62.5, 31.2),
+    "A10G": (70, 35, 31.2), "L40S": (362, 183, 91.6), "L40": (181, 90.5, 90.5), "L4": (121, 60, 30.3),
+    "RTX A6000": (155, 77.4, 38.7), "RTX 5090": (209.5, 104.8, 104.8), "RTX 4090": (165.2, 82.6, 82.6),
+    "RTX 3090": (71, 35.6, 35.6), "RTX 3090 Ti": (80, 40, 40), "V100": (None, None, 15.7), "T4": (None, None, 8.1)}
 _cpu_peak = {}
 
 
+def gpu_peak(name, dtype, tf32):
+    """Dense peak FLOP/s of the GPU called `name` (torch.cuda.get_device_name) for matmuls in `dtype`; fp32
+    with TF32 allowed counts at the TF32 rate where the GPU has one. None for a GPU not in GPU_PEAK, or a
+    dtype it has no unit for (bf16 on V100/T4): no MFU rather than a wrong one."""
+    for key in sorted(GPU_PEAK, key=len, reverse=True):
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name, re.IGNORECASE):
+            bf16, tf32_peak, fp32 = GPU_PEAK[key]
+            half = dtype in (torch.bfloat16, torch.float16)
+            tera = bf16 if half else (tf32_peak or fp32) if tf32 else fp32
+            return None if tera is None else tera * 1e12
+    return None
+
+
+def tf32_allowed():
+    """Whether CUDA fp32 matmuls may run as TF32 (torch.set_float32_matmul_precision or the backend flag)."""
+    return torch.get_float32_matmul_precision() != "highest" or torch.backends.cuda.matmul.allow_tf32
+
+
+def use_tf32():
+    """CUDA fp32 matmuls and convolutions on TF32 tensor cores (Ampere and later; ~8x fp32 SIMT). Call once
+    at start-up on a CUDA run; fp32 results then carry TF32's 10-bit mantissa in matmul inputs."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
 def peak_flops(device="cpu", dtype=torch.float32):
-    """Peak FLOP/s for MFU: a table for known GPUs; on CPU a measured matmul peak (cached per process)."""
+    """Peak FLOP/s for MFU: the GPU_PEAK table for GPUs (None if the GPU is unknown: MFU is not reported); on
+    CPU a measured matmul peak (cached per process)."""
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, (half, full) in GPU_PEAK.items():
-            if key in name:
-                return (half if dtype in (torch.bfloat16, torch.float16) else full) * 1e12
-        print(f"model.py: unknown GPU {name!r}, MFU against 312 TFLOPS (A100 bf16)")
-        return 312e12
+        peak = gpu_peak(name, dtype, tf32_allowed())
+        if peak is None:
+            print(f"model.py: no peak FLOP/s for {name!r} in {dtype} (add it to GPU_PEAK): MFU not reported")
+        return peak
     if dtype not in _cpu_peak:
         a = torch.randn(1024, 1024, dtype=dtype)
         a @ a
@@ -835,14 +890,22 @@ def peak_flops(device="cpu", dtype=torch.float32):
     return _cpu_peak[dtype]
 
 
-def forward_flops(model, B, T, S, image_size, mode, rows_per_sample=1, question_len=0):
+def mfu(flops, seconds, peak):
+    """Model FLOPs utilisation, None without a known peak."""
+    return None if peak is None else flops / seconds / peak
+
+
+def forward_flops(model, B, T, S, image_size, mode, rows_per_sample=1, question_len=0, targets=None):
     """Analytic FLOPs of one forward of B samples of T frames, with rows_per_sample text rows of S tokens per
-    sample (DPO: 2), in `mode`: the DINOv2 encode, the glimpse passes, the LLM passes, lm_head. question_len
-    > 0: the question-first layout, with questions of that many tokens (each row walks its own glimpses)."""
+    sample (DPO: 2), in `mode`: the DINOv2 encode (its last block: K/V only), the glimpse passes, the LLM
+    passes, lm_head on `targets` positions per row (None: all S, as without a loss mask; with one, the
+    positions that carry loss). question_len > 0: the question-first layout, with questions of that many
+    tokens (each row walks its own glimpses)."""
     d, lc = model.dino.cfg, model.llm.cfg
     D, P, L = d.dim, (image_size // d.patch_size) ** 2, lc.dim
     mlp = 2 * 2 * D * int(D * d.mlp_ratio)  # per token
-    frame = P * 2 * 3 * d.patch_size ** 2 * D + d.n_layers * (P + 1) * (2 * 4 * D * D + mlp + 2 * 2 * (P + 1) * D)
+    block = (P + 1) * (2 * 4 * D * D + mlp + 2 * 2 * (P + 1) * D)
+    frame = P * 2 * 3 * d.patch_size ** 2 * D + (d.n_layers - 1) * block + (P + 1) * 2 * 2 * D * D
     glimpse = 2 * 2 * D * D + d.n_layers * (2 * 2 * D * D + 2 * 2 * (P + 1) * D + mlp) + 2 * D * L  # + dino_to_llm
     q, kv = lc.n_heads * lc.head_dim, lc.n_kv_heads * lc.head_dim
 
@@ -854,9 +917,12 @@ def forward_flops(model, B, T, S, image_size, mode, rows_per_sample=1, question_
             "autoregressive": walkers * llm(Q + T) + R * (llm(Q + T + S) - llm(Q + T))}[mode]
     glimpses = B * T + (walkers * T if mode != "coarse_only" else 0) - (B * T if mode == "autoregressive" else 0)
     steer = 0 if mode == "coarse_only" else walkers * T * 2 * L * D  # llm_to_query
-    return B * T * frame + glimpses * glimpse + steer + text + R * S * 2 * L * lc.vocab_size
+    head = R * (S if targets is None else targets) * 2 * L * lc.vocab_size
+    return B * T * frame + glimpses * glimpse + steer + text + head
 
 
-def train_flops(model, B, T, S, image_size, mode="coarse_fine", rows_per_sample=1, reference=False, question_len=0):
-    """FLOPs of one training step: forward + backward (2x the forward), plus a frozen reference's forward (DPO)."""
-    return (3 + reference) * forward_flops(model, B, T, S, image_size, mode, rows_per_sample, question_len)
+def train_flops(model, B, T, S, image_size, mode="coarse_fine", rows_per_sample=1, reference=False, question_len=0,
+                targets=None):
+    """FLOPs of one training step: forward + backward (2x the forward), plus a frozen reference's forward (DPO).
+    targets: positions per row that carry loss (lm_head runs on those only)."""
+    return (3 + reference) * forward_flops(model, B, T, S, image_size, mode, rows_per_sample, question_len, targets)

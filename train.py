@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import data
 from model import (LAYOUTS, MODES, DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2, find_checkpoint,
-                   keep_freed_memory, load_model, peak_flops, train_flops)
+                   keep_freed_memory, load_model, mfu, peak_flops, train_flops, use_tf32)
 
 # -----------------------------------------------------------------------------
 # config: the embedded default (a tiny fVLM trained from scratch on the shapes task)
@@ -389,6 +389,8 @@ if master:
         f"dtype {dtype}, {world_size} rank(s), batch {batch_size}x{gradient_accumulation_steps}x{world_size}")
 if device_type == 'cpu':
     keep_freed_memory()
+else:
+    use_tf32()  # fp32 matmuls outside autocast (and dtype=float32 runs) on tensor cores
 peak = peak_flops(device, ptdtype)
 model.train()
 batches = iter(train_loader)
@@ -413,8 +415,10 @@ while iter_num < max_iters:
         question = batch.get('question_ids', ids[:, :0])
         samples_since += frames.shape[0]
         tokens_since += int(batch['frame_mask'].sum()) + ids.numel() + question.numel()
+        targets = int(batch['loss_mask'][:, 1:].ne(0).sum()) / len(ids)  # lm_head runs on these positions
         flops_since += train_flops(raw_model, *frames.shape[:2], ids.shape[1], frames.shape[-1], train_mode,
-                                   len(ids) / len(frames), stage == 3 and not precompute_ref, question.shape[1])
+                                   len(ids) / len(frames), stage == 3 and not precompute_ref, question.shape[1],
+                                   targets)
     # mean over micro-steps and ranks, for logging
     logged = torch.stack([loss_sum] + list(metrics_sum.values())) / gradient_accumulation_steps
     if ddp:
@@ -436,11 +440,11 @@ while iter_num < max_iters:
         row = {'iter': iter_num, 'loss': logged[0].item(), **{f'lr_{k}': v for k, v in lrs_now.items()},
                **{k: v.item() for k, v in zip(metrics_sum, logged[1:])},
                'grad_norm': grad_norm.item(), 'samples_per_sec': samples_since * world_size / dt,
-               'tokens_per_sec': tokens_since * world_size / dt, 'mfu': flops_since / dt / peak,
+               'tokens_per_sec': tokens_since * world_size / dt, 'mfu': mfu(flops_since, dt, peak),
                'skipped_samples': sum(train_loader.skipped().values())}
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lrs_now['llm']:.1e}",
                         sps=f"{row['samples_per_sec']:.1f}", tps=f"{row['tokens_per_sec']:.0f}",
-                        mfu=f"{100 * row['mfu']:.1f}%")
+                        mfu='n/a' if row['mfu'] is None else f"{100 * row['mfu']:.1f}%")
         if do_eval:
             last_eval = dict(evaluate(), iter=iter_num)
             row.update(last_eval)

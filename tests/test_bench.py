@@ -15,7 +15,7 @@ import bench
 from bench import MODES, evaluate_mcq, extract_choice, load_frames, option_answers, score_options
 from data import encode_prompt, format_mcq, train_tokenizer, write_tar
 from conftest import steered
-from model import DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2, train_flops
+from model import DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2, gpu_peak, train_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANIMALS = ["dog", "cat", "bird", "fish", "horse"]
@@ -397,3 +397,43 @@ def test_speed_report(tok, tmp_path, monkeypatch):
     assert abs(rep["bfloat16"]["loss"] / rep["float32"]["loss"] - 1) < 0.02  # same weights, same batch
     assert rep["decode_tokens_per_s"] > 0 and rep["mcq_questions_per_s"] > 0
     assert rep["dpo_over_stage2"] > 0 and rep["dpo_precomputed_over_stage2"] > 0
+
+
+@pytest.mark.parametrize("mode,dpo_step", [("coarse_fine", False), ("autoregressive", False), ("coarse_fine", True)])
+def test_train_step_flops_match_counted(tok, mode, dpo_step):
+    """A whole step, forward + backward, against the counter: lm_head on the loss positions only, and DPO's
+    two answers + the frozen reference's forward."""
+    import dpo
+    from torch.utils.flop_counter import FlopCounterMode
+    vlm, (B, T, S) = tiny_vlm(tok).train(), (2, 3, 10)
+    rows = 2 if dpo_step else 1
+    frames, ids = torch.randn(B, T, 3, SIZE, SIZE), torch.randint(3, 300, (B * rows, S))
+    mask = torch.zeros_like(ids)
+    mask[:, 6:] = 1  # the answer: 4 tokens, predicted from 4 positions of 10
+    batch = {"frames": frames, "frame_mask": torch.ones(B, T, dtype=torch.bool), "input_ids": ids,
+             "loss_mask": mask, "owner": torch.arange(B).repeat_interleave(rows), "keys": ["a", "b"]}
+    with FlopCounterMode(display=False) as fc:
+        if dpo_step:
+            dpo.batch_loss(vlm, dpo.make_reference(vlm), batch)[0].backward()
+        else:
+            vlm(frames, ids, mask, mode=mode)[1].backward()
+    ours = train_flops(vlm, B, T, S, SIZE, mode, rows, dpo_step, targets=4)
+    assert abs(ours - fc.get_total_flops()) / ours < 0.1, (ours, fc.get_total_flops())
+
+
+@pytest.mark.parametrize("name,bf16,tf32,fp32", [
+    ("NVIDIA H100 80GB HBM3", 989, 495, 67), ("NVIDIA H100 PCIe", 756, 378, 51), ("NVIDIA H100 NVL", 835, 418, 60),
+    ("NVIDIA H200", 989, 495, 67), ("NVIDIA H200 NVL", 835, 418, 60), ("NVIDIA GH200 480GB", 989, 495, 67),
+    ("NVIDIA H20", 148, 74, 44), ("NVIDIA B200", 2250, 1125, 75), ("NVIDIA A100-SXM4-80GB", 312, 156, 19.5),
+    ("NVIDIA A100 80GB PCIe", 312, 156, 19.5), ("NVIDIA A10", 125, 62.5, 31.2), ("NVIDIA A10G", 70, 35, 31.2),
+    ("NVIDIA L4", 121, 60, 30.3), ("NVIDIA L40S", 362, 183, 91.6), ("NVIDIA GeForce RTX 4090", 165.2, 82.6, 82.6),
+    ("NVIDIA GeForce RTX 5090", 209.5, 104.8, 104.8), ("NVIDIA GeForce RTX 3090 Ti", 80, 40, 40),
+    ("Tesla V100-SXM2-16GB", None, 15.7, 15.7), ("Tesla T4", None, 8.1, 8.1),
+    ("NVIDIA RTX A1000", None, None, None), ("NVIDIA GeForce GTX 1080", None, None, None)])
+def test_gpu_peak_by_device_name(name, bf16, tf32, fp32):
+    """Most specific name first; fp32 counts at the TF32 rate only when allowed and where the GPU has TF32;
+    an unknown GPU (A1000 is neither an A100 nor an A10) or a missing unit: None, so no MFU is reported."""
+    tera = lambda x: None if x is None else x * 1e12  # noqa: E731
+    assert gpu_peak(name, torch.bfloat16, tf32=False) == tera(bf16)
+    assert gpu_peak(name, torch.float32, tf32=True) == tera(tf32)
+    assert gpu_peak(name, torch.float32, tf32=False) == tera(fp32)

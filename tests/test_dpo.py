@@ -100,7 +100,7 @@ def test_one_encode_and_one_coarse_pass_per_sample():
     model = tiny_vlm()
     batch = pair_batch()
     calls = {'dino': [], 'llm': []}
-    hooks = [model.dino.register_forward_hook(lambda m, i, o: calls['dino'].append(i[0].shape[0])),
+    hooks = [model.dino.patch_embed.register_forward_hook(lambda m, i, o: calls['dino'].append(i[0].shape[0])),
              model.llm.register_forward_hook(lambda m, i, kw, o: calls['llm'].append(kw['embeds'].shape[0]),
                                              with_kwargs=True)]
     dpo.batch_loss(model, dpo.make_reference(model), batch)

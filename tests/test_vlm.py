@@ -29,6 +29,8 @@ def test_kv_cache_is_dinos_own(vlm, tiny_dino):
         kv = vlm.encode(frames)
         ref(pixel_values=frames.flatten(0, 1))
         assert torch.equal(vlm.dino(frames.flatten(0, 1)), vlm.dino(frames.flatten(0, 1), return_kv=True)[0])
+        full_kv = vlm.dino(frames.flatten(0, 1), return_kv=True)[1]  # every block run whole
+        assert all(torch.equal(a, b) for x, y in zip(kv, full_kv) for a, b in zip(x, y))  # last: K/V only
     for h in hooks:
         h.remove()
     for layer, (k, v) in enumerate(kv):
@@ -99,7 +101,10 @@ def test_loss_and_gradients_reach_everything(vlm):
     vlm.train()
     logits, loss = vlm(frames, ids, loss_mask=mask)
     vlm.eval()
-    ce = torch.nn.functional.cross_entropy(logits[:, 2:-1].flatten(0, 1), ids[:, 3:].flatten())
+    with torch.no_grad():
+        full, _ = vlm(frames, ids)  # every position's logits, as before lm_head ran on the targets only
+    assert (logits - full[:, 2:-1].flatten(0, 1)).abs().max() <= 1e-5  # [n,V]: the loss positions, in order
+    ce = torch.nn.functional.cross_entropy(full[:, 2:-1].flatten(0, 1), ids[:, 3:].flatten())
     assert abs(loss.item() - ce.item()) < 1e-5  # token-weighted mean over targets; position i predicts i+1
     vlm.zero_grad()
     loss.backward()
@@ -124,7 +129,7 @@ def test_autoregressive_trains_with_gradient_checkpointing(vlm):
     finally:
         vlm.llm.gradient_checkpointing = False
         vlm.eval()
-    assert (logits - want).abs().max() <= 1e-5
+    assert (logits - want[:, :-1].flatten(0, 1)).abs().max() <= 1e-5  # the loss positions: all but the last
     for name in ("q_init", "llm_to_query.weight", "dino.blocks.0.q.weight", "llm.layers.0.mlp.up_proj.weight"):
         assert vlm.get_parameter(name).grad.abs().sum() > 0, name
     vlm.zero_grad()
