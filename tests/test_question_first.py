@@ -81,7 +81,7 @@ def test_padding_and_sharing_change_nothing(vlm, tok, mode):
 
 def test_one_encode_for_many_questions(vlm, tok):
     calls = []
-    hook = vlm.dino.register_forward_hook(lambda *a: calls.append(1))
+    hook = vlm.dino.patch_embed.register_forward_hook(lambda *a: calls.append(1))  # once per DINOv2 pass
     question, valid = left_pad([tok.encode(q).ids for q in ("which ball is red?", "a dog?", "a cat?", "yes")], "cpu")
     try:
         with torch.no_grad():
