@@ -78,7 +78,7 @@ q_init_copies_static = True  # a fresh connector's fine pass starts as the coars
 llm_to_query_zero_init = True
 grad_clip = 1.0
 train_mode = 'coarse_fine'  # coarse_only | coarse_fine | autoregressive
-layout = 'question_first'  # of a fresh model: 'question_first' (the question steers the glimpses) | 'frames_first'
+layout = 'frames_first'  # of a fresh model: 'frames_first' | 'question_first' (the question steers the glimpses)
 # DPO (stage 3)
 beta = 0.1
 label_smoothing = 0.0
