@@ -6,6 +6,7 @@ Benchmarks for nanofVLM: multiple-choice accuracy on video/image benchmarks, and
     python bench.py --task=videomme --data_dir=Video-MME --llm_dir=SmolLM2-135M-Instruct --dino_dir=dinov2-small \\
         --init_from=fVLM-135M/model.safetensors --limit=200
     python bench.py --task=speed --llm_dir=SmolLM2-135M-Instruct  # train step, decode, MCQ and DPO speed
+    python bench.py --task=longvideo --minutes=60 --fps=1   # an hour at 1 fps streamed: wall, glimpses/s, RSS
 
 Every global below is a config key (configurator.py; `--help` lists them). The model comes from init_from /
 llm_dir / dino_dir, with the rules of model.load_model, as in train.py and sample.py.
@@ -44,6 +45,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 
+import av
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
@@ -51,13 +54,14 @@ from tqdm import tqdm
 
 from data import (IMAGE_EXTS, IMAGE_FRAMES, PAD_ID, VIDEO_EXTS, ShardDataset, SkipSample, encode_answer,
                   format_mcq, frame_files, prompt_parts, load_image, load_tokenizer, load_video, natural_key,
-                  read_tar, record_frames, record_text, uniform_indices)
-from model import (MODES, DinoConfig, DINOv2, FoveatedVLM, SmolLM2, decode, keep_freed_memory, left_pad,
-                   load_model, peak_flops, train_flops)
+                  read_tar, record_frames, record_text, uniform_indices, video_frames, video_length,
+                  read_ahead, frame_chunks)
+from model import (MODES, DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2, decode, keep_freed_memory,
+                   left_pad, load_model, peak_flops, train_flops)
 
 # -----------------------------------------------------------------------------
 # config
-task = 'shapes'  # mvbench | videomme | scienceqa | pope | shards | shapes | speed
+task = 'shapes'  # mvbench | videomme | scienceqa | pope | shards | shapes | speed | longvideo
 data_dir = ''  # the benchmark as downloaded ('' for shapes: data/shapes)
 init_from = 'out/shapes'  # our checkpoint (dir, run dir) | a .safetensors file over llm_dir + dino_dir
 llm_dir = ''  # a Hugging Face SmolLM2 dir
@@ -81,6 +85,8 @@ speed_batch = 2
 speed_frames = 8
 speed_text = 64  # text tokens per sample
 speed_steps = 3  # timed steps per dtype, after 2 warm-up steps
+minutes = 10  # longvideo: the synthetic video's length (data/longvideo-<minutes>min.mp4, made once)
+longvideo_dtypes = 'bfloat16,float32'
 if __name__ == "__main__":  # as a script: a config file and --key=value overrides; as an import, these defaults
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 
@@ -705,10 +711,77 @@ def mcq_speed(model, tok, T, size, device, questions=4):
 
 
 # -----------------------------------------------------------------------------
+# long video: an hour at one glimpse per second, streamed (model.FoveatedVLM.stream)
+
+
+def synthetic_video(path, minutes, rate=25, width=320, height=240, keyint=250):
+    """A `minutes` long H.264 video at `rate` fps (x264's default GOP: a keyframe every 250 frames), made once
+    and cached: a textured background that scrolls, a new tint every minute, a square crossing it."""
+    if os.path.isfile(path):
+        return path
+    rng = np.random.default_rng(0)
+    texture = rng.integers(40, 200, (height, 2 * width), dtype=np.uint8)  # luma, scrolled one column a frame
+    tmp = path + ".tmp.mp4"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with av.open(tmp, "w") as c:
+        s = c.add_stream("libx264", rate=rate)
+        s.width, s.height, s.pix_fmt = width, height, "yuv420p"
+        s.options = {"preset": "veryfast", "g": str(keyint)}
+        for i in tqdm(range(minutes * 60 * rate), desc=f"making {path}", unit="frame", dynamic_ncols=True):
+            y = np.roll(texture, -i, 1)[:, :width].copy()
+            x = (i * 4) % (width - 48)
+            y[96:144, x:x + 48] = 255
+            tint = (i // (60 * rate)) * 37 % 256  # a new "scene" every minute
+            uv = np.full((height // 2, width), tint, np.uint8)  # U and V planes, each [H/2, W/2], stacked
+            frame = av.VideoFrame.from_ndarray(np.concatenate((y, uv)), format="yuv420p")
+            frame.pts = i
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    os.replace(tmp, path)
+    return path
+
+
+def longvideo():
+    """--task=longvideo: a synthetic `minutes`-long 25 fps H.264 video (made once under data/) answered in
+    autoregressive mode at `fps`, streamed, per dtype: wall time, glimpses/s, peak RSS, and the share of the
+    wall time that decoding alone takes. The 135M shape: SmolLM2-135M (llm_dir, else random weights of its
+    shape) and a random DINOv2-small; the prompt is random token ids (speed does not read them)."""
+    torch.manual_seed(0)
+    path = synthetic_video(os.path.join("data", f"longvideo-{minutes}min.mp4"), minutes)
+    size = image_size or 224
+    llm = SmolLM2.from_pretrained(llm_dir) if llm_dir else SmolLM2(LLMConfig())
+    model = FoveatedVLM(llm, DINOv2(DinoConfig())).to(device).eval()
+    cap = frames or 10 ** 9
+    n, seconds = video_length(path, cap, fps or 1.0)
+    prompt = torch.randint(3, llm.cfg.vocab_size, (1, 32), device=device)
+    report = {"video": path, "minutes": minutes, "fps": fps or 1.0, "frames": n, "image_size": size,
+              "threads": torch.get_num_threads()}
+    t0 = time.perf_counter()
+    decoded = sum(1 for _ in video_frames(path, size, cap, fps or 1.0))  # decoding alone, no model
+    report["decode_alone_s"] = time.perf_counter() - t0
+    for name in longvideo_dtypes.split(","):
+        model.to(getattr(torch, name))
+        chunks = (c.to(device) for c in frame_chunks(read_ahead(video_frames(path, size, cap, fps or 1.0,
+                                                                             progress=True)), 8))
+        with peak_memory(device) as mem:
+            t0 = time.perf_counter()
+            cache, last = model.stream(chunks, n, prompt, 16)
+            answer = list(decode(model.llm, cache, last, 16, stop_id=-1))
+            wall = time.perf_counter() - t0
+        report[name] = dict(mem, wall_s=wall, glimpses_per_s=n / wall, realtime_x=seconds / wall,
+                            decode_share=report["decode_alone_s"] / wall, new_tokens=len(answer))
+        del cache
+    assert decoded == n, f"{path}: decoded {decoded} frames, expected {n}"
+    return report
+
+
+# -----------------------------------------------------------------------------
 # CLI
 
 
-TASKS = ("mvbench", "videomme", "scienceqa", "pope", "shards", "shapes", "speed")
+TASKS = ("mvbench", "videomme", "scienceqa", "pope", "shards", "shapes", "speed", "longvideo")
 
 
 def main():
@@ -718,6 +791,8 @@ def main():
             sys.exit(f"bench.py: {key}={value!r}: choose one of {', '.join(choices)}")
     if task == "speed":
         return speed()
+    if task == "longvideo":
+        return longvideo()
     try:
         model, tok_path = load_model(init_from, llm_dir, dino_dir)
     except (FileNotFoundError, ValueError) as e:
@@ -746,7 +821,7 @@ def main():
 
 if __name__ == "__main__":
     result = main()
-    if task == "speed":
+    if task in ("speed", "longvideo"):
         print(json.dumps(result, indent=2))
     if out:
         with open(out, "w") as f:

@@ -212,13 +212,15 @@ def stream_video(ids, question):
     kept, seen = [], [0]
 
     def keep(pixels, attn):  # a contact sheet keeps only its frames
+        attn = attn[0]  # [n,layers,H,1+P]: the one row
         for i in range(pixels.shape[0]):
             if seen[0] + i in shown:
                 kept.append((seen[0] + i, pixels[i], attn[i]))
         seen[0] += pixels.shape[0]
     frames = data.video_frames(video, side, cap, fps or None, progress=True)
     chunks = (c.to(device) for c in data.frame_chunks(data.read_ahead(frames), stream_chunk))
-    cache, logits = vlm.stream(chunks, n_frames, ids, max_new_tokens, question, keep if attention_out else None)
+    cache, logits = vlm.stream(chunks, n_frames, ids, max_new_tokens, (question, None) if question is not None
+                               else None, keep if attention_out else None)
     if not kept:
         return cache, logits, None, None, None
     times = None if n_frames <= sheet_frames else [f"{int(i * seconds / n_frames) // 60}:"

@@ -6,7 +6,7 @@ import torch
 
 import data
 from conftest import steered
-from model import DINOv2, FoveatedVLM, SmolLM2, decode
+from model import DINOv2, FoveatedVLM, SmolLM2, decode, left_pad
 from test_data import frame_index, gray_video
 from test_sample import ckpt, run, write_video  # noqa: F401  (ckpt: the tiny checkpoint fixture)
 
@@ -21,7 +21,8 @@ def test_streamed_logits_equal_the_batch_autoregressive_forward(tiny_llama, tiny
     question = torch.randint(3, 96, (1, 4)) if layout == "question_first" else None
     with torch.no_grad():
         want, _ = vlm(frames[None], text, mode="autoregressive", question_ids=question)  # [1,5,V]
-        cache, last = vlm.stream(iter(frames.split(3)), 7, text, extra=4, question=question)
+        cache, last = vlm.stream(iter(frames.split(3)), 7, text, extra=4,
+                                 question=(question, None) if question is not None else None)
         got = list(decode(vlm.llm, cache, last, 4, stop_id=-1))
         # the batch path's prefill + decode from the same prompt gives the same continuation
         mask = torch.ones(1, 7, dtype=torch.bool)
@@ -31,6 +32,14 @@ def test_streamed_logits_equal_the_batch_autoregressive_forward(tiny_llama, tiny
     torch.testing.assert_close(last, want[:, -1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(last, ref_last, rtol=1e-4, atol=1e-5)
     assert [int(t) for t in got] == [int(t) for t in ref]
+    # three questions about one video: one encode per chunk; frames first one walk, question first three
+    prompts, valid = left_pad([[5, 6, 7], [8, 9], [10, 11, 12, 13]], "cpu")  # [3,4], left-padded
+    qs = None if question is None else (question.expand(3, -1), None)
+    with torch.no_grad():
+        _, many = vlm.stream(iter(frames.split(3)), 7, prompts, question=qs, prompt_valid=valid)
+        _, ref_many, _ = vlm.prefill(vlm.encode(frames[None].expand(3, -1, -1, -1, -1)), mask.expand(3, -1),
+                                     prompts, "autoregressive", 0, valid, qs)
+    torch.testing.assert_close(many, ref_many, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="more frames came than the 6 announced"):
         vlm.stream(iter(frames.split(3)), 6, text)
 
