@@ -146,7 +146,8 @@ def draw_picture(path, frames, rows, prompt_text, answer, times=None):
             for t, img in enumerate(row):
                 sheet.paste(img, (t * cell, r * cell))
                 number = times[t] if times else f"{t + 1}"
-                tag(sheet, (t * cell + 3, r * cell + 3), labels[r] if t == 0 and not times else (number if r == 0 else ""))
+                label = labels[r] if t == 0 and not (times and r == 0) else ""  # a sheet's row 0: the time
+                tag(sheet, (t * cell + 3, r * cell + 3), label or (number if r == 0 else ""))
         sheet.save(path)
 
 

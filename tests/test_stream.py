@@ -107,3 +107,23 @@ def long_video(path, seconds, rate):
         for p in s.encode():
             c.mux(p)
     return path
+
+
+@pytest.mark.parametrize("layout", ["frames_first", "question_first"])
+def test_streamed_mcq_equals_batch_autoregressive_scores(tmp_path, layout):
+    import bench
+    from test_bench import ANIMALS, tiny_vlm
+    tok = data.train_tokenizer([f"which animal is it? {' '.join(ANIMALS)} what colour?"] * 20, vocab_size=300)
+    model = tiny_vlm(tok)
+    model.layout = layout
+    videos = [long_video(tmp_path / f"{k}.mp4", seconds=6, rate=5) for k in "ab"]
+    records = [{"question": q, "options": ANIMALS[:3 + j % 2], "answer": j % 3, "video": str(videos[j // 3]),
+                "id": j} for j, q in enumerate(["which animal is it?", "what colour?", "which animal?", "it?"])]
+    records.append({"question": "x", "options": ANIMALS[:2], "answer": 0, "video": str(tmp_path / "gone.mp4")})
+    with torch.no_grad():
+        want = bench.evaluate_mcq(model, tok, records, ["autoregressive"], frames=64, image_size=56, fps=2.0,
+                                  progress=False)
+        got = bench.stream_mcq(model, tok, records, fps=2.0, frames=64, image_size=56, progress=False)
+    for w, g in zip(want["items"][:4], got["items"][:4]):
+        np.testing.assert_allclose(g["scores"]["autoregressive"], w["scores"]["autoregressive"], atol=1e-4)
+    assert got["skipped_count"] == want["skipped_count"] == 1 and "gone.mp4" in got["skipped"][0]["reason"]
