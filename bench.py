@@ -6,6 +6,7 @@ Benchmarks for nanofVLM: multiple-choice accuracy on video/image benchmarks, and
     python bench.py --task=videomme --data_dir=Video-MME --llm_dir=SmolLM2-135M-Instruct --dino_dir=dinov2-small \\
         --init_from=fVLM-135M/model.safetensors --limit=200
     python bench.py --task=speed --llm_dir=SmolLM2-135M-Instruct  # train step, decode, MCQ and DPO speed
+    python bench.py --task=longvideo --minutes=60 --fps=1   # an hour at 1 fps streamed: wall, glimpses/s, RSS
 
 Every global below is a config key (configurator.py; `--help` lists them). The model comes from init_from /
 llm_dir / dino_dir, with the rules of model.load_model, as in train.py and sample.py.
@@ -44,6 +45,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 
+import av
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
@@ -51,13 +54,14 @@ from tqdm import tqdm
 
 from data import (IMAGE_EXTS, IMAGE_FRAMES, PAD_ID, VIDEO_EXTS, ShardDataset, SkipSample, encode_answer,
                   format_mcq, frame_files, prompt_parts, load_image, load_tokenizer, load_video, natural_key,
-                  read_tar, record_frames, record_text, uniform_indices)
-from model import (MODES, DinoConfig, DINOv2, FoveatedVLM, SmolLM2, decode, keep_freed_memory, left_pad,
-                   load_model, peak_flops, train_flops)
+                  read_tar, record_frames, record_text, uniform_indices, video_frames, video_length,
+                  read_ahead, frame_chunks, context_error, shapes_clip)
+from model import (MODES, DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2, decode, keep_freed_memory,
+                   left_pad, load_model, peak_flops, train_flops)
 
 # -----------------------------------------------------------------------------
 # config
-task = 'shapes'  # mvbench | videomme | scienceqa | pope | shards | shapes | speed
+task = 'shapes'  # mvbench | videomme | scienceqa | pope | shards | shapes | speed | longvideo
 data_dir = ''  # the benchmark as downloaded ('' for shapes: data/shapes)
 init_from = 'out/shapes'  # our checkpoint (dir, run dir) | a .safetensors file over llm_dir + dino_dir
 llm_dir = ''  # a Hugging Face SmolLM2 dir
@@ -73,6 +77,7 @@ score = 'mean'  # mean | sum | original
 scoring = 'likelihood'  # likelihood | generate
 split = 'test'  # scienceqa split
 batch_size = 32  # questions per model call
+stream = False  # videos streamed, autoregressive only (long videos: --fps=1 --frames=0 holds no frame's K/V)
 out = ''  # write every result (and each question's scores) to this json
 # --task=speed: the 135M stage-2 train step (real SmolLM2 from llm_dir, random DINOv2-small) or, without llm_dir,
 # the init_from checkpoint's shape
@@ -81,6 +86,8 @@ speed_batch = 2
 speed_frames = 8
 speed_text = 64  # text tokens per sample
 speed_steps = 3  # timed steps per dtype, after 2 warm-up steps
+minutes = 10  # longvideo: the synthetic video's length (data/longvideo-<minutes>min.mp4, made once)
+longvideo_dtypes = 'bfloat16,float32'
 if __name__ == "__main__":  # as a script: a config file and --key=value overrides; as an import, these defaults
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 
@@ -124,6 +131,14 @@ def score_options(model, tok, kv, frame_mask, users, answers, mode, score="mean"
     Q, K = len(users), max(len(a) for a in answers)
     A = max(len(x) for a in answers for x in a)
     cache, last, _ = prefill_users(model, tok, kv, frame_mask, users, mode, extra=A)
+    return score_cached(model, cache, last, answers, score)
+
+
+def score_cached(model, cache, last, answers, score="mean"):
+    """score_options from a filled cache of Q rows (their last logits [Q,V]): Q score tensors [K_q]."""
+    device = last.device
+    Q, K = len(answers), max(len(a) for a in answers)
+    A = max(len(x) for a in answers for x in a)
     cache = cache.rows(torch.arange(Q, device=device).repeat_interleave(K))  # row q*K+k: question q, answer k
     ids = torch.full((Q * K, A), PAD_ID, dtype=torch.long, device=device)  # [QK,A]
     real = torch.zeros(Q * K, A, dtype=torch.bool, device=device)  # [QK,A]
@@ -275,6 +290,45 @@ def score_batch(model, tok, batch, modes, device, dtype, score, scoring, max_new
         for pred, result, (_, item, _) in zip(preds, outs, batch):
             item.setdefault("text" if scoring == "generate" else "scores", {})[mode] = result
             item["pred"][mode] = pred
+
+
+@torch.no_grad()
+def stream_mcq(model, tok, records, fps=1.0, frames=0, image_size=224, score="mean", progress=True):
+    """autoregressive MCQ on long videos (Video-MME long at 1 fps), streamed (model.stream): the questions
+    about one video share one decode and one encode of each chunk; frames first one walk serves them all,
+    question first each question walks its own. frames: the cap (0: none). A video that does not fit the
+    LLM's context, or fails to decode, counts its questions wrong with the reason. Likelihood scoring."""
+    device, items, by_video = model.q_init.device, [], {}
+    for i, rec in enumerate(records):
+        items.append({"id": rec.get("id", i), "category": rec.get("category", "all"), "answer": rec["answer"],
+                      "pred": {}})
+        by_video.setdefault(rec.get("video") or rec.get("image") or f"error {i}", []).append((rec, items[-1]))
+    for path, group in tqdm(by_video.items(), disable=not progress, desc="videos (streamed)", dynamic_ncols=True):
+        users = [format_mcq(rec["question"], rec["options"]) for rec, _ in group]
+        parts = [prompt_parts(tok, u, model.layout) for u in users]
+        question = left_pad([q for q, _ in parts], device) if parts[0][0] else None
+        prompt_ids, prompt_valid = left_pad([p for _, p in parts], device)
+        answers = [option_answers(tok, rec["options"], score) for rec, _ in group]
+        A = max(len(x) for a in answers for x in a)
+        try:
+            if "error" in group[0][0]:
+                raise ValueError(group[0][0]["error"])
+            n, seconds = video_length(path, frames or 10 ** 9, fps)
+            text = prompt_ids.shape[1] + A + (question[0].shape[1] if question else 0)
+            too_long = context_error(n, seconds, text, model.llm.cfg.max_seq_len, path)
+            if too_long:
+                raise ValueError(too_long)
+            chunks = (c.to(device) for c in frame_chunks(read_ahead(video_frames(path, image_size,
+                                                                                 frames or 10 ** 9, fps)), 8))
+            cache, last = model.stream(chunks, n, prompt_ids, A, question, None, prompt_valid)
+        except (ValueError, OSError) as e:  # counted wrong, listed under "skipped"
+            for _, item in group:
+                item["error"] = str(e)
+            continue
+        for scores, (_, item) in zip(score_cached(model, cache, last, answers, score), group):
+            item.setdefault("scores", {})["autoregressive"] = [round(float(x), 5) for x in scores]
+            item["pred"]["autoregressive"] = int(scores.argmin())
+    return mcq_results(items, ["autoregressive"], "likelihood", score)
 
 
 def mcq_results(items, modes, scoring="likelihood", score="mean"):
@@ -705,10 +759,100 @@ def mcq_speed(model, tok, T, size, device, questions=4):
 
 
 # -----------------------------------------------------------------------------
+# long video: an hour at one glimpse per second, streamed (model.FoveatedVLM.stream)
+
+
+def write_h264(path, frames, n, rate=25, keyint=250):
+    """n av.VideoFrames -> an H.264 mp4 (x264's default GOP: a keyframe every 250 frames), written once and
+    cached: an existing `path` is kept."""
+    if os.path.isfile(path):
+        return path
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp.mp4"
+    with av.open(tmp, "w") as c:
+        s = c.add_stream("libx264", rate=rate)
+        s.options = {"preset": "veryfast", "g": str(keyint)}
+        for i, frame in enumerate(tqdm(frames, total=n, desc=f"making {path}", unit="frame", dynamic_ncols=True)):
+            if i == 0:
+                s.width, s.height, s.pix_fmt = frame.width, frame.height, "yuv420p"
+            frame.pts = i
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    os.replace(tmp, path)
+    return path
+
+
+def synthetic_video(path, minutes, rate=25, width=320, height=240, keyint=250):
+    """A `minutes` long video at `rate` fps for speed: a textured background that scrolls, a new tint every
+    minute, a square crossing it."""
+    texture = np.random.default_rng(0).integers(40, 200, (height, 2 * width), dtype=np.uint8)  # luma
+
+    def frames():
+        for i in range(minutes * 60 * rate):
+            y = np.roll(texture, -i, 1)[:, :width].copy()  # scrolls one column a frame
+            x = (i * 4) % (width - 48)
+            y[96:144, x:x + 48] = 255
+            tint = (i // (60 * rate)) * 37 % 256  # a new "scene" every minute
+            uv = np.full((height // 2, width), tint, np.uint8)  # U and V planes, each [H/2, W/2], stacked
+            yield av.VideoFrame.from_ndarray(np.concatenate((y, uv)), format="yuv420p")
+    return write_h264(path, frames(), minutes * 60 * rate, rate, keyint)
+
+
+def shapes_video(path, minutes, rate=25, seed=0):
+    """A `minutes` long video of shapes clips (data.shapes_clip, 64px), one clip a minute, each of its 6
+    frames held 10 s: what a shapes-trained model can be shown at 1 fps (the README's contact sheet)."""
+    rng = np.random.default_rng(seed)
+
+    def frames():
+        for _ in range(minutes):
+            for img in shapes_clip(rng)[0]:
+                frame = av.VideoFrame.from_ndarray(np.asarray(img), format="rgb24")
+                for _ in range(10 * rate):
+                    yield frame
+    return write_h264(path, frames(), minutes * 60 * rate, rate)
+
+
+def longvideo():
+    """--task=longvideo: a synthetic `minutes`-long 25 fps H.264 video (made once under data/) answered in
+    autoregressive mode at `fps`, streamed, per dtype: wall time, glimpses/s, peak RSS, and the share of the
+    wall time that decoding alone takes. The 135M shape: SmolLM2-135M (llm_dir, else random weights of its
+    shape) and a random DINOv2-small; the prompt is random token ids (speed does not read them)."""
+    torch.manual_seed(0)
+    path = synthetic_video(os.path.join("data", f"longvideo-{minutes}min.mp4"), minutes)
+    size = image_size or 224
+    llm = SmolLM2.from_pretrained(llm_dir) if llm_dir else SmolLM2(LLMConfig())
+    model = FoveatedVLM(llm, DINOv2(DinoConfig())).to(device).eval()
+    cap = frames or 10 ** 9
+    n, seconds = video_length(path, cap, fps or 1.0)
+    prompt = torch.randint(3, llm.cfg.vocab_size, (1, 32), device=device)
+    report = {"video": path, "minutes": minutes, "fps": fps or 1.0, "frames": n, "image_size": size,
+              "threads": torch.get_num_threads()}
+    t0 = time.perf_counter()
+    decoded = sum(1 for _ in video_frames(path, size, cap, fps or 1.0))  # decoding alone, no model
+    report["decode_alone_s"] = time.perf_counter() - t0
+    for name in longvideo_dtypes.split(","):
+        model.to(getattr(torch, name))
+        chunks = (c.to(device) for c in frame_chunks(read_ahead(video_frames(path, size, cap, fps or 1.0,
+                                                                             progress=True)), 8))
+        with peak_memory(device) as mem:
+            t0 = time.perf_counter()
+            cache, last = model.stream(chunks, n, prompt, 16)
+            answer = list(decode(model.llm, cache, last, 16, stop_id=-1))
+            wall = time.perf_counter() - t0
+        report[name] = dict(mem, wall_s=wall, glimpses_per_s=n / wall, realtime_x=seconds / wall,
+                            decode_share=report["decode_alone_s"] / wall, new_tokens=len(answer))
+        del cache
+    assert decoded == n, f"{path}: decoded {decoded} frames, expected {n}"
+    return report
+
+
+# -----------------------------------------------------------------------------
 # CLI
 
 
-TASKS = ("mvbench", "videomme", "scienceqa", "pope", "shards", "shapes", "speed")
+TASKS = ("mvbench", "videomme", "scienceqa", "pope", "shards", "shapes", "speed", "longvideo")
 
 
 def main():
@@ -718,6 +862,8 @@ def main():
             sys.exit(f"bench.py: {key}={value!r}: choose one of {', '.join(choices)}")
     if task == "speed":
         return speed()
+    if task == "longvideo":
+        return longvideo()
     try:
         model, tok_path = load_model(init_from, llm_dir, dino_dir)
     except (FileNotFoundError, ValueError) as e:
@@ -733,12 +879,18 @@ def main():
         size = json.load(open(marker))["image_size"] if os.path.isfile(marker) else 64
     n_frames = frames or (64 if task == "shards" else 16)
     run_modes = [m for m in modes.split(",") if m]
+    if stream and (run_modes != ["autoregressive"] or scoring != "likelihood"):
+        sys.exit("bench.py: --stream=True scores autoregressive only (coarse_only / coarse_fine hold every "
+                 "frame's K/V at once): pass --modes=autoregressive --scoring=likelihood")
     if set(run_modes) - set(MODES):
         sys.exit(f"bench.py: unknown modes {sorted(set(run_modes) - set(MODES))}; choose from {', '.join(MODES)}")
     records = read_task(task, folder, tok, n_frames, size, split)[:limit or None]
     with torch.autocast(torch.device(device).type, torch.bfloat16) if dtype == "bfloat16" else nullcontext():
-        results = evaluate_mcq(model, tok, records, run_modes, device, score, scoring=scoring, frames=n_frames,
-                               image_size=size, batch_size=batch_size, fps=fps or None)
+        if stream:
+            results = stream_mcq(model, tok, records, fps or 1.0, frames, size, score)
+        else:
+            results = evaluate_mcq(model, tok, records, run_modes, device, score, scoring=scoring,
+                                   frames=n_frames, image_size=size, batch_size=batch_size, fps=fps or None)
     print(format_table(results))
     return dict(results, task=task, data_dir=folder, frames=n_frames, image_size=size, dtype=dtype,
                 weights=init_from if init_from != "scratch" else f"{llm_dir} + {dino_dir}")
@@ -746,7 +898,7 @@ def main():
 
 if __name__ == "__main__":
     result = main()
-    if task == "speed":
+    if task in ("speed", "longvideo"):
         print(json.dumps(result, indent=2))
     if out:
         with open(out, "w") as f:

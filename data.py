@@ -12,12 +12,15 @@ import glob as globlib
 import io
 import json
 import os
+import queue
 import random
 import re
 import sys
 import tarfile
+import threading
 import zlib
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import chain, groupby
 
@@ -28,6 +31,7 @@ from PIL import Image, ImageDraw, ImageOps
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
 
 SYSTEM_PROMPT = "You are a helpful AI assistant."  # always explicit: SmolLM2's default one injects a persona
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 exactly as SmolLM2
@@ -215,49 +219,131 @@ def _upright_rgb(frame, size):
     return centre_crop(np.rot90(frame.to_ndarray(width=stored_w, height=stored_h, format="rgb24"), turns), size)
 
 
-def video_frames(src, image_size, max_frames, fps=None, start=None, end=None, name=None):
-    """Yields uint8 frames [S,S,3] of a video file or file-like, picked by presentation time: k times at the
-    centres of k equal slices of [start, end] seconds (default: the whole video), k = max_frames, or
-    duration * fps if that is fewer. Each time gets the frame on screen then; a frame picked twice comes once.
-    Frames in between are decoded (codecs need them) but never converted."""
-    name = name or str(src)
+@contextmanager
+def _opened(src, name):
+    """(container, its first video stream, decoding on FFmpeg's threads); a file PyAV cannot read -> SkipSample"""
     try:
         with av.open(src) as container:
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            origin = float((stream.start_time or 0) * stream.time_base)
-            duration = _duration(container, stream)
-            t0 = min(max(start or 0.0, 0.0), duration)
-            t1 = min(end, duration) if end is not None and end > t0 else duration
-            k = max_frames if fps is None else max(1, min(max_frames, int((t1 - t0) * fps)))
-            targets = [origin + t0 + (i + 0.5) * (t1 - t0) / k for i in range(k)]
-            if t0 > 0:  # jump to the keyframe before `start` instead of decoding everything up to it
-                container.seek(int((origin + t0) / stream.time_base), stream=stream)
-            rate = float(stream.average_rate or stream.guessed_rate or 25)
-            shown, last, picked = None, None, 0  # the frame on screen, the last one yielded, targets done
-            for i, frame in enumerate(container.decode(stream)):
-                t = frame.time if frame.time is not None else origin + i / rate
-                while picked < k and targets[picked] < t:  # target `picked` fell before this frame
-                    if (shown or frame) is not last:
-                        last = shown or frame
-                        yield _upright_rgb(last, image_size)
-                    picked += 1
-                if picked == k:
-                    return
-                shown = frame
-            if shown is None:
-                raise ValueError("no video frames")
-            end_time = shown.time if shown.time is not None else origin + duration
-            late = sum(t > end_time + 2 / rate for t in targets[picked:])
-            if late > max(1, k // 10):  # headers can be a frame off; more than that means the file was cut
-                raise SkipSample("short_video", f"{name}: video stops at {end_time - origin:.2f} s but its header "
-                                 f"says {duration:.2f} s ({late} of {k} picked times are past the end)")
-            if picked < k and shown is not last:
-                yield _upright_rgb(shown, image_size)
+            stream.thread_type = "AUTO"  # frame threads: see docs/LOG.md for decode-all vs seeking
+            yield container, stream
     except (av.error.FFmpegError, IndexError, ValueError, OSError) as e:
         if isinstance(e, SkipSample):
             raise
         raise SkipSample("bad_video", f"{name}: cannot decode video ({type(e).__name__}: {e})") from None
+
+
+def _frame_times(container, stream, max_frames, fps, start, end):
+    """(origin, t0, t1, the presentation times to pick): k times at the centres of k equal slices of
+    [t0, t1] seconds after the stream's origin, k = max_frames, or (t1 - t0) * fps if that is fewer."""
+    origin = float((stream.start_time or 0) * stream.time_base)
+    duration = _duration(container, stream)
+    t0 = min(max(start or 0.0, 0.0), duration)
+    t1 = min(end, duration) if end is not None and end > t0 else duration
+    k = max_frames if fps is None else max(1, min(max_frames, int((t1 - t0) * fps)))
+    return origin, t0, t1, [origin + t0 + (i + 0.5) * (t1 - t0) / k for i in range(k)]
+
+
+def video_length(src, max_frames, fps=None, start=None, end=None, name=None):
+    """(at most how many frames video_frames picks, the seconds they span), from the headers: no decoding.
+    A streaming caller sizes the LLM cache and checks the context with it before decoding anything."""
+    with _opened(src, name or str(src)) as (container, stream):
+        _, t0, t1, targets = _frame_times(container, stream, max_frames, fps, start, end)
+        return len(targets), t1 - t0
+
+
+def context_error(n_frames, seconds, text_tokens, max_seq_len, where):
+    """None if n_frames visual tokens + text_tokens fit the LLM's context, else a message saying how many
+    frames do (and at what fps that is): a long video is refused, never silently cut."""
+    if n_frames + text_tokens <= max_seq_len:
+        return None
+    fit = max(0, max_seq_len - text_tokens)
+    return (f"{where}: {n_frames} frames ({seconds:.0f} s of video) + {text_tokens} prompt and answer tokens "
+            f"exceed the LLM's max_seq_len {max_seq_len}: {fit} frames fit, i.e. --fps={fit / seconds:.3g} "
+            f"for all {seconds:.0f} s, or --max_frames={fit}")
+
+
+def video_frames(src, image_size, max_frames, fps=None, start=None, end=None, name=None, progress=False):
+    """Yields uint8 frames [S,S,3] of a video file or file-like, picked by presentation time (the times of
+    _frame_times: the whole video by default). Each time gets the frame on screen then; a frame picked twice
+    comes once. Frames in between are decoded (codecs need them) but never converted. progress: a tqdm bar
+    in seconds of video."""
+    name = name or str(src)
+    with _opened(src, name) as (container, stream):
+        origin, t0, t1, targets = _frame_times(container, stream, max_frames, fps, start, end)
+        k = len(targets)
+        if t0 > 0:  # jump to the keyframe before `start` instead of decoding everything up to it
+            container.seek(int((origin + t0) / stream.time_base), stream=stream)
+        rate = float(stream.average_rate or stream.guessed_rate or 25)
+        bar = tqdm(total=round(t1 - t0), unit="s", desc="video", disable=not progress, dynamic_ncols=True)
+        shown, last, picked = None, None, 0  # the frame on screen, the last one yielded, targets done
+        for i, frame in enumerate(container.decode(stream)):
+            t = frame.time if frame.time is not None else origin + i / rate
+            while picked < k and targets[picked] < t:  # target `picked` fell before this frame
+                if (shown or frame) is not last:
+                    last = shown or frame
+                    yield _upright_rgb(last, image_size)
+                picked += 1
+                bar.update(min(round(t - origin - t0), bar.total) - bar.n)
+            if picked == k:
+                bar.close()
+                return
+            shown = frame
+        bar.close()
+        if shown is None:
+            raise ValueError("no video frames")
+        end_time = shown.time if shown.time is not None else origin + t1
+        late = sum(t > end_time + 2 / rate for t in targets[picked:])
+        if late > max(1, k // 10):  # headers can be a frame off; more than that means the file was cut
+            raise SkipSample("short_video", f"{name}: video stops at {end_time - origin:.2f} s but its header "
+                             f"says {t1:.2f} s ({late} of {k} picked times are past the end)")
+        if picked < k and shown is not last:
+            yield _upright_rgb(shown, image_size)
+
+
+def read_ahead(items, ahead=32):
+    """Iterate `items` in a thread, up to `ahead` in front of the caller: a video decodes while the model
+    runs on the frames before. The thread's exception is raised here; leaving early stops the thread."""
+    slots, stop, end = queue.Queue(maxsize=ahead), threading.Event(), object()
+
+    def put(x):  # blocks while the queue is full, unless the caller has gone
+        while not stop.is_set():
+            try:
+                return slots.put(x, timeout=0.1)
+            except queue.Full:
+                pass
+
+    def work():
+        try:
+            for x in items:
+                put(x)
+                if stop.is_set():
+                    return
+            put(end)
+        except BaseException as e:  # noqa: B036  (handed to the caller, who raises it)
+            put((end, e))
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while (x := slots.get()) is not end:
+            if isinstance(x, tuple) and len(x) == 2 and x[0] is end:
+                raise x[1]
+            yield x
+    finally:
+        stop.set()
+        thread.join()
+
+
+def frame_chunks(frames, n):
+    """uint8 frames [S,S,3] -> ImageNet-normalised chunks [<=n,3,S,S] (the model encodes a chunk at once)"""
+    chunk = []
+    for f in frames:
+        chunk.append(f)
+        if len(chunk) == n:
+            yield normalize(np.stack(chunk))
+            chunk = []
+    if chunk:
+        yield normalize(np.stack(chunk))
 
 
 def load_video(src, max_frames, image_size, fps=None, start=None, end=None, name=None):

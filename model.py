@@ -538,7 +538,8 @@ class FoveatedVLM(nn.Module):
     def walk(self, kv, rows, cache, query):
         """autoregressive: frame by frame through the LLM cache, each frame's query chosen by the LLM's state
         after the previous step. rows [W,T]: each walker's frames (entries of kv; -1: padding); query [W,Dq]:
-        the first one. Returns attention maps [W,T,layers,H,1+P]."""
+        the first one. Returns attention maps [W,T,layers,H,1+P] and the query for the frame after these, so a
+        walk can go on chunk by chunk (streaming)."""
         maps = []
         for t in range(rows.shape[1]):
             frame = rows[:, t]  # [W]
@@ -548,7 +549,7 @@ class FoveatedVLM(nn.Module):
             h = self.llm(embeds=tokens, valid=joined(frame[:, None] >= 0), cache=cache, hidden_only=True)
             query = self.llm_to_query(h[:, 0])
             maps.append(attn)
-        return torch.cat(maps, 1) if maps else None
+        return (torch.cat(maps, 1) if maps else None), query
 
     def walked_cache(self, kv, frame_mask, owner=None, question=None, extra=0):
         """autoregressive: a cache per text row holding [T walked visual tokens] (frames first: one walk per
@@ -557,13 +558,46 @@ class FoveatedVLM(nn.Module):
         B, T = frame_mask.shape
         if question is None:
             cache = self.llm.new_cache(B, T + extra)
-            attn = self.walk(kv, frame_rows(frame_mask), cache, self.q_init.expand(B, -1))
+            attn, _ = self.walk(kv, frame_rows(frame_mask), cache, self.q_init.expand(B, -1))
             return (cache, attn) if owner is None else (cache.rows(owner), attn[owner] if T else None)
         ids, valid = question
         cache = self.llm.new_cache(ids.shape[0], ids.shape[1] + T + extra)
         h = self.llm(ids, valid=valid, cache=cache, hidden_only=True)
         rows = frame_rows(frame_mask) if owner is None else frame_rows(frame_mask)[owner]
-        return cache, self.walk(kv, rows, cache, self.llm_to_query(h[:, -1]))
+        return cache, self.walk(kv, rows, cache, self.llm_to_query(h[:, -1]))[0]
+
+    @torch.no_grad()
+    def stream(self, chunks, n_frames, prompt_ids, extra=0, question=None, on_frames=None, prompt_valid=None):
+        """autoregressive over a video too long to hold: `chunks` yields frames [n,3,H,W]; each chunk is
+        encoded once, walked and freed, K/V included, before the next, so memory is flat in the video's
+        length apart from the LLM cache. The same tokens as prefill(kv, ..., 'autoregressive') of one video
+        with R text rows: prompt_ids [R,S] (left-padded: prompt_valid). Frames first: one walk, its cache
+        repeated per row; question first: question = (ids [R,P], valid or None), one walker per row.
+        n_frames: at most this many frames (the cache's room). on_frames(frames, attn [R,n,layers,H,1+P])
+        sees each chunk (a contact sheet keeps a few). Returns (cache, last logits [R,V])."""
+        R = prompt_ids.shape[0]
+        P = 0 if question is None else question[0].shape[1]
+        cache = self.llm.new_cache(1 if question is None else R, P + n_frames + prompt_ids.shape[1] + extra)
+        with cpu_gemv(self.llm, cache.k[0].shape[0]):  # batch-1 LLM steps: GEMV layout
+            if question is None:  # frames first: frame 0 looks with q_init
+                query = self.q_init
+            else:  # question first: the LLM's state after the question chooses frame 0's query
+                h = self.llm(question[0], valid=question[1], cache=cache, hidden_only=True)
+                query = self.llm_to_query(h[:, -1])  # [W,Dq]
+            for pixels in chunks:  # [n,3,H,W]
+                if cache.length + pixels.shape[0] > P + n_frames:
+                    raise ValueError(f"model.stream: more frames came than the {n_frames} announced")
+                kv = self.encode(pixels[None].to(query.dtype))
+                rows = torch.arange(pixels.shape[0], device=query.device).expand(query.shape[0], -1)  # [W,n]
+                with gemv_kernels(query.shape[0], query.device):
+                    attn, query = self.walk(kv, rows, cache, query)
+                if on_frames is not None:
+                    on_frames(pixels, attn)
+                del kv, attn  # this chunk's K/V go now, not when the next chunk's arrive
+            if question is None and R > 1:
+                cache = cache.rows(torch.zeros(R, dtype=torch.long, device=query.device))
+            h = self.llm(prompt_ids, valid=prompt_valid, cache=cache, hidden_only=True)
+        return cache, self.llm.lm_head(h[:, -1])
 
     def forward(self, frames, input_ids, loss_mask=None, frame_mask=None, mode="coarse_fine", kv=None,
                 owner=None, question_ids=None, question_valid=None):

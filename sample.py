@@ -5,6 +5,11 @@ frame's glimpse looked.
     python sample.py --mode=autoregressive --attention_out=glimpses.png   # a held-out shapes clip
     python sample.py --video=clip.mp4 --prompt="What happens here?" --attention_out=glimpses.gif
     python sample.py --image=cat.jpg --llm_dir=DIR --dino_dir=DIR --init_from=fVLM-135M/model.safetensors
+    python sample.py --video=hour.mp4 --fps=1 --max_frames=0 --attention_out=sheet.png   # 3,600 frames
+
+In autoregressive mode a video streams (model.FoveatedVLM.stream): a reader thread decodes ahead, each chunk
+of frames is encoded, walked and freed, so memory does not grow with the video (the LLM cache aside).
+A video longer than the LLM's context is refused with how many frames would fit.
 
 The picture has one column per frame (.png) or one animation frame per video frame (.gif), and rows:
 the frame, the coarse glimpse (q_static: what coarse_only sees), the glimpse of --mode (if not coarse). The
@@ -47,7 +52,11 @@ seed = 1337
 device = 'cpu'
 dtype = 'float32'  # float32 | bfloat16 | float16
 image_size = 0  # frame side in pixels; 0 = min(224, the DINOv2 config's image_size); shapes clips as stored
-max_frames = 8  # frames sampled uniformly over a video
+max_frames = 8  # frames sampled uniformly over a video; with fps > 0 the cap (0 = none)
+fps = 0.0  # > 0: a video's frames at this rate (1.0: an hour is 3,600 frames), up to max_frames
+stream_chunk = 8  # autoregressive on a video streams: decode, encode and walk this many frames, then free them
+max_held_frames = 256  # coarse_only / coarse_fine hold every frame's K/V (~9.5 MB a frame at 224px fp32)
+sheet_frames = 12  # a video of more frames is drawn as a contact sheet of this many, evenly spaced
 image_frames = 8
 attention_out = ''  # .png (all frames side by side) or .gif (an animation)
 attention_layers = 4  # the late layers decide what the glimpse token carries; early ones are mostly positional
@@ -91,8 +100,9 @@ def heatmaps(attn, grid, cell):
     return F.interpolate(a, size=(cell, cell), mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
 
 
-def draw_picture(path, frames, rows, prompt_text, answer):
-    """frames [T,3,S,S] normalised; rows: [(label, attn [T,layers,heads,1+P])]. Writes a .png or .gif."""
+def draw_picture(path, frames, rows, prompt_text, answer, times=None):
+    """frames [T,3,S,S] normalised; rows: [(label, attn [T,layers,heads,1+P])]. Writes a .png or .gif.
+    times: each frame's label (a contact sheet's mm:ss) instead of its number."""
     T, _, S, _ = frames.shape
     cell = S * math.ceil(160 / S)  # 64px synthetic frames become 192px: legible
     grid = (S // vlm.dino.cfg.patch_size, S // vlm.dino.cfg.patch_size)
@@ -127,7 +137,7 @@ def draw_picture(path, frames, rows, prompt_text, answer):
             sheet = canvas(cell * len(cells), cell)
             for r, row in enumerate(cells):
                 sheet.paste(row[t], (r * cell, 0))
-                tag(sheet, (r * cell + 3, 3), labels[r] + (f" {t + 1}/{T}" if r == 0 else ""))
+                tag(sheet, (r * cell + 3, 3), labels[r] + (f" {times[t] if times else f'{t + 1}/{T}'}" if r == 0 else ""))
             sheets.append(sheet)
         sheets[0].save(path, save_all=True, append_images=sheets[1:], duration=600, loop=0)
     else:  # one column per frame, one row per glimpse kind
@@ -135,7 +145,9 @@ def draw_picture(path, frames, rows, prompt_text, answer):
         for r, row in enumerate(cells):
             for t, img in enumerate(row):
                 sheet.paste(img, (t * cell, r * cell))
-                tag(sheet, (t * cell + 3, r * cell + 3), labels[r] if t == 0 else (f"{t + 1}" if r == 0 else ""))
+                number = times[t] if times else f"{t + 1}"
+                label = labels[r] if t == 0 and not (times and r == 0) else ""  # a sheet's row 0: the time
+                tag(sheet, (t * cell + 3, r * cell + 3), label or (number if r == 0 else ""))
         sheet.save(path)
 
 
@@ -163,32 +175,77 @@ vlm.to(device).eval()
 
 reference = None
 side = image_size or min(224, vlm.dino.cfg.image_size)
+streaming = bool(video) and mode == "autoregressive"  # any length: frames are never all held
+cap = max_frames or 10 ** 9 if fps > 0 else max_frames
 try:
-    if video:
-        frames = data.load_video(video, max_frames, side)
+    if streaming:
+        n_frames, seconds = data.video_length(video, cap, fps or None)
+    elif video:
+        frames = data.load_video(video, cap, side, fps or None)
     elif image:
         frames = data.load_image(image, side, image_frames)
     else:
         frames, reference = shapes_val_clip(shapes_dir, clip)
 except ValueError as e:  # data.py's messages already name the file and what is wrong with it
     fail(e)
+if not streaming:
+    n_frames, seconds = frames.shape[0], frames.shape[0] / (fps or 1)
+if not streaming and n_frames > max_held_frames:
+    fail(f"--mode={mode} holds the K/V of all {n_frames} frames at once (--max_held_frames={max_held_frames}): "
+         f"use --mode=autoregressive, which streams a video of any length, or fewer frames")
 prompt = prompt or (data.DEFAULT_USER if not image else "Describe this image.")
 question, ids = data.prompt_parts(tok, prompt, vlm.layout)
-if frames.shape[0] + len(question) + len(ids) + max_new_tokens > vlm.llm.cfg.max_seq_len:
-    fail(f"{frames.shape[0]} frames + {len(question) + len(ids)} prompt tokens + {max_new_tokens} new tokens "
-         f"exceed the LLM's max_seq_len {vlm.llm.cfg.max_seq_len}; lower --max_frames or --max_new_tokens")
+too_long = data.context_error(n_frames, seconds, len(question) + len(ids) + max_new_tokens, vlm.llm.cfg.max_seq_len,
+                              f"{video or image or 'the clip'} with --max_new_tokens={max_new_tokens}")
+if too_long:
+    fail(too_long)
 print(f"weights: {weights}", file=sys.stderr)
-print(f"{frames.shape[0]} frames of {frames.shape[-1]}px, mode {mode}, prompt: {prompt}", file=sys.stderr)
+print(f"{n_frames} frames of {side if streaming else frames.shape[-1]}px, mode {mode}, prompt: {prompt}",
+      file=sys.stderr)
 if reference:
     print(f"reference: {reference}", file=sys.stderr)
 
+
+def stream_video(ids, question):
+    """autoregressive over --video, a chunk at a time. Returns (cache, logits, the frames [K,3,S,S] the
+    picture shows with their glimpses [K,layers,H,1+P], their mm:ss labels or None when every frame is shown)."""
+    shown = set(range(n_frames)) if n_frames <= sheet_frames else set(data.uniform_indices(n_frames, sheet_frames))
+    kept, seen = [], [0]
+
+    def keep(pixels, attn):  # a contact sheet keeps only its frames
+        attn = attn[0]  # [n,layers,H,1+P]: the one row
+        for i in range(pixels.shape[0]):
+            if seen[0] + i in shown:
+                kept.append((seen[0] + i, pixels[i], attn[i]))
+        seen[0] += pixels.shape[0]
+    frames = data.video_frames(video, side, cap, fps or None, progress=True)
+    chunks = (c.to(device) for c in data.frame_chunks(data.read_ahead(frames), stream_chunk))
+    cache, logits = vlm.stream(chunks, n_frames, ids, max_new_tokens, (question, None) if question is not None
+                               else None, keep if attention_out else None)
+    if not kept:
+        return cache, logits, None, None, None
+    times = None if n_frames <= sheet_frames else [f"{int(i * seconds / n_frames) // 60}:"
+                                                    f"{int(i * seconds / n_frames) % 60:02d}" for i, _, _ in kept]
+    return cache, logits, torch.stack([f for _, f, _ in kept]), torch.stack([a for _, _, a in kept]), times
+
+
 with torch.no_grad():
-    frames = frames.to(device, ptdtype)[None]  # [1,T,3,S,S]
-    frame_mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=device)
-    kv = vlm.encode(frames, frame_mask)  # one DINOv2 pass serves the prefill and the coarse picture row
-    question = (torch.tensor([question], device=device), None) if question else None
-    cache, logits, attn = vlm.prefill(kv, frame_mask, torch.tensor([ids], device=device), mode, max_new_tokens,
-                                      question=question)
+    question = torch.tensor([question], device=device) if question else None
+    ids = torch.tensor([ids], device=device)
+    times = None
+    if streaming:
+        try:
+            cache, logits, frames, attn, times = stream_video(ids, question)
+        except ValueError as e:  # a file that breaks mid-way: data.py's message names it
+            fail(e)
+        attn = attn[None] if attn is not None else None
+        frames = frames.to(device, ptdtype)[None] if frames is not None else None
+    else:
+        frames = frames.to(device, ptdtype)[None]  # [1,T,3,S,S]
+        frame_mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=device)
+        kv = vlm.encode(frames, frame_mask)  # one DINOv2 pass serves the prefill and the coarse picture row
+        cache, logits, attn = vlm.prefill(kv, frame_mask, ids, mode, max_new_tokens,
+                                          question=(question, None) if question is not None else None)
     generator = torch.Generator(device=device).manual_seed(seed)
     answers = []
     for s in range(num_samples):
@@ -207,7 +264,10 @@ with torch.no_grad():
         print(answers[-1][len(shown):], flush=True)
         print(f"({len(out)} tokens, {len(out) / (time.time() - t0):.1f} tokens/s)", file=sys.stderr)
     if attention_out:
+        if streaming:  # the shown frames again, for their coarse row: a dozen frames, not the video
+            frame_mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=device)
+            kv = vlm.encode(frames, frame_mask)
         coarse = attn if mode == "coarse_only" else vlm.visual_tokens(kv, frame_mask, "coarse_only")[1]
         rows = [("coarse: q_static", coarse[0])] + ([(f"{mode} glimpse", attn[0])] if mode != "coarse_only" else [])
-        draw_picture(attention_out, frames[0], rows, prompt, answers[0])
+        draw_picture(attention_out, frames[0], rows, prompt, answers[0], times)
         print(f"wrote {attention_out}", file=sys.stderr)
