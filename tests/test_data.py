@@ -298,8 +298,8 @@ def test_shapes_task(tmp_path):
         q, opts, ans = data.shapes_question(np.random.default_rng(seed), facts, "missing")
         assert opts[ans] == facts["missing"] and sorted(opts) == sorted(data.COLOURS)
     qf = data.ShardDataset(str(a / "train-*.tar"), tok, 2, image_size=64, loop=False, layout="question_first")
-    rows = next(iter(qf))["rows"]  # question first: each of the clip's four questions is its own row
-    assert len(rows) == 4 and all(tok.decode(r["question"]).count("?") == 1 for r in rows)
+    rows = next(iter(qf))["rows"]  # question first: each of the clip's three questions is its own row
+    assert len(rows) == 3 and all(tok.decode(r["question"]).count("?") == 1 for r in rows)
     s2 = next(iter(data.ShardDataset(str(a / "val-*.tar"), tok, 2, image_size=64, loop=False)))
     assert "\nA. " in tok.decode(s2["rows"][0]["ids"]) and s2["frames"].shape == (4, 3, 64, 64)
     s3 = next(iter(data.ShardDataset(str(a / "dpo-*.tar"), tok, 3, image_size=64, loop=False)))
