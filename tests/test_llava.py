@@ -1,5 +1,6 @@
 """LLaVA-style annotation files as training data, the shard writer, and the lmms-eval adapter."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -120,6 +121,26 @@ def test_stage_masks_and_jsonl_and_dpo(tmp_path, tok):
         chosen, rejected = (text_of(tok, r) for r in s["rows"])
         assert "user\ndescribe it.<|im_end|>" in chosen and "a good answer." in chosen
         assert "a bad answer." in rejected
+
+
+def test_train_cli_on_annotation_files(tmp_path):
+    """python train.py straight on LLaVA-style files: stage 2 on quirky rows, stage 3 on chosen / rejected."""
+    from test_train import metrics, train
+    shapes = tmp_path / "shapes"  # only for the tokenizer and the (unused) shards train.py points at
+    data.make_shapes(shapes, n_train=8, n_val=4, n_dpo=4, n_text=4, image_size=32, frames=4, shard_size=8)
+    rows, survivors = quirky_rows(tmp_path)
+    ann = write_json(tmp_path / "ann.json", rows)
+    run = train(shapes, tmp_path / "s2", f"--train_data={ann}", f"--media_root={tmp_path}", "--val_data=",
+                "--text_data=", "--max_iters=2", "--batch_size=2", "--ckpt_interval=100")
+    assert [r["iter"] for r in metrics(tmp_path / "s2")] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path / "s2"))
+    assert "missing_media" in run.stdout + run.stderr  # the bad rows are counted where the user sees it
+    pairs = write_json(tmp_path / "dpo.jsonl", [
+        {"id": f"p{i}", "video": "videos/v.mp4", "prompt": "<video>\ndescribe it.",
+         "chosen": "a good answer.", "rejected": "a bad answer."} for i in range(4)], jsonl=True)
+    train(shapes, tmp_path / "s3", "--stage=3", f"--init_from={tmp_path / 's2'}", f"--train_data={pairs}",
+          "--val_data=", "--text_data=", "--max_iters=2", "--batch_size=2", "--ckpt_interval=100")
+    assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path / "s3"))
 
 
 def caption_rows(root, n):
