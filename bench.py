@@ -57,7 +57,7 @@ from data import (IMAGE_EXTS, IMAGE_FRAMES, PAD_ID, VIDEO_EXTS, ShardDataset, Sk
                   read_tar, record_frames, record_text, uniform_indices, video_frames, video_length,
                   read_ahead, frame_chunks, context_error, shapes_clip)
 from model import (MODES, DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2, decode, keep_freed_memory,
-                   left_pad, load_model, peak_flops, train_flops)
+                   left_pad, load_model, peak_flops, train_flops, warn_slow_bf16)
 
 # -----------------------------------------------------------------------------
 # config
@@ -860,6 +860,7 @@ def main():
                                 ("scoring", scoring, tuple(SCORING)), ("dtype", dtype, ("float32", "bfloat16"))):
         if value not in choices:
             sys.exit(f"bench.py: {key}={value!r}: choose one of {', '.join(choices)}")
+    warn_slow_bf16(device, dtype, "bench.py")
     if task == "speed":
         return speed()
     if task == "longvideo":

@@ -163,6 +163,7 @@ for path in (video, image):
         fail(f"{path}: file not found")
 torch.manual_seed(seed)
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+model.warn_slow_bf16(device, dtype, "sample.py")
 try:
     vlm, tok_path = model.load_model(init_from, llm_dir, dino_dir, ptdtype)
     tok = data.load_tokenizer(tok_path)

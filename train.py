@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 import data
 from model import (LAYOUTS, MODES, DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2, find_checkpoint,
-                   keep_freed_memory, load_model, mfu, peak_flops, train_flops, use_tf32)
+                   keep_freed_memory, load_model, mfu, peak_flops, train_flops, use_tf32,
+                   warn_slow_bf16)
 
 # -----------------------------------------------------------------------------
 # config: the embedded default (a tiny fVLM trained from scratch on the shapes task)
@@ -137,6 +138,8 @@ for key, choices in (('dtype', ('float32', 'bfloat16')),  # float16 would need a
     if value not in choices:
         fail(f"{key}={value!r}: choose one of {', '.join(choices)}")
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
+if master:
+    warn_slow_bf16(device, dtype, 'train.py')
 autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
 torch.manual_seed(seed)
 ckpt_root = os.path.join(out_dir, 'ckpt')

@@ -145,3 +145,15 @@ def test_dino_unknown_key_and_mask_token(tmp_path, tiny_dino):
     save_file(state, bad / "model.safetensors")
     with pytest.raises(ValueError, match=r"unexpected \(1\): blocks.0.extra.weight"):
         DINOv2.from_pretrained(bad)
+
+
+def test_slow_bf16_is_said(capsys):
+    """bf16 on a CPU without native bf16 matmuls is said at start-up, naming the fix; silent elsewhere."""
+    import model
+    model.warn_slow_bf16("cpu", "bfloat16", "sample.py")
+    model.warn_slow_bf16("cpu", "float32", "sample.py")
+    said = capsys.readouterr().out
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert said == ""
+    else:
+        assert said.count("warning") == 1 and "sample.py" in said and "--dtype=float32" in said
