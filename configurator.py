@@ -36,7 +36,8 @@ def _set(key, raw):
         sys.exit(f"configurator: --{key} takes True or False, got {raw!r}")
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if default is not None and not isinstance(value, type(default)) and not isinstance(default, str):
+    if (default is not None and not isinstance(value, type(default))
+            and not isinstance(default, str)):
         sys.exit(f"configurator: --{key} expects {type(default).__name__} (default {default!r}), "
                  f"got {raw!r}")
     if isinstance(default, str):  # strings stay strings: --out_dir=2024 is '2024'

@@ -1,12 +1,14 @@
 """
 Every input nanofVLM trains and evaluates on, in one file:
   1. tokenizer + ChatML template + per-stage loss masks
-  2. media: images (Pillow), videos (PyAV, frames picked by presentation time), upright as they are shown
+  2. media: images (Pillow), videos (PyAV, frames picked by presentation time), upright as they
+     are shown
   3. tar shards: files sharing a key form one sample
-  4. ShardDataset: streaming shards split once over ranks x workers, seeded shuffle, text-only mixing,
-     resumable reader state; collate; the Loader that remembers where each reader is
+  4. ShardDataset: streaming shards split once over ranks x workers, seeded shuffle, text-only
+     mixing, resumable reader state; collate; the Loader that remembers where each reader is
   5. "shapes": the synthetic foveation task that is our embedded default
-Bad inputs are skipped, warned about once (stderr) and counted (loader.skipped()): never fatal, never silent.
+Bad inputs are skipped, warned about once (stderr) and counted (loader.skipped()): never fatal,
+never silent.
 """
 import glob as globlib
 import io
@@ -33,18 +35,22 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-SYSTEM_PROMPT = "You are a helpful AI assistant."  # always explicit: SmolLM2's default one injects a persona
+# always explicit: SmolLM2's default one injects a persona
+SYSTEM_PROMPT = "You are a helpful AI assistant."
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 exactly as SmolLM2
 PAD_ID = 2  # <|im_end|> doubles as pad; padding is masked out via loss_mask, never via ignore==pad
 MAX_LEN = {1: 512, 2: 1024, 3: 1024}  # text tokens per sample, by stage
-DEFAULT_USER = "Describe this video."  # sample.py's default question, and the shapes task's caption prompt
-# Real caption shards carry an empty `user`: the question a caption answers, by `source`, as the original used
+# sample.py's default question, and the shapes task's caption prompt
+DEFAULT_USER = "Describe this video."
+# Real caption shards carry an empty `user`: the question a caption answers, by `source`, as the
+# original used
 SOURCE_PROMPTS = {"openvid": "Write a brief caption for this video.",
                   "webvid": "What would be the WebVid caption for this video?",
                   "vript": "Provide a detailed narration of what happens in this video.",
                   "sharegpt4video": "Describe what happens in this video in detail."}
 FALLBACK_PROMPT = "Describe this."  # any other source
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # ImageNet normalisation, as DINOv2 was trained
+# ImageNet normalisation, as DINOv2 was trained
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 VIDEO_EXTS = ("mp4", "webm", "mkv", "gif", "avi", "mov")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -65,7 +71,8 @@ class SkipSample(ValueError):  # a ValueError, so callers outside the dataset ju
 
 def count_skip(counter, reason, msg):
     counter[reason] += 1
-    if msg not in _warned:  # once per path and reason: a run with a million bad files must not flood the log
+    # once per path and reason: a run with a million bad files must not flood the log
+    if msg not in _warned:
         _warned.add(msg)
         print(f"data.py: skipping {msg}", file=sys.stderr)
 
@@ -85,22 +92,26 @@ def expand_globs(globs):
 
 
 def load_tokenizer(path_or_dir):
-    path = os.path.join(path_or_dir, "tokenizer.json") if os.path.isdir(path_or_dir) else path_or_dir
+    if os.path.isdir(path_or_dir):
+        path = os.path.join(path_or_dir, "tokenizer.json")
+    else:
+        path = path_or_dir
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data.py: {path} not found; pass a SmolLM2 dir or a tokenizer.json "
-                                f"(make_shapes writes one)")
+        raise FileNotFoundError(f"data.py: {path} not found; pass a SmolLM2 dir or a "
+                                f"tokenizer.json (make_shapes writes one)")
     tok = Tokenizer.from_file(path)
     for i, s in enumerate(SPECIALS):
         if tok.token_to_id(s) != i:
-            raise ValueError(f"{path}: {s} must have id {i} (ChatML ids as in SmolLM2), got {tok.token_to_id(s)}")
+            raise ValueError(f"{path}: {s} must have id {i} (ChatML ids as in SmolLM2), "
+                             f"got {tok.token_to_id(s)}")
     return tok
 
 
 def encode_chat(tok, messages, stage, max_len=None):
-    """ChatML with the system prompt, written by hand -> (input_ids, loss_mask, truncated, question_end).
-    Stage 1: every token is a target; stages 2-3: only assistant content and its <|im_end|> (not the '\\n'
-    after it). question_end: the tokens up to the end of the first user turn, where the question-first
-    layout puts the frames."""
+    """ChatML with the system prompt, written by hand ->
+    (input_ids, loss_mask, truncated, question_end). Stage 1: every token is a target; stages 2-3:
+    only assistant content and its <|im_end|> (not the '\\n' after it). question_end: the tokens up
+    to the end of the first user turn, where the question-first layout puts the frames."""
     text, spans, question_end = "", [], None
     for m in [{"role": "system", "content": SYSTEM_PROMPT}] + list(messages):
         text += f"<|im_start|>{m['role']}\n"
@@ -109,7 +120,8 @@ def encode_chat(tok, messages, stage, max_len=None):
         text += m["content"] + "<|im_end|>\n"
         if m["role"] == "user" and question_end is None:
             question_end = len(text)
-    # one encode of the whole text, so ids equal HF apply_chat_template; a target's characters lie in a span
+    # one encode of the whole text, so ids equal HF apply_chat_template;
+    # a target's characters lie in a span
     enc = tok.encode(text, add_special_tokens=False)
     in_answer = [int(any(s <= a and b <= e for s, e in spans)) for a, b in enc.offsets]
     mask = [1] * len(enc.ids) if stage == 1 else in_answer
@@ -135,20 +147,23 @@ def encode_prompt(tok, user):
 
 
 def prompt_parts(tok, user, layout):
-    """The (question, prompt) ids of a user turn: frames first, ([], the whole prompt) after the frames;
-    question first, (system + user turn) before them and the generation prompt after them."""
+    """The (question, prompt) ids of a user turn: frames first, ([], the whole prompt) after the
+    frames; question first, (system + user turn) before them and the generation prompt after
+    them."""
     if layout == "question_first":
         return encode_question(tok, user), encode_reply_start(tok)
     return [], encode_prompt(tok, user)
 
 
 def encode_answer(tok, text):
-    """Assistant content + <|im_end|>. encode_prompt + encode_answer == encode_chat ids minus its final '\\n'."""
+    """Assistant content + <|im_end|>. encode_prompt + encode_answer == encode_chat ids minus its
+    final '\\n'."""
     return tok.encode(text, add_special_tokens=False).ids + [PAD_ID]
 
 
 def format_mcq(question, options):
-    """The user text of a multiple-choice question: the question, then one "X. option" line per option."""
+    """The user text of a multiple-choice question: the question, then one "X. option" line per
+    option."""
     return question + "\n" + "\n".join(f"{'ABCDEFGH'[i]}. {o}" for i, o in enumerate(options))
 
 
@@ -158,7 +173,8 @@ def format_mcq(question, options):
 
 def normalize(frames):
     """uint8 [T,H,W,3] numpy -> ImageNet-normalised float32 [T,3,H,W]"""
-    return (torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255) - MEAN) / STD
+    channels_first = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+    return (channels_first.float().div_(255) - MEAN) / STD
 
 
 def short_side_to(w, h, size):
@@ -173,18 +189,20 @@ def centre_crop(a, size):
 
 
 def read_image(src, size, name=None):
-    """An image file or file-like -> uint8 [size,size,3]: upright (EXIF orientation), short side resized, centre
-    crop."""
+    """An image file or file-like -> uint8 [size,size,3]: upright (EXIF orientation), short side
+    resized, centre crop."""
     try:
         img = ImageOps.exif_transpose(Image.open(src)).convert("RGB")
     except Exception as e:
-        raise SkipSample("bad_image", f"{name or src}: unreadable image ({type(e).__name__}: {e})") from None
+        raise SkipSample("bad_image",
+                         f"{name or src}: unreadable image ({type(e).__name__}: {e})") from None
     return centre_crop(np.array(img.resize(short_side_to(*img.size, size), Image.BICUBIC)), size)
 
 
 def load_image(src, image_size, replicate=1, name=None):
     """An image -> normalised [replicate,3,S,S]."""
-    return normalize(read_image(src, image_size, name)[None]).expand(replicate, -1, -1, -1).contiguous()
+    image = normalize(read_image(src, image_size, name)[None])  # [1,3,S,S]
+    return image.expand(replicate, -1, -1, -1).contiguous()
 
 
 def uniform_indices(n, k):
@@ -352,7 +370,8 @@ def load_video(src, max_frames, image_size, fps=None, start=None, end=None, name
 
 
 # -----------------------------------------------------------------------------
-# 3. tar shards: {key}.json + frames {key}.000.jpg ... | an image {key}.jpg | a video {key}.mp4 (+ {key}.txt)
+# 3. tar shards: {key}.json + frames {key}.000.jpg ... | an image {key}.jpg
+#    | a video {key}.mp4 (+ {key}.txt)
 
 
 def write_tar(path, samples):
@@ -368,31 +387,37 @@ def write_tar(path, samples):
 
 
 def read_tar(path, counter=skipped):
-    """Stream one tar ('r|*', no seeking) -> records {key, shard, files {ext: bytes}}. A truncated or corrupt
-    tar keeps the records before the damage and counts the rest as one skip."""
-    def members(tf):  # (key, ext, bytes); a record is only yielded once the next key (or the end) is reached intact
+    """Stream one tar ('r|*', no seeking) -> records {key, shard, files {ext: bytes}}. A truncated
+    or corrupt tar keeps the records before the damage and counts the rest as one skip."""
+    # (key, ext, bytes); a record is only yielded once the next key (or the end) is reached intact
+    def members(tf):
         for m in tf:
             if m.isfile():
                 folder, base = os.path.split(m.name)
-                key, _, ext = base.partition(".")  # keys contain no dots, so "k.000.jpg" -> "k", "000.jpg"
+                # keys contain no dots, so "k.000.jpg" -> "k", "000.jpg"
+                key, _, ext = base.partition(".")
                 payload = tf.extractfile(m).read()
                 if len(payload) != m.size:
                     raise EOFError("unexpected end of data")
                 yield os.path.join(folder, key), ext.lower(), payload
-        # tarfile ends quietly when the stream stops at/inside a header; an intact plain tar ends with zero blocks
+        # tarfile ends quietly when the stream stops at/inside a header;
+        # an intact plain tar ends with zero blocks
         if getattr(tf.fileobj, "comptype", "") == "tar" and tf.offset + 512 > os.path.getsize(path):
             raise EOFError("no end-of-archive marker (file cut short)")
     try:
         with tarfile.open(path, "r|*") as tf:
             for key, group in groupby(members(tf), key=lambda m: m[0]):
-                yield {"key": key, "shard": path, "files": {ext: payload for _, ext, payload in group}}
+                files = {ext: payload for _, ext, payload in group}
+                yield {"key": key, "shard": path, "files": files}
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        count_skip(counter, "bad_tar", f"{path}: truncated or corrupt tar ({type(e).__name__}: {e}); "
+        count_skip(counter, "bad_tar",
+                   f"{path}: truncated or corrupt tar ({type(e).__name__}: {e}); "
                    f"rest of shard dropped")
 
 
 def read_source(path, counter=skipped):
-    """A tar shard, or a plain video/image file (+ optional sidecar {stem}.json / {stem}.txt) as one record."""
+    """A tar shard, or a plain video/image file (+ optional sidecar {stem}.json / {stem}.txt) as one
+    record."""
     if ".tar" in os.path.basename(path):
         return read_tar(path, counter)
     stem, ext = os.path.splitext(path)
@@ -402,14 +427,16 @@ def read_source(path, counter=skipped):
 
 
 def frame_files(files):
-    """The frame images of a record (its file extensions), in natural order: every image named beyond the key
-    ({key}.000.jpg, {key}.frame_2.png). A lone {key}.jpg is an image, not a frame."""
-    return sorted((e for e in files if "." in e and e.rsplit(".", 1)[1] in IMAGE_EXTS), key=natural_key)
+    """The frame images of a record (its file extensions), in natural order: every image named
+    beyond the key ({key}.000.jpg, {key}.frame_2.png). A lone {key}.jpg is an image, not a frame."""
+    frame_names = (e for e in files if "." in e and e.rsplit(".", 1)[1] in IMAGE_EXTS)
+    return sorted(frame_names, key=natural_key)
 
 
 def record_frames(files, names, image_size, where):
     """The named image files of a record -> normalised frames [T,3,S,S]"""
-    return normalize(np.stack([read_image(io.BytesIO(files[e]), image_size, f"{where}.{e}") for e in names]))
+    images = [read_image(io.BytesIO(files[e]), image_size, f"{where}.{e}") for e in names]
+    return normalize(np.stack(images))
 
 
 def record_text(record):
@@ -420,39 +447,47 @@ def record_text(record):
     except ValueError as e:
         raise SkipSample("bad_json", f"{where}.json: bad json ({e})") from None
     if not isinstance(meta, dict):
-        raise SkipSample("bad_json", f"{where}.json: bad json (a {type(meta).__name__}, not an object)")
+        raise SkipSample("bad_json",
+                         f"{where}.json: bad json (a {type(meta).__name__}, not an object)")
     return meta, files["txt"].decode("utf-8", "replace").strip() if "txt" in files else None
 
 
 def turns(user, answer, where):
-    """`user` / `assistant` as a json holds them (strings, or equal-length lists of strings: several turns)
-    -> (users, answers) lists; an empty or missing user comes back as None. Any other type is a bad field."""
+    """`user` / `assistant` as a json holds them (strings, or equal-length lists of strings: several
+    turns) -> (users, answers) lists; an empty or missing user comes back as None. Any other type is
+    a bad field."""
     if isinstance(answer, list):
         users = [None] * len(answer) if user in (None, "") else user
     else:
         users, answer = [user], [answer]
-    if not (isinstance(users, list) and len(users) == len(answer) and all(isinstance(a, str) and a for a in answer)
+    if not (isinstance(users, list) and len(users) == len(answer)
+            and all(isinstance(a, str) and a for a in answer)
             and all(u is None or isinstance(u, str) for u in users)):
-        raise SkipSample("bad_field", f"{where}.json: 'user' and 'assistant' must be strings, or lists of strings "
-                         f"of one length (got {type(user).__name__} and {type(answer).__name__})")
+        raise SkipSample("bad_field",
+                         f"{where}.json: 'user' and 'assistant' must be strings, or lists of "
+                         f"strings of one length (got {type(user).__name__} and "
+                         f"{type(answer).__name__})")
     return [u or None for u in users], answer
 
 
 # -----------------------------------------------------------------------------
-# 3b. LLaVA-style annotation files, read as public datasets publish them: a .json list or a .jsonl of rows
-# {"id", "video" | "image", "conversations": [{"from": "human", "value": "<video>\n..."}, {"from": "gpt", ...}]}
-# (DPO: "prompt" or a human turn, "chosen", "rejected"), media paths relative to a media root (default: the
-# file's folder). A row becomes the record a tar yields ({key, shard, files}), so the dataset's one path does
-# the rest; its media is read only when the sample is decoded, so a resumed reader passes rows untouched.
+# 3b. LLaVA-style annotation files, read as public datasets publish them: a .json list or a .jsonl
+# of rows {"id", "video" | "image",
+#          "conversations": [{"from": "human", "value": "<video>\n..."}, {"from": "gpt", ...}]}
+# (DPO: "prompt" or a human turn, "chosen", "rejected"), media paths relative to a media root
+# (default: the file's folder). A row becomes the record a tar yields ({key, shard, files}), so the
+# dataset's one path does the rest; its media is read only when the sample is decoded, so a resumed
+# reader passes rows untouched.
 
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-         "system": "system"}
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+         "model": "assistant", "system": "system"}
 PLACEHOLDER = re.compile(r"\s*<(?:image|video)>\s*")  # wherever it sits, with or without a newline
 _annotation_rows = {}  # path -> rows, parsed once per process
 
 
 def is_annotation(path):
-    """A .jsonl, or a .json whose top level is a list (a .json object is a plain file's sidecar record)."""
+    """A .jsonl, or a .json whose top level is a list (a .json object is a plain file's sidecar
+    record)."""
     if path.endswith(".jsonl"):
         return True
     if not path.endswith(".json"):
@@ -462,7 +497,8 @@ def is_annotation(path):
 
 
 def annotation_rows(path, counter=skipped):
-    """The rows of an annotation file; a jsonl line that is not json stays as its text (skipped on decode)."""
+    """The rows of an annotation file; a jsonl line that is not json stays as its text (skipped on
+    decode)."""
     if path not in _annotation_rows:
         rows = []
         try:
@@ -476,19 +512,21 @@ def annotation_rows(path, counter=skipped):
             else:
                 rows = json.load(open(path, encoding="utf-8"))
         except (ValueError, OSError) as e:
-            count_skip(counter, "bad_json", f"{path}: unreadable annotation file ({type(e).__name__}: {e})")
+            count_skip(counter, "bad_json",
+                       f"{path}: unreadable annotation file ({type(e).__name__}: {e})")
         _annotation_rows[path] = rows if isinstance(rows, list) else []
     return _annotation_rows[path]
 
 
 def annotation_units(path, block=1, counter=skipped):
-    """What the readers share out: blocks of `block` rows (path, first row). 1 = split by row; the shard
-    writer's shard_size = the same units, hence the same order, as the shards it wrote."""
+    """What the readers share out: blocks of `block` rows (path, first row). 1 = split by row; the
+    shard writer's shard_size = the same units, hence the same order, as the shards it wrote."""
     return [(path, start) for start in range(0, len(annotation_rows(path, counter)), block)]
 
 
 def read_annotation(unit, block=1):
-    """The rows of one unit as records {key, shard, row}: key '{row number}_{id}' (unique, no dots)."""
+    """The rows of one unit as records {key, shard, row}: key '{row number}_{id}' (unique, no
+    dots)."""
     path, start = unit
     rows = annotation_rows(path)
     for i in range(start, min(start + block, len(rows))):
@@ -509,16 +547,17 @@ def reply_text(reply):
 
 
 def conversation_turns(conv, where, counter):
-    """LLaVA turns -> (users, answers): consecutive turns of one role joined, the system turn dropped (the
-    model's system prompt is fixed) and counted, a first model turn given an empty question (the source's
-    prompt fills it). A last question may have no answer (a DPO prompt)."""
+    """LLaVA turns -> (users, answers): consecutive turns of one role joined, the system turn
+    dropped (the model's system prompt is fixed) and counted, a first model turn given an empty
+    question (the source's prompt fills it). A last question may have no answer (a DPO prompt)."""
     merged = []  # [role, text]
     for j, turn in enumerate(conv):
         turn = turn if isinstance(turn, dict) else {}
         role = ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
         value = turn.get("value", turn.get("content"))
         if role is None or not isinstance(value, str):
-            raise SkipSample("bad_field", f"{where}: turn {j} needs 'from' (human / gpt / system) and a string "
+            raise SkipSample("bad_field",
+                             f"{where}: turn {j} needs 'from' (human / gpt / system) and a string "
                              f"'value' (got {str(turn)[:80]})")
         if role == "system":
             counter["system_turn (dropped)"] += 1
@@ -528,12 +567,14 @@ def conversation_turns(conv, where, counter):
             merged.append([role, clean_turn(value)])
     if merged and merged[0][0] == "assistant":
         merged.insert(0, ["user", ""])
-    users, answers = [t for r, t in merged if r == "user"], [t for r, t in merged if r == "assistant"]
+    users = [t for r, t in merged if r == "user"]
+    answers = [t for r, t in merged if r == "assistant"]
     return users, answers
 
 
 def annotation_meta(row, where, counter):
-    """A row's text as the research layout's json: user/assistant lists, or user + chosen/rejected_assistant."""
+    """A row's text as the research layout's json: user/assistant lists, or
+    user + chosen/rejected_assistant."""
     meta = {"source": str(row.get("source") or row.get("data_source") or "")}
     conv = row.get("conversations")
     if "chosen" in row or "rejected" in row:
@@ -543,25 +584,31 @@ def annotation_meta(row, where, counter):
         return meta | {"user": user, "chosen_assistant": reply_text(row.get("chosen")),
                        "rejected_assistant": reply_text(row.get("rejected"))}
     if not isinstance(conv, list):
-        raise SkipSample("missing_field", f"{where}: needs 'conversations' (a list of {{from, value}} turns)")
+        raise SkipSample("missing_field",
+                         f"{where}: needs 'conversations' (a list of {{from, value}} turns)")
     users, answers = conversation_turns(conv, where, counter)
     if not answers:
-        raise SkipSample("missing_field", f"{where}: 'conversations' holds no answer (a 'gpt' turn)")
-    return meta | {"user": users[:len(answers)], "assistant": answers}  # an unanswered last question: dropped
+        raise SkipSample("missing_field",
+                         f"{where}: 'conversations' holds no answer (a 'gpt' turn)")
+    # an unanswered last question: dropped
+    return meta | {"user": users[:len(answers)], "assistant": answers}
 
 
 def annotation_media(row, root, max_frames, where):
-    """A row's media as record files: a video or image file ({ext: bytes}), or frames ({NNN.ext: bytes}, at
-    most max_frames spread uniformly) from a folder of frame images or a list of images. {} = text-only."""
+    """A row's media as record files: a video or image file ({ext: bytes}), or frames
+    ({NNN.ext: bytes}, at most max_frames spread uniformly) from a folder of frame images or a list
+    of images. {} = text-only."""
     media = row.get("video", row.get("image"))
     if media in (None, "", []):
         return {}
     paths = media if isinstance(media, list) else [media]
     if not all(isinstance(p, str) and p for p in paths):
-        raise SkipSample("bad_field", f"{where}: 'video' / 'image' must be a path or a list of paths")
+        raise SkipSample("bad_field",
+                         f"{where}: 'video' / 'image' must be a path or a list of paths")
     paths = [os.path.join(root, p) for p in paths]  # an absolute path stays as it is
     if missing := [p for p in paths if not os.path.exists(p)]:
-        raise SkipSample("missing_media", f"{where}: {missing[0]} not found (check media_root={root!r})")
+        raise SkipSample("missing_media",
+                         f"{where}: {missing[0]} not found (check media_root={root!r})")
     if len(paths) == 1 and os.path.isdir(paths[0]):  # a folder of frames is a video
         folder = paths[0]
         paths = [os.path.join(folder, n) for n in sorted(os.listdir(folder), key=natural_key)
@@ -571,7 +618,8 @@ def annotation_media(row, root, max_frames, where):
     exts = [p.rsplit(".", 1)[-1].lower() for p in paths]
     if len(paths) == 1:
         if exts[0] not in VIDEO_EXTS + IMAGE_EXTS:
-            raise SkipSample("bad_field", f"{where}: {paths[0]}: not a video ({VIDEO_EXTS}) or image")
+            raise SkipSample("bad_field",
+                             f"{where}: {paths[0]}: not a video ({VIDEO_EXTS}) or image")
         return {exts[0]: open(paths[0], "rb").read()}
     picked = uniform_indices(len(paths), max_frames)
     return {f"{t:03d}.{exts[i]}": open(paths[i], "rb").read() for t, i in enumerate(picked)}
@@ -581,7 +629,8 @@ def annotation_record(rec, media_root, max_frames, counter=skipped):
     """A row record -> the record a tar would yield: {key, shard, files {json, media}}."""
     row, where = rec["row"], f"{rec['shard']}:{rec['key']}"
     if not isinstance(row, dict):
-        raise SkipSample("bad_json", f"{where}: a row must be a json object (got {str(row)[:80]!r})")
+        raise SkipSample("bad_json",
+                         f"{where}: a row must be a json object (got {str(row)[:80]!r})")
     meta = annotation_meta(row, where, counter)
     root = media_root or os.path.dirname(rec["shard"])
     files = {"json": json.dumps(meta).encode()} | annotation_media(row, root, max_frames, where)
@@ -593,14 +642,15 @@ def annotation_record(rec, media_root, max_frames, counter=skipped):
 
 
 def seeded(*keys):
-    """The one way this file draws random numbers: a random.Random seeded by a tuple of keys (the run's seed, an
-    epoch, a reader id, a stream position...). The same keys give the same stream in every process, so any
-    draw can be replayed on resume from the keys alone."""
+    """The one way this file draws random numbers: a random.Random seeded by a tuple of keys (the
+    run's seed, an epoch, a reader id, a stream position...). The same keys give the same stream in
+    every process, so any draw can be replayed on resume from the keys alone."""
     return random.Random(repr(keys))  # a str seed goes through sha512: no per-process hash salt
 
 
 def shuffled(items, rng, size):
-    """A bounded shuffle buffer over a stream: holds `size` items, each next one takes a random one's place."""
+    """A bounded shuffle buffer over a stream: holds `size` items, each next one takes a random
+    one's place."""
     buf = []
     for x in items:
         buf.append(x)
@@ -614,15 +664,17 @@ def shuffled(items, rng, size):
 
 @dataclass
 class Cursor:
-    """Where a reader is in one stream of shards: the epoch, and how many records of it were consumed."""
+    """Where a reader is in one stream of shards: the epoch, and how many records of it were
+    consumed."""
     epoch: int = 0
     consumed: int = 0
 
 
 @dataclass
 class ReaderState:
-    """Everything a reader needs to resume exactly: its cursor in the main and the text-only shards, and how
-    many records it has drawn from either (the text-or-main draw of record n depends on n alone)."""
+    """Everything a reader needs to resume exactly: its cursor in the main and the text-only shards,
+    and how many records it has drawn from either (the text-or-main draw of record n depends on n
+    alone)."""
     main: Cursor = field(default_factory=Cursor)
     text: Cursor = field(default_factory=Cursor)
     drawn: int = 0
@@ -633,35 +685,46 @@ class ReaderState:
 
 
 class ShardDataset(IterableDataset):
-    """Streams samples {key, frames [T,3,S,S], input_ids, loss_mask} (stage 3: chosen_/rejected_ ids and
-    masks) from tar shards or plain files; json-only samples are text-only (frames [0,3,S,S]).
-    Split: there are world_size x num_workers readers, reader = rank * num_workers + worker. Each epoch the
-    shard list is shuffled (seed, epoch) and shard i goes to reader i % readers: every shard once per epoch.
-    Annotation files (section 3b) are shared out by row: their rows, in blocks of block_rows, are units like
-    shards; media paths are relative to media_root (default: the annotation file's folder).
-    Text mixing: with text_globs and text_ratio > 0, each draw takes the next record from the text shards with
-    probability text_ratio (every reader reads all text shards if they are fewer than the readers).
-    Resume: a ReaderState per reader; a resumed reader re-reads its epoch's records up to where it was and drops
-    them without decoding."""
+    """Streams samples {key, frames [T,3,S,S], input_ids, loss_mask} (stage 3: chosen_/rejected_ ids
+    and masks) from tar shards or plain files; json-only samples are text-only (frames [0,3,S,S]).
+    Split: there are world_size x num_workers readers, reader = rank * num_workers + worker. Each
+    epoch the shard list is shuffled (seed, epoch) and shard i goes to reader i % readers: every
+    shard once per epoch.
+    Annotation files (section 3b) are shared out by row: their rows, in blocks of block_rows, are
+    units like shards; media paths are relative to media_root (default: the annotation file's
+    folder).
+    Text mixing: with text_globs and text_ratio > 0, each draw takes the next record from the text
+    shards with probability text_ratio (every reader reads all text shards if they are fewer than
+    the readers).
+    Resume: a ReaderState per reader; a resumed reader re-reads its epoch's records up to where it
+    was and drops them without decoding."""
 
-    def __init__(self, globs, tok, stage, image_size=224, max_frames=64, replicate_image_frames=1, text_ratio=0.0,
-                 seed=0, rank=0, world_size=1, text_globs=None, loop=True, shuffle_buffer=1000, fps=None,
-                 max_len=None, prompts=None, layout="frames_first", media_root="", block_rows=1):
-        self.skipped = Counter()  # this process's skips; every batch carries them to the main process
+    def __init__(self, globs, tok, stage, image_size=224, max_frames=64, replicate_image_frames=1,
+                 text_ratio=0.0, seed=0, rank=0, world_size=1, text_globs=None, loop=True,
+                 shuffle_buffer=1000, fps=None, max_len=None, prompts=None, layout="frames_first",
+                 media_root="", block_rows=1):
+        # this process's skips; every batch carries them to the main process
+        self.skipped = Counter()
         self.media_root, self.block_rows = media_root, block_rows  # annotation files (section 3b)
         self.shards = self.units(expand_globs(globs))
         self.text_shards = self.units(expand_globs(text_globs)) if text_globs else []
         self.tok, self.stage, self.image_size, self.max_frames = tok, stage, image_size, max_frames
-        self.replicate, self.text_ratio, self.seed, self.fps = replicate_image_frames, text_ratio, seed, fps
-        self.rank, self.world_size, self.loop, self.shuffle_buffer = rank, world_size, loop, shuffle_buffer
+        self.replicate, self.text_ratio = replicate_image_frames, text_ratio
+        self.seed, self.fps = seed, fps
+        self.rank, self.world_size = rank, world_size
+        self.loop, self.shuffle_buffer = loop, shuffle_buffer
         self.max_len = max_len or MAX_LEN[stage]
         self.question_first = layout == "question_first"  # the model's layout decides the text rows
-        self.prompts = SOURCE_PROMPTS | {"": FALLBACK_PROMPT} | (prompts or {})  # source -> question; "" = any other
-        self.batch_size, self.max_batch_frames = None, None  # set by make_loader: batches are built in workers
-        self.resume, self.first_reader = {}, 0  # from Loader.load_state_dict: reader -> ReaderState; whose turn
+        # source -> question; "" = any other
+        self.prompts = SOURCE_PROMPTS | {"": FALLBACK_PROMPT} | (prompts or {})
+        # set by make_loader: batches are built in workers
+        self.batch_size, self.max_batch_frames = None, None
+        # from Loader.load_state_dict: reader -> ReaderState; whose turn
+        self.resume, self.first_reader = {}, 0
 
     def units(self, paths):
-        """What the readers share out: a shard or plain file each, and an annotation file's rows in blocks."""
+        """What the readers share out: a shard or plain file each, and an annotation file's rows in
+        blocks."""
         return [u for p in paths for u in (annotation_units(p, self.block_rows, self.skipped)
                                            if is_annotation(p) else [p])]
 
@@ -671,11 +734,12 @@ class ShardDataset(IterableDataset):
         return read_source(unit, self.skipped)
 
     def records(self, shards, reader, readers, cursor, is_text):
-        """The undecoded records of one reader, advancing `cursor`. Its order depends on the seed and the epoch
-        alone, so a resumed reader can drop the records it had consumed."""
+        """The undecoded records of one reader, advancing `cursor`. Its order depends on the seed
+        and the epoch alone, so a resumed reader can drop the records it had consumed."""
         while True:
             order = list(shards)
-            seeded(self.seed, "shards", is_text, cursor.epoch).shuffle(order)  # the same on every reader
+            # the same on every reader
+            seeded(self.seed, "shards", is_text, cursor.epoch).shuffle(order)
             mine = order if is_text and len(order) < readers else order[reader::readers]
             stream = (rec for unit in mine for rec in self.read_unit(unit))
             rng, seen = seeded(self.seed, "buffer", is_text, cursor.epoch, reader), 0
@@ -688,13 +752,18 @@ class ShardDataset(IterableDataset):
             cursor.epoch, cursor.consumed = cursor.epoch + 1, 0
 
     def samples(self, reader, readers):
-        """(decoded sample, reader state after it) of one reader; bad records are counted and skipped"""
+        """(decoded sample, reader state after it) of one reader; bad records are counted and
+        skipped"""
         state = self.resume.get(reader, ReaderState())
         main = self.records(self.shards, reader, readers, state.main, False)
         mixing = self.text_shards and self.text_ratio > 0
-        text = self.records(self.text_shards, reader, readers, state.text, True) if mixing else iter(())
+        if mixing:
+            text = self.records(self.text_shards, reader, readers, state.text, True)
+        else:
+            text = iter(())
         while True:
-            take_text = mixing and seeded(self.seed, "mix", reader, state.drawn).random() < self.text_ratio
+            take_text = mixing and (seeded(self.seed, "mix", reader, state.drawn).random()
+                                    < self.text_ratio)
             rec = (take_text and next(text, None)) or next(main, None)
             if rec is None:
                 return
@@ -703,27 +772,32 @@ class ShardDataset(IterableDataset):
                 yield self.decode(rec), asdict(state)
             except SkipSample as e:
                 count_skip(self.skipped, e.reason, str(e))
-            except Exception as e:  # a sample no rule foresaw still never kills the run: named and counted
-                count_skip(self.skipped, "bad_sample", f"{rec['shard']}:{rec['key']}: {type(e).__name__}: {e}")
+            except Exception as e:
+                # a sample no rule foresaw still never kills the run: named and counted
+                count_skip(self.skipped, "bad_sample",
+                           f"{rec['shard']}:{rec['key']}: {type(e).__name__}: {e}")
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        # worker 0 runs the reader whose turn was next: after a resume the DataLoader's round-robin goes on as before
+        # worker 0 runs the reader whose turn was next: after a resume the DataLoader's round-robin
+        # goes on as before
         reader = self.rank * workers + (worker + self.first_reader) % workers
         samples = self.samples(reader, self.world_size * workers)
         return (s for s, _ in samples) if self.batch_size is None else self.batches(samples, reader)
 
     def batches(self, samples, reader):
-        """Collated batches, each with the reader's state after its last sample and the reader's skip counts.
-        A batch closes when the next sample arrives (or the stream ends), so its skip counts include the skips
-        after its last sample."""
+        """Collated batches, each with the reader's state after its last sample and the reader's
+        skip counts. A batch closes when the next sample arrives (or the stream ends), so its skip
+        counts include the skips after its last sample."""
         batch, state = [], None
         for sample, next_state in chain(samples, [(None, None)]):
             frames = sum(len(s["frames"]) for s in batch) + (len(sample["frames"]) if sample else 0)
-            full = len(batch) == self.batch_size or (self.max_batch_frames and frames > self.max_batch_frames)
+            full = (len(batch) == self.batch_size
+                    or (self.max_batch_frames and frames > self.max_batch_frames))
             if batch and (sample is None or full):
-                yield collate(batch) | {"progress": {"reader": reader, "state": state, "skipped": dict(self.skipped)}}
+                progress = {"reader": reader, "state": state, "skipped": dict(self.skipped)}
+                yield collate(batch) | {"progress": progress}
                 batch = []
             if sample is not None:
                 batch.append(sample)
@@ -743,31 +817,37 @@ class ShardDataset(IterableDataset):
         return self.prompts.get(str(meta.get("source", "")).lower(), self.prompts[""])
 
     def row(self, users, answers, where):
-        """A conversation (equal-length lists of user / assistant strings) -> one text row {question, ids,
-        mask} of this stage: frames first, the whole chat after the frames (question []); question first,
-        the first user turn before the frames and the rest after them."""
-        chat = [{"role": r, "content": c} for u, a in zip(users, answers) for r, c in (("user", u), ("assistant", a))]
+        """A conversation (equal-length lists of user / assistant strings) -> one text row
+        {question, ids, mask} of this stage: frames first, the whole chat after the frames
+        (question []); question first, the first user turn before the frames and the rest after
+        them."""
+        chat = [{"role": r, "content": c}
+                for u, a in zip(users, answers)
+                for r, c in (("user", u), ("assistant", a))]
         ids, mask, truncated, question_end = encode_chat(self.tok, chat, self.stage, self.max_len)
         if truncated:
             self.skipped["truncated (kept)"] += 1
         if not any(mask[question_end if self.question_first else 0:]):
-            raise SkipSample("no_targets", f"{where}: no target tokens left after truncation to {self.max_len}")
+            raise SkipSample("no_targets",
+                             f"{where}: no target tokens left after truncation to {self.max_len}")
         split = question_end if self.question_first else 0
         return {"question": ids[:split], "ids": ids[split:], "mask": mask[split:]}
 
     def text(self, meta, txt, has_media, where):
-        """The text rows of a record's json (the research layout of section 3 above): one per sample, or in the
-        question-first layout one per question (every question steers its own glimpses; one encode serves all);
-        stage 3: the chosen row, then the rejected one."""
+        """The text rows of a record's json (the research layout of section 3 above): one per
+        sample, or in the question-first layout one per question (every question steers its own
+        glimpses; one encode serves all); stage 3: the chosen row, then the rejected one."""
         if self.stage == 3:
             if need := [f for f in ("chosen_assistant", "rejected_assistant") if not meta.get(f)]:
                 raise SkipSample("missing_field", f"{where}.json: DPO sample misses {need}")
             user = meta.get("user") or (self.question_for(meta) if has_media else None)
-            return [self.row(*turns(user, meta[f"{k}_assistant"], where), where) for k in ("chosen", "rejected")]
+            return [self.row(*turns(user, meta[f"{k}_assistant"], where), where)
+                    for k in ("chosen", "rejected")]
         if "token_ids" in meta:
             return [self.pretokenized(meta, where)]
-        # stage 1 prefers the caption, stage 2 the user/assistant pair; either falls back to the other.
-        # `user` belongs to `assistant`: a caption next to an assistant answer gets the source's question
+        # stage 1 prefers the caption, stage 2 the user/assistant pair; either falls back to the
+        # other. `user` belongs to `assistant`: a caption next to an assistant answer gets the
+        # source's question
         caption, assistant = meta.get("caption") or txt, meta.get("assistant")
         if assistant and not (self.stage == 1 and caption):
             answer, user = assistant, meta.get("user")
@@ -779,7 +859,8 @@ class ShardDataset(IterableDataset):
         if has_media:  # a sample with media and an answer is never dropped for lack of a question
             users = [u or self.question_for(meta) for u in users]
         if not all(users):
-            raise SkipSample("missing_field", f"{where}.json: a text-only sample needs a 'user' question")
+            raise SkipSample("missing_field",
+                             f"{where}.json: a text-only sample needs a 'user' question")
         if self.question_first:
             return [self.row([u], [a], where) for u, a in zip(users, answers)]
         return [self.row(users, answers, where)]
@@ -790,24 +871,32 @@ class ShardDataset(IterableDataset):
         mask = [1] * len(ids) if mask == "all" and isinstance(ids, list) else mask
         vocab = self.tok.get_vocab_size()
         if not (isinstance(ids, list) and all(type(i) is int and 0 <= i < vocab for i in ids)):
-            raise SkipSample("bad_field", f"{where}.json: token_ids must be a list of ids in [0, {vocab})")
-        if not (isinstance(mask, list) and len(mask) == len(ids) and all(m in (0, 1) for m in mask)):
-            raise SkipSample("bad_field", f"{where}.json: token_ids without a matching loss_mask of 0/1")
+            raise SkipSample("bad_field",
+                             f"{where}.json: token_ids must be a list of ids in [0, {vocab})")
+        if not (isinstance(mask, list) and len(mask) == len(ids)
+                and all(m in (0, 1) for m in mask)):
+            raise SkipSample("bad_field",
+                             f"{where}.json: token_ids without a matching loss_mask of 0/1")
         if len(ids) > self.max_len:
             self.skipped["truncated (kept)"] += 1
-        return {"question": [], "ids": ids[:self.max_len], "mask": mask[:self.max_len]}  # frames first
+        # frames first
+        return {"question": [], "ids": ids[:self.max_len], "mask": mask[:self.max_len]}
 
     def frames(self, files, meta, where):
-        """A record's frames [T,3,S,S]: its frame images (at most max_frames, spread uniformly), its video, its
-        image (replicated), or none (text-only)."""
+        """A record's frames [T,3,S,S]: its frame images (at most max_frames, spread uniformly), its
+        video, its image (replicated), or none (text-only)."""
         S = self.image_size
         if names := frame_files(files):
             if isinstance(meta.get("frame_count"), int) and len(names) < meta["frame_count"]:
-                raise SkipSample("short_video", f"{where}: {len(names)} frame files but frame_count {meta['frame_count']}")
-            return record_frames(files, [names[i] for i in uniform_indices(len(names), self.max_frames)], S, where)
+                raise SkipSample("short_video",
+                                 f"{where}: {len(names)} frame files but frame_count "
+                                 f"{meta['frame_count']}")
+            picked = [names[i] for i in uniform_indices(len(names), self.max_frames)]
+            return record_frames(files, picked, S, where)
         for e in VIDEO_EXTS:
             if e in files:
-                return load_video(io.BytesIO(files[e]), self.max_frames, S, self.fps, name=f"{where}.{e}")
+                return load_video(io.BytesIO(files[e]), self.max_frames, S, self.fps,
+                                  name=f"{where}.{e}")
         for e in IMAGE_EXTS:
             if e in files:
                 return load_image(io.BytesIO(files[e]), S, self.replicate, name=f"{where}.{e}")
@@ -815,16 +904,20 @@ class ShardDataset(IterableDataset):
 
 
 def collate(samples):
-    """Samples -> a batch: frames padded to the batch's max T with frame_mask; the text rows of every sample,
-    with owner [R] (the sample of each row), input_ids / loss_mask [R,S] right-padded with PAD_ID (loss 0),
-    and in the question-first layout question_ids / question_valid [R,P], left-padded."""
-    frames = pad_sequence([s["frames"] for s in samples], batch_first=True)  # [B,T,3,S,S], zeros after a clip
+    """Samples -> a batch: frames padded to the batch's max T with frame_mask; the text rows of
+    every sample, with owner [R] (the sample of each row), input_ids / loss_mask [R,S] right-padded
+    with PAD_ID (loss 0), and in the question-first layout question_ids / question_valid [R,P],
+    left-padded."""
+    # [B,T,3,S,S], zeros after a clip
+    frames = pad_sequence([s["frames"] for s in samples], batch_first=True)
     lengths = torch.tensor([len(s["frames"]) for s in samples])
     rows = [(i, row) for i, s in enumerate(samples) for row in s["rows"]]
     S, P = max(len(r["ids"]) for _, r in rows), max(len(r["question"]) for _, r in rows)
-    out = {"frames": frames, "frame_mask": torch.arange(frames.shape[1]) < lengths[:, None],  # [B,T]
+    frame_mask = torch.arange(frames.shape[1]) < lengths[:, None]  # [B,T]
+    out = {"frames": frames, "frame_mask": frame_mask,
            "keys": [s["key"] for s in samples], "owner": torch.tensor([i for i, _ in rows]),
-           "input_ids": torch.full((len(rows), S), PAD_ID), "loss_mask": torch.zeros(len(rows), S, dtype=torch.long)}
+           "input_ids": torch.full((len(rows), S), PAD_ID),
+           "loss_mask": torch.zeros(len(rows), S, dtype=torch.long)}
     if P:
         out["question_ids"] = torch.full((len(rows), P), PAD_ID)
         out["question_valid"] = torch.zeros(len(rows), P, dtype=torch.bool)
@@ -838,12 +931,15 @@ def collate(samples):
 
 
 class Loader(DataLoader):
-    """A DataLoader that remembers how far the consumer got, per reader, so a resumed run continues with the
-    next sample. Batches come round-robin from the workers; after a resume that rotation goes on."""
+    """A DataLoader that remembers how far the consumer got, per reader, so a resumed run continues
+    with the next sample. Batches come round-robin from the workers; after a resume that rotation
+    goes on."""
 
     def __init__(self, dataset, num_workers, **kw):
-        super().__init__(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False, **kw)
-        self.workers, self.states, self.skip_counts, self.next_worker = max(1, num_workers), {}, {}, 0
+        super().__init__(dataset, batch_size=None, num_workers=num_workers,
+                         persistent_workers=False, **kw)
+        self.workers, self.states, self.skip_counts = max(1, num_workers), {}, {}
+        self.next_worker = 0
 
     def __iter__(self):
         self.next_worker = self.dataset.first_reader
@@ -864,56 +960,70 @@ class Loader(DataLoader):
                 "num_workers": self.workers, "world_size": self.dataset.world_size}
 
     def load_state_dict(self, sd):
-        # which reader reads which shard depends on both numbers: another split would re-read or skip samples
-        saved, now = (sd.get("num_workers"), sd.get("world_size")), (self.workers, self.dataset.world_size)
+        # which reader reads which shard depends on both numbers: another split would re-read or
+        # skip samples
+        saved = (sd.get("num_workers"), sd.get("world_size"))
+        now = (self.workers, self.dataset.world_size)
         if saved != now:
-            raise ValueError(f"data.py: the checkpoint's data position was saved with num_workers={saved[0]} x "
-                             f"world_size={saved[1]}, this run has {now[0]} x {now[1]}: resume with the same "
-                             f"--num_workers and number of ranks (or start a new run from it with --init_from=DIR)")
+            raise ValueError(f"data.py: the checkpoint's data position was saved with "
+                             f"num_workers={saved[0]} x world_size={saved[1]}, this run has "
+                             f"{now[0]} x {now[1]}: resume with the same --num_workers and number "
+                             f"of ranks (or start a new run from it with --init_from=DIR)")
         self.states = {int(r): s for r, s in sd["workers"].items()}
         self.dataset.resume = {r: ReaderState.from_dict(s) for r, s in self.states.items()}
-        self.dataset.first_reader = {int(r): w for r, w in sd["next_worker"].items()}.get(self.dataset.rank, 0)
+        next_worker_by_rank = {int(r): w for r, w in sd["next_worker"].items()}
+        self.dataset.first_reader = next_worker_by_rank.get(self.dataset.rank, 0)
 
 
 def make_loader(dataset, batch_size, num_workers=0, max_batch_frames=None, **kw):
-    """Batches are built inside the readers (so dynamic batching by frame count is possible); kw goes to
-    DataLoader (e.g. pin_memory). Log loader.skipped(); checkpoint loader.state_dict()."""
+    """Batches are built inside the readers (so dynamic batching by frame count is possible); kw
+    goes to DataLoader (e.g. pin_memory). Log loader.skipped(); checkpoint loader.state_dict()."""
     readers = dataset.world_size * max(1, num_workers)
-    if dataset.loop and len(dataset.shards) < readers:  # said here, in the main process, not in a worker
+    # said here, in the main process, not in a worker
+    if dataset.loop and len(dataset.shards) < readers:
         n = len(dataset.shards) // dataset.world_size
-        raise ValueError(f"data.py: {len(dataset.shards)} shards for {readers} readers (world_size x num_workers): "
-                         f"every reader needs a shard of its own: use more shards, or "
+        raise ValueError(f"data.py: {len(dataset.shards)} shards for {readers} readers "
+                         f"(world_size x num_workers): every reader needs a shard of its own: "
+                         f"use more shards, or "
                          + (f"--num_workers={n}" if n else "fewer ranks"))
     dataset.batch_size, dataset.max_batch_frames = batch_size, max_batch_frames
     return Loader(dataset, num_workers, **kw)
 
 
 # -----------------------------------------------------------------------------
-# 5. "shapes": the synthetic task and our embedded default, where the question decides where to look. Grey
-# frames with clutter dots and three balls of different colours, each in its own quadrant and each with a
-# small coloured spot; one ball moves into the free quadrant. A question names a ball and asks for its spot
-# (the close look: a glimpse of the whole frame mixes three spots); the control question (which colour is
-# missing) needs no particular ball. Learnable from scratch on a CPU in minutes (what was tried: docs/LOG.md).
+# 5. "shapes": the synthetic task and our embedded default, where the question decides where to
+# look. Grey frames with clutter dots and three balls of different colours, each in its own quadrant
+# and each with a small coloured spot; one ball moves into the free quadrant. A question names a
+# ball and asks for its spot (the close look: a glimpse of the whole frame mixes three spots); the
+# control question (which colour is missing) needs no particular ball. Learnable from scratch on a
+# CPU in minutes (what was tried: docs/LOG.md).
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (240, 210, 30)}
-SPOTS = {"white": (255, 255, 255), "black": (0, 0, 0), "cyan": (0, 230, 230), "magenta": (230, 0, 230)}
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230),
+           "yellow": (240, 210, 30)}
+SPOTS = {"white": (255, 255, 255), "black": (0, 0, 0), "cyan": (0, 230, 230),
+         "magenta": (230, 0, 230)}
 PLACES = ["top left", "top right", "bottom left", "bottom right"]  # the quadrants
-QUESTIONS = {"spot": "what colour is the spot on the {} ball?", "missing": "which ball colour is missing?"}
+QUESTIONS = {"spot": "what colour is the spot on the {} ball?",
+             "missing": "which ball colour is missing?"}
 BALLS = 3  # each in a quadrant; the fourth quadrant is where the mover goes
-FEWER = 0.5  # share of training clips with one or two balls: there a glimpse of the whole frame reads the spot
+# share of training clips with one or two balls: there a glimpse of the whole frame reads the spot
+FEWER = 0.5
 SHAPES_VERSION = 5  # bump when the task changes: ensure_shapes then regenerates old copies
 
 
 def shapes_clip(rng, image_size=64, frames=6, n_clutter=16, balls=BALLS):
-    """one clip: (list of T PIL images, facts: {"balls": [{colour, spot, start, end}], "missing"})"""
+    """one clip: (list of T PIL images,
+    facts: {"balls": [{colour, spot, start, end}], "missing"})"""
     S, r = image_size, image_size * 0.16
     colours = [list(COLOURS)[i] for i in rng.permutation(4)]  # the balls', then the missing ones
     cells = rng.permutation(4)  # the balls' start quadrants, then free ones
     mover, goal = rng.integers(0, balls), cells[rng.integers(balls, 4)]
-    facts = [{"colour": colours[b], "spot": list(SPOTS)[rng.integers(0, 4)], "start": PLACES[cells[b]],
-              "end": PLACES[goal if b == mover else cells[b]]} for b in range(balls)]
+    facts = [{"colour": colours[b], "spot": list(SPOTS)[rng.integers(0, 4)],
+              "start": PLACES[cells[b]], "end": PLACES[goal if b == mover else cells[b]]}
+             for b in range(balls)]
     jitter = rng.uniform(-S / 25, S / 25, (4, 2))
-    centre = [((c % 2 * 2 + 1) * S / 4 + jitter[c][0], (c // 2 * 2 + 1) * S / 4 + jitter[c][1]) for c in range(4)]
+    centre = [((c % 2 * 2 + 1) * S / 4 + jitter[c][0], (c // 2 * 2 + 1) * S / 4 + jitter[c][1])
+              for c in range(4)]
     dots = [(rng.uniform(0, S), rng.uniform(0, S), tuple(int(v) for v in rng.integers(0, 256, 3)))
             for _ in range(n_clutter)]
     imgs = []
@@ -927,18 +1037,21 @@ def shapes_clip(rng, image_size=64, frames=6, n_clutter=16, balls=BALLS):
             (x0, y0), (x1, y1) = (centre[PLACES.index(ball[k])] for k in ("start", "end"))
             x, y = x0 + a * (x1 - x0), y0 + a * (y1 - y0)
             draw.ellipse([x - r, y - r, x + r, y + r], fill=COLOURS[ball["colour"]])
-            draw.rectangle([x - S / 24, y - S / 24, x + S / 24, y + S / 24], fill=SPOTS[ball["spot"]])
+            draw.rectangle([x - S / 24, y - S / 24, x + S / 24, y + S / 24],
+                           fill=SPOTS[ball["spot"]])
     return imgs, {"balls": facts, "missing": colours[balls] if balls == 3 else None}
 
 
 def shapes_caption(facts):
     return " ".join(f"the {b['colour']} ball with the {b['spot']} spot " + (
-        f"stays in the {b['start']}." if b["start"] == b["end"] else f"moves from the {b['start']} to the {b['end']}.")
+        f"stays in the {b['start']}." if b["start"] == b["end"]
+        else f"moves from the {b['start']} to the {b['end']}.")
         for b in facts["balls"])
 
 
 def shapes_question(rng, facts, cat, ball=None):
-    """(question, options, answer index) with 4 options; `ball` (index) names the ball of a spot question"""
+    """(question, options, answer index) with 4 options; `ball` (index) names the ball of a spot
+    question"""
     if cat == "missing":
         question, right, pool = QUESTIONS[cat], facts["missing"], COLOURS
     else:
@@ -960,60 +1073,73 @@ def train_tokenizer(texts, vocab_size=512):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     return tok
 
 
 def _shapes_text(rng):
-    """(user, assistant) of a text-only sample: language facts about the task's words, no frames needed"""
+    """(user, assistant) of a text-only sample: language facts about the task's words, no frames
+    needed"""
     k = rng.integers(0, 3)
     if k == 0:
         p = PLACES[rng.integers(0, len(PLACES))]
-        return f"what is the opposite of the {p}?", f"the {PLACES[len(PLACES) - 1 - PLACES.index(p)]}"
+        opposite = PLACES[len(PLACES) - 1 - PLACES.index(p)]
+        return f"what is the opposite of the {p}?", f"the {opposite}"
     if k == 1:
         w = (list(COLOURS) + list(SPOTS))[rng.integers(0, 8)]
-        return f"is {w} a ball colour or a spot colour?", "a ball colour" if w in COLOURS else "a spot colour"
-    return "name the ball colours and the spot colours.", ", ".join(COLOURS) + ". " + ", ".join(SPOTS) + "."
+        answer = "a ball colour" if w in COLOURS else "a spot colour"
+        return f"is {w} a ball colour or a spot colour?", answer
+    answer = ", ".join(COLOURS) + ". " + ", ".join(SPOTS) + "."
+    return "name the ball colours and the spot colours.", answer
 
 
 def shapes_sample(rng, name, i, image_size, frames, cats):
-    """(json, frame images) of sample i of a split. train: a conversation of 3 of the clip's questions
-    (spot and end of each ball, the missing colour), each lettered or plain; val: one lettered MCQ, the
-    categories in rotation; dpo: a plain question, its answer against a wrong option."""
+    """(json, frame images) of sample i of a split. train: a conversation of 3 of the clip's
+    questions (spot and end of each ball, the missing colour), each lettered or plain; val: one
+    lettered MCQ, the categories in rotation; dpo: a plain question, its answer against a wrong
+    option."""
     few = name == "train" and rng.random() < FEWER
-    imgs, facts = shapes_clip(rng, image_size, frames, balls=rng.integers(1, BALLS) if few else BALLS)
+    balls = rng.integers(1, BALLS) if few else BALLS
+    imgs, facts = shapes_clip(rng, image_size, frames, balls=balls)
     if name == "val":
         cat = cats[i % len(cats)]
         q, opts, ans = shapes_question(rng, facts, cat)
-        meta = {"user": format_mcq(q, opts), "assistant": f"{'ABCD'[ans]}. {opts[ans]}", "category": cat,
-                "question": q, "options": opts, "answer": ans}
+        meta = {"user": format_mcq(q, opts), "assistant": f"{'ABCD'[ans]}. {opts[ans]}",
+                "category": cat, "question": q, "options": opts, "answer": ans}
     elif name == "dpo":
         q, opts, ans = shapes_question(rng, facts, cats[rng.integers(0, len(cats))])
         wrong = [o for k, o in enumerate(opts) if k != ans]
-        meta = {"user": q, "chosen_assistant": opts[ans], "rejected_assistant": wrong[rng.integers(0, 3)]}
+        meta = {"user": q, "chosen_assistant": opts[ans],
+                "rejected_assistant": wrong[rng.integers(0, 3)]}
     else:
         asks = [("missing", None)] * (not few) + [("spot", b) for b in range(len(facts["balls"]))]
-        qa = [(*shapes_question(rng, facts, *asks[k]), rng.random() < 0.25) for k in rng.permutation(len(asks))[:3]]
+        qa = [(*shapes_question(rng, facts, *asks[k]), rng.random() < 0.25)
+              for k in rng.permutation(len(asks))[:3]]
         meta = {"user": [format_mcq(q, o) if lettered else q for q, o, a, lettered in qa],
-                "assistant": [f"{'ABCD'[a]}. {o[a]}" if lettered else o[a] for q, o, a, lettered in qa],
+                "assistant": [f"{'ABCD'[a]}. {o[a]}" if lettered else o[a]
+                              for q, o, a, lettered in qa],
                 "category": "qa"}
     return dict(meta, caption=shapes_caption(facts), frame_count=frames, source="shapes"), imgs
 
 
 def make_shapes(out_dir, n_train=6000, n_val=500, n_dpo=1000, n_text=1000, image_size=64, frames=6,
                 shard_size=1000, seed=0):
-    """Write the shapes task: train-*.tar (stage 2 conversations; the caption for stage 1), val-*.tar +
-    mcq_val.json (held-out MCQs, one per val clip; frames live in the val shards, read_mcq joins them by key),
-    dpo-*.tar (stage 3 pairs), text-*.tar (text-only samples for text_ratio), tokenizer.json.
+    """Write the shapes task: train-*.tar (stage 2 conversations; the caption for stage 1),
+    val-*.tar + mcq_val.json (held-out MCQs, one per val clip; frames live in the val shards,
+    read_mcq joins them by key), dpo-*.tar (stage 3 pairs), text-*.tar (text-only samples for
+    text_ratio), tokenizer.json.
     Sample i of a split comes from its own rng (seed, split, i) alone."""
-    args = {k: v for k, v in locals().items() if k != "out_dir"} | {"version": SHAPES_VERSION}  # -> shapes.json
+    # -> shapes.json
+    args = {k: v for k, v in locals().items() if k != "out_dir"} | {"version": SHAPES_VERSION}
     os.makedirs(out_dir, exist_ok=True)
     cats, mcqs = list(QUESTIONS), []
-    texts = [SYSTEM_PROMPT, DEFAULT_USER, "system\n", "user\n", "assistant\n"] + [q.format(c) for q in QUESTIONS.values()
-                                                                                    for c in COLOURS]
-    for sid, (name, n) in enumerate([("train", n_train), ("val", n_val), ("dpo", n_dpo), ("text", n_text)]):
+    texts = ([SYSTEM_PROMPT, DEFAULT_USER, "system\n", "user\n", "assistant\n"]
+             + [q.format(c) for q in QUESTIONS.values() for c in COLOURS])
+    splits = [("train", n_train), ("val", n_val), ("dpo", n_dpo), ("text", n_text)]
+    for sid, (name, n) in enumerate(splits):
         for s0 in range(0, n, shard_size):
             shard, samples = f"{name}-{s0 // shard_size:04d}.tar", []
             for i in range(s0, min(n, s0 + shard_size)):
@@ -1021,20 +1147,24 @@ def make_shapes(out_dir, n_train=6000, n_val=500, n_dpo=1000, n_text=1000, image
                 if name == "text":
                     q, a = _shapes_text(rng)
                     texts += [q, a]
-                    samples.append((key, {"json": {"user": q, "assistant": a, "source": "shapes-text"}}))
+                    text_meta = {"user": q, "assistant": a, "source": "shapes-text"}
+                    samples.append((key, {"json": text_meta}))
                     continue
                 meta, imgs = shapes_sample(rng, name, i, image_size, frames, cats)
                 if name == "val":
-                    mcqs.append({"key": key, "shard": shard} | {k: meta.pop(k) for k in ("question", "options", "answer")}
+                    mcqs.append({"key": key, "shard": shard}
+                                | {k: meta.pop(k) for k in ("question", "options", "answer")}
                                 | {"category": meta["category"]})
-                texts += [t for v in meta.values() if isinstance(v, (str, list)) for t in (v if isinstance(v, list) else [v])]
+                texts += [t for v in meta.values() if isinstance(v, (str, list))
+                          for t in (v if isinstance(v, list) else [v])]
                 files = {f"{t:03d}.jpg": _jpg(im) for t, im in enumerate(imgs)}
                 samples.append((key, dict(files, json=meta)))
             write_tar(os.path.join(out_dir, shard), samples)
     with open(os.path.join(out_dir, "mcq_val.json"), "w") as fh:
         json.dump(mcqs, fh, indent=0)
     train_tokenizer(texts).save(os.path.join(out_dir, "tokenizer.json"))
-    with open(os.path.join(out_dir, "shapes.json"), "w") as fh:  # written last: marks a complete dataset
+    # written last: marks a complete dataset
+    with open(os.path.join(out_dir, "shapes.json"), "w") as fh:
         json.dump(args, fh)
     return args
 
@@ -1043,7 +1173,8 @@ def ensure_shapes(out_dir, **kw):
     """generate the shapes task unless out_dir already holds one made with the same arguments"""
     marker = os.path.join(out_dir, "shapes.json")
     want = kw | {"version": SHAPES_VERSION}
-    if not (os.path.exists(marker) and all(json.load(open(marker)).get(k) == v for k, v in want.items())):
+    if not (os.path.exists(marker)
+            and all(json.load(open(marker)).get(k) == v for k, v in want.items())):
         print(f"data.py: generating the shapes task in {out_dir}", file=sys.stderr)
         make_shapes(out_dir, **kw)
     return out_dir

@@ -1,16 +1,18 @@
 """
-Stage 3: Direct Preference Optimisation (DPO) on image/video preference pairs. train.py runs it through its
-one training loop (stage=3): only the batch loss differs from stages 1-2.
+Stage 3: Direct Preference Optimisation (DPO) on image/video preference pairs. train.py runs it
+through its one training loop (stage=3): only the batch loss differs from stages 1-2.
 
     loss = -logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
 
-pi / ref are the SUMMED log-probs of the answer tokens (chosen c, rejected r) under the policy and the frozen
-reference (the stage-2 model). At step 0 the policy is the reference, so the loss is ln 2.
+pi / ref are the SUMMED log-probs of the answer tokens (chosen c, rejected r) under the policy and
+the frozen reference (the stage-2 model). At step 0 the policy is the reference, so the loss
+is ln 2.
 
-One DINOv2 encode per sample serves both answers: data.collate's stage-3 batch has two text rows per sample
-(chosen_0, rejected_0, chosen_1, ...; owner says whose), one forward of 2B rows. The reference is a
-frozen copy of the initial policy (make_reference), or with precompute_ref a table of its log-probs computed
-in one pass before training (precompute_reference): one model in memory, no reference forward.
+One DINOv2 encode per sample serves both answers: data.collate's stage-3 batch has two text rows
+per sample (chosen_0, rejected_0, chosen_1, ...; owner says whose), one forward of 2B rows. The
+reference is a frozen copy of the initial policy (make_reference), or with precompute_ref a table
+of its log-probs computed in one pass before training (precompute_reference): one model in memory,
+no reference forward.
 """
 import copy
 from contextlib import nullcontext
@@ -24,8 +26,9 @@ import data
 
 
 def sequence_logps(logits, ids, mask):
-    """logits [n,V] of the n target positions (model.forward with a loss mask), ids/mask [R,S] -> summed
-    log-prob of the target tokens [R] (mask[i] = 1 marks token i as a target) and the number of targets [R]."""
+    """logits [n,V] of the n target positions (model.forward with a loss mask), ids/mask [R,S] ->
+    summed log-prob of the target tokens [R] (mask[i] = 1 marks token i as a target) and the number
+    of targets [R]."""
     target = mask[:, 1:].bool()  # [R,S-1]
     ce = F.cross_entropy(logits.float(), ids[:, 1:][target], reduction='none')
     rows = target.nonzero()[:, 0]
@@ -34,36 +37,42 @@ def sequence_logps(logits, ids, mask):
 
 
 def answer_logps(model, batch, mode):
-    """Summed log-probs [B,2] (chosen, rejected) of both answers of every sample and their target counts
-    [B,2]. `model` may be the DDP wrapper (its forward is what runs)."""
-    # only the targets go through lm_head and the vocab-wide softmax: answers are a fraction of the sequence
-    logits, _ = model(batch['frames'], batch['input_ids'], batch['loss_mask'], batch['frame_mask'], mode=mode,
-                      owner=batch['owner'], question_ids=batch.get('question_ids'),
+    """Summed log-probs [B,2] (chosen, rejected) of both answers of every sample and their target
+    counts [B,2]. `model` may be the DDP wrapper (its forward is what runs)."""
+    # only the targets go through lm_head and the vocab-wide softmax:
+    # answers are a fraction of the sequence
+    logits, _ = model(batch['frames'], batch['input_ids'], batch['loss_mask'], batch['frame_mask'],
+                      mode=mode, owner=batch['owner'], question_ids=batch.get('question_ids'),
                       question_valid=batch.get('question_valid'))  # [n,V]
     logps, counts = sequence_logps(logits, batch['input_ids'], batch['loss_mask'])
     return logps.view(-1, 2), counts.view(-1, 2)
 
 
 def make_reference(model, precompute_ref=False):
-    """The frozen reference: a copy of the initial policy, in eval(), only run under no_grad; None with precompute_ref
-    (precompute_reference builds a table instead). Make it before torch.compile wraps methods of `model`."""
+    """The frozen reference: a copy of the initial policy, in eval(), only run under no_grad; None
+    with precompute_ref (precompute_reference builds a table instead). Make it before torch.compile
+    wraps methods of `model`."""
     if precompute_ref:
         return None
-    # frozen by running under no_grad: with requires_grad off CPU kernels differ by ~1e-6 from the policy's
+    # frozen by running under no_grad:
+    # with requires_grad off CPU kernels differ by ~1e-6 from the policy's
     return copy.deepcopy(model).eval()
 
 
 @torch.no_grad()
-def precompute_reference(model, dataset, device, autocast=nullcontext(), mode='coarse_fine', batch_size=8):
-    """One pass of the (initial) model over a non-looping stage-3 ShardDataset -> {sample key: [ref_c, ref_r]},
-    the `ref` that batch_loss takes. Under DDP every rank scores its share of the shards and the tables are
-    merged, so that every rank can look up any sample (the shard order changes between epochs)."""
+def precompute_reference(model, dataset, device, autocast=nullcontext(), mode='coarse_fine',
+                         batch_size=8):
+    """One pass of the (initial) model over a non-looping stage-3 ShardDataset ->
+    {sample key: [ref_c, ref_r]}, the `ref` that batch_loss takes. Under DDP every rank scores its
+    share of the shards and the tables are merged, so that every rank can look up any sample (the
+    shard order changes between epochs)."""
     was_training = model.training
     model.eval()
     table, repeated = {}, set()
     master = not dist.is_initialized() or dist.get_rank() == 0
     loader = data.make_loader(dataset, batch_size)
-    for batch in tqdm(loader, desc='dpo: reference log-probs', disable=not master, dynamic_ncols=True):
+    progress = tqdm(loader, desc='dpo: reference log-probs', disable=not master, dynamic_ncols=True)
+    for batch in progress:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with autocast:
             logps, _ = answer_logps(model, batch, mode)
@@ -78,15 +87,16 @@ def precompute_reference(model, dataset, device, autocast=nullcontext(), mode='c
             repeated.update(table.keys() & part.keys())
             table.update(part)
     if repeated:
-        raise ValueError(f"dpo.py: {len(repeated)} sample keys occur more than once in the DPO shards (e.g. "
-                         f"{sorted(repeated)[0]!r}): precompute_ref needs unique keys; make them unique "
-                         f"or use precompute_ref=False")
+        raise ValueError(f"dpo.py: {len(repeated)} sample keys occur more than once in the DPO "
+                         f"shards (e.g. {sorted(repeated)[0]!r}): precompute_ref needs unique "
+                         f"keys; make them unique or use precompute_ref=False")
     model.train(was_training)
     return table
 
 
 def reference_logps(ref, batch, mode):
-    """[B,2] reference log-probs: from the frozen model, or looked up in precompute_reference's table."""
+    """[B,2] reference log-probs: from the frozen model, or looked up in precompute_reference's
+    table."""
     if isinstance(ref, dict):
         missing = [k for k in batch['keys'] if k not in ref]
         if missing:
@@ -97,14 +107,17 @@ def reference_logps(ref, batch, mode):
         return answer_logps(ref, batch, mode)[0].float()
 
 
-def batch_loss(model, ref, batch, beta=0.1, label_smoothing=0.0, sft_weight=0.0, mode='coarse_fine'):
-    """DPO loss of one micro-batch (data.collate's stage-3 dict, on device) and its metrics (0-dim tensors).
-    model: the policy or its DDP wrapper (the forward goes through it, so gradients sync); ref: make_reference's
-    model or precompute_reference's table. label_smoothing > 0: conservative DPO (the label is flipped with
-    that probability). sft_weight > 0 adds sft_weight * the mean CE of the chosen answers' tokens."""
+def batch_loss(model, ref, batch, beta=0.1, label_smoothing=0.0, sft_weight=0.0,
+               mode='coarse_fine'):
+    """DPO loss of one micro-batch (data.collate's stage-3 dict, on device) and its metrics (0-dim
+    tensors). model: the policy or its DDP wrapper (the forward goes through it, so gradients sync);
+    ref: make_reference's model or precompute_reference's table. label_smoothing > 0: conservative
+    DPO (the label is flipped with that probability). sft_weight > 0 adds sft_weight * the mean CE
+    of the chosen answers' tokens."""
     policy, counts = answer_logps(model, batch, mode)  # [B,2]
     reference = reference_logps(ref, batch, mode)  # [B,2]
-    rewards = beta * (policy.float() - reference).detach()  # [B,2] implicit rewards, for the metrics
+    # [B,2] implicit rewards, for the metrics
+    rewards = beta * (policy.float() - reference).detach()
     logits = beta * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))  # [B]
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     loss = losses.mean()
@@ -114,7 +127,8 @@ def batch_loss(model, ref, batch, beta=0.1, label_smoothing=0.0, sft_weight=0.0,
                'logps/chosen': policy[:, 0].detach().mean(),
                'logps/rejected': policy[:, 1].detach().mean()}
     if sft_weight > 0:
-        sft = -policy[:, 0].sum() / counts[:, 0].sum().clamp(min=1)  # token-weighted, as model.forward's CE
+        # token-weighted, as model.forward's CE
+        sft = -policy[:, 0].sum() / counts[:, 0].sum().clamp(min=1)
         metrics['loss/dpo'], metrics['loss/sft'] = loss.detach(), sft.detach()
         loss = loss + sft_weight * sft
     return loss, metrics
