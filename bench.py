@@ -76,6 +76,7 @@ image_size = 0  # 0 = 224 (shapes: the size it was generated at)
 score = 'mean'  # mean | sum | original
 scoring = 'likelihood'  # likelihood | generate
 split = 'test'  # scienceqa split
+videomme_duration = ''  # Video-MME: short | medium | long (the rows' `duration`); '' = all
 batch_size = 32  # questions per model call
 stream = False  # videos streamed, autoregressive only (long videos: --fps=1 --frames=0 holds no frame's K/V)
 out = ''  # write every result (and each question's scores) to this json
@@ -506,10 +507,15 @@ def read_mvbench(data_dir):
     return records
 
 
-def read_videomme(data_dir):
+def read_videomme(data_dir, duration=""):
+    """Video-MME's questions, those of one duration category (short | medium | long) unless duration=''."""
     locate, records = media_finder(data_dir), []
+    if duration not in ("", "short", "medium", "long"):
+        raise ValueError(f"bench.py: videomme_duration={duration!r}: choose short, medium, long or '' (all)")
     for path, rows in table_files(data_dir, ["videoID|videoid|video_id", "question", "options", "answer"]):
         for j, row in enumerate(rows):
+            if duration and row.get("duration") != duration:
+                continue
             vid = str(row.get("videoID") or row.get("videoid") or row.get("video_id"))
             rec = dict(mcq_record(row, f"{path}[{j}]", row.get("duration", "all")),
                        id=row.get("question_id", f"{vid}/{j}"), domain=row.get("domain"), task_type=row.get("task_type"))
@@ -586,6 +592,8 @@ def read_task(task, data_dir, tok, frames, image_size, split="test"):
         return read_shards(data_dir, tok, frames, image_size)
     if task == "scienceqa":
         return read_scienceqa(data_dir, split)
+    if task == "videomme":
+        return read_videomme(data_dir, videomme_duration)
     return {"mvbench": read_mvbench, "videomme": read_videomme, "pope": read_pope}[task](data_dir)
 
 

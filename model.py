@@ -116,7 +116,9 @@ def rotate(x, cos, sin):
 
 class KVCache:
     """Keys/values of every layer, preallocated: n_layers x [B, n_kv_heads, max_len, head_dim].
-    `valid` [B, max_len] marks real tokens; padding (frames or prompt) stays in the cache but is never attended."""
+    `valid` [B, max_len] marks real tokens; padding (frames or prompt) stays in the cache but is never attended.
+    dtype may be wider than the weights' (SmolLM2.new_cache: float32 for bf16 on a CPU); attention over the
+    cache then runs in that dtype."""
 
     def __init__(self, cfg, batch, max_len, dtype, device):
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -131,6 +133,7 @@ class KVCache:
         (training autoregressive), out of place: the backward pass needs the earlier keys as they were."""
         start, end = self.length, self.length + k.shape[2]
         if torch.is_grad_enabled():
+            k, v = k.to(self.k[layer].dtype), v.to(self.v[layer].dtype)
             self.k[layer] = torch.cat((self.k[layer][:, :, :start], k), 2)
             self.v[layer] = torch.cat((self.v[layer][:, :, :start], v), 2)
             return self.k[layer], self.v[layer]
@@ -170,9 +173,10 @@ class LlamaBlock(nn.Module):
         v = attn.v_proj(h).view(B, S, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         causal = mask is None and S > 1 and (cache is None or cache.length == 0)
-        if cache is not None:  # attend over everything so far
+        if cache is not None:  # attend over everything so far, in the cache's dtype
             k, v = cache.write(layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+            q = q.to(k.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True).to(x.dtype)
         x = x + attn.o_proj(y.transpose(1, 2).reshape(B, S, -1))
         h = self.post_attention_layernorm(x)
         return x + self.mlp.down_proj(F.silu(self.mlp.gate_proj(h)) * self.mlp.up_proj(h))
@@ -203,7 +207,12 @@ class SmolLM2(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def new_cache(self, batch, max_len):
-        return KVCache(self.cfg, batch, max_len, self.embed_tokens.weight.dtype, self.embed_tokens.weight.device)
+        """A KVCache for `batch` rows of up to max_len tokens. bf16 weights on a CPU get a float32 cache: CPU
+        bf16 attention of one token over 3,500 cached keys took 8x fp32's time (docs/LOG.md), and a decoding
+        step's cost then grew with its position in the stream."""
+        w = self.embed_tokens.weight
+        dtype = torch.float32 if w.device.type == "cpu" and w.dtype == torch.bfloat16 else w.dtype
+        return KVCache(self.cfg, batch, max_len, dtype, w.device)
 
     def positions_and_mask(self, B, S, device, valid, cache):
         """Positions [B,S] of the new tokens and the attention mask (None: plain causal). Padding is never

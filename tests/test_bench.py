@@ -290,6 +290,8 @@ def test_read_videomme(tmp_path):
     assert recs[0]["category"] == "short" and recs[0]["task_type"] == "Counting Problem"
     assert frames_of(recs[0], 16).shape == (12, 3, SIZE, SIZE)  # 12-frame clip: every frame once
     assert "missing" in recs[1]["error"]
+    assert [r["id"] for r in bench.read_videomme(str(d), "short")] == ["001-1", "002-1"]
+    assert bench.read_videomme(str(d), "long") == []
 
 
 def test_read_scienceqa(tmp_path):

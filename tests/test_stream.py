@@ -127,3 +127,30 @@ def test_streamed_mcq_equals_batch_autoregressive_scores(tmp_path, layout):
     for w, g in zip(want["items"][:4], got["items"][:4]):
         np.testing.assert_allclose(g["scores"]["autoregressive"], w["scores"]["autoregressive"], atol=1e-4)
     assert got["skipped_count"] == want["skipped_count"] == 1 and "gone.mp4" in got["skipped"][0]["reason"]
+
+
+def test_streamed_mcq_one_decode_and_one_stream_per_video(tmp_path, monkeypatch):
+    # the questions about one video share its decode and its encode: one video_frames and one model.stream
+    # per video, however many questions it has
+    import bench
+    from test_bench import ANIMALS, tiny_vlm
+    tok = data.train_tokenizer([f"which animal is it? {' '.join(ANIMALS)}"] * 20, vocab_size=300)
+    model = tiny_vlm(tok)
+    videos = [long_video(tmp_path / f"{k}.mp4", seconds=4, rate=5) for k in "ab"]
+    records = [{"question": "which animal is it?", "options": ANIMALS[:3], "answer": j % 3,
+                "video": str(videos[j % 2]), "id": j} for j in range(5)]
+    calls = {"decode": [], "stream": 0}
+    video_frames, stream = bench.video_frames, model.stream
+
+    def counted_frames(path, *args, **kw):
+        calls["decode"].append(path)
+        return video_frames(path, *args, **kw)
+
+    def counted_stream(*args, **kw):
+        calls["stream"] += 1
+        return stream(*args, **kw)
+    monkeypatch.setattr(bench, "video_frames", counted_frames)
+    monkeypatch.setattr(model, "stream", counted_stream)
+    got = bench.stream_mcq(model, tok, records, fps=2.0, frames=64, image_size=56, progress=False)
+    assert sorted(calls["decode"]) == sorted(map(str, videos)) and calls["stream"] == 2
+    assert all("autoregressive" in item["scores"] for item in got["items"])
