@@ -172,7 +172,11 @@ class LlamaBlock(nn.Module):
         causal = mask is None and S > 1 and (cache is None or cache.length == 0)
         if cache is not None:  # attend over everything so far
             k, v = cache.write(layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        if mask is not None and q.is_cuda:  # CUDA's flash kernel takes GQA but no mask, the memory-efficient
+            # one a mask but not GQA: expanded K/V heads let a masked (padded) batch run the latter, not math
+            k, v = (t.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, 1) for t in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=k.shape[1] != q.shape[1])
         x = x + attn.o_proj(y.transpose(1, 2).reshape(B, S, -1))
         h = self.post_attention_layernorm(x)
         return x + self.mlp.down_proj(F.silu(self.mlp.gate_proj(h)) * self.mlp.up_proj(h))
@@ -851,6 +855,25 @@ def gemv_kernels(batch, device):
         yield
     finally:
         torch.backends.mkldnn.enabled = enabled
+
+
+def compile_model(model, dynamic=True, backend="inductor"):
+    """torch.compile the modules whose forward really runs: every DINOv2 and LLM block and the glimpse walk.
+    Blocks of a kind share their compiled graphs (same code, parameters as graph inputs). dynamic=True:
+    frame counts (DINOv2's batch, the glimpse's) and sequence lengths are symbolic from the first compile,
+    so batches of varying shape reuse them (docs/LOG.md: graphs per run, dynamic against automatic)."""
+    for block in list(model.dino.blocks) + list(model.llm.layers):
+        block.compile(dynamic=dynamic, backend=backend)
+    model.glimpse = torch.compile(model.glimpse, dynamic=dynamic, backend=backend)
+    return model
+
+
+def compile_counts():
+    """Graphs torch.compile has captured in this process (each compile or recompile of a function adds one)
+    and graph breaks (each splits a function's graph: a hot-path break means eager code between graphs)."""
+    from torch._dynamo.utils import counters
+    return {"graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values())}
 
 
 def keep_freed_memory():
