@@ -50,3 +50,24 @@ def test_compiled_step_no_breaks_no_recompiles():
     assert compile_counts()["graph_breaks"] == 0
     # after the first unpadded and the first padded batch: new frame counts and lengths compile nothing
     assert graphs[1] == graphs[-1], graphs
+
+
+@torch.no_grad()
+def test_compiled_cache_path_no_breaks():
+    """Inference through the KV cache (prefill, decode in every mode): the cache write stays eager, so the
+    graphs do not depend on the layer index or the cache length, and the tokens are eager's."""
+    from torch._dynamo.utils import counters
+    from model import MODES, decode
+    dynamo.reset()
+    counters.clear()
+    eager, compiled = tiny().eval(), compile_model(tiny().eval(), dynamic=True, backend="aot_eager")
+    frames, ids, _, frame_mask = batch(3, 5, False, 0)
+    out = []
+    for m in (eager, compiled):
+        kv = m.encode(frames, frame_mask)
+        for mode in MODES:
+            cache, last, _ = m.prefill(kv, frame_mask, ids, mode, extra=12)
+            out.append(torch.stack(list(decode(m.llm, cache, last, 12, stop_id=-1)), 1))
+    for a, b in zip(out[:3], out[3:]):
+        assert torch.equal(a, b)
+    assert compile_counts()["graph_breaks"] == 0 and compile_counts()["graphs"] <= 12
