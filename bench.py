@@ -36,10 +36,14 @@ Images are replicated to 8 frames. A missing or undecodable video/image is count
 "skipped" with its reason, never dropped.
 """
 import glob
+import io
 import json
 import os
 import re
+import shlex
+import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -49,15 +53,17 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from data import (IMAGE_EXTS, IMAGE_FRAMES, PAD_ID, VIDEO_EXTS, ShardDataset, SkipSample, encode_answer,
                   format_mcq, frame_files, prompt_parts, load_image, load_tokenizer, load_video, natural_key,
-                  read_tar, record_frames, record_text, uniform_indices, video_frames, video_length,
-                  read_ahead, frame_chunks, context_error, shapes_clip)
-from model import (MODES, DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2, decode, keep_freed_memory,
-                   left_pad, load_model, peak_flops, train_flops, warn_slow_bf16)
+                  make_loader, write_tar, read_tar, record_frames, record_text, uniform_indices, video_frames,
+                  video_length, read_ahead, frame_chunks, context_error, shapes_clip)
+from model import (MODES, DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2, compile_counts, compile_model,
+                   decode, keep_freed_memory, left_pad, load_model, mfu, peak_flops, train_flops, use_tf32,
+                   warn_slow_bf16)
 
 # -----------------------------------------------------------------------------
 # config
@@ -82,11 +88,17 @@ stream = False  # videos streamed, autoregressive only (long videos: --fps=1 --f
 out = ''  # write every result (and each question's scores) to this json
 # --task=speed: the 135M stage-2 train step (real SmolLM2 from llm_dir, random DINOv2-small) or, without llm_dir,
 # the init_from checkpoint's shape
-speed_dtypes = 'float32,bfloat16'
-speed_batch = 2
-speed_frames = 8
+speed_dtypes = ''  # '' = float32,bfloat16 on CPU; bfloat16 (the recipe's) on CUDA
+speed_batch = 0  # 0 = 2 on CPU; on CUDA the per-GPU batch_size of speed_recipe
+speed_recipe = 'config/stage2_135m.py'
+speed_frames = '8'  # frame counts to time the step at, comma-separated (the GPU command: '8,16,64')
 speed_text = 64  # text tokens per sample
 speed_steps = 3  # timed steps per dtype, after 2 warm-up steps
+speed_loader = True  # also time data.py's loader on synthetic shards at the step's shape
+compile = False  # the step through model.compile_model, as train.py --compile=True
+compile_dynamic = True
+compile_backend = 'inductor'
+compare_with = ''  # a command that times another implementation's step at the same shape (see compare())
 minutes = 10  # longvideo: the synthetic video's length (data/longvideo-<minutes>min.mp4, made once)
 longvideo_dtypes = 'bfloat16,float32'
 if __name__ == "__main__":  # as a script: a config file and --key=value overrides; as an import, these defaults
@@ -706,11 +718,27 @@ def dpo_speed(model, batch, device, rounds=3):
             "dpo_precomputed_over_stage2": median(times["dpo_precomputed"]) / stage2}
 
 
+def recipe_keys(path):
+    """The keys a config file sets (read from the repo dir: a recipe execs its parent by relative path)."""
+    keys, here = {}, os.getcwd()
+    os.chdir(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        exec(open(path).read(), {}, keys)
+    finally:
+        os.chdir(here)
+    return keys
+
+
 def speed():
-    """--task=speed: train step per dtype (samples/s, tokens/s, MFU), decode tokens/s, MCQ questions/s, the DPO
-    step against a stage-2 step, peak memory."""
+    """--task=speed: the train step per frame count and dtype (samples/s, tokens/s, MFU, peak memory; with
+    compile, the graphs each frame count added and the graph breaks), the loader's samples/s at the step's
+    shape, decode tokens/s, MCQ questions/s, the DPO step against a stage-2 step; with compare_with, the other
+    implementation's step at the same shapes in the same run."""
     torch.manual_seed(0)
-    if torch.device(device).type == "cpu":
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        use_tf32()  # as train.py does: fp32 matmuls outside autocast on tensor cores
+    else:
         keep_freed_memory()  # as train.py does
     if llm_dir:  # the 135M shape: real SmolLM2, random DINOv2-small
         model, tok = FoveatedVLM(SmolLM2.from_pretrained(llm_dir), DINOv2(DinoConfig())), load_tokenizer(llm_dir)
@@ -719,22 +747,41 @@ def speed():
         tok = load_tokenizer(tok_path)
     size = image_size or (224 if llm_dir else model.dino.cfg.image_size)
     model.to(device)
-    B, T, S, V = speed_batch, speed_frames, speed_text, model.llm.cfg.vocab_size
-    batch = {"frames": torch.randn(B, T, 3, size, size, device=device),
-             "input_ids": torch.randint(3, V, (B, S), device=device),
-             "loss_mask": torch.ones(B, S, dtype=torch.long, device=device)}
-    flops = train_flops(model, B, T, S, size)
-    report = {"device": str(device), "shape": "135M" if llm_dir else init_from, "B": B, "T": T, "S": S,
-              "image_size": size, "params": sum(p.numel() for p in model.parameters()), "train_flops_per_step": flops}
-    dtypes = speed_dtypes.split(",")
-    for name, r in train_speed(model, batch, device, dtypes, speed_steps).items():
-        peak = peak_flops(device, getattr(torch, name))
-        report[name] = dict(r, samples_per_s=B / r["step_s"], tokens_per_s=B * (T + S) / r["step_s"],
-                            mfu=flops / r["step_s"] / peak, peak_flops=peak)
+    recipe = recipe_keys(speed_recipe) if cuda and not speed_batch else {}
+    B, S, V = speed_batch or recipe.get("batch_size", 2), speed_text, model.llm.cfg.vocab_size
+    dtypes = (speed_dtypes or ("bfloat16" if cuda else "float32,bfloat16")).split(",")
+    sweep = [int(t) for t in str(speed_frames).split(",")]
+    report = {"device": torch.cuda.get_device_name(device) if cuda else str(device),
+              "shape": "135M" if llm_dir else init_from, "B": B, "frames": sweep, "S": S, "image_size": size,
+              "params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
+              "compile": compile and {"dynamic": compile_dynamic, "backend": compile_backend}}
+    if compile:
+        compile_model(model, compile_dynamic, compile_backend)
+    for T in sweep:
+        batch = {"frames": torch.randn(B, T, 3, size, size, device=device),
+                 "input_ids": torch.randint(3, V, (B, S), device=device),
+                 "loss_mask": torch.ones(B, S, dtype=torch.long, device=device)}
+        flops = train_flops(model, B, T, S, size, targets=S - 1)  # position i predicts token i+1
+        row = report[f"T{T}"] = {"train_flops_per_step": flops}
+        before = compile_counts()
+        for name, r in train_speed(model, batch, device, dtypes, speed_steps).items():
+            peak = peak_flops(device, getattr(torch, name))
+            row[name] = dict(r, samples_per_s=B / r["step_s"], tokens_per_s=B * (T + S) / r["step_s"],
+                             mfu=mfu(flops, r["step_s"], peak), peak_flops=peak)
+        if compile:  # graphs this frame count added: 0 after the first = no recompiles as T varies
+            after = compile_counts()
+            row.update(graphs_added=after["graphs"] - before["graphs"], graph_breaks=after["graph_breaks"])
+        if speed_loader:
+            row["loader_samples_per_s"] = loader_speed(tok, B, T, size, recipe.get("num_workers", 1), cuda)
+        if compare_with:
+            row["compare"] = compare(compare_with, row, B, T, S, size, dtypes)
+        if T == sweep[0]:
+            report.update(dpo_speed(model.train(), batch, device))
+            first = batch["frames"][:1]
     model.eval()
-    mask = torch.ones(1, T, dtype=torch.bool, device=device)
+    mask = torch.ones(first.shape[:2], dtype=torch.bool, device=device)  # decode after the first frame count
     with torch.no_grad():
-        kv = model.encode(batch["frames"][:1], mask)
+        kv = model.encode(first, mask)
 
     def generate(n=32):
         cache, last, _ = prefill_users(model, tok, kv, mask, ["Describe this video."], "autoregressive", n)
@@ -745,8 +792,56 @@ def speed():
     with peak_memory(device) as mem:
         report["mcq_questions_per_s"] = mcq_speed(model, tok, 16, size, device)
     report.update(mcq_peak_mem_mb=mem["peak_mem_mb"], mcq_frames=16)
-    report.update(dpo_speed(model.train(), batch, device))
     return report
+
+
+def loader_speed(tok, B, T, size, workers, pin, batches=4):
+    """Samples/s of data.py's loader, as train.py makes it (pinned on CUDA), on synthetic research-layout
+    shards written here: B samples of T jpg frames at the training resolution per shard, one shard per
+    batch. Timed after the first batch (worker start-up)."""
+    rng = np.random.default_rng(0)
+    img = lambda: np.kron(rng.integers(0, 256, (size // 8 + 1, size // 8 + 1, 3)),  # noqa: E731
+                          np.ones((8, 8, 1)))[:size, :size].astype(np.uint8)  # blocks: smoother than noise
+    frames = [jpg_bytes(img()) for _ in range(T)]
+    text = {"user": "What happens in the video?", "assistant": "A ball moves from left to right."}
+    with tempfile.TemporaryDirectory() as d:
+        for j in range(max(batches + 1, workers)):
+            write_tar(os.path.join(d, f"s{j}.tar"),
+                      ((f"k{j}x{i}", {"json": text, **{f"{t:03d}.jpg": f for t, f in enumerate(frames)}})
+                       for i in range(B)))
+        ds = ShardDataset([os.path.join(d, "*.tar")], tok, 2, image_size=size, max_frames=T, loop=True,
+                          shuffle_buffer=B)
+        it = iter(make_loader(ds, B, workers, pin_memory=pin))
+        next(it)
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        seconds = time.perf_counter() - t0
+        it.close()  # the workers stop before their shards go
+    return B * batches / seconds
+
+
+def jpg_bytes(a):
+    """uint8 [S,S,3] -> jpg bytes (quality 90, as tools/write_shards.py)"""
+    out = io.BytesIO()
+    Image.fromarray(a).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def compare(command, row, B, T, S, size, dtypes):
+    """Runs `command` (+ --llm_dir --B --T --S --size --steps --dtypes --device) in a subprocess: another
+    implementation's train step at this shape (e.g. the original code's, from a copy outside this repo). Its
+    last stdout line is JSON {dtype: {step_s}}; returns its step per dtype and our speedup (its s / ours)."""
+    args = shlex.split(command) + ["--llm_dir", llm_dir, "--B", str(B), "--T", str(T), "--S", str(S), "--size",
+                                   str(size), "--steps", str(speed_steps), "--dtypes", ",".join(dtypes),
+                                   "--device", str(device)]
+    out = subprocess.run(args, capture_output=True, text=True)
+    if out.returncode:
+        return {"command": command, "error": out.stderr[-2000:]}
+    theirs = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"command": command, **{name: {"their_step_s": theirs[name]["step_s"],
+                                          "speedup": theirs[name]["step_s"] / row[name]["step_s"]}
+                                   for name in dtypes if name in theirs}}
 
 
 def mcq_speed(model, tok, T, size, device, questions=4):

@@ -165,19 +165,36 @@ class LlamaBlock(nn.Module):
         self.mlp.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        """x [B,S,D] -> x after this block; with a cache, this layer's new keys/values are appended and the
+        tokens attend over everything so far. The cache's Python state stays out of project / attend (what
+        compile_model compiles), so their graphs depend on neither the layer index nor the cache length."""
+        q, k, v = self.project(x, cos, sin)
+        causal = mask is None and x.shape[1] > 1 and (cache is None or cache.length == 0)
+        if cache is not None:
+            k, v = cache.write(layer, k, v)
+        return self.attend(x, q, k, v, mask, causal)
+
+    def project(self, x, cos, sin):
+        """x [B,S,D] -> rotated queries [B,H,S,hd] and keys, values [B,Hkv,S,hd]"""
         B, S, _ = x.shape
         attn, cfg = self.self_attn, self.cfg
         h = self.input_layernorm(x)
-        q = attn.q_proj(h).view(B, S, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # [B,H,S,hd]
-        k = attn.k_proj(h).view(B, S, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B,Hkv,S,hd]
+        q = attn.q_proj(h).view(B, S, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(B, S, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         v = attn.v_proj(h).view(B, S, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        causal = mask is None and S > 1 and (cache is None or cache.length == 0)
-        if cache is not None:  # attend over everything so far, in the cache's dtype
-            k, v = cache.write(layer, k, v)
-            q = q.to(k.dtype)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True).to(x.dtype)
-        x = x + attn.o_proj(y.transpose(1, 2).reshape(B, S, -1))
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+    def attend(self, x, q, k, v, mask, causal):
+        """Attention of q over k, v (mask [B,1,S,L] bool or None; causal: a Python bool), then the MLP."""
+        attn, cfg = self.self_attn, self.cfg
+        gqa = cfg.n_kv_heads != cfg.n_heads  # from the config: a Python bool under dynamic shapes too
+        if gqa and mask is not None and q.is_cuda:  # CUDA's flash kernel takes GQA but no mask, the
+            # memory-efficient one a mask but not GQA: expanded K/V heads let a padded batch run the latter
+            k, v, gqa = *(t.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, 1) for t in (k, v)), False
+        q = q.to(k.dtype)  # a cache may hold K/V in another dtype than the weights (new_cache)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        y = y.to(x.dtype)
+        x = x + attn.o_proj(y.transpose(1, 2).flatten(2))
         h = self.post_attention_layernorm(x)
         return x + self.mlp.down_proj(F.silu(self.mlp.gate_proj(h)) * self.mlp.up_proj(h))
 
@@ -871,6 +888,29 @@ def warn_slow_bf16(device, dtype, where):
     if torch.device(device).type == "cpu" and half and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         print(f"{where}: warning: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 "
               f"matmul, so {dtype} runs many times slower than float32 here: pass --dtype=float32")
+
+
+def compile_model(model, dynamic=True, backend="inductor"):
+    """torch.compile what really runs: every DINOv2 block, every LLM block's two halves around the KV cache
+    write (LlamaBlock.project / attend: the cache's Python state would recompile per layer and length) and
+    the glimpse walk. Blocks of a kind share their graphs (same code, parameters as graph inputs).
+    dynamic=True: frame counts (DINOv2's batch, the glimpse's) and sequence lengths are symbolic from the
+    first compile, so batches of varying shape reuse the graphs (docs/LOG.md: the counts)."""
+    opts = dict(dynamic=dynamic, backend=backend)
+    for block in model.dino.blocks:
+        block.compile(**opts)
+    for block in model.llm.layers:
+        block.project, block.attend = torch.compile(block.project, **opts), torch.compile(block.attend, **opts)
+    model.glimpse = torch.compile(model.glimpse, **opts)
+    return model
+
+
+def compile_counts():
+    """Graphs torch.compile has captured in this process (each compile or recompile of a function adds one)
+    and graph breaks (each splits a function's graph: a hot-path break means eager code between graphs)."""
+    from torch._dynamo.utils import counters
+    return {"graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values())}
 
 
 def keep_freed_memory():

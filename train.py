@@ -23,9 +23,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import (LAYOUTS, MODES, DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2, find_checkpoint,
-                   keep_freed_memory, load_model, mfu, peak_flops, train_flops, use_tf32,
-                   warn_slow_bf16)
+from model import (LAYOUTS, MODES, DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2, compile_counts,
+                   compile_model, find_checkpoint, keep_freed_memory, load_model, mfu, peak_flops, train_flops,
+                   use_tf32, warn_slow_bf16)
 
 # -----------------------------------------------------------------------------
 # config: the embedded default (a tiny fVLM trained from scratch on the shapes task)
@@ -89,6 +89,7 @@ precompute_ref = False
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype; weights stay fp32
 compile = False
+compile_dynamic = True  # frame counts and text lengths symbolic from the first compile (model.compile_model)
 gradient_checkpointing = False
 encode_chunk = 32  # frames per DINOv2 call: bounds activation memory on long videos
 seed = 1337
@@ -217,10 +218,7 @@ if stage == 3:  # the frozen reference (None with precompute_ref), copied before
     reference_start = start_model(config['init_from'])[0].to(device) if resume_dir else raw_model
     ref_model = dpo.make_reference(reference_start, precompute_ref)
 if compile:
-    # compile the modules whose forward really runs: every DINOv2 and LLM block, and the glimpse walk
-    for block in list(model.dino.blocks) + list(model.llm.layers):
-        block.compile()
-    model.glimpse = torch.compile(model.glimpse)
+    compile_model(model, compile_dynamic)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 
@@ -435,8 +433,7 @@ while iter_num < max_iters:
     iter_num += 1
     bar.update(1)
     if compile and iter_num == 1:
-        from torch._dynamo.utils import counters
-        say(f"torch.compile: {counters['stats']['unique_graphs']} graphs compiled")
+        say("torch.compile: {graphs} graphs compiled, {graph_breaks} graph breaks".format(**compile_counts()))
     do_eval = iter_num % eval_interval == 0 or iter_num == max_iters
     if iter_num % log_interval == 0 or do_eval:  # an eval gets a log row of its own iteration
         dt = time.time() - t_last
@@ -445,6 +442,8 @@ while iter_num < max_iters:
                'grad_norm': grad_norm.item(), 'samples_per_sec': samples_since * world_size / dt,
                'tokens_per_sec': tokens_since * world_size / dt, 'mfu': mfu(flops_since, dt, peak),
                'skipped_samples': sum(train_loader.skipped().values())}
+        if compile:  # a count that still grows late in a run means recompiles
+            row.update({f'compiled_{k}': v for k, v in compile_counts().items()})
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lrs_now['llm']:.1e}",
                         sps=f"{row['samples_per_sec']:.1f}", tps=f"{row['tokens_per_sec']:.0f}",
                         mfu='n/a' if row['mfu'] is None else f"{100 * row['mfu']:.1f}%")

@@ -390,13 +390,17 @@ def test_train_flops_matches_counted(vlm, mode, rows, question):
 
 def test_speed_report(tok, tmp_path, monkeypatch):
     tiny_vlm(tok).save(tmp_path / "ckpt" / "step-0000001", tok.path)  # a run dir of step-* dirs, as train.py writes
-    for key, value in dict(init_from=str(tmp_path), speed_frames=2, speed_text=8, speed_steps=1).items():
+    for key, value in dict(init_from=str(tmp_path), speed_frames="2,3", speed_text=8, speed_steps=1).items():
         monkeypatch.setattr(bench, key, value)
     rep = bench.speed()
-    for dt in ("float32", "bfloat16"):
-        r = rep[dt]
-        assert r["samples_per_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_mem_mb"] > 10
-    assert abs(rep["bfloat16"]["loss"] / rep["float32"]["loss"] - 1) < 0.02  # same weights, same batch
+    for T in (2, 3):
+        row = rep[f"T{T}"]
+        for dt in ("float32", "bfloat16"):
+            r = row[dt]
+            # mfu: the CPU peak is measured in the run, on a machine other jobs share: it can read low
+            assert r["samples_per_s"] > 0 and 0 < r["mfu"] < 3 and r["peak_mem_mb"] > 10
+        assert abs(row["bfloat16"]["loss"] / row["float32"]["loss"] - 1) < 0.02  # same weights, same batch
+        assert row["loader_samples_per_s"] > 0
     assert rep["decode_tokens_per_s"] > 0 and rep["mcq_questions_per_s"] > 0
     assert rep["dpo_over_stage2"] > 0 and rep["dpo_precomputed_over_stage2"] > 0
 
