@@ -88,7 +88,7 @@ stream = False  # videos streamed, autoregressive only (long videos: --fps=1 --f
 out = ''  # write every result (and each question's scores) to this json
 # --task=speed: the 135M stage-2 train step (real SmolLM2 from llm_dir, random DINOv2-small) or, without llm_dir,
 # the init_from checkpoint's shape
-speed_dtypes = ''  # '' = float32,bfloat16 on CPU; bfloat16 (the recipe's) on CUDA
+speed_dtypes = ''  # '' = float32,bfloat16 on CPU (float32 without native bf16); bfloat16 on CUDA
 speed_batch = 0  # 0 = 2 on CPU; on CUDA the per-GPU batch_size of speed_recipe
 speed_recipe = 'config/stage2_135m.py'
 speed_frames = '8'  # frame counts to time the step at, comma-separated (the GPU command: '8,16,64')
@@ -749,7 +749,9 @@ def speed():
     model.to(device)
     recipe = recipe_keys(speed_recipe) if cuda and not speed_batch else {}
     B, S, V = speed_batch or recipe.get("batch_size", 2), speed_text, model.llm.cfg.vocab_size
-    dtypes = (speed_dtypes or ("bfloat16" if cuda else "float32,bfloat16")).split(",")
+    native_bf16 = cuda or torch.ops.mkldnn._is_mkldnn_bf16_supported()  # else bf16 is emulated, ~30x slower
+    dtypes = (speed_dtypes or ("bfloat16" if cuda else "float32,bfloat16" if native_bf16 else "float32"))
+    dtypes = dtypes.split(",")
     sweep = [int(t) for t in str(speed_frames).split(",")]
     report = {"device": torch.cuda.get_device_name(device) if cuda else str(device),
               "shape": "135M" if llm_dir else init_from, "B": B, "frames": sweep, "S": S, "image_size": size,

@@ -973,7 +973,8 @@ def peak_flops(device="cpu", dtype=torch.float32):
             print(f"model.py: no peak FLOP/s for {name!r} in {dtype} (add it to GPU_PEAK): MFU not reported")
         return peak
     if dtype not in _cpu_peak:  # 2048^2: on an AVX2 AMD EPYC 1024^2 reached only 2/3 of it
-        n = 2048
+        emulated = dtype != torch.float32 and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        n = 512 if emulated else 2048  # emulated bf16 runs at ~1 GFLOP/s
         a = torch.randn(n, n, dtype=dtype)
         a @ a
         best = float("inf")

@@ -390,7 +390,8 @@ def test_train_flops_matches_counted(vlm, mode, rows, question):
 
 def test_speed_report(tok, tmp_path, monkeypatch):
     tiny_vlm(tok).save(tmp_path / "ckpt" / "step-0000001", tok.path)  # a run dir of step-* dirs, as train.py writes
-    for key, value in dict(init_from=str(tmp_path), speed_frames="2,3", speed_text=8, speed_steps=1).items():
+    for key, value in dict(init_from=str(tmp_path), speed_frames="2,3", speed_text=8, speed_steps=1,
+                            speed_dtypes="float32,bfloat16").items():
         monkeypatch.setattr(bench, key, value)
     rep = bench.speed()
     for T in (2, 3):
