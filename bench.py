@@ -140,10 +140,8 @@ def score_options(model, tok, kv, frame_mask, users, answers, mode, score="mean"
     [K_q] (lower = more likely). Each question's prefix is computed once; its cache row is repeated K times
     and all Q*K answers, right-padded, run as one batch. Padding after an answer is invisible to it (causal
     attention) and only real answer tokens are scored."""
-    device = frame_mask.device
-    Q, K = len(users), max(len(a) for a in answers)
-    A = max(len(x) for a in answers for x in a)
-    cache, last, _ = prefill_users(model, tok, kv, frame_mask, users, mode, extra=A)
+    longest_answer = max(len(x) for a in answers for x in a)
+    cache, last, _ = prefill_users(model, tok, kv, frame_mask, users, mode, extra=longest_answer)
     return score_cached(model, cache, last, answers, score)
 
 

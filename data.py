@@ -685,8 +685,9 @@ class ReaderState:
 
 
 class ShardDataset(IterableDataset):
-    """Streams samples {key, frames [T,3,S,S], input_ids, loss_mask} (stage 3: chosen_/rejected_ ids
-    and masks) from tar shards or plain files; json-only samples are text-only (frames [0,3,S,S]).
+    """Streams samples {key, rows, frames [T,3,S,S]} from tar shards, plain files or annotation
+    files: rows are token rows {question, ids, mask} (one; stage 3: chosen, then rejected), collate
+    pads them into a batch. json-only samples are text-only (frames [0,3,S,S]).
     Split: there are world_size x num_workers readers, reader = rank * num_workers + worker. Each
     epoch the shard list is shuffled (seed, epoch) and shard i goes to reader i % readers: every
     shard once per epoch.

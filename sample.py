@@ -253,7 +253,10 @@ with torch.no_grad():
         if num_samples > 1:
             print(f"--- sample {s + 1}/{num_samples}", file=sys.stderr)
         out, shown, t0 = [], "", time.time()
-        for token in model.decode(vlm.llm, cache.rows(torch.zeros(1, dtype=torch.long, device=device)), logits, max_new_tokens, temperature, top_k or None, data.PAD_ID, generator):
+        first_row = cache.rows(torch.zeros(1, dtype=torch.long, device=device))  # each sample from the prompt
+        tokens = model.decode(vlm.llm, first_row, logits, max_new_tokens, temperature, top_k or None,
+                              data.PAD_ID, generator)
+        for token in tokens:
             if token.item() == data.PAD_ID:
                 break
             out.append(token.item())

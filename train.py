@@ -418,8 +418,9 @@ while iter_num < max_iters:
         tokens_since += int(batch['frame_mask'].sum()) + ids.numel() + question.numel()
         targets = int(batch['loss_mask'][:, 1:].ne(0).sum()) / len(ids)  # lm_head runs on these positions
         flops_since += train_flops(raw_model, *frames.shape[:2], ids.shape[1], frames.shape[-1], train_mode,
-                                   len(ids) / len(frames), stage == 3 and not precompute_ref, question.shape[1],
-                                   targets)
+                                   rows_per_sample=len(ids) / len(frames),
+                                   reference=stage == 3 and not precompute_ref,
+                                   question_len=question.shape[1], targets=targets)
     # mean over micro-steps and ranks, for logging
     logged = torch.stack([loss_sum] + list(metrics_sum.values())) / gradient_accumulation_steps
     if ddp:
