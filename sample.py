@@ -38,7 +38,8 @@ import model
 video = ''  # a video file PyAV reads (mp4, webm, gif, mkv, ...)
 image = ''  # an image file, replicated to image_frames frames as in training
 prompt = ''  # the user turn; '' = "Describe this video." (the caption prompt the shapes task trains on)
-init_from = 'out/shapes'  # our checkpoint (dir, run dir: its newest) | a .safetensors file over llm_dir + dino_dir
+# our checkpoint (a dir, or a run dir: its newest) | a .safetensors file over llm_dir + dino_dir
+init_from = 'out/shapes'
 llm_dir = ''  # a Hugging Face SmolLM2 dir (for a weights file, or init_from='scratch')
 dino_dir = ''  # a Hugging Face DINOv2 dir
 shapes_dir = 'data/shapes'  # with neither --video nor --image: clip number `clip` of its val split
@@ -54,12 +55,14 @@ dtype = 'float32'  # float32 | bfloat16 | float16
 image_size = 0  # frame side in pixels; 0 = min(224, the DINOv2 config's image_size); shapes clips as stored
 max_frames = 8  # frames sampled uniformly over a video; with fps > 0 the cap (0 = none)
 fps = 0.0  # > 0: a video's frames at this rate (1.0: an hour is 3,600 frames), up to max_frames
-stream_chunk = 8  # autoregressive on a video streams: decode, encode and walk this many frames, then free them
+# autoregressive on a video streams: decode, encode and walk this many frames, then free them
+stream_chunk = 8
 max_held_frames = 256  # coarse_only / coarse_fine hold every frame's K/V (~9.5 MB a frame at 224px fp32)
 sheet_frames = 12  # a video of more frames is drawn as a contact sheet of this many, evenly spaced
 image_frames = 8
 attention_out = ''  # .png (all frames side by side) or .gif (an animation)
-attention_layers = 4  # the late layers decide what the glimpse token carries; early ones are mostly positional
+# the late layers decide what the glimpse token carries; early ones are mostly positional
+attention_layers = 4
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
@@ -72,17 +75,20 @@ def shapes_val_clip(root, index):
     """frames [T,3,S,S] (as stored) and the reference caption of clip `index` of the shapes val split"""
     shards = sorted(glob.glob(os.path.join(root, "val-*.tar")))
     if not shards:
-        fail(f"{root}/val-*.tar: not found; run `python train.py` (it generates the shapes task) or pass --video/--image")
+        fail(f"{root}/val-*.tar: not found; run `python train.py` (it generates the shapes task) "
+             "or pass --video/--image")
     recs = (rec for shard in shards for rec in data.read_tar(shard))
     rec = next((r for i, r in enumerate(recs) if i == index), None)
     if rec is None:
         fail(f"{root}: the val split has no clip {index}")
     names = data.frame_files(rec["files"])
     side = image_size or Image.open(io.BytesIO(rec["files"][names[0]])).width
-    return data.record_frames(rec["files"], names, side, rec["shard"]), data.record_text(rec)[0].get("caption")
+    caption = data.record_text(rec)[0].get("caption")
+    return data.record_frames(rec["files"], names, side, rec["shard"]), caption
 
 
-INFERNO = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)
+INFERNO = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]],
+                   dtype=np.float32)
 
 
 def colormap(h):
@@ -107,10 +113,12 @@ def draw_picture(path, frames, rows, prompt_text, answer, times=None):
     cell = S * math.ceil(160 / S)  # 64px synthetic frames become 192px: legible
     grid = (S // vlm.dino.cfg.patch_size, S // vlm.dino.cfg.patch_size)
     rgb = (frames.float().cpu() * data.STD + data.MEAN).clamp(0, 1)  # undo the ImageNet normalisation
-    rgb = F.interpolate(rgb, size=(cell, cell), mode="bilinear", align_corners=False).permute(0, 2, 3, 1).numpy() * 255
+    rgb = F.interpolate(rgb, size=(cell, cell), mode="bilinear", align_corners=False)
+    rgb = rgb.permute(0, 2, 3, 1).numpy() * 255  # [T,cell,cell,3] in 0..255
     cells = [[Image.fromarray(f.astype(np.uint8)) for f in rgb]]  # row 0: the frames themselves
     for _, attn in rows:
-        cells.append([Image.fromarray((0.45 * f + 0.55 * colormap(h)).astype(np.uint8)) for f, h in zip(rgb, heatmaps(attn, grid, cell))])
+        blended = [0.45 * f + 0.55 * colormap(h) for f, h in zip(rgb, heatmaps(attn, grid, cell))]
+        cells.append([Image.fromarray(b.astype(np.uint8)) for b in blended])
     labels = ["frame"] + [label for label, _ in rows]
     try:
         font = ImageFont.load_default(size=13)
@@ -125,7 +133,8 @@ def draw_picture(path, frames, rows, prompt_text, answer, times=None):
         d.text(xy, text, fill=(255, 255, 255), font=font)
 
     def canvas(w, h_images):  # white sheet with the prompt and the answer wrapped under the images
-        lines = [l for para in f"prompt: {prompt_text}\nanswer: {answer}".split("\n") for l in textwrap.wrap(para, w // 7) or [""]]
+        paragraphs = f"prompt: {prompt_text}\nanswer: {answer}".split("\n")
+        lines = [line for para in paragraphs for line in textwrap.wrap(para, w // 7) or [""]]
         img = Image.new("RGB", (w, h_images + 8 + 17 * len(lines)), (255, 255, 255))
         for i, line in enumerate(lines):
             ImageDraw.Draw(img).text((6, h_images + 4 + 17 * i), line, fill=(0, 0, 0), font=font)
@@ -137,7 +146,8 @@ def draw_picture(path, frames, rows, prompt_text, answer, times=None):
             sheet = canvas(cell * len(cells), cell)
             for r, row in enumerate(cells):
                 sheet.paste(row[t], (r * cell, 0))
-                tag(sheet, (r * cell + 3, 3), labels[r] + (f" {times[t] if times else f'{t + 1}/{T}'}" if r == 0 else ""))
+                when = times[t] if times else f"{t + 1}/{T}"
+                tag(sheet, (r * cell + 3, 3), labels[r] + (f" {when}" if r == 0 else ""))
             sheets.append(sheet)
         sheets[0].save(path, save_all=True, append_images=sheets[1:], duration=600, loop=0)
     else:  # one column per frame, one row per glimpse kind
@@ -192,11 +202,13 @@ except ValueError as e:  # data.py's messages already name the file and what is 
 if not streaming:
     n_frames, seconds = frames.shape[0], frames.shape[0] / (fps or 1)
 if not streaming and n_frames > max_held_frames:
-    fail(f"--mode={mode} holds the K/V of all {n_frames} frames at once (--max_held_frames={max_held_frames}): "
+    fail(f"--mode={mode} holds the K/V of all {n_frames} frames at once "
+         f"(--max_held_frames={max_held_frames}): "
          f"use --mode=autoregressive, which streams a video of any length, or fewer frames")
 prompt = prompt or (data.DEFAULT_USER if not image else "Describe this image.")
 question, ids = data.prompt_parts(tok, prompt, vlm.layout)
-too_long = data.context_error(n_frames, seconds, len(question) + len(ids) + max_new_tokens, vlm.llm.cfg.max_seq_len,
+text_tokens = len(question) + len(ids) + max_new_tokens
+too_long = data.context_error(n_frames, seconds, text_tokens, vlm.llm.cfg.max_seq_len,
                               f"{video or image or 'the clip'} with --max_new_tokens={max_new_tokens}")
 if too_long:
     fail(too_long)
@@ -208,9 +220,13 @@ if reference:
 
 
 def stream_video(ids, question):
-    """autoregressive over --video, a chunk at a time. Returns (cache, logits, the frames [K,3,S,S] the
-    picture shows with their glimpses [K,layers,H,1+P], their mm:ss labels or None when every frame is shown)."""
-    shown = set(range(n_frames)) if n_frames <= sheet_frames else set(data.uniform_indices(n_frames, sheet_frames))
+    """autoregressive over --video, a chunk at a time. Returns (cache, logits, the frames [K,3,S,S]
+    the picture shows with their glimpses [K,layers,H,1+P], their mm:ss labels or None when every
+    frame is shown)."""
+    if n_frames <= sheet_frames:
+        shown = set(range(n_frames))
+    else:
+        shown = set(data.uniform_indices(n_frames, sheet_frames))
     kept, seen = [], [0]
 
     def keep(pixels, attn):  # a contact sheet keeps only its frames
@@ -225,8 +241,10 @@ def stream_video(ids, question):
                                else None, keep if attention_out else None)
     if not kept:
         return cache, logits, None, None, None
-    times = None if n_frames <= sheet_frames else [f"{int(i * seconds / n_frames) // 60}:"
-                                                    f"{int(i * seconds / n_frames) % 60:02d}" for i, _, _ in kept]
+    times = None
+    if n_frames > sheet_frames:
+        at = [int(i * seconds / n_frames) for i, _, _ in kept]  # each kept frame's second in the video
+        times = [f"{t // 60}:{t % 60:02d}" for t in at]
     return cache, logits, torch.stack([f for _, f, _ in kept]), torch.stack([a for _, _, a in kept]), times
 
 
@@ -272,6 +290,8 @@ with torch.no_grad():
             frame_mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=device)
             kv = vlm.encode(frames, frame_mask)
         coarse = attn if mode == "coarse_only" else vlm.visual_tokens(kv, frame_mask, "coarse_only")[1]
-        rows = [("coarse: q_static", coarse[0])] + ([(f"{mode} glimpse", attn[0])] if mode != "coarse_only" else [])
+        rows = [("coarse: q_static", coarse[0])]
+        if mode != "coarse_only":
+            rows.append((f"{mode} glimpse", attn[0]))
         draw_picture(attention_out, frames[0], rows, prompt, answers[0], times)
         print(f"wrote {attention_out}", file=sys.stderr)

@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 import data
 from model import (LAYOUTS, MODES, DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2, compile_counts,
-                   compile_model, find_checkpoint, keep_freed_memory, load_model, mfu, peak_flops, train_flops,
-                   use_tf32, warn_slow_bf16)
+                   compile_model, find_checkpoint, keep_freed_memory, load_model, mfu, peak_flops,
+                   train_flops, use_tf32, warn_slow_bf16)
 
 # -----------------------------------------------------------------------------
 # config: the embedded default (a tiny fVLM trained from scratch on the shapes task)
@@ -79,7 +79,8 @@ q_init_copies_static = True  # a fresh connector's fine pass starts as the coars
 llm_to_query_zero_init = True
 grad_clip = 1.0
 train_mode = 'coarse_fine'  # coarse_only | coarse_fine | autoregressive
-layout = 'frames_first'  # of a fresh model: 'frames_first' | 'question_first' (the question steers the glimpses)
+# of a fresh model: 'frames_first' | 'question_first' (the question steers the glimpses)
+layout = 'frames_first'
 # DPO (stage 3)
 beta = 0.1
 label_smoothing = 0.0
@@ -160,8 +161,8 @@ if ddp:
     dist.barrier()  # rank 0 may have been generating the task
 
 # -- model ----------------------------------------------------------------------
-fresh = dict(seed=seed, q_init_copies_static=q_init_copies_static, llm_to_query_zero_init=llm_to_query_zero_init,
-             layout=layout)  # a fresh model's connector
+fresh = dict(seed=seed, q_init_copies_static=q_init_copies_static,  # a fresh model's connector
+             llm_to_query_zero_init=llm_to_query_zero_init, layout=layout)
 
 
 def tiny_model():
