@@ -62,8 +62,8 @@ from data import (IMAGE_EXTS, IMAGE_FRAMES, PAD_ID, VIDEO_EXTS, ShardDataset, Sk
                   make_loader, write_tar, read_tar, record_frames, record_text, uniform_indices, video_frames,
                   video_length, read_ahead, frame_chunks, context_error, shapes_clip)
 from model import (MODES, DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2, compile_counts, compile_model,
-                   decode, keep_freed_memory, left_pad, load_model, mfu, peak_flops, train_flops, use_tf32,
-                   warn_slow_bf16)
+                   decode, keep_freed_memory, left_pad, load_model, mfu, native_bf16, peak_flops, train_flops,
+                   use_tf32, warn_slow_bf16)
 
 # -----------------------------------------------------------------------------
 # config
@@ -747,8 +747,8 @@ def speed():
     model.to(device)
     recipe = recipe_keys(speed_recipe) if cuda and not speed_batch else {}
     B, S, V = speed_batch or recipe.get("batch_size", 2), speed_text, model.llm.cfg.vocab_size
-    native_bf16 = cuda or torch.ops.mkldnn._is_mkldnn_bf16_supported()  # else bf16 is emulated, ~30x slower
-    dtypes = (speed_dtypes or ("bfloat16" if cuda else "float32,bfloat16" if native_bf16 else "float32"))
+    both = "float32,bfloat16" if native_bf16(device) else "float32"  # emulated bf16: ~30x slower
+    dtypes = (speed_dtypes or ("bfloat16" if cuda else both))
     dtypes = dtypes.split(",")
     sweep = [int(t) for t in str(speed_frames).split(",")]
     report = {"device": torch.cuda.get_device_name(device) if cuda else str(device),
@@ -935,8 +935,7 @@ def longvideo():
     t0 = time.perf_counter()
     decoded = sum(1 for _ in video_frames(path, size, cap, fps or 1.0))  # decoding alone, no model
     report["decode_alone_s"] = time.perf_counter() - t0
-    native_bf16 = torch.device(device).type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    for name in (longvideo_dtypes or ("bfloat16,float32" if native_bf16 else "float32")).split(","):
+    for name in (longvideo_dtypes or ("bfloat16,float32" if native_bf16(device) else "float32")).split(","):
         model.to(getattr(torch, name))
         chunks = (c.to(device) for c in frame_chunks(read_ahead(video_frames(path, size, cap, fps or 1.0,
                                                                              progress=True)), 8))

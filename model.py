@@ -881,11 +881,16 @@ def gemv_kernels(batch, device):
         torch.backends.mkldnn.enabled = enabled
 
 
+def native_bf16(device):
+    """Whether bf16 matmuls run natively: on GPUs, and on CPUs with AVX512-BF16 / AMX (else emulated)."""
+    return torch.device(device).type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def warn_slow_bf16(device, dtype, where):
     """Half precision on a CPU without native bf16/fp16 matmuls (no AVX512-BF16 / AMX, e.g. an AVX2-only
     AMD EPYC) is emulated: a 135M train step measured 29x slower than fp32 there. Say so once, at start-up."""
     half = dtype in ("bfloat16", "float16", torch.bfloat16, torch.float16)
-    if torch.device(device).type == "cpu" and half and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if half and not native_bf16(device):
         print(f"{where}: warning: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 "
               f"matmul, so {dtype} runs many times slower than float32 here: pass --dtype=float32")
 
@@ -973,7 +978,7 @@ def peak_flops(device="cpu", dtype=torch.float32):
             print(f"model.py: no peak FLOP/s for {name!r} in {dtype} (add it to GPU_PEAK): MFU not reported")
         return peak
     if dtype not in _cpu_peak:  # 2048^2: on an AVX2 AMD EPYC 1024^2 reached only 2/3 of it
-        emulated = dtype != torch.float32 and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        emulated = dtype != torch.float32 and not native_bf16(device)
         n = 512 if emulated else 2048  # emulated bf16 runs at ~1 GFLOP/s
         a = torch.randn(n, n, dtype=dtype)
         a @ a
