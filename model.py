@@ -1,12 +1,12 @@
 """
 nanofVLM: a foveated video-language model in one file. Read top to bottom:
-  1. loading helpers   safetensors in, strict key checks, errors that name the file
-  2. SmolLM2           the Llama-architecture language model, with a preallocated KV cache
-  3. DINOv2            the ViT that encodes a frame; its blocks also run the glimpse against cached K/V
-  4. FoveatedVLM       one glimpse per frame -> one LLM token; the LLM chooses where the next glimpse looks
-  5. load_model        the one loader every script calls
-  6. generation        greedy / temperature / top-k decoding from a filled cache
-  7. speed             FLOPs of a step, peak FLOP/s, and the CPU-specific tricks, each named
+  1. loading helpers  safetensors in, strict key checks, errors that name the file
+  2. SmolLM2          the Llama-architecture LLM with a preallocated KV cache (+ CPU decode kernels)
+  3. DINOv2           the ViT that encodes a frame; its blocks also run the glimpse over cached K/V
+  4. FoveatedVLM      one glimpse per frame -> one LLM token; the LLM chooses where the next looks
+  5. load_model       the one loader every script calls
+  6. generation       greedy / temperature / top-k decoding from a filled cache
+  7. speed            torch.compile, FLOPs of a step, peak FLOP/s, bf16 and allocator settings
 """
 import ctypes
 import glob
@@ -31,12 +31,13 @@ from safetensors.torch import load_file, save_file
 
 def read_config(path, model_type):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not found. Point at a Hugging Face model directory that has config.json")
+        raise FileNotFoundError(f"{path}: not found. Point at a Hugging Face model directory "
+                                f"that has config.json")
     with open(path) as f:
         cfg = json.load(f)
     if cfg.get("model_type") != model_type:
-        raise ValueError(f"{path}: model_type is {cfg.get('model_type')!r}, expected {model_type!r}. "
-                         f"Is this the right directory?")
+        raise ValueError(f"{path}: model_type is {cfg.get('model_type')!r}, expected "
+                         f"{model_type!r}. Is this the right directory?")
     return cfg
 
 
@@ -47,11 +48,13 @@ def read_weights(path):
     try:
         return load_file(path)
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: cannot read safetensors ({e}). Is the file truncated? Download it again.") from e
+        raise ValueError(f"{path}: cannot read safetensors ({e}). Is the file truncated? "
+                         f"Download it again.") from e
 
 
 def read_hf_weights(model_dir):
-    """All tensors of a HF dir: model.safetensors, or model.safetensors.index.json and its shards."""
+    """Every tensor of a HF dir: model.safetensors, or the shards model.safetensors.index.json
+    lists."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     files = ["model.safetensors"]
     if os.path.isfile(index):
@@ -61,11 +64,14 @@ def read_hf_weights(model_dir):
 
 
 def load_strict(module, state, source):
-    """load_state_dict, but every missing / unexpected / mis-shaped key is listed with the source file."""
+    """load_state_dict, but every missing, unexpected or mis-shaped key is listed, with the file."""
     ours = module.state_dict()
-    problems = {"missing": sorted(set(ours) - set(state)), "unexpected": sorted(set(state) - set(ours)),
-                "wrong shape": [f"{k}: file {tuple(state[k].shape)} vs model {tuple(ours[k].shape)}"
-                                for k in ours if k in state and state[k].shape != ours[k].shape]}
+    problems = {
+        "missing": sorted(set(ours) - set(state)),
+        "unexpected": sorted(set(state) - set(ours)),
+        "wrong shape": [f"{k}: file {tuple(state[k].shape)} vs model {tuple(ours[k].shape)}"
+                        for k in ours if k in state and state[k].shape != ours[k].shape],
+    }
     if any(problems.values()):
         lines = [f"{source}: weights do not match the model"]
         for title, keys in problems.items():
@@ -116,9 +122,9 @@ def rotate(x, cos, sin):
 
 class KVCache:
     """Keys/values of every layer, preallocated: n_layers x [B, n_kv_heads, max_len, head_dim].
-    `valid` [B, max_len] marks real tokens; padding (frames or prompt) stays in the cache but is never attended.
-    dtype may be wider than the weights' (SmolLM2.new_cache: float32 for bf16 on a CPU); attention over the
-    cache then runs in that dtype."""
+    `valid` [B, max_len] marks real tokens; padding (frames or prompt) stays in the cache but is
+    never attended. dtype may be wider than the weights' (SmolLM2.new_cache: float32 for bf16 on a
+    CPU); attention over the cache then runs in that dtype."""
 
     def __init__(self, cfg, batch, max_len, dtype, device):
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -129,8 +135,9 @@ class KVCache:
         self.padded = False  # fast path: no padding anywhere -> plain causal attention
 
     def write(self, layer, k, v):
-        """Append k, v [B,Hkv,S,hd] at `length`; returns the layer's keys/values so far. While autograd records
-        (training autoregressive), out of place: the backward pass needs the earlier keys as they were."""
+        """Append k, v [B,Hkv,S,hd] at `length`; returns the layer's keys/values so far. While
+        autograd records (training autoregressive), out of place: the backward pass needs the
+        earlier keys as they were."""
         start, end = self.length, self.length + k.shape[2]
         if torch.is_grad_enabled():
             k, v = k.to(self.k[layer].dtype), v.to(self.v[layer].dtype)
@@ -141,7 +148,7 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def rows(self, index):
-        """A cache of these rows; index [R] may repeat a row (several continuations of one prefix)."""
+        """A cache of these rows; index [R] may repeat a row (continuations of one prefix)."""
         out = KVCache.__new__(KVCache)
         out.k, out.v = [k[index] for k in self.k], [v[index] for v in self.v]
         out.valid, out.length, out.padded = self.valid[index], self.length, self.padded
@@ -165,9 +172,10 @@ class LlamaBlock(nn.Module):
         self.mlp.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        """x [B,S,D] -> x after this block; with a cache, this layer's new keys/values are appended and the
-        tokens attend over everything so far. The cache's Python state stays out of project / attend (what
-        compile_model compiles), so their graphs depend on neither the layer index nor the cache length."""
+        """x [B,S,D] -> x after this block; with a cache, this layer's new keys/values are appended
+        and the tokens attend over everything so far. The cache's Python state stays out of project
+        / attend (what compile_model compiles), so their graphs depend on neither the layer index
+        nor the cache length."""
         q, k, v = self.project(x, cos, sin)
         causal = mask is None and x.shape[1] > 1 and (cache is None or cache.length == 0)
         if cache is not None:
@@ -185,14 +193,17 @@ class LlamaBlock(nn.Module):
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
     def attend(self, x, q, k, v, mask, causal):
-        """Attention of q over k, v (mask [B,1,S,L] bool or None; causal: a Python bool), then the MLP."""
+        """Attention of q over k, v (mask [B,1,S,L] bool or None; causal: Python bool), then MLP."""
         attn, cfg = self.self_attn, self.cfg
-        gqa = cfg.n_kv_heads != cfg.n_heads  # from the config: a Python bool under dynamic shapes too
-        if gqa and mask is not None and q.is_cuda:  # CUDA's flash kernel takes GQA but no mask, the
-            # memory-efficient one a mask but not GQA: expanded K/V heads let a padded batch run the latter
-            k, v, gqa = *(t.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, 1) for t in (k, v)), False
+        gqa = cfg.n_kv_heads != cfg.n_heads  # from the config: a Python bool, even when compiled
+        if gqa and mask is not None and q.is_cuda:
+            # CUDA's flash kernel takes GQA but no mask, the memory-efficient one a mask but not
+            # GQA: with the K/V heads expanded, a padded batch runs the latter
+            repeats = cfg.n_heads // cfg.n_kv_heads
+            k, v, gqa = k.repeat_interleave(repeats, 1), v.repeat_interleave(repeats, 1), False
         q = q.to(k.dtype)  # a cache may hold K/V in another dtype than the weights (new_cache)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=gqa)
         y = y.to(x.dtype)
         x = x + attn.o_proj(y.transpose(1, 2).flatten(2))
         h = self.post_attention_layernorm(x)
@@ -215,25 +226,26 @@ class SmolLM2(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
 
     def rope(self, pos, dtype):
-        """cos, sin [B,1,S,hd] of positions pos [B,S]. The angles are float32 whatever the weights' dtype:
-        in bf16 a position near 1000 would be off by radians."""
+        """cos, sin [B,1,S,hd] of positions pos [B,S]. The angles are float32 whatever the weights'
+        dtype: in bf16 a position near 1000 would be off by radians."""
         hd = self.cfg.head_dim
-        inv_freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, hd, 2, device=pos.device).float() / hd)
+        channel = torch.arange(0, hd, 2, device=pos.device).float()
+        inv_freq = 1.0 / self.cfg.rope_theta ** (channel / hd)  # [hd/2]
         angles = pos[..., None].float() * inv_freq  # [B,S,hd/2]
         angles = torch.cat((angles, angles), -1)[:, None]  # [B,1,S,hd]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def new_cache(self, batch, max_len):
-        """A KVCache for `batch` rows of up to max_len tokens. bf16 weights on a CPU get a float32 cache: CPU
-        bf16 attention of one token over 3,500 cached keys took 8x fp32's time (docs/LOG.md), and a decoding
-        step's cost then grew with its position in the stream."""
+        """A KVCache for `batch` rows of up to max_len tokens. bf16 weights on a CPU get a float32
+        cache: CPU bf16 attention of one token over 3,500 cached keys took 8x fp32's time
+        (docs/LOG.md), and a decoding step's cost then grew with its position in the stream."""
         w = self.embed_tokens.weight
         dtype = torch.float32 if w.device.type == "cpu" and w.dtype == torch.bfloat16 else w.dtype
         return KVCache(self.cfg, batch, max_len, dtype, w.device)
 
     def positions_and_mask(self, B, S, device, valid, cache):
-        """Positions [B,S] of the new tokens and the attention mask (None: plain causal). Padding is never
-        attended by a real token and does not advance positions."""
+        """Positions [B,S] of the new tokens and the attention mask (None: plain causal). Padding is
+        never attended by a real token and does not advance positions."""
         start = cache.length if cache is not None else 0
         if cache is not None and valid is not None:
             cache.valid[:, start:start + S] = valid
@@ -253,15 +265,17 @@ class SmolLM2(nn.Module):
         return pos, mask[:, None]  # [B,1,S,L]
 
     def forward(self, idx=None, embeds=None, valid=None, cache=None, hidden_only=False):
-        """idx [B,S] token ids or embeds [B,S,D]. valid [B,S] bool marks real tokens, so a padded sample computes
-        exactly what it would alone. cache: a KVCache to append to (incremental decoding).
-        Returns logits [B,S,V], or the final-normed hidden states [B,S,D] with hidden_only=True."""
+        """idx [B,S] token ids or embeds [B,S,D]. valid [B,S] bool marks real tokens, so a padded
+        sample computes exactly what it would alone. cache: a KVCache to append to (incremental
+        decoding). Returns logits [B,S,V], or the final-normed hidden states [B,S,D] with
+        hidden_only=True."""
         x = self.embed_tokens(idx) if embeds is None else embeds
         B, S, _ = x.shape
         pos, mask = self.positions_and_mask(B, S, x.device, valid, cache)
         cos, sin = self.rope(pos, x.dtype)
         for i, block in enumerate(self.layers):
-            if self.gradient_checkpointing and self.training and cache is None:  # a re-run would re-write the cache
+            # no checkpointing with a cache: the backward's re-run would write the cache again
+            if self.gradient_checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, cache, i)
@@ -276,28 +290,72 @@ class SmolLM2(nn.Module):
         hf = read_config(path, "llama")
         for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
             if hf.get(key, ok) != ok:
-                raise ValueError(f"{path}: {key}={hf[key]!r} is not supported (SmolLM2 uses {ok!r})")
+                raise ValueError(f"{path}: {key}={hf[key]!r} is not supported "
+                                 f"(SmolLM2 uses {ok!r})")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise ValueError(f"{path}: rope scaling {rope} is not supported")
         heads = hf["num_attention_heads"]
         cfg = LLMConfig(
-            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
-            n_kv_heads=hf.get("num_key_value_heads", heads), head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            hidden_dim=hf["intermediate_size"], norm_eps=hf["rms_norm_eps"],
+            vocab_size=hf["vocab_size"],
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=heads,
+            n_kv_heads=hf.get("num_key_value_heads", heads),
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            hidden_dim=hf["intermediate_size"],
+            norm_eps=hf["rms_norm_eps"],
             rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
-            max_seq_len=hf.get("max_position_embeddings", 8192), tie_embeddings=hf.get("tie_word_embeddings", True))
+            max_seq_len=hf.get("max_position_embeddings", 8192),
+            tie_embeddings=hf.get("tie_word_embeddings", True))
         model = cls(cfg).to(dtype)
         load_strict(model, llm_state(read_hf_weights(model_dir), cfg), model_dir)
         return model
 
 
 def llm_state(hf_state, cfg):
-    """HF LlamaForCausalLM keys -> ours (drop the "model." prefix). Tied files usually omit lm_head."""
+    """HF LlamaForCausalLM keys -> ours: drop "model.". Tied files usually omit lm_head."""
     state = {k.removeprefix("model."): v for k, v in hf_state.items()}
     if cfg.tie_embeddings and "embed_tokens.weight" in state:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     return state
+
+
+# batch-1 decoding on a CPU: the kernel choices that pay there, each in one context manager
+
+
+@contextmanager
+def cpu_gemv(llm, batch):
+    """A batch-1 decoding step on a CPU is matrix-vector products that stream every weight once, so
+    its speed is the GEMV kernel's memory bandwidth. MKL's fp32 GEMV streams ~1.9x faster from [in,
+    out]-major weights: inside this block the fp32 Linear weights are laid out so in memory (same
+    shapes and values), and back on exit. Batches (matrix products, where the defaults win), GPUs
+    and CPUs without AVX-512 are left alone (on an AVX2 AMD EPYC the relayout made decoding 0.9x as
+    fast)."""
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    linears = []
+    if batch == 1 and avx512:
+        linears = [m for m in llm.modules() if isinstance(m, nn.Linear)
+                   and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
+                   and m.weight.is_contiguous()]
+    for m in linears:
+        m.weight.data = m.weight.data.t().contiguous().t()  # shape [out, in], strides (1, out)
+    try:
+        yield
+    finally:
+        for m in linears:
+            m.weight.data = m.weight.data.contiguous()
+
+
+@contextmanager
+def gemv_kernels(batch, device):
+    """One batch-1 LLM step on a CPU: oneDNN off (ATen's own bf16 GEMV is ~2x faster than it)."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled and not (batch == 1 and device.type == "cpu")
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
 
 
 # ----------------------------------------------------------------------------
@@ -313,6 +371,14 @@ class DinoConfig:
     n_heads: int = 6
     mlp_ratio: float = 4.0
     norm_eps: float = 1e-6
+
+
+def attention(q, k, v):
+    """DINOv2's self-attention. PyTorch's fused kernel, except bf16 on CPU, where it is 2.5x slower
+    than two matmuls and a softmax (fp32 on CPU: the fused kernel is the faster one)."""
+    if q.is_cuda or q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v)
+    return (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1) @ v
 
 
 class DinoBlock(nn.Module):
@@ -338,8 +404,8 @@ class DinoBlock(nn.Module):
 
     def forward(self, x, kv=None):
         """The encoder: x [N,L,D] attend to each other; returns (x, their (k, v) [N,H,L,hd], None).
-        The glimpse: x [N,Q,D] are queries that attend to a frame's cached kv only (the patches never see
-        them); returns (x, kv, attention weights [N,H,Q,L])."""
+        The glimpse: x [N,Q,D] are queries that attend to a frame's cached kv only (the patches
+        never see them); returns (x, kv, attention weights [N,H,Q,L])."""
         h = self.norm1(x)
         q = self.heads(self.q(h))
         if kv is None:
@@ -354,10 +420,11 @@ class DinoBlock(nn.Module):
 
 
 def sincos_2d(grid, dim):
-    """[grid*grid, dim] positions in patch (row-major) order: sin/cos of y in the first half, of x in the second"""
+    """[grid*grid, dim] in patch (row-major) order: sin/cos of y in the first half, of x after"""
     freqs = 100.0 ** -(torch.arange(dim // 4) / (dim // 4))  # [dim/4]
     ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    pe = torch.cat([f(c.flatten()[:, None] * freqs) for c in (ys, xs) for f in (torch.sin, torch.cos)], 1)
+    angles = [c.flatten()[:, None] * freqs for c in (ys, xs)]  # [grid*grid, dim/4] each
+    pe = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], 1)
     return F.pad(pe, (0, dim - pe.shape[1]))  # dim not divisible by 4: zero channels at the end
 
 
@@ -368,27 +435,30 @@ class DINOv2(nn.Module):
         grid = cfg.image_size // cfg.patch_size
         self.patch_embed = nn.Conv2d(3, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.dim) * 0.02)
-        # a fixed 2D sine-cosine init (CLS slot zero): a tiny ViT from scratch finds where things are sooner.
-        # Pretrained weights overwrite it.
-        self.pos_embed = nn.Parameter(torch.cat((torch.zeros(1, cfg.dim), sincos_2d(grid, cfg.dim)))[None])
+        # a fixed 2D sine-cosine init (CLS slot zero): a tiny ViT from scratch finds where
+        # things are sooner. Pretrained weights overwrite it.
+        pos = torch.cat((torch.zeros(1, cfg.dim), sincos_2d(grid, cfg.dim)))  # [1+grid*grid, D]
+        self.pos_embed = nn.Parameter(pos[None])
         self.blocks = nn.ModuleList(DinoBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
 
     def embed(self, pixels):
-        """pixels [N,3,H,W] -> tokens [N,1+P,D], position grid resized the way HF's Dinov2Model does it."""
+        """pixels [N,3,H,W] -> tokens [N,1+P,D]; positions resized as HF's Dinov2Model does"""
         x = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # [N,P,D]
         gh, gw = pixels.shape[2] // self.cfg.patch_size, pixels.shape[3] // self.cfg.patch_size
         pos = self.pos_embed
         grid = int(math.sqrt(pos.shape[1] - 1))
         if (gh, gw) != (grid, grid):
             patch_pos = pos[:, 1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
-            patch_pos = F.interpolate(patch_pos.float(), size=(gh, gw), mode="bicubic", align_corners=False)
-            pos = torch.cat((pos[:, :1], patch_pos.to(pos.dtype).permute(0, 2, 3, 1).flatten(1, 2)), dim=1)
+            patch_pos = F.interpolate(patch_pos.float(), size=(gh, gw), mode="bicubic",
+                                      align_corners=False)  # [1,D,gh,gw]
+            patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).flatten(1, 2)  # [1,gh*gw,D]
+            pos = torch.cat((pos[:, :1], patch_pos), dim=1)
         return torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + pos
 
     def forward(self, pixels, return_kv=False):
-        """pixels [N,3,H,W] -> final-normed tokens [N,1+P,D] (HF last_hidden_state); with return_kv also the
-        per-layer (k, v) [N,H,1+P,hd] that the glimpse attends to."""
+        """pixels [N,3,H,W] -> final-normed tokens [N,1+P,D] (HF last_hidden_state); with return_kv
+        also the per-layer (k, v) [N,H,1+P,hd] that the glimpse attends to."""
         x, kv = self.embed(pixels), []
         for block in self.blocks:
             x, layer_kv, _ = block(x)
@@ -397,8 +467,9 @@ class DINOv2(nn.Module):
         return (x, kv) if return_kv else x
 
     def layer_kv(self, pixels):
-        """pixels [N,3,H,W] -> only the per-layer (k, v) [N,H,1+P,hd], what the glimpse reads. The last block's
-        attention output, MLP and the final norm feed nothing here, so that block computes its K/V only."""
+        """pixels [N,3,H,W] -> only the per-layer (k, v) [N,H,1+P,hd], what the glimpse reads. The
+        last block's attention output, MLP and the final norm feed nothing here, so that block
+        computes its K/V only."""
         x, kv = self.embed(pixels), []
         for block in self.blocks[:-1]:
             x, layer_kv, _ = block(x)
@@ -412,11 +483,13 @@ class DINOv2(nn.Module):
         hf = read_config(path, "dinov2")
         if hf.get("use_swiglu_ffn") or hf.get("hidden_act", "gelu") != "gelu":
             raise ValueError(f"{path}: only the GELU-MLP DINOv2 (small/base/large) is supported")
-        cfg = DinoConfig(image_size=hf["image_size"], patch_size=hf["patch_size"], dim=hf["hidden_size"],
-                         n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
-                         mlp_ratio=hf.get("mlp_ratio", 4.0), norm_eps=hf.get("layer_norm_eps", 1e-6))
+        cfg = DinoConfig(image_size=hf["image_size"], patch_size=hf["patch_size"],
+                         dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                         n_heads=hf["num_attention_heads"], mlp_ratio=hf.get("mlp_ratio", 4.0),
+                         norm_eps=hf.get("layer_norm_eps", 1e-6))
         model = cls(cfg).to(dtype)
-        state = {dino_key(k): v for k, v in read_hf_weights(model_dir).items() if not k.endswith("mask_token")}
+        state = {dino_key(k): v for k, v in read_hf_weights(model_dir).items()
+                 if not k.endswith("mask_token")}
         load_strict(model, state, model_dir)
         return model
 
@@ -428,7 +501,8 @@ DINO_KEYS = [  # HF Dinov2Model name -> ours, applied in order
     (r"^encoder\.layer\.(\d+)\.", r"blocks.\1."),
     (r"attention\.attention\.query\.", "q."), (r"attention\.attention\.key\.", "k."),
     (r"attention\.attention\.value\.", "v."), (r"attention\.output\.dense\.", "proj."),
-    (r"attention\.([qkv])_proj\.", r"\1."), (r"attention\.o_proj\.", "proj."),  # transformers >= 5 names
+    (r"attention\.([qkv])_proj\.", r"\1."),  # transformers >= 5 names
+    (r"attention\.o_proj\.", "proj."),
     (r"layer_scale1\.lambda1$", "ls1"), (r"layer_scale2\.lambda1$", "ls2"),
     (r"mlp\.fc1\.", "mlp.0."), (r"mlp\.fc2\.", "mlp.2."),
     (r"^layernorm\.", "norm."),
@@ -454,16 +528,29 @@ LAYOUTS = ("frames_first", "question_first")
 
 
 def frame_rows(frame_mask):
-    """frame_mask [B,T] -> [B,T]: which row of encode's K/V holds frame (b, t) (the real frames in (b, t)
-    order), -1 for a padded slot."""
+    """frame_mask [B,T] -> [B,T]: which row of encode's K/V holds frame (b, t) (the real frames in
+    (b, t) order), -1 for a padded slot."""
     index = frame_mask.flatten().cumsum(0).view(frame_mask.shape) - 1
     return torch.where(frame_mask, index, -1)
 
 
 def joined(*masks):
-    """The valid masks [R,n] of consecutive parts of a sequence -> one [R,sum n] mask, None if all real."""
+    """Valid masks [R,n] of consecutive parts of a sequence -> one [R,sum n], None if all real"""
     mask = torch.cat(masks, 1)
     return None if mask.all() else mask
+
+
+def text_loss(lm_head, h, ids, loss_mask):
+    """h [R,S,L] final-normed states of text rows ids [R,S] -> (logits [n,V] of the n positions that
+    predict a target, in (row, position) order: position i predicts token i+1 where loss_mask[:,
+    i+1] is nonzero; the token-weighted mean CE over them). The vocab-wide head runs on those
+    positions only."""
+    weight = loss_mask[:, 1:]  # [R,S-1]
+    target = weight != 0
+    logits = lm_head(h[:, :-1][target])  # [n,V]
+    ce = F.cross_entropy(logits.float(), ids[:, 1:][target], reduction="none")
+    weight = weight[target].float()
+    return logits, (ce * weight).sum() / weight.sum().clamp(min=1)
 
 
 class FoveatedVLM(nn.Module):
@@ -472,14 +559,16 @@ class FoveatedVLM(nn.Module):
         super().__init__()
         assert layout in LAYOUTS, f"layout must be one of {LAYOUTS}, got {layout!r}"
         self.llm, self.dino = llm, dino
-        self.visual_scale = visual_scale  # dino_to_llm output * 0.14 matches SmolLM2's embedding std
-        self.encode_chunk = encode_chunk  # frames per DINOv2 call: bounds activation memory on long videos
-        self.layout = layout  # frames_first: [frames][chat]; question_first: [system + user][frames][answer]
+        self.visual_scale = visual_scale  # dino_to_llm * 0.14 matches SmolLM2's embedding std
+        self.encode_chunk = encode_chunk  # frames per DINOv2 call: bounds memory on long videos
+        # frames_first: [frames][chat]; question_first: [system + user][frames][answer]
+        self.layout = layout
         D, L = dino.cfg.dim, llm.cfg.dim
         with torch.random.fork_rng(devices=[]):  # a fresh connector is the same for a given seed
             torch.manual_seed(seed)
             dtype = llm.embed_tokens.weight.dtype
-            # no bias here: a bias dominated the small query and made every glimpse's attention uniform
+            # no bias here: a bias dominated the small query and made every glimpse's
+            # attention uniform
             self.query_input_proj = nn.Linear(D, D, bias=False, dtype=dtype)
             self.output_proj = nn.Linear(D, D, dtype=dtype)
             self.dino_to_llm = nn.Linear(D, L, dtype=dtype)
@@ -487,8 +576,9 @@ class FoveatedVLM(nn.Module):
             # std 1, not 0.02: tiny queries gave uniform attention, i.e. identical glimpses
             self.q_static = nn.Parameter(torch.randn(1, D, dtype=dtype))
             self.q_init = nn.Parameter(torch.randn(1, D, dtype=dtype))
-            # the fine pass can start as the coarse pass (every query = q_static) and learn to move away from
-            # it: random LLM-chosen queries at init hid what the frames hold and kept a from-scratch model blind
+            # the fine pass can start as the coarse pass (every query = q_static) and
+            # learn to move away from it: random LLM-chosen queries at init hid what the
+            # frames hold and kept a from-scratch model blind
             if q_init_copies_static:
                 self.q_init.data.copy_(self.q_static.data)
             if llm_to_query_zero_init:
@@ -498,8 +588,8 @@ class FoveatedVLM(nn.Module):
     # -- the glimpse -------------------------------------------------------------------------------
 
     def encode(self, frames, frame_mask=None):
-        """frames [B,T,3,H,W] -> per-layer (k, v), each [N,H,1+P,hd] for the N real frames in (b, t) order.
-        One DINOv2 pass; every mode, question, option and call can reuse it."""
+        """frames [B,T,3,H,W] -> per-layer (k, v), each [N,H,1+P,hd] for the N real frames in (b, t)
+        order. One DINOv2 pass; every mode, question, option and call can reuse it."""
         real = frames.flatten(0, 1) if frame_mask is None else frames[frame_mask]  # [N,3,H,W]
         chunks = [self.dino.layer_kv(real[i:i + self.encode_chunk])  # N=0 (text only): empty
                   for i in range(0, max(real.shape[0], 1), self.encode_chunk)]
@@ -507,9 +597,10 @@ class FoveatedVLM(nn.Module):
                 for layer in range(len(self.dino.blocks))]
 
     def glimpse(self, queries, kv):
-        """queries [N,Q,Dq] for the N frames of kv -> (glimpse tokens [N,Q,Dd], attention [N,Q,layers,H,1+P]).
-        Each query is an extra token that runs through every DINOv2 block, attending to that layer's cached
-        patch keys/values (CLS included); the Q queries of a frame do not see each other."""
+        """queries [N,Q,Dq] for the N frames of kv -> (glimpse tokens [N,Q,Dd], attention
+        [N,Q,layers,H,1+P]). Each query is an extra token that runs through every DINOv2 block,
+        attending to that layer's cached patch keys/values (CLS included); the Q queries of a frame
+        do not see each other."""
         x, maps = self.query_input_proj(queries), []  # [N,Q,D]
         for block, layer_kv in zip(self.dino.blocks, kv):
             x, _, weights = block(x, layer_kv)
@@ -517,22 +608,29 @@ class FoveatedVLM(nn.Module):
         return self.output_proj(self.dino.norm(x)), torch.stack(maps, 1).permute(0, 3, 1, 2, 4)
 
     def look(self, queries, kv, rows):
-        """queries [R,T,Dq]: text row r's query for its frame t; rows [R,T]: the entry of kv that holds that
-        frame (-1: padding) -> LLM tokens [R,T,L] (zero at padding, masked later) and attention
-        [R,T,layers,H,1+P]. Rows that share a frame (questions about one clip) look at it together: their
-        queries are extra tokens of one glimpse, so the frame's K/V is read once."""
-        real = rows >= 0
-        frame = rows[real]  # [M]
+        """queries [R,T,Dq]: text row r's query for its frame t; rows [R,T]: the entry of kv that
+        holds that frame (-1: padding) -> LLM tokens [R,T,L] (zero at padding, masked later) and
+        attention [R,T,layers,H,1+P]. Rows that share a frame (questions about one clip) look at it
+        together: their queries become extra tokens of one glimpse, so the frame's K/V is read
+        once."""
+        real = rows >= 0  # [R,T]
+        frame = rows[real]  # [M]: the frame each of the M real queries looks at
+        # Pack the M queries into [N frames, Q slots]: a frame's queries take its slots 0,
+        # 1, 2, ... Sorting groups each frame's queries; a query's slot is its distance from
+        # its group's start.
         order = frame.argsort(stable=True)
-        first = torch.searchsorted(frame[order], frame[order])  # where each frame's run of queries starts
+        sorted_frames = frame[order]
+        group_start = torch.searchsorted(sorted_frames, sorted_frames)  # [M], in sorted order
         slot = torch.empty_like(frame)
-        slot[order] = torch.arange(len(frame), device=frame.device) - first  # which query of its frame
-        x = queries.new_zeros(kv[0][0].shape[0], int(slot.max()) + 1 if len(slot) else 1, queries.shape[-1])
-        x[frame, slot] = queries[real]
-        g, attn = self.glimpse(x, kv)
-        tokens = g.new_zeros(*rows.shape, g.shape[-1])
-        maps = attn.new_zeros(*rows.shape, *attn.shape[2:])
-        tokens[real], maps[real] = g[frame, slot], attn[frame, slot]
+        slot[order] = torch.arange(len(frame), device=frame.device) - group_start  # [M]
+        n_slots = int(slot.max()) + 1 if len(slot) else 1
+        packed = queries.new_zeros(kv[0][0].shape[0], n_slots, queries.shape[-1])  # [N,Q,Dq]
+        packed[frame, slot] = queries[real]
+        glimpses, attn = self.glimpse(packed, kv)  # [N,Q,Dd], [N,Q,layers,H,1+P]
+        # Unpack back to the rows' [R,T] grid
+        tokens = glimpses.new_zeros(*rows.shape, glimpses.shape[-1])  # [R,T,Dd]
+        maps = attn.new_zeros(*rows.shape, *attn.shape[2:])  # [R,T,layers,H,1+P]
+        tokens[real], maps[real] = glimpses[frame, slot], attn[frame, slot]
         return self.dino_to_llm(tokens) * self.visual_scale, maps
 
     # -- the three modes ---------------------------------------------------------------------------
@@ -561,66 +659,83 @@ class FoveatedVLM(nn.Module):
         # the state before each frame chooses its query: after the question for frame 0, after frame t-1 for t
         return self.look(self.llm_to_query(h[:, P - 1:P + T - 1]), kv, pick(rows))
 
+    def first_query(self, cache, question, walkers):
+        """Frame 0's query for each of the W walkers, [W,Dq]: q_init (frames first), or the LLM's
+        choice after reading the question (question first: the question's tokens go into `cache`
+        first)."""
+        if question is None:
+            return self.q_init.expand(walkers, -1)
+        h = self.llm(question[0], valid=question[1], cache=cache, hidden_only=True)  # [W,P,L]
+        return self.llm_to_query(h[:, -1])
+
     def walk(self, kv, rows, cache, query):
-        """autoregressive: frame by frame through the LLM cache, each frame's query chosen by the LLM's state
-        after the previous step. rows [W,T]: each walker's frames (entries of kv; -1: padding); query [W,Dq]:
-        the first one. Returns attention maps [W,T,layers,H,1+P] and the query for the frame after these, so a
-        walk can go on chunk by chunk (streaming)."""
+        """autoregressive: frame by frame through the LLM cache, each frame's query chosen by the
+        LLM's state after the previous step. rows [W,T]: each walker's frames (entries of kv; -1:
+        padding); query [W,Dq]: the first one. Returns attention maps [W,T,layers,H,1+P] and the
+        query for the frame after these, so a walk can go on chunk by chunk (streaming)."""
         maps = []
         for t in range(rows.shape[1]):
             frame = rows[:, t]  # [W]
             used = frame[frame >= 0].unique()  # the frames this step reads: their K/V only
             local = torch.where(frame >= 0, torch.searchsorted(used, frame.clamp(min=0)), -1)
-            tokens, attn = self.look(query[:, None], [(k[used], v[used]) for k, v in kv], local[:, None])
-            h = self.llm(embeds=tokens, valid=joined(frame[:, None] >= 0), cache=cache, hidden_only=True)
+            used_kv = [(k[used], v[used]) for k, v in kv]
+            tokens, attn = self.look(query[:, None], used_kv, local[:, None])  # [W,1,L]
+            h = self.llm(embeds=tokens, valid=joined(frame[:, None] >= 0), cache=cache,
+                         hidden_only=True)
             query = self.llm_to_query(h[:, 0])
             maps.append(attn)
         return (torch.cat(maps, 1) if maps else None), query
 
     def walked_cache(self, kv, frame_mask, owner=None, question=None, extra=0):
-        """autoregressive: a cache per text row holding [T walked visual tokens] (frames first: one walk per
-        sample, from q_init) or [question][T walked visual tokens] (question first: one walk per row, from the
-        LLM's state after the question), with room for `extra` more tokens. Returns (cache, attention)."""
+        """autoregressive: a cache per text row holding [T walked visual tokens] (frames first: one
+        walk per sample, from q_init) or [question][T walked visual tokens] (question first: one
+        walk per row, from the LLM's state after the question), with room for `extra` more tokens.
+        Returns (cache, attention)."""
         B, T = frame_mask.shape
         if question is None:
             cache = self.llm.new_cache(B, T + extra)
-            attn, _ = self.walk(kv, frame_rows(frame_mask), cache, self.q_init.expand(B, -1))
-            return (cache, attn) if owner is None else (cache.rows(owner), attn[owner] if T else None)
-        ids, valid = question
-        cache = self.llm.new_cache(ids.shape[0], ids.shape[1] + T + extra)
-        h = self.llm(ids, valid=valid, cache=cache, hidden_only=True)
+            attn, _ = self.walk(kv, frame_rows(frame_mask), cache, self.first_query(cache, None, B))
+            if owner is None:
+                return cache, attn
+            return cache.rows(owner), attn[owner] if T else None
+        R, P = question[0].shape
+        cache = self.llm.new_cache(R, P + T + extra)
         rows = frame_rows(frame_mask) if owner is None else frame_rows(frame_mask)[owner]
-        return cache, self.walk(kv, rows, cache, self.llm_to_query(h[:, -1]))[0]
+        return cache, self.walk(kv, rows, cache, self.first_query(cache, question, R))[0]
 
     @torch.no_grad()
-    def stream(self, chunks, n_frames, prompt_ids, extra=0, question=None, on_frames=None, prompt_valid=None):
-        """autoregressive over a video too long to hold: `chunks` yields frames [n,3,H,W]; each chunk is
-        encoded once, walked and freed, K/V included, before the next, so memory is flat in the video's
-        length apart from the LLM cache. The same tokens as prefill(kv, ..., 'autoregressive') of one video
-        with R text rows: prompt_ids [R,S] (left-padded: prompt_valid). Frames first: one walk, its cache
-        repeated per row; question first: question = (ids [R,P], valid or None), one walker per row.
-        n_frames: at most this many frames (the cache's room). on_frames(frames, attn [R,n,layers,H,1+P])
-        sees each chunk (a contact sheet keeps a few). Returns (cache, last logits [R,V])."""
+    def stream(self, chunks, n_frames, prompt_ids, extra=0, question=None, on_frames=None,
+               prompt_valid=None):
+        """autoregressive over a video too long to hold in memory. `chunks` yields frames [n,3,H,W];
+        each chunk is encoded, walked and freed (its K/V too) before the next, so memory is flat in
+        the video's length apart from the LLM cache. The tokens equal those of prefill(kv, ...,
+        'autoregressive') on the whole video, for R text rows prompt_ids [R,S] (left-padded:
+        prompt_valid):
+          frames first: one walk from q_init, its cache then repeated for every row;
+          question first (question = (ids [R,P], valid or None)): a walk per row, each starting from
+          the LLM's state after its question.
+        n_frames: the most frames that may come (the cache's room). on_frames(frames, attention
+        [R,n,layers,H,1+P]) sees each chunk (a contact sheet keeps a few).
+        Returns (cache, last logits [R,V])."""
         R = prompt_ids.shape[0]
+        walkers = 1 if question is None else R
         P = 0 if question is None else question[0].shape[1]
-        cache = self.llm.new_cache(1 if question is None else R, P + n_frames + prompt_ids.shape[1] + extra)
-        with cpu_gemv(self.llm, cache.k[0].shape[0]):  # batch-1 LLM steps: GEMV layout
-            if question is None:  # frames first: frame 0 looks with q_init
-                query = self.q_init
-            else:  # question first: the LLM's state after the question chooses frame 0's query
-                h = self.llm(question[0], valid=question[1], cache=cache, hidden_only=True)
-                query = self.llm_to_query(h[:, -1])  # [W,Dq]
+        cache = self.llm.new_cache(walkers, P + n_frames + prompt_ids.shape[1] + extra)
+        with cpu_gemv(self.llm, walkers):
+            query = self.first_query(cache, question, walkers)  # [W,Dq]
             for pixels in chunks:  # [n,3,H,W]
                 if cache.length + pixels.shape[0] > P + n_frames:
-                    raise ValueError(f"model.stream: more frames came than the {n_frames} announced")
+                    raise ValueError(f"model.stream: more frames came than the {n_frames} "
+                                     f"announced")
                 kv = self.encode(pixels[None].to(query.dtype))
-                rows = torch.arange(pixels.shape[0], device=query.device).expand(query.shape[0], -1)  # [W,n]
-                with gemv_kernels(query.shape[0], query.device):
+                rows = torch.arange(pixels.shape[0], device=query.device)
+                rows = rows.expand(walkers, -1)  # [W,n]: every walker reads every frame
+                with gemv_kernels(walkers, query.device):
                     attn, query = self.walk(kv, rows, cache, query)
                 if on_frames is not None:
                     on_frames(pixels, attn)
                 del kv, attn  # this chunk's K/V go now, not when the next chunk's arrive
-            if question is None and R > 1:
+            if walkers < R:  # frames first: every prompt row continues the one walk
                 cache = cache.rows(torch.zeros(R, dtype=torch.long, device=query.device))
             h = self.llm(prompt_ids, valid=prompt_valid, cache=cache, hidden_only=True)
         return cache, self.llm.lm_head(h[:, -1])
@@ -679,33 +794,36 @@ class FoveatedVLM(nn.Module):
         h = self.llm(prompt_ids, valid=prompt_valid, cache=cache, hidden_only=True)
         return cache, self.llm.lm_head(h[:, -1]), attn
 
-    def configure_optimizers(self, weight_decay, lrs, betas=(0.9, 0.95), decay="matrices", output_proj="connector"):
-        """AdamW with a group per part, each with its own LR from `lrs`: 'connector' (the projections and
-        q_static), 'steer' (llm_to_query and q_init: where the LLM makes the glimpse look), 'dino', 'dino_qk'
-        (DINOv2's attention query/key projections) and 'llm'.
-        decay='matrices': only Linear and Conv2d weights decay (no decay on norms, biases, embeddings, position
-        embeddings, LayerScale or the queries); 'all': every parameter, as the original did. output_proj: the
-        group of the glimpse's output projection ('dino' in the original, whose connector filter missed it)."""
+    def configure_optimizers(self, weight_decay, lrs, betas=(0.9, 0.95), decay="matrices",
+                             output_proj="connector"):
+        """AdamW with a group per part, each with its own LR from `lrs`: 'connector' (the
+        projections and q_static), 'steer' (llm_to_query and q_init: where the LLM makes the glimpse
+        look), 'dino', 'dino_qk' (DINOv2's attention query/key projections) and 'llm'.
+        decay='matrices': only Linear and Conv2d weights decay (no decay on norms, biases,
+        embeddings, position embeddings, LayerScale or the queries); 'all': every parameter, as the
+        original fVLM code did. output_proj: the group of the glimpse's output projection ('dino'
+        in the original code, whose connector filter missed it)."""
         matrices = {id(m.weight) for m in self.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
         matrices.discard(id(self.llm.embed_tokens.weight))  # the tied lm_head is the embedding
         groups = {}
         for name, p in self.named_parameters():  # tied weights are listed once
             part = name.split(".")[0] if name.startswith(("dino.", "llm.")) else "connector"
             if part == "dino" and name.split(".")[-2] in ("q", "k"):
-                part = "dino_qk"  # where patches and glimpses look: may learn faster than what they see
+                part = "dino_qk"  # where patches and glimpses look: may learn faster than the rest
             if name.startswith(("llm_to_query.", "q_init")):
                 part = "steer"
             if name.startswith("output_proj."):
                 part = output_proj
             decays = decay == "all" or id(p) in matrices
-            group = groups.setdefault((part, decays), {"params": [], "name": part, "decays": decays,
-                                                       "base_lr": lrs[part], "lr": lrs[part],
-                                                       "weight_decay": weight_decay if decays else 0.0})
-            group["params"].append(p)
+            if (part, decays) not in groups:
+                groups[part, decays] = {"params": [], "name": part, "decays": decays,
+                                        "base_lr": lrs[part], "lr": lrs[part],
+                                        "weight_decay": weight_decay if decays else 0.0}
+            groups[part, decays]["params"].append(p)
         # fused AdamW runs on CUDA and, in recent PyTorch, on CPU too
         return torch.optim.AdamW(list(groups.values()), betas=betas, fused=True)
 
-    # -- our checkpoint format: model.safetensors + config.json (+ tokenizer.json) ------------------
+    # -- our checkpoint format: model.safetensors + config.json (+ tokenizer.json) -----------
 
     def save(self, out_dir, tokenizer=None):
         """Write our format. `tokenizer` is a path to the tokenizer.json to copy alongside."""
@@ -722,30 +840,19 @@ class FoveatedVLM(nn.Module):
             shutil.copyfile(tokenizer, os.path.join(out_dir, "tokenizer.json"))
 
     def load_weights(self, file):
-        """Every weight from a safetensors file of our format or of the released fVLM-135M layout."""
+        """Every weight from a safetensors file of ours or of the released fVLM-135M layout."""
         state = {vlm_key(k): v for k, v in read_weights(file).items()}
         state.pop("dino.embeddings.mask_token", None)  # in HF's Dinov2Model, unused
         llm = llm_state({k[4:]: v for k, v in state.items() if k.startswith("llm.")}, self.llm.cfg)
-        state = {k: v for k, v in state.items() if not k.startswith("llm.")} | {"llm." + k: v for k, v in llm.items()}
+        state = {k: v for k, v in state.items() if not k.startswith("llm.")}
+        state |= {"llm." + k: v for k, v in llm.items()}
         load_strict(self, state, file)
 
 
-def text_loss(lm_head, h, ids, loss_mask):
-    """h [R,S,L] final-normed states of text rows ids [R,S] -> (logits [n,V] of the n positions that predict a
-    target, in (row, position) order: position i predicts token i+1 where loss_mask[:, i+1] is nonzero; the
-    token-weighted mean CE over them). The vocab-wide head runs on those positions only."""
-    weight = loss_mask[:, 1:]  # [R,S-1]
-    target = weight != 0
-    logits = lm_head(h[:, :-1][target])  # [n,V]
-    ce = F.cross_entropy(logits.float(), ids[:, 1:][target], reduction="none")
-    weight = weight[target].float()
-    return logits, (ce * weight).sum() / weight.sum().clamp(min=1)
-
-
 def vlm_key(key):
-    """A key of our format or of the released fVLM-135M layout -> ours. Released: `encoder.dino.` + HF Dinov2Model
-    keys, `encoder.query_input_proj` / `encoder.output_proj`, `llm.model.` + HF Llama keys; torch.compile may
-    have added `._orig_mod`."""
+    """A key of our format or of the released fVLM-135M layout -> ours. Released: `encoder.dino.` +
+    HF Dinov2Model keys, `encoder.query_input_proj` / `encoder.output_proj`, `llm.model.` + HF Llama
+    keys; torch.compile may have added `._orig_mod`."""
     key = re.sub(r"(^|\.)_orig_mod\.", r"\1", key)
     if key.startswith("encoder.dino."):
         return "dino." + dino_key(key.removeprefix("encoder.dino."))
@@ -761,38 +868,44 @@ def vlm_key(key):
 
 
 def find_checkpoint(path):
-    """A checkpoint dir as given, or the newest finished step-* in a dir of them (train.py's out_dir/ckpt) or in
-    out_dir/ckpt. Half-written saves (.tmp-*) are never picked."""
+    """A checkpoint dir as given, or the newest finished step-* in a dir of them (train.py's
+    out_dir/ckpt) or in out_dir/ckpt. Half-written saves (.tmp-*) are never picked."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint (init_from takes our checkpoint dir, a run's out_dir, "
-                                f"a .safetensors file or 'scratch')")
+        raise FileNotFoundError(f"{path}: no such checkpoint (init_from takes our checkpoint dir, "
+                                f"a run's out_dir, a .safetensors file or 'scratch')")
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return path
-    steps = sorted(glob.glob(os.path.join(path, "step-*")) or glob.glob(os.path.join(path, "ckpt", "step-*")))
+    steps = glob.glob(os.path.join(path, "step-*"))
+    steps = sorted(steps or glob.glob(os.path.join(path, "ckpt", "step-*")))
     if not steps:
-        raise FileNotFoundError(f"{path}: no checkpoint here (no model.safetensors, no step-* dirs). "
-                                f"Run `python train.py` first, or point at a checkpoint dir")
+        raise FileNotFoundError(f"{path}: no checkpoint here (no model.safetensors, no step-* "
+                                f"dirs). Run `python train.py` first, or point at a checkpoint dir")
     return steps[-1]
 
 
 def load_model(init_from, llm_dir="", dino_dir="", dtype=torch.float32, **fresh):
     """The model every script starts from, by the same three keys:
-      init_from  a checkpoint of ours (a dir, a dir of train.py's step-* dirs, or a run's out_dir: its newest
-                 checkpoint; needs nothing else), or a weights file (.safetensors: the released fVLM-135M or
-                 ours) over llm_dir + dino_dir, or 'scratch': llm_dir + dino_dir with a fresh connector (`fresh`
-                 goes to FoveatedVLM);
+      init_from  a checkpoint of ours (a dir, a dir of train.py's step-* dirs, or a run's out_dir:
+                 its newest checkpoint; needs nothing else), or a weights file (.safetensors: the
+                 released fVLM-135M or ours) over llm_dir + dino_dir, or 'scratch': llm_dir +
+                 dino_dir with a fresh connector (`fresh` goes to FoveatedVLM);
       llm_dir    a Hugging Face SmolLM2 dir;  dino_dir  a Hugging Face DINOv2 dir.
     Returns (model, the tokenizer.json that belongs to it)."""
     if init_from and init_from != "scratch" and not os.path.isfile(init_from):
         ckpt = find_checkpoint(init_from)
         cfg = read_config(os.path.join(ckpt, "config.json"), "nanofvlm")
-        model = FoveatedVLM(SmolLM2(LLMConfig(**cfg["llm"])), DINOv2(DinoConfig(**cfg["dino"])), **cfg["fovea"])
+        llm, dino = SmolLM2(LLMConfig(**cfg["llm"])), DINOv2(DinoConfig(**cfg["dino"]))
+        model = FoveatedVLM(llm, dino, **cfg["fovea"])
         model.to(dtype).load_weights(os.path.join(ckpt, "model.safetensors"))
         return model, os.path.join(ckpt, "tokenizer.json")
     if not (llm_dir and dino_dir):
-        what = f"init_from={init_from} is a weights file" if init_from != "scratch" else "init_from='scratch'"
-        raise ValueError(f"{what}: set llm_dir and dino_dir too (a SmolLM2 and a DINOv2 Hugging Face dir)")
-    model = FoveatedVLM(SmolLM2.from_pretrained(llm_dir, dtype), DINOv2.from_pretrained(dino_dir, dtype), **fresh)
+        what = "init_from='scratch'"
+        if init_from != "scratch":
+            what = f"init_from={init_from} is a weights file"
+        raise ValueError(f"{what}: set llm_dir and dino_dir too (a SmolLM2 and a DINOv2 "
+                         f"Hugging Face dir)")
+    llm = SmolLM2.from_pretrained(llm_dir, dtype)
+    model = FoveatedVLM(llm, DINOv2.from_pretrained(dino_dir, dtype), **fresh)
     if init_from != "scratch":
         model.load_weights(init_from)
     return model, os.path.join(llm_dir, "tokenizer.json")
@@ -814,10 +927,11 @@ def sample_next(logits, temperature=0.0, top_k=None, generator=None):
 
 
 @torch.no_grad()
-def decode(llm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, stop_id=2, generator=None):
-    """Continue from a filled cache whose last position gave `logits` [B,V]. Yields next tokens [B] one step
-    at a time (so callers can stream); a finished row keeps emitting stop_id. The cache needs room for
-    max_new_tokens - 1 more positions."""
+def decode(llm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, stop_id=2,
+           generator=None):
+    """Continue from a filled cache whose last position gave `logits` [B,V]. Yields next tokens [B]
+    one step at a time (so callers can stream); a finished row keeps emitting stop_id. The cache
+    needs room for max_new_tokens - 1 more positions."""
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     with cpu_gemv(llm, logits.shape[0]):
         for step in range(max_new_tokens):
@@ -831,8 +945,8 @@ def decode(llm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, stop
 
 
 def left_pad(prompts, device, pad_id=2):
-    """Prompts (lists of ids) of any lengths -> ids [B,S] left-padded, so every prompt ends where generation
-    starts, and the valid mask [B,S] (None when no row is padded)."""
+    """Prompts (lists of ids) of any lengths -> ids [B,S] left-padded, so every prompt ends where
+    generation starts, and the valid mask [B,S] (None when no row is padded)."""
     S = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (S - len(p)) + list(p) for p in prompts], device=device)
     valid = torch.tensor([[False] * (S - len(p)) + [True] * len(p) for p in prompts], device=device)
@@ -840,88 +954,55 @@ def left_pad(prompts, device, pad_id=2):
 
 
 # ----------------------------------------------------------------------------
-# 7. speed: FLOPs, peak FLOP/s, and the tricks that only pay on some machines (each named, each optional)
-
-
-def attention(q, k, v):
-    """DINOv2's self-attention. PyTorch's fused kernel, except bf16 on CPU, where it is 2.5x slower than two
-    matmuls and a softmax (fp32 on CPU: the fused kernel is the faster one)."""
-    if q.is_cuda or q.dtype == torch.float32:
-        return F.scaled_dot_product_attention(q, k, v)
-    return (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1) @ v
-
-
-@contextmanager
-def cpu_gemv(llm, batch):
-    """A batch-1 decoding step on a CPU is matrix-vector products that stream every weight once, so its speed is
-    the GEMV kernel's memory bandwidth. MKL's fp32 GEMV streams ~1.9x faster from [in, out]-major weights: inside
-    this block the fp32 Linear weights are laid out so in memory (same shapes and values), and back on exit.
-    Batches (matrix products, where the defaults win), GPUs and CPUs without AVX-512 are left alone (on an
-    AVX2 AMD EPYC the relayout made decoding 0.9x as fast)."""
-    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-    linears = [m for m in llm.modules() if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32
-               and m.weight.is_contiguous() and m.weight.device.type == "cpu"] if batch == 1 and avx512 else []
-    for m in linears:
-        m.weight.data = m.weight.data.t().contiguous().t()  # shape [out, in] as before, strides (1, out)
-    try:
-        yield
-    finally:
-        for m in linears:
-            m.weight.data = m.weight.data.contiguous()
-
-
-@contextmanager
-def gemv_kernels(batch, device):
-    """For one batch-1 LLM step on a CPU: oneDNN off, as ATen's own bf16 GEMV is ~2x faster than oneDNN's."""
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = enabled and not (batch == 1 and device.type == "cpu")
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = enabled
+# 7. speed: torch.compile, FLOPs of a step and peak FLOP/s (for MFU), machine settings
 
 
 def native_bf16(device):
-    """Whether bf16 matmuls run natively: on GPUs, and on CPUs with AVX512-BF16 / AMX (else emulated)."""
+    """Whether bf16 matmuls run natively: on GPUs and on CPUs with AVX512-BF16 / AMX."""
     return torch.device(device).type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def warn_slow_bf16(device, dtype, where):
-    """Half precision on a CPU without native bf16/fp16 matmuls (no AVX512-BF16 / AMX, e.g. an AVX2-only
-    AMD EPYC) is emulated: a 135M train step measured 29x slower than fp32 there. Say so once, at start-up."""
+    """Half precision on a CPU without native bf16/fp16 matmuls (no AVX512-BF16 / AMX, e.g. an
+    AVX2-only AMD EPYC) is emulated: a 135M train step measured 29x slower than fp32 there. Say so
+    once, at start-up."""
     half = dtype in ("bfloat16", "float16", torch.bfloat16, torch.float16)
     if half and not native_bf16(device):
-        print(f"{where}: warning: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 "
+        cpu = torch.backends.cpu.get_cpu_capability()
+        print(f"{where}: warning: this CPU ({cpu}) has no native bf16 "
               f"matmul, so {dtype} runs many times slower than float32 here: pass --dtype=float32")
 
 
 def compile_model(model, dynamic=True, backend="inductor"):
-    """torch.compile what really runs: every DINOv2 block, every LLM block's two halves around the KV cache
-    write (LlamaBlock.project / attend: the cache's Python state would recompile per layer and length) and
-    the glimpse walk. Blocks of a kind share their graphs (same code, parameters as graph inputs).
-    dynamic=True: frame counts (DINOv2's batch, the glimpse's) and sequence lengths are symbolic from the
-    first compile, so batches of varying shape reuse the graphs (docs/LOG.md: the counts)."""
+    """torch.compile what really runs: every DINOv2 block, every LLM block's two halves around the
+    KV cache write (LlamaBlock.project / attend: the cache's Python state would recompile per layer
+    and length) and the glimpse walk. Blocks of a kind share their graphs (same code, parameters as
+    graph inputs). dynamic=True: frame counts (DINOv2's batch, the glimpse's) and sequence lengths
+    are symbolic from the first compile, so batches of varying shape reuse the graphs (docs/LOG.md:
+    the counts)."""
     opts = dict(dynamic=dynamic, backend=backend)
     for block in model.dino.blocks:
         block.compile(**opts)
     for block in model.llm.layers:
-        block.project, block.attend = torch.compile(block.project, **opts), torch.compile(block.attend, **opts)
+        block.project = torch.compile(block.project, **opts)
+        block.attend = torch.compile(block.attend, **opts)
     model.glimpse = torch.compile(model.glimpse, **opts)
     return model
 
 
 def compile_counts():
-    """Graphs torch.compile has captured in this process (each compile or recompile of a function adds one)
-    and graph breaks (each splits a function's graph: a hot-path break means eager code between graphs)."""
+    """Graphs torch.compile has captured in this process (each compile or recompile of a function
+    adds one) and graph breaks (each splits a function's graph: a hot-path break means eager code
+    between graphs)."""
     from torch._dynamo.utils import counters
     return {"graphs": counters["stats"]["unique_graphs"],
             "graph_breaks": sum(counters["graph_break"].values())}
 
 
 def keep_freed_memory():
-    """CPU training: glibc returns freed blocks to the OS and page-faults them back in on the next step, which
-    made the 135M train step ~1.25x slower. Keep them: blocks up to 32 MB (glibc's maximum) come from the heap,
-    and the heap is never trimmed. No effect off Linux/glibc."""
+    """CPU training: glibc returns freed blocks to the OS and page-faults them back in on the next
+    step, which made the 135M train step ~1.25x slower. Keep them: blocks up to 32 MB (glibc's
+    maximum) come from the heap, and the heap is never trimmed. No effect off Linux/glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -930,23 +1011,29 @@ def keep_freed_memory():
     libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
 
 
-GPU_PEAK = {  # dense TFLOPS, no sparsity: (bf16 tensor core, tf32 tensor core, fp32 without TF32); None: no
-    # such unit. Vendor datasheets (GeForce: bf16 with fp32 accumulate). Matched as a whole word of the device
-    # name, the longest key first, so "H100 PCIe" wins over "H100", "GH200" over "H200" and "A10G" over "A10".
+# Dense TFLOPS, no sparsity: (bf16 tensor core, tf32 tensor core, fp32 without TF32); None: no
+# such unit. Vendor datasheets (GeForce: bf16 with fp32 accumulate). Matched as a whole word of
+# the device name, the longest key first, so "H100 PCIe" wins over "H100", "GH200" over "H200"
+# and "A10G" over "A10".
+GPU_PEAK = {
     "B200": (2250, 1125, 75), "GB200": (2500, 1250, 80),
-    "H100": (989, 495, 67), "H100 PCIe": (756, 378, 51), "H100 NVL": (835, 418, 60), "H800": (989, 495, 67),
-    "H200": (989, 495, 67), "H200 NVL": (835, 418, 60), "GH200": (989, 495, 67), "H20": (148, 74, 44),
-    "A100": (312, 156, 19.5), "A800": (312, 156, 19.5), "A40": (150, 75, 37.4), "A10": (125, 62.5, 31.2),
-    "A10G": (70, 35, 31.2), "L40S": (362, 183, 91.6), "L40": (181, 90.5, 90.5), "L4": (121, 60, 30.3),
-    "RTX A6000": (155, 77.4, 38.7), "RTX 5090": (209.5, 104.8, 104.8), "RTX 4090": (165.2, 82.6, 82.6),
-    "RTX 3090": (71, 35.6, 35.6), "RTX 3090 Ti": (80, 40, 40), "V100": (None, None, 15.7), "T4": (None, None, 8.1)}
+    "H100": (989, 495, 67), "H100 PCIe": (756, 378, 51), "H100 NVL": (835, 418, 60),
+    "H800": (989, 495, 67), "H200": (989, 495, 67), "H200 NVL": (835, 418, 60),
+    "GH200": (989, 495, 67), "H20": (148, 74, 44),
+    "A100": (312, 156, 19.5), "A800": (312, 156, 19.5), "A40": (150, 75, 37.4),
+    "A10": (125, 62.5, 31.2), "A10G": (70, 35, 31.2),
+    "L40S": (362, 183, 91.6), "L40": (181, 90.5, 90.5), "L4": (121, 60, 30.3),
+    "RTX A6000": (155, 77.4, 38.7), "RTX 5090": (209.5, 104.8, 104.8),
+    "RTX 4090": (165.2, 82.6, 82.6), "RTX 3090": (71, 35.6, 35.6), "RTX 3090 Ti": (80, 40, 40),
+    "V100": (None, None, 15.7), "T4": (None, None, 8.1)}
 _cpu_peak = {}
 
 
 def gpu_peak(name, dtype, tf32):
-    """Dense peak FLOP/s of the GPU called `name` (torch.cuda.get_device_name) for matmuls in `dtype`; fp32
-    with TF32 allowed counts at the TF32 rate where the GPU has one. None for a GPU not in GPU_PEAK, or a
-    dtype it has no unit for (bf16 on V100/T4): no MFU rather than a wrong one."""
+    """Dense peak FLOP/s of the GPU called `name` (torch.cuda.get_device_name) for matmuls in
+    `dtype`; fp32 with TF32 allowed counts at the TF32 rate where the GPU has one. None for a GPU
+    not in GPU_PEAK, or a dtype it has no unit for (bf16 on V100/T4): no MFU rather than a wrong
+    one."""
     for key in sorted(GPU_PEAK, key=len, reverse=True):
         if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name, re.IGNORECASE):
             bf16, tf32_peak, fp32 = GPU_PEAK[key]
@@ -957,25 +1044,28 @@ def gpu_peak(name, dtype, tf32):
 
 
 def tf32_allowed():
-    """Whether CUDA fp32 matmuls may run as TF32 (torch.set_float32_matmul_precision or the backend flag)."""
-    return torch.get_float32_matmul_precision() != "highest" or torch.backends.cuda.matmul.allow_tf32
+    """Whether CUDA fp32 matmuls may run as TF32 (set_float32_matmul_precision or the flag)."""
+    precision = torch.get_float32_matmul_precision()
+    return precision != "highest" or torch.backends.cuda.matmul.allow_tf32
 
 
 def use_tf32():
-    """CUDA fp32 matmuls and convolutions on TF32 tensor cores (Ampere and later; ~8x fp32 SIMT). Call once
-    at start-up on a CUDA run; fp32 results then carry TF32's 10-bit mantissa in matmul inputs."""
+    """CUDA fp32 matmuls and convolutions on TF32 tensor cores (Ampere and later; ~8x fp32 SIMT).
+    Call once at start-up on a CUDA run; fp32 results then carry TF32's 10-bit mantissa in matmul
+    inputs."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
 def peak_flops(device="cpu", dtype=torch.float32):
-    """Peak FLOP/s for MFU: the GPU_PEAK table for GPUs (None if the GPU is unknown: MFU is not reported); on
-    CPU a measured matmul peak (cached per process)."""
+    """Peak FLOP/s for MFU: the GPU_PEAK table for GPUs (None if the GPU is unknown: MFU is not
+    reported); on CPU a measured matmul peak (cached per process)."""
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = gpu_peak(name, dtype, tf32_allowed())
         if peak is None:
-            print(f"model.py: no peak FLOP/s for {name!r} in {dtype} (add it to GPU_PEAK): MFU not reported")
+            print(f"model.py: no peak FLOP/s for {name!r} in {dtype} (add it to GPU_PEAK): "
+                  f"MFU not reported")
         return peak
     if dtype not in _cpu_peak:  # 2048^2: on an AVX2 AMD EPYC 1024^2 reached only 2/3 of it
         emulated = dtype != torch.float32 and not native_bf16(device)
@@ -996,34 +1086,43 @@ def mfu(flops, seconds, peak):
     return None if peak is None else flops / seconds / peak
 
 
-def forward_flops(model, B, T, S, image_size, mode, rows_per_sample=1, question_len=0, targets=None):
-    """Analytic FLOPs of one forward of B samples of T frames, with rows_per_sample text rows of S tokens per
-    sample (DPO: 2), in `mode`: the DINOv2 encode (its last block: K/V only), the glimpse passes, the LLM
-    passes, lm_head on `targets` positions per row (None: all S, as without a loss mask; with one, the
-    positions that carry loss). question_len > 0: the question-first layout, with questions of that many
-    tokens (each row walks its own glimpses)."""
+def forward_flops(model, B, T, S, image_size, mode, rows_per_sample=1, question_len=0,
+                  targets=None):
+    """Analytic FLOPs of one forward of B samples of T frames, with rows_per_sample text rows of S
+    tokens per sample (DPO: 2), in `mode`: the DINOv2 encode (its last block: K/V only), the glimpse
+    passes, the LLM passes, lm_head on `targets` positions per row (None: all S, as without a loss
+    mask; with one, the positions that carry loss). question_len > 0: the question-first layout,
+    with questions of that many tokens (each row walks its own glimpses)."""
     d, lc = model.dino.cfg, model.llm.cfg
     D, P, L = d.dim, (image_size // d.patch_size) ** 2, lc.dim
     mlp = 2 * 2 * D * int(D * d.mlp_ratio)  # per token
     block = (P + 1) * (2 * 4 * D * D + mlp + 2 * 2 * (P + 1) * D)
     frame = P * 2 * 3 * d.patch_size ** 2 * D + (d.n_layers - 1) * block + (P + 1) * 2 * 2 * D * D
-    glimpse = 2 * 2 * D * D + d.n_layers * (2 * 2 * D * D + 2 * 2 * (P + 1) * D + mlp) + 2 * D * L  # + dino_to_llm
+    # a glimpse: query_input_proj, each layer's q/proj, attention over 1+P keys and MLP, then
+    # output_proj and dino_to_llm
+    glimpse = 2 * 2 * D * D + d.n_layers * (2 * 2 * D * D + 2 * 2 * (P + 1) * D + mlp) + 2 * D * L
     q, kv = lc.n_heads * lc.head_dim, lc.n_kv_heads * lc.head_dim
 
     def llm(n):  # n tokens under causal attention: token i attends to i + 1 keys
-        return lc.n_layers * (n * (2 * L * (2 * q + 2 * kv) + 2 * 3 * L * lc.hidden_dim) + 2 * 2 * q * n * (n + 1) / 2)
+        per_token = 2 * L * (2 * q + 2 * kv) + 2 * 3 * L * lc.hidden_dim  # projections + MLP
+        return lc.n_layers * (n * per_token + 2 * 2 * q * n * (n + 1) / 2)
     R, Q = B * rows_per_sample, question_len
     walkers = R if Q else B  # who chooses queries: each row (question first) or each sample
-    text = {"coarse_only": R * llm(Q + T + S), "coarse_fine": walkers * llm(Q + T) + R * llm(Q + T + S),
+    text = {"coarse_only": R * llm(Q + T + S),
+            "coarse_fine": walkers * llm(Q + T) + R * llm(Q + T + S),
             "autoregressive": walkers * llm(Q + T) + R * (llm(Q + T + S) - llm(Q + T))}[mode]
-    glimpses = B * T + (walkers * T if mode != "coarse_only" else 0) - (B * T if mode == "autoregressive" else 0)
+    # static glimpses (B*T) for coarse_only / coarse_fine, steered ones (walkers*T) for the others
+    glimpses = {"coarse_only": B * T, "coarse_fine": B * T + walkers * T,
+                "autoregressive": walkers * T}[mode]
     steer = 0 if mode == "coarse_only" else walkers * T * 2 * L * D  # llm_to_query
     head = R * (S if targets is None else targets) * 2 * L * lc.vocab_size
     return B * T * frame + glimpses * glimpse + steer + text + head
 
 
-def train_flops(model, B, T, S, image_size, mode="coarse_fine", rows_per_sample=1, reference=False, question_len=0,
-                targets=None):
-    """FLOPs of one training step: forward + backward (2x the forward), plus a frozen reference's forward (DPO).
-    targets: positions per row that carry loss (lm_head runs on those only)."""
-    return (3 + reference) * forward_flops(model, B, T, S, image_size, mode, rows_per_sample, question_len, targets)
+def train_flops(model, B, T, S, image_size, mode="coarse_fine", rows_per_sample=1, reference=False,
+                question_len=0, targets=None):
+    """FLOPs of one training step: forward + backward (2x the forward), plus a frozen reference's
+    forward (DPO). targets: positions per row that carry loss (lm_head runs on those only)."""
+    forward = forward_flops(model, B, T, S, image_size, mode, rows_per_sample, question_len,
+                            targets)
+    return (3 + reference) * forward

@@ -7,15 +7,16 @@ frame's glimpse looked.
     python sample.py --image=cat.jpg --llm_dir=DIR --dino_dir=DIR --init_from=fVLM-135M/model.safetensors
     python sample.py --video=hour.mp4 --fps=1 --max_frames=0 --attention_out=sheet.png   # 3,600 frames
 
-In autoregressive mode a video streams (model.FoveatedVLM.stream): a reader thread decodes ahead, each chunk
-of frames is encoded, walked and freed, so memory does not grow with the video (the LLM cache aside).
-A video longer than the LLM's context is refused with how many frames would fit.
+In autoregressive mode a video streams (model.FoveatedVLM.stream): a reader thread decodes ahead,
+each chunk of frames is encoded, walked and freed, so memory does not grow with the video (the LLM
+cache aside). A video longer than the LLM's context is refused with how many frames would fit.
 
 The picture has one column per frame (.png) or one animation frame per video frame (.gif), and rows:
-the frame, the coarse glimpse (q_static: what coarse_only sees), the glimpse of --mode (if not coarse). The
-heatmap is the glimpse query's attention over the patch grid, exactly the weights model.glimpse used:
-averaged over heads and over the last `attention_layers` DINOv2 layers, CLS column dropped, each map
-divided by its own peak (a flat map means "looked everywhere"), upsampled bilinearly.
+the frame, the coarse glimpse (q_static: what coarse_only sees), the glimpse of --mode (if not
+coarse). The heatmap is the glimpse query's attention over the patch grid, exactly the weights
+model.glimpse used: averaged over heads and over the last `attention_layers` DINOv2 layers, CLS
+column dropped, each map divided by its own peak (a flat map means "looked everywhere"), upsampled
+bilinearly.
 The generated text goes to stdout; everything else to stderr.
 """
 import glob
@@ -37,7 +38,7 @@ import model
 # -----------------------------------------------------------------------------
 video = ''  # a video file PyAV reads (mp4, webm, gif, mkv, ...)
 image = ''  # an image file, replicated to image_frames frames as in training
-prompt = ''  # the user turn; '' = "Describe this video." (the caption prompt the shapes task trains on)
+prompt = ''  # the user turn; '' = "Describe this video." (the shapes task's caption prompt)
 # our checkpoint (a dir, or a run dir: its newest) | a .safetensors file over llm_dir + dino_dir
 init_from = 'out/shapes'
 llm_dir = ''  # a Hugging Face SmolLM2 dir (for a weights file, or init_from='scratch')
@@ -52,12 +53,14 @@ num_samples = 1
 seed = 1337
 device = 'cpu'
 dtype = 'float32'  # float32 | bfloat16 | float16
-image_size = 0  # frame side in pixels; 0 = min(224, the DINOv2 config's image_size); shapes clips as stored
+# frame side in pixels; 0 = min(224, the DINOv2 config's image_size); shapes clips as stored
+image_size = 0
 max_frames = 8  # frames sampled uniformly over a video; with fps > 0 the cap (0 = none)
 fps = 0.0  # > 0: a video's frames at this rate (1.0: an hour is 3,600 frames), up to max_frames
 # autoregressive on a video streams: decode, encode and walk this many frames, then free them
 stream_chunk = 8
-max_held_frames = 256  # coarse_only / coarse_fine hold every frame's K/V (~9.5 MB a frame at 224px fp32)
+# coarse_only / coarse_fine hold every frame's K/V (~9.5 MB a frame at 224px fp32)
+max_held_frames = 256
 sheet_frames = 12  # a video of more frames is drawn as a contact sheet of this many, evenly spaced
 image_frames = 8
 attention_out = ''  # .png (all frames side by side) or .gif (an animation)
@@ -72,7 +75,8 @@ def fail(msg):
 
 
 def shapes_val_clip(root, index):
-    """frames [T,3,S,S] (as stored) and the reference caption of clip `index` of the shapes val split"""
+    """frames [T,3,S,S] (as stored) and the reference caption of clip `index` of the shapes val
+    split"""
     shards = sorted(glob.glob(os.path.join(root, "val-*.tar")))
     if not shards:
         fail(f"{root}/val-*.tar: not found; run `python train.py` (it generates the shapes task) "
@@ -101,18 +105,20 @@ def colormap(h):
 
 def heatmaps(attn, grid, cell):
     """attn [T,layers,heads,1+P] from the glimpse -> [T,cell,cell] in [0,1]"""
-    a = attn[:, -attention_layers:].float().mean((1, 2))[:, 1:].reshape(-1, 1, *grid)  # drop CLS, [T,1,gh,gw]
+    a = attn[:, -attention_layers:].float().mean((1, 2))  # [T,1+P]
+    a = a[:, 1:].reshape(-1, 1, *grid)  # CLS dropped: [T,1,gh,gw]
     a = a / a.amax((2, 3), keepdim=True).clamp(min=1e-12)
-    return F.interpolate(a, size=(cell, cell), mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
+    a = F.interpolate(a, size=(cell, cell), mode="bilinear", align_corners=False)
+    return a[:, 0].cpu().numpy()
 
 
-def draw_picture(path, frames, rows, prompt_text, answer, times=None):
-    """frames [T,3,S,S] normalised; rows: [(label, attn [T,layers,heads,1+P])]. Writes a .png or .gif.
-    times: each frame's label (a contact sheet's mm:ss) instead of its number."""
+def draw_picture(path, frames, rows, patch_size, prompt_text, answer, times=None):
+    """frames [T,3,S,S] normalised; rows: [(label, attn [T,layers,heads,1+P])]. Writes a .png or
+    .gif. times: each frame's label (a contact sheet's mm:ss) instead of its number."""
     T, _, S, _ = frames.shape
     cell = S * math.ceil(160 / S)  # 64px synthetic frames become 192px: legible
-    grid = (S // vlm.dino.cfg.patch_size, S // vlm.dino.cfg.patch_size)
-    rgb = (frames.float().cpu() * data.STD + data.MEAN).clamp(0, 1)  # undo the ImageNet normalisation
+    grid = (S // patch_size, S // patch_size)
+    rgb = (frames.float().cpu() * data.STD + data.MEAN).clamp(0, 1)  # undo ImageNet normalisation
     rgb = F.interpolate(rgb, size=(cell, cell), mode="bilinear", align_corners=False)
     rgb = rgb.permute(0, 2, 3, 1).numpy() * 255  # [T,cell,cell,3] in 0..255
     cells = [[Image.fromarray(f.astype(np.uint8)) for f in rgb]]  # row 0: the frames themselves
@@ -140,7 +146,7 @@ def draw_picture(path, frames, rows, prompt_text, answer, times=None):
             ImageDraw.Draw(img).text((6, h_images + 4 + 17 * i), line, fill=(0, 0, 0), font=font)
         return img
 
-    if path.lower().endswith(".gif"):  # one animation frame per video frame: [frame | coarse | mode]
+    if path.lower().endswith(".gif"):  # an animation frame per video frame: [frame | coarse | mode]
         sheets = []
         for t in range(T):
             sheet = canvas(cell * len(cells), cell)
@@ -156,7 +162,8 @@ def draw_picture(path, frames, rows, prompt_text, answer, times=None):
             for t, img in enumerate(row):
                 sheet.paste(img, (t * cell, r * cell))
                 number = times[t] if times else f"{t + 1}"
-                label = labels[r] if t == 0 and not (times and r == 0) else ""  # a sheet's row 0: the time
+                # the row's label in column 0, except a contact sheet's row 0, which shows times
+                label = labels[r] if t == 0 and not (times and r == 0) else ""
                 tag(sheet, (t * cell + 3, r * cell + 3), label or (number if r == 0 else ""))
         sheet.save(path)
 
@@ -179,7 +186,9 @@ try:
     tok = data.load_tokenizer(tok_path)
 except (FileNotFoundError, ValueError) as e:
     fail(e)
-weights = os.path.dirname(tok_path) if os.path.isdir(init_from) else init_from  # the checkpoint really used
+weights = init_from  # what the header line says was loaded
+if os.path.isdir(init_from):
+    weights = os.path.dirname(tok_path)  # the checkpoint really used (a run dir: its newest)
 if init_from == 'scratch':
     weights = f"{llm_dir} + {dino_dir} with an UNTRAINED connector"
 vlm.to(device).eval()
@@ -187,7 +196,9 @@ vlm.to(device).eval()
 reference = None
 side = image_size or min(224, vlm.dino.cfg.image_size)
 streaming = bool(video) and mode == "autoregressive"  # any length: frames are never all held
-cap = max_frames or 10 ** 9 if fps > 0 else max_frames
+cap = max_frames  # the most frames to read
+if fps > 0 and max_frames == 0:
+    cap = 10 ** 9  # with fps, max_frames=0 means no cap
 try:
     if streaming:
         n_frames, seconds = data.video_length(video, cap, fps or None)
@@ -208,13 +219,13 @@ if not streaming and n_frames > max_held_frames:
 prompt = prompt or (data.DEFAULT_USER if not image else "Describe this image.")
 question, ids = data.prompt_parts(tok, prompt, vlm.layout)
 text_tokens = len(question) + len(ids) + max_new_tokens
-too_long = data.context_error(n_frames, seconds, text_tokens, vlm.llm.cfg.max_seq_len,
-                              f"{video or image or 'the clip'} with --max_new_tokens={max_new_tokens}")
+what = f"{video or image or 'the clip'} with --max_new_tokens={max_new_tokens}"
+too_long = data.context_error(n_frames, seconds, text_tokens, vlm.llm.cfg.max_seq_len, what)
 if too_long:
     fail(too_long)
 print(f"weights: {weights}", file=sys.stderr)
-print(f"{n_frames} frames of {side if streaming else frames.shape[-1]}px, mode {mode}, prompt: {prompt}",
-      file=sys.stderr)
+frame_side = side if streaming else frames.shape[-1]
+print(f"{n_frames} frames of {frame_side}px, mode {mode}, prompt: {prompt}", file=sys.stderr)
 if reference:
     print(f"reference: {reference}", file=sys.stderr)
 
@@ -237,19 +248,22 @@ def stream_video(ids, question):
         seen[0] += pixels.shape[0]
     frames = data.video_frames(video, side, cap, fps or None, progress=True)
     chunks = (c.to(device) for c in data.frame_chunks(data.read_ahead(frames), stream_chunk))
-    cache, logits = vlm.stream(chunks, n_frames, ids, max_new_tokens, (question, None) if question is not None
-                               else None, keep if attention_out else None)
+    cache, logits = vlm.stream(chunks, n_frames, ids, max_new_tokens, question,
+                               keep if attention_out else None)
     if not kept:
         return cache, logits, None, None, None
     times = None
     if n_frames > sheet_frames:
-        at = [int(i * seconds / n_frames) for i, _, _ in kept]  # each kept frame's second in the video
+        at = [int(i * seconds / n_frames) for i, _, _ in kept]  # each kept frame's second
         times = [f"{t // 60}:{t % 60:02d}" for t in at]
-    return cache, logits, torch.stack([f for _, f, _ in kept]), torch.stack([a for _, _, a in kept]), times
+    shown_frames = torch.stack([f for _, f, _ in kept])  # [K,3,S,S]
+    shown_attn = torch.stack([a for _, _, a in kept])  # [K,layers,H,1+P]
+    return cache, logits, shown_frames, shown_attn, times
 
 
 with torch.no_grad():
-    question = torch.tensor([question], device=device) if question else None
+    # question first: (ids [1,P], valid None), what model.FoveatedVLM takes as `question`
+    question = (torch.tensor([question], device=device), None) if question else None
     ids = torch.tensor([ids], device=device)
     times = None
     if streaming:
@@ -262,23 +276,24 @@ with torch.no_grad():
     else:
         frames = frames.to(device, ptdtype)[None]  # [1,T,3,S,S]
         frame_mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=device)
-        kv = vlm.encode(frames, frame_mask)  # one DINOv2 pass serves the prefill and the coarse picture row
+        kv = vlm.encode(frames, frame_mask)  # one DINOv2 pass: the prefill and the coarse row
         cache, logits, attn = vlm.prefill(kv, frame_mask, ids, mode, max_new_tokens,
-                                          question=(question, None) if question is not None else None)
+                                          question=question)
     generator = torch.Generator(device=device).manual_seed(seed)
     answers = []
     for s in range(num_samples):
         if num_samples > 1:
             print(f"--- sample {s + 1}/{num_samples}", file=sys.stderr)
         out, shown, t0 = [], "", time.time()
-        first_row = cache.rows(torch.zeros(1, dtype=torch.long, device=device))  # each sample from the prompt
-        tokens = model.decode(vlm.llm, first_row, logits, max_new_tokens, temperature, top_k or None,
-                              data.PAD_ID, generator)
+        # each sample continues from the prompt: a fresh copy of the prefilled cache
+        first_row = cache.rows(torch.zeros(1, dtype=torch.long, device=device))
+        tokens = model.decode(vlm.llm, first_row, logits, max_new_tokens, temperature,
+                              top_k or None, data.PAD_ID, generator)
         for token in tokens:
             if token.item() == data.PAD_ID:
                 break
             out.append(token.item())
-            text = tok.decode(out)  # decode the whole answer: a byte-level token can be half a character
+            text = tok.decode(out)  # the whole answer: a byte-level token can be half a character
             if not text.endswith("\ufffd"):  # wait until the character is complete
                 print(text[len(shown):], end="", flush=True)
                 shown = text
@@ -289,9 +304,12 @@ with torch.no_grad():
         if streaming:  # the shown frames again, for their coarse row: a dozen frames, not the video
             frame_mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=device)
             kv = vlm.encode(frames, frame_mask)
-        coarse = attn if mode == "coarse_only" else vlm.visual_tokens(kv, frame_mask, "coarse_only")[1]
+        coarse = attn
+        if mode != "coarse_only":
+            coarse = vlm.visual_tokens(kv, frame_mask, "coarse_only")[1]
         rows = [("coarse: q_static", coarse[0])]
         if mode != "coarse_only":
             rows.append((f"{mode} glimpse", attn[0]))
-        draw_picture(attention_out, frames[0], rows, prompt, answers[0], times)
+        draw_picture(attention_out, frames[0], rows, vlm.dino.cfg.patch_size, prompt, answers[0],
+                     times)
         print(f"wrote {attention_out}", file=sys.stderr)
