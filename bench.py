@@ -36,8 +36,8 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from data import (IMAGE_EXTS, IMAGE_FRAMES, PAD_ID, VIDEO_EXTS, ShardDataset, SkipSample,
-                  context_error, encode_answer, format_mcq, frame_chunks, frame_files, load_image,
-                  load_tokenizer, load_video, make_loader, natural_key, prompt_parts, read_ahead,
+                  context_error, encode_answer, format_mcq, frame_chunks, frame_files, image_files,
+                  load_image, load_tokenizer, load_video, make_loader, prompt_parts, read_ahead,
                   read_tar, record_frames, record_text, shapes_clip, uniform_indices, video_frames,
                   video_length, write_tar)
 from model import (MODES, DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2, compile_counts,
@@ -227,8 +227,7 @@ def extract_choice(text, options):
 def load_frame_dir(path, n, size, start=None, end=None, fps=3):
     """A folder of frame images (MVBench's tvqa frames, 3 fps) -> [n,3,S,S], within [start,end]
     seconds."""
-    files = sorted((f for f in os.listdir(path) if f.lower().rsplit(".", 1)[-1] in IMAGE_EXTS),
-                   key=natural_key)
+    files = image_files(path)
     if not files:
         raise ValueError(f"{path}: frame folder holds no images")
     i0 = min(len(files) - 1, max(0, round(start * fps))) if start is not None else 0
