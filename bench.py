@@ -115,7 +115,7 @@ SCORING = {
 
 def option_answers(tok, options, score="mean"):
     """The K assistant turns to score: "X. option text" + <|im_end|> (+ the newline after it for
-    the original score), as token ids."""
+    --score=original), as token ids."""
     newline = tok.encode("\n", add_special_tokens=False).ids if score == "original" else []
     return [encode_answer(tok, f"{LETTERS[i]}. {o}") + newline for i, o in enumerate(options)]
 
@@ -172,7 +172,7 @@ def score_cached(model, cache, last, answers, score="mean"):
     pred = torch.cat((last.repeat_interleave(K, 0)[:, None], logits[:, :-1]), 1).float()
     # class dim last and contiguous: the transposed layout takes a less accurate kernel
     ce = F.cross_entropy(pred.flatten(0, 1), ids.flatten(), reduction="none").view(Q * K, A) * real
-    # the original's CE ignored the pad id, which is <|im_end|>, but its mask still counted it
+    # the original fVLM benchmark's CE ignored the pad id (<|im_end|>), but its mask counted it
     if score == "original":
         ce = ce * (ids != PAD_ID)
     if score == "sum":
@@ -386,6 +386,7 @@ def stream_mcq(model, tok, records, fps=1.0, frames=0, image_size=224, score="me
     A video that does not fit the LLM's context, or fails to decode, counts its questions wrong
     with the reason. Likelihood scoring."""
     device, items, by_video = model.q_init.device, [], {}  # by_video: path -> [(record, item)]
+    cap = frames or 10 ** 9
     for i, rec in enumerate(records):
         items.append(new_item(rec, i))
         path = rec.get("video") or rec.get("image") or f"error {i}"
@@ -401,13 +402,14 @@ def stream_mcq(model, tok, records, fps=1.0, frames=0, image_size=224, score="me
         try:
             if "error" in recs[0]:
                 raise ValueError(recs[0]["error"])
-            n, seconds = video_length(path, frames or 10 ** 9, fps)
-            text = prompt_ids.shape[1] + A + (question[0].shape[1] if question else 0)
-            too_long = context_error(n, seconds, text, model.llm.cfg.max_seq_len, path)
+            n, seconds = video_length(path, cap, fps)
+            text_tokens = prompt_ids.shape[1] + A + (question[0].shape[1] if question else 0)
+            too_long = context_error(n, seconds, text_tokens, model.llm.cfg.max_seq_len, path)
             if too_long:
                 raise ValueError(too_long)
-            chunks = streamed_chunks(path, image_size, frames or 10 ** 9, fps, device)
-            cache, last = model.stream(chunks, n, prompt_ids, A, question, None, prompt_valid)
+            chunks = streamed_chunks(path, image_size, cap, fps, device)
+            cache, last = model.stream(chunks, n, prompt_ids, extra=A, question=question,
+                                       prompt_valid=prompt_valid)
         except (ValueError, OSError) as e:  # counted wrong, listed under "skipped"
             for _, item in group:
                 item["error"] = str(e)
@@ -762,15 +764,14 @@ def peak_memory(device):
     mem.update(peak_mem_mb=peak / 2 ** 20, mem_growth_mb=(peak - base) / 2 ** 20)
 
 
-def timed(fn, device, repeat=1):
-    """Seconds per call of fn (after the device has finished)."""
+def timed(fn, device):
+    """Seconds of one call of fn (after the device has finished)."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    for _ in range(repeat):
-        fn()
+    fn()
     sync()
-    return (time.perf_counter() - t0) / repeat
+    return time.perf_counter() - t0
 
 
 def median(xs):
