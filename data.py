@@ -797,7 +797,9 @@ class ShardDataset(IterableDataset):
         while True:
             take_text = mixing and (seeded(self.seed, "mix", reader, state.drawn).random()
                                     < self.text_ratio)
-            rec = (take_text and next(text, None)) or next(main, None)
+            rec = next(text, None) if take_text else None
+            if rec is None:  # a main draw, or the text shards have run out
+                rec = next(main, None)
             if rec is None:
                 return
             state.drawn += 1
