@@ -691,7 +691,7 @@ def read_shards(data_dir, tok, frames=64, image_size=224):
         shards = glob.glob(data_dir)
     if not shards:
         raise FileNotFoundError(f"bench.py: no *.tar shards in {data_dir}")
-    ds = ShardDataset(shards, tok, 2, image_size=image_size, max_frames=frames,
+    ds = ShardDataset(shards, tok, stage=2, image_size=image_size, max_frames=frames,
                       replicate_image_frames=IMAGE_FRAMES, loop=False)
     records = []
     for shard in shards:
@@ -706,12 +706,13 @@ def read_shards(data_dir, tok, frames=64, image_size=224):
                 k -= 1
             options = [line[3:] for line in lines[k:]]
             m = re.match(r"^\(?([A-H])[.):]", str(meta.get("assistant") or "").strip())
-            if len(options) < 2 or not m or LETTERS.index(m.group(1)) >= len(options):
+            answer = LETTERS.index(m.group(1)) if m else None  # the letter the answer starts with
+            if len(options) < 2 or answer is None or answer >= len(options):
                 continue  # not a lettered MCQ
             files, where = clip["files"], f"{shard}:{clip['key']}"
             category = meta.get("category", meta.get("source", "all"))
             records.append({"id": where, "question": "\n".join(lines[:k]), "options": options,
-                            "answer": LETTERS.index(m.group(1)), "category": category,
+                            "answer": answer, "category": category,
                             "load": partial(ds.frames, files, meta, where)})
     return records
 
@@ -881,7 +882,7 @@ def loader_speed(tok, B, T, size, workers, pin, batches=4):
     with tempfile.TemporaryDirectory() as d:
         for j in range(max(batches + 1, workers)):
             write_tar(os.path.join(d, f"s{j}.tar"), ((f"k{j}x{i}", sample) for i in range(B)))
-        ds = ShardDataset([os.path.join(d, "*.tar")], tok, 2, image_size=size, max_frames=T,
+        ds = ShardDataset([os.path.join(d, "*.tar")], tok, stage=2, image_size=size, max_frames=T,
                           loop=True, shuffle_buffer=B)
         it = iter(make_loader(ds, B, workers, pin_memory=pin))
         next(it)
