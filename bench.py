@@ -1,39 +1,16 @@
 """
-Benchmarks for nanofVLM: multiple-choice accuracy on video/image benchmarks, and training/inference speed.
+Benchmarks for nanofVLM: multiple-choice accuracy on video/image benchmarks, and training and
+inference speed.
 
-    python bench.py --task=shapes                              # after `python train.py`: the held-out shapes MCQs
+    python bench.py --task=shapes  # after `python train.py`: the held-out shapes MCQs
     python bench.py --task=mvbench --data_dir=MVBench --init_from=out/my_run --out=results.json
-    python bench.py --task=videomme --data_dir=Video-MME --llm_dir=SmolLM2-135M-Instruct --dino_dir=dinov2-small \\
-        --init_from=fVLM-135M/model.safetensors --limit=200
-    python bench.py --task=speed --llm_dir=SmolLM2-135M-Instruct  # train step, decode, MCQ and DPO speed
-    python bench.py --task=longvideo --minutes=60 --fps=1   # an hour at 1 fps streamed: wall, glimpses/s, RSS
+    python bench.py --task=videomme --data_dir=Video-MME --llm_dir=SmolLM2-135M-Instruct \\
+        --dino_dir=dinov2-small --init_from=fVLM-135M/model.safetensors --limit=200
+    python bench.py --task=speed --llm_dir=SmolLM2-135M-Instruct  # train step, decode, MCQ, DPO
+    python bench.py --task=longvideo --minutes=60 --fps=1  # an hour at 1 fps: wall, glimpses/s, RSS
 
-Every global below is a config key (configurator.py; `--help` lists them). The model comes from init_from /
-llm_dir / dino_dir, with the rules of model.load_model, as in train.py and sample.py.
-
-Scoring: ONE DINOv2 encode per question and ONE LLM prefill per mode; the K options ("X. option text" +
-<|im_end|>) are scored in one batch from the repeated cache; the lowest score wins ("likelihood"). --score: mean
-(per-token CE), sum, or original (the original benchmark's: see SCORES). --scoring=generate answers greedily and
-extracts a letter lmms-eval style (minus its traps), comparable with published SmolVLM2 results but not with
-"likelihood"; the results say which ran.
-
-Layouts read (--data_dir points at the folder you downloaded):
-  mvbench    json/<task>.json (20 tasks, lists of {video, question, candidates, answer (option text), start?,
-             end?}) and video/<folder>/<video>, folder from the official task -> folder table (MVBENCH_VIDEO); a
-             video not found there is searched by file name under data_dir. mp4/webm/avi/gif or frame folders.
-  videomme   any *.json / *.jsonl (or *.parquet with pyarrow) with rows {videoID, question, options ["A. ..",
-             ...], answer (letter), duration, domain, task_type}; videos <videoID>.mp4 anywhere under data_dir
-             (the release unzips them into data/). Category = duration (short/medium/long).
-  scienceqa  the official release: problems.json ({pid: {question, choices, answer (index), hint, image, split,
-             subject}}) with images/<split>/<pid>/image.png; or a JSON/JSONL list of {question, choices, answer
-             (index, letter or text), image (relative to the file), hint?, subject?}. Image questions of `split`.
-  pope       the official POPE files (coco_pope_random.json, ...: JSON lines {question_id, image, text, label
-             yes|no}) + the COCO images anywhere under data_dir. A 2-option MCQ (A. yes / B. no); category = the
-             file (coco_random, aokvqa_popular, ...).
-  shards     research tar shards: `user` = question + lettered options, `assistant` = "X. ...".
-  shapes     the held-out MCQs of the embedded default (data_dir default data/shapes).
-Images are replicated to 8 frames. A missing or undecodable video/image is counted wrong and listed under
-"skipped" with its reason, never dropped.
+`python bench.py --help` lists every config key. How a question is scored: score_options and
+SCORES; the layout each benchmark is read from: the read_* function of its task (read_task).
 """
 import glob
 import io
@@ -45,9 +22,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, namedtuple
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
+from functools import partial
 
 import av
 import numpy as np
@@ -57,19 +35,23 @@ from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from data import (IMAGE_EXTS, IMAGE_FRAMES, PAD_ID, VIDEO_EXTS, ShardDataset, SkipSample, encode_answer,
-                  format_mcq, frame_files, prompt_parts, load_image, load_tokenizer, load_video, natural_key,
-                  make_loader, write_tar, read_tar, record_frames, record_text, uniform_indices, video_frames,
-                  video_length, read_ahead, frame_chunks, context_error, shapes_clip)
-from model import (MODES, DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2, compile_counts, compile_model,
-                   decode, keep_freed_memory, left_pad, load_model, mfu, native_bf16, peak_flops, train_flops,
-                   use_tf32, warn_slow_bf16)
+from data import (IMAGE_EXTS, IMAGE_FRAMES, PAD_ID, VIDEO_EXTS, ShardDataset, SkipSample,
+                  context_error, encode_answer, format_mcq, frame_chunks, frame_files, image_files,
+                  load_image, load_tokenizer, load_video, make_loader, prompt_parts, read_ahead,
+                  read_tar, record_frames, record_text, shapes_clip, uniform_indices, video_frames,
+                  video_length, write_tar)
+from model import (MODES, DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2, compile_counts,
+                   compile_model, decode, keep_freed_memory, left_pad, load_model, mfu, native_bf16,
+                   peak_flops, train_flops, use_tf32, warn_slow_bf16)
 
 # -----------------------------------------------------------------------------
-# config
+# config: every global below is a config key (configurator.py). The model comes from init_from /
+# llm_dir / dino_dir by the rules of model.load_model, as in train.py and sample.py.
+# "original" below: the benchmark script of the original fVLM code (not in this repo).
 task = 'shapes'  # mvbench | videomme | scienceqa | pope | shards | shapes | speed | longvideo
 data_dir = ''  # the benchmark as downloaded ('' for shapes: data/shapes)
-init_from = 'out/shapes'  # our checkpoint (dir, run dir) | a .safetensors file over llm_dir + dino_dir
+# our checkpoint (dir, run dir) | a .safetensors file over llm_dir + dino_dir
+init_from = 'out/shapes'
 llm_dir = ''  # a Hugging Face SmolLM2 dir
 dino_dir = ''  # a Hugging Face DINOv2 dir
 modes = 'coarse_only,coarse_fine,autoregressive'
@@ -79,15 +61,16 @@ dtype = 'float32'  # float32 | bfloat16 (autocast; the original benchmark ran bf
 frames = 0  # frames sampled per video; 0 = 16 (shards: every frame up to 64, as the original)
 fps = 0.0  # > 0: videos at this many frames per second, up to `frames`
 image_size = 0  # 0 = 224 (shapes: the size it was generated at)
-score = 'mean'  # mean | sum | original
-scoring = 'likelihood'  # likelihood | generate
+score = 'mean'  # mean | sum | original (see SCORES)
+scoring = 'likelihood'  # likelihood | generate (see SCORING)
 split = 'test'  # scienceqa split
 videomme_duration = ''  # Video-MME: short | medium | long (the rows' `duration`); '' = all
 batch_size = 32  # questions per model call
-stream = False  # videos streamed, autoregressive only (long videos: --fps=1 --frames=0 holds no frame's K/V)
+# videos streamed, autoregressive only (long videos: --fps=1 --frames=0 holds no frame's K/V)
+stream = False
 out = ''  # write every result (and each question's scores) to this json
-# --task=speed: the 135M stage-2 train step (real SmolLM2 from llm_dir, random DINOv2-small) or, without llm_dir,
-# the init_from checkpoint's shape
+# --task=speed: the 135M stage-2 train step (real SmolLM2 from llm_dir, random DINOv2-small) or,
+# without llm_dir, the init_from checkpoint's shape
 speed_dtypes = ''  # '' = float32,bfloat16 on CPU (float32 without native bf16); bfloat16 on CUDA
 speed_batch = 0  # 0 = 2 on CPU; on CUDA the per-GPU batch_size of speed_recipe
 speed_recipe = 'config/stage2_135m.py'
@@ -98,71 +81,104 @@ speed_loader = True  # also time data.py's loader on synthetic shards at the ste
 compile = False  # the step through model.compile_model, as train.py --compile=True
 compile_dynamic = True
 compile_backend = 'inductor'
-compare_with = ''  # a command that times another implementation's step at the same shape (see compare())
+compare_with = ''  # a command that times another implementation's step at our shape (compare())
 minutes = 10  # longvideo: the synthetic video's length (data/longvideo-<minutes>min.mp4, made once)
 longvideo_dtypes = ''  # '' = bfloat16,float32 (float32 alone on a CPU without native bf16)
-if __name__ == "__main__":  # as a script: a config file and --key=value overrides; as an import, these defaults
+# as a script: a config file and --key=value overrides; as an import, these defaults
+if __name__ == "__main__":
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 
 LETTERS = "ABCDEFGH"
-SHORT = {"coarse_only": "co", "coarse_fine": "cf", "autoregressive": "ar"}
-GENERATE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."  # lmms-eval's MCQ post-prompt
-SCORES = {"mean": "mean CE of the tokens of 'X. option<|im_end|>'", "sum": "summed CE of 'X. option<|im_end|>'",
-          "original": "(CE of 'X. option' + CE of the final newline) / (tokens + 2), the original benchmark's score "
-                      "of 'X. option<|im_end|>\\n' with <|im_end|> ignored but counted"}
-SCORING = {"likelihood": "likelihood: lowest score of the assistant turn ({score})",
-           "generate": "generate: greedy answer, letter extracted lmms-eval style (comparable with SmolVLM2 numbers)"}
+SHORT = {"coarse_only": "co", "coarse_fine": "cf", "autoregressive": "ar"}  # progress bar labels
+# lmms-eval's MCQ post-prompt
+GENERATE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
+# --score: how the K answers of a question are ranked (lowest wins); each result names its own
+SCORES = {
+    "mean": "mean CE of the tokens of 'X. option<|im_end|>'",
+    "sum": "summed CE of 'X. option<|im_end|>'",
+    "original": "(CE of 'X. option' + CE of the final newline) / (tokens + 2), the original "
+                "benchmark's score of 'X. option<|im_end|>\\n' with <|im_end|> ignored but counted",
+}
+# --scoring: generate is comparable with published SmolVLM2 results, not with likelihood
+SCORING = {
+    "likelihood": "likelihood: lowest score of the assistant turn ({score})",
+    "generate": "generate: greedy answer, letter extracted lmms-eval style "
+                "(comparable with SmolVLM2 numbers)",
+}
 
 # -----------------------------------------------------------------------------
-# scoring the questions of one batch
+# scoring the questions of one batch ("likelihood"): ONE DINOv2 encode per question and ONE LLM
+# prefill per mode; the K options ("X. option text" + <|im_end|>) are scored in one batch from the
+# repeated cache, and the lowest score wins. --scoring=generate instead answers greedily and
+# extracts a letter lmms-eval style (minus its traps); the results say which ran.
 
 
 def option_answers(tok, options, score="mean"):
-    """The K assistant turns to score: "X. option text" + <|im_end|> (+ the newline after it for the original
-    score), as token ids."""
+    """The K assistant turns to score: "X. option text" + <|im_end|> (+ the newline after it for
+    --score=original), as token ids."""
     newline = tok.encode("\n", add_special_tokens=False).ids if score == "original" else []
     return [encode_answer(tok, f"{LETTERS[i]}. {o}") + newline for i, o in enumerate(options)]
 
 
+def longest_answer(answers):
+    """The token count of the longest of Q lists of answers."""
+    return max(len(x) for a in answers for x in a)
+
+
+def prompt_batch(tok, users, layout, device):
+    """Q user turns -> (question, prompt_ids, prompt_valid), left-padded: question = (ids, valid)
+    of the system + user turn that the question-first layout puts before the frames, or None."""
+    parts = [prompt_parts(tok, u, layout) for u in users]
+    question_first = bool(parts[0][0])
+    question = left_pad([q for q, _ in parts], device) if question_first else None
+    prompt_ids, prompt_valid = left_pad([p for _, p in parts], device)
+    return question, prompt_ids, prompt_valid
+
+
 def prefill_users(model, tok, kv, frame_mask, users, mode, extra):
-    """Each user turn's prefix, in the model's layout, into one cache: [visual][prompt] (frames first) or
-    [question][visual][<|im_start|>assistant\\n] (question first), room for `extra` tokens after it.
-    Returns (cache, last logits [Q,V], attention)."""
-    parts = [prompt_parts(tok, u, model.layout) for u in users]
-    question = left_pad([q for q, _ in parts], frame_mask.device) if parts[0][0] else None
-    prompt_ids, prompt_valid = left_pad([p for _, p in parts], frame_mask.device)
+    """Each user turn's prefix, in the model's layout, into one cache: [visual][prompt] (frames
+    first) or [question][visual][<|im_start|>assistant\\n] (question first), room for `extra`
+    tokens after it. Returns (cache, last logits [Q,V], attention)."""
+    question, prompt_ids, prompt_valid = prompt_batch(tok, users, model.layout, frame_mask.device)
     return model.prefill(kv, frame_mask, prompt_ids, mode, extra, prompt_valid, question)
 
 
 @torch.no_grad()
 def score_options(model, tok, kv, frame_mask, users, answers, mode, score="mean"):
-    """Q questions at once: users [Q user turns], answers [Q lists of K_q answers (ids)] -> Q score tensors
-    [K_q] (lower = more likely). Each question's prefix is computed once; its cache row is repeated K times
-    and all Q*K answers, right-padded, run as one batch. Padding after an answer is invisible to it (causal
-    attention) and only real answer tokens are scored."""
-    longest_answer = max(len(x) for a in answers for x in a)
-    cache, last, _ = prefill_users(model, tok, kv, frame_mask, users, mode, extra=longest_answer)
+    """Q questions at once: users [Q user turns], answers [Q lists of K_q answers (ids)] -> Q score
+    tensors [K_q] (lower = more likely). Each question's prefix is computed once; its cache row is
+    repeated K times and all Q*K answers, right-padded, run as one batch. Padding after an answer
+    is invisible to it (causal attention) and only real answer tokens are scored."""
+    extra = longest_answer(answers)
+    cache, last, _ = prefill_users(model, tok, kv, frame_mask, users, mode, extra)
     return score_cached(model, cache, last, answers, score)
 
 
 def score_cached(model, cache, last, answers, score="mean"):
-    """score_options from a filled cache of Q rows (their last logits [Q,V]): Q score tensors [K_q]."""
+    """score_options from a filled cache of Q rows (their last logits [Q,V]): Q score tensors
+    [K_q]."""
     device = last.device
-    Q, K = len(answers), max(len(a) for a in answers)
-    A = max(len(x) for a in answers for x in a)
-    cache = cache.rows(torch.arange(Q, device=device).repeat_interleave(K))  # row q*K+k: question q, answer k
+    Q, K, A = len(answers), max(len(a) for a in answers), longest_answer(answers)
+    # row q*K+k: question q, answer k
+    cache = cache.rows(torch.arange(Q, device=device).repeat_interleave(K))
     ids = torch.full((Q * K, A), PAD_ID, dtype=torch.long, device=device)  # [QK,A]
     real = torch.zeros(Q * K, A, dtype=torch.bool, device=device)  # [QK,A]
     for q, options in enumerate(answers):
         for k, a in enumerate(options):
-            ids[q * K + k, :len(a)], real[q * K + k, :len(a)] = torch.tensor(a, device=device), True
+            ids[q * K + k, :len(a)] = torch.tensor(a, device=device)
+            real[q * K + k, :len(a)] = True
     logits = model.llm(ids, cache=cache)  # [QK,A,V]; position i predicts answer token i+1
-    pred = torch.cat((last.repeat_interleave(K, 0)[:, None], logits[:, :-1]), 1).float()  # prompt -> token 0
-    # class dim last and contiguous: the transposed layout takes a kernel ~1e-4 less accurate over 49k classes
+    # the prompt's last logits predict token 0
+    pred = torch.cat((last.repeat_interleave(K, 0)[:, None], logits[:, :-1]), 1).float()
+    # class dim last and contiguous: the transposed layout takes a less accurate kernel
     ce = F.cross_entropy(pred.flatten(0, 1), ids.flatten(), reduction="none").view(Q * K, A) * real
-    if score == "original":  # its CE ignored the pad id, which is <|im_end|>, but its mask still counted it
+    # the original fVLM benchmark's CE ignored the pad id (<|im_end|>), but its mask counted it
+    if score == "original":
         ce = ce * (ids != PAD_ID)
-    scores = (ce.sum(1) if score == "sum" else ce.sum(1) / real.sum(1).clamp(min=1)).view(Q, K)
+    if score == "sum":
+        scores = ce.sum(1).view(Q, K)
+    else:
+        scores = (ce.sum(1) / real.sum(1).clamp(min=1)).view(Q, K)
     return [scores[q, :len(a)] for q, a in enumerate(answers)]
 
 
@@ -172,25 +188,34 @@ def generate_answers(model, tok, kv, frame_mask, users, mode, max_new_tokens=16)
     cache, last, _ = prefill_users(model, tok, kv, frame_mask, users, mode, extra=max_new_tokens)
     steps = list(decode(model.llm, cache, last, max_new_tokens, stop_id=PAD_ID))
     rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in users]
-    return [tok.decode(r[:r.index(PAD_ID)] if PAD_ID in r else r, skip_special_tokens=True) for r in rows]
+    rows = [r[:r.index(PAD_ID)] if PAD_ID in r else r for r in rows]  # up to <|im_end|>
+    return [tok.decode(r, skip_special_tokens=True) for r in rows]
 
 
 def extract_choice(text, options):
-    """Generated text -> option index, or None. lmms-eval takes the first capital A-D after stripping
-    'The answer is'-style prefixes; that misreads an article ("A man is ...") as option A and misses an answer
-    given as the option's text. Here: an explicit letter first, then option text, then a lone capital letter."""
+    """Generated text -> option index, or None. lmms-eval takes the first capital A-D after
+    stripping 'The answer is'-style prefixes; that misreads an article ("A man is ...") as option
+    A and misses an answer given as the option's text. Here: an explicit letter first, then option
+    text, then a lone capital letter."""
     letters = LETTERS[:len(options)]
-    s = re.sub(r"(?i)^\s*(the )?(best |correct )?(answer|option)( is)?\s*[:\-]?\s*", "", text.strip()).strip()
-    m = (re.fullmatch(rf"\(?([{letters}])\)?[.):]?", s) or re.match(rf"\(?([{letters}])[.):]", s)
-         or re.match(rf"\(([{letters.lower()}])\)", s))  # "B", "(B)", "B.", "B) cat", "(b)"
+    prefix = r"(?i)^\s*(the )?(best |correct )?(answer|option)( is)?\s*[:\-]?\s*"
+    s = re.sub(prefix, "", text.strip()).strip()
+    # "B", "(B)", "B.", "B) cat", "(b)"
+    m = (re.fullmatch(rf"\(?([{letters}])\)?[.):]?", s)
+         or re.match(rf"\(?([{letters}])[.):]", s)
+         or re.match(rf"\(([{letters.lower()}])\)", s))
     if m:
         return LETTERS.index(m.group(1).upper())
-    norm = lambda x: " ".join(re.sub(r"[^\w\s]", " ", x.lower()).split())  # noqa: E731
-    found = [i for i, o in enumerate(options) if norm(o) and re.search(rf"\b{re.escape(norm(o))}\b", norm(s))]
+
+    def norm(x):  # lower case, punctuation and repeated spaces out
+        return " ".join(re.sub(r"[^\w\s]", " ", x.lower()).split())
+    found = [i for i, o in enumerate(options)
+             if norm(o) and re.search(rf"\b{re.escape(norm(o))}\b", norm(s))]
     if found:  # the longest mention wins ("dark red" over "red")
         return max(found, key=lambda i: len(norm(options[i])))
     for m in re.finditer(rf"\b([{letters}])\b", s):
-        if not (m.group(1) == "A" and re.match(r"\s+[a-z]", s[m.end():])):  # "A dog ..." is an article
+        is_article = m.group(1) == "A" and re.match(r"\s+[a-z]", s[m.end():])  # "A dog ..."
+        if not is_article:
             return LETTERS.index(m.group(1))
     return None
 
@@ -200,17 +225,20 @@ def extract_choice(text, options):
 
 
 def load_frame_dir(path, n, size, start=None, end=None, fps=3):
-    """A folder of frame images (MVBench's tvqa frames, 3 fps) -> [n,3,S,S], within [start,end] seconds."""
-    files = sorted((f for f in os.listdir(path) if f.lower().rsplit(".", 1)[-1] in IMAGE_EXTS), key=natural_key)
+    """A folder of frame images (MVBench's tvqa frames, 3 fps) -> [n,3,S,S], within [start,end]
+    seconds."""
+    files = image_files(path)
     if not files:
         raise ValueError(f"{path}: frame folder holds no images")
     i0 = min(len(files) - 1, max(0, round(start * fps))) if start is not None else 0
     i1 = max(i0 + 1, min(len(files), round(end * fps))) if end is not None else len(files)
-    return torch.cat([load_image(os.path.join(path, files[i0 + i]), size) for i in uniform_indices(i1 - i0, n)])
+    picked = [files[i0 + i] for i in uniform_indices(i1 - i0, n)]
+    return torch.cat([load_image(os.path.join(path, f), size) for f in picked])
 
 
 def load_frames(rec, frames=16, image_size=224, fps=None):
-    """A record's frames [T,3,S,S]; raises ValueError/OSError with the reason when they cannot be had."""
+    """A record's frames [T,3,S,S]; raises ValueError/OSError with the reason when they cannot be
+    had."""
     if "error" in rec:
         raise ValueError(rec["error"])
     if "frames" in rec:
@@ -228,7 +256,8 @@ def load_frames(rec, frames=16, image_size=224, fps=None):
 
 
 def prefetched(records, load, ahead=2):
-    """(record, frames or the exception) in order; the next videos decode in a thread while the model runs."""
+    """(record, frames or the exception) in order; the next videos decode in a thread while the
+    model runs."""
     def safe(r):
         try:
             return load(r)
@@ -243,37 +272,58 @@ def prefetched(records, load, ahead=2):
             futures[i] = None  # free the frames
 
 
+def streamed_chunks(path, size, max_frames, fps, device, progress=False):
+    """A video's frames as normalised chunks [<=8,3,S,S] on `device`, decoded in a thread ahead
+    of the model (for model.stream)."""
+    frames = read_ahead(video_frames(path, size, max_frames, fps, progress=progress))
+    return (c.to(device) for c in frame_chunks(frames, 8))
+
+
 # -----------------------------------------------------------------------------
 # evaluation
 
+# a question whose media loaded: its record, its result item (see new_item), its frames
+LoadedQuestion = namedtuple("LoadedQuestion", "record item video")
 
-def evaluate_mcq(model, tok, records, modes=MODES, device="cpu", score="mean", progress=True, scoring="likelihood",
-                 frames=16, image_size=224, max_new_tokens=16, batch_size=32, fps=None):
+
+def new_item(rec, i):
+    """The result of the i-th record: pred (and scores or text) per mode are filled in later;
+    "error" says why it could not be asked."""
+    return {"id": rec.get("id", i), "category": rec.get("category", "all"),
+            "answer": rec["answer"], "pred": {}}
+
+
+def evaluate_mcq(model, tok, records, modes=MODES, device="cpu", score="mean", progress=True,
+                 scoring="likelihood", frames=16, image_size=224, max_new_tokens=16,
+                 batch_size=32, fps=None):
     """Accuracy per mode and per category of multiple-choice records
-    {question, options [str], answer (index), category?, id?} + one of: frames [T,3,S,S] | video (file or frame
-    folder, + start/end s) | image | load (callable -> frames) | error (why the media is unavailable).
-    batch_size questions share every model call (videos of different lengths are padded and masked).
-    A record whose media fails counts as wrong in every mode and is listed in "skipped". Deterministic."""
+    {question, options [str], answer (index), category?, id?} + one of: frames [T,3,S,S] | video
+    (file or frame folder, + start/end s) | image | load (callable -> frames) | error (why the
+    media is unavailable). batch_size questions share every model call (videos of different
+    lengths are padded and masked). A record whose media fails counts as wrong in every mode and
+    is listed in "skipped". Deterministic."""
     was_training = model.training
     model.eval()
     dtype = model.dino.patch_embed.weight.dtype
     items = []
-    bar = tqdm(total=len(records), disable=not progress, desc=f"mcq ({scoring})", dynamic_ncols=True)
+    bar = tqdm(total=len(records), disable=not progress, desc=f"mcq ({scoring})",
+               dynamic_ncols=True)
     loaded = prefetched(records, lambda r: load_frames(r, frames, image_size, fps))
     for start in range(0, len(records), batch_size):
-        batch = []  # (record, item, video [T,3,S,S]) of the questions whose media loaded
+        batch = []  # LoadedQuestions
         for i in range(start, min(start + batch_size, len(records))):
             rec, video = next(loaded)
-            item = {"id": rec.get("id", i), "category": rec.get("category", "all"), "answer": rec["answer"], "pred": {}}
+            item = new_item(rec, i)
             items.append(item)
-            if isinstance(video, Exception):  # counted (wrong), never silently out of the denominator
+            if isinstance(video, Exception):  # counted (wrong), never out of the denominator
                 item["error"] = str(video)
             else:
-                batch.append((rec, item, video))
+                batch.append(LoadedQuestion(rec, item, video))
         if batch:
             score_batch(model, tok, batch, modes, device, dtype, score, scoring, max_new_tokens)
         acc = mcq_results(items, modes, scoring, score)["accuracy"]
-        bar.set_postfix({SHORT.get(m, m): f"{100 * a:.1f}" for m, a in acc.items()}, refresh=False)
+        bar.set_postfix({SHORT.get(m, m): f"{100 * a:.1f}" for m, a in acc.items()},
+                        refresh=False)
         bar.update(len(items) - bar.n)
     bar.close()
     model.train(was_training)
@@ -282,56 +332,84 @@ def evaluate_mcq(model, tok, records, modes=MODES, device="cpu", score="mean", p
 
 @torch.no_grad()
 def score_batch(model, tok, batch, modes, device, dtype, score, scoring, max_new_tokens):
-    """Fill item["pred"] (and "scores" or "text") per mode for a batch of (record, item, video)."""
-    videos = pad_sequence([v.to(device, dtype) for _, _, v in batch], batch_first=True)  # [Q,T,3,S,S]
-    lengths = torch.tensor([v.shape[0] for _, _, v in batch], device=device)
+    """Fill item["pred"] (and "scores" or "text") per mode for a batch of LoadedQuestions."""
+    videos = [q.video.to(device, dtype) for q in batch]
+    videos = pad_sequence(videos, batch_first=True)  # [Q,T,3,S,S]
+    lengths = torch.tensor([q.video.shape[0] for q in batch], device=device)
     frame_mask = torch.arange(videos.shape[1], device=device) < lengths[:, None]  # [Q,T]
     kv = model.encode(videos, frame_mask)  # once per question: every mode and option reuses it
-    users = [format_mcq(rec["question"], rec["options"]) for rec, _, _ in batch]
+    users = [format_mcq(q.record["question"], q.record["options"]) for q in batch]
     for mode in modes:
         if scoring == "generate":
             users_asked = [u + GENERATE_SUFFIX for u in users]
-            outs = generate_answers(model, tok, kv, frame_mask, users_asked, mode, max_new_tokens)  # texts
-            preds = [extract_choice(text, rec["options"]) for text, (rec, _, _) in zip(outs, batch)]
+            texts = generate_answers(model, tok, kv, frame_mask, users_asked, mode, max_new_tokens)
+            preds = [extract_choice(text, q.record["options"]) for text, q in zip(texts, batch)]
+            outs = texts
         else:
-            answers = [option_answers(tok, rec["options"], score) for rec, _, _ in batch]
+            answers = [option_answers(tok, q.record["options"], score) for q in batch]
             scores = score_options(model, tok, kv, frame_mask, users, answers, mode, score)
             preds = [int(s.argmin()) for s in scores]
             outs = [[round(float(x), 5) for x in s] for s in scores]
-        for pred, result, (_, item, _) in zip(preds, outs, batch):
-            item.setdefault("text" if scoring == "generate" else "scores", {})[mode] = result
-            item["pred"][mode] = pred
+        for pred, result, q in zip(preds, outs, batch):
+            q.item.setdefault("text" if scoring == "generate" else "scores", {})[mode] = result
+            q.item["pred"][mode] = pred
+
+
+def mcq_results(items, modes, scoring="likelihood", score="mean"):
+    """Accuracy per mode and category of evaluate_mcq's items (also of several ranks' items put
+    together)."""
+    total = Counter(i["category"] for i in items)
+    correct = {m: Counter() for m in modes}
+    for item in items:
+        for m in modes:
+            correct[m][item["category"]] += int(item["pred"].get(m, -1) == item["answer"])
+
+    def stats(right, count):
+        return {"accuracy": right / count if count else 0.0, "correct": right, "total": count}
+    per_mode = {}
+    for m in modes:
+        per_category = {k: stats(correct[m][k], t) for k, t in sorted(total.items())}
+        per_mode[m] = dict(stats(sum(correct[m].values()), len(items)), per_category=per_category)
+    skipped = [{"id": i["id"], "category": i["category"], "reason": i["error"]}
+               for i in items if "error" in i]
+    return {"scoring": SCORING[scoring].format(score=SCORES[score]), "score": score,
+            "count": len(items), "accuracy": {m: r["accuracy"] for m, r in per_mode.items()},
+            "modes": per_mode, "skipped": skipped, "skipped_count": len(skipped), "items": items}
 
 
 @torch.no_grad()
-def stream_mcq(model, tok, records, fps=1.0, frames=0, image_size=224, score="mean", progress=True):
-    """autoregressive MCQ on long videos (Video-MME long at 1 fps), streamed (model.stream): the questions
-    about one video share one decode and one encode of each chunk; frames first one walk serves them all,
-    question first each question walks its own. frames: the cap (0: none). A video that does not fit the
-    LLM's context, or fails to decode, counts its questions wrong with the reason. Likelihood scoring."""
-    device, items, by_video = model.q_init.device, [], {}
+def stream_mcq(model, tok, records, fps=1.0, frames=0, image_size=224, score="mean",
+               progress=True):
+    """autoregressive MCQ on long videos (Video-MME long at 1 fps), streamed (model.stream): the
+    questions about one video share one decode and one encode of each chunk; frames first one
+    walk serves them all, question first each question walks its own. frames: the cap (0: none).
+    A video that does not fit the LLM's context, or fails to decode, counts its questions wrong
+    with the reason. Likelihood scoring."""
+    device, items, by_video = model.q_init.device, [], {}  # by_video: path -> [(record, item)]
+    cap = frames or 10 ** 9
     for i, rec in enumerate(records):
-        items.append({"id": rec.get("id", i), "category": rec.get("category", "all"), "answer": rec["answer"],
-                      "pred": {}})
-        by_video.setdefault(rec.get("video") or rec.get("image") or f"error {i}", []).append((rec, items[-1]))
-    for path, group in tqdm(by_video.items(), disable=not progress, desc="videos (streamed)", dynamic_ncols=True):
-        users = [format_mcq(rec["question"], rec["options"]) for rec, _ in group]
-        parts = [prompt_parts(tok, u, model.layout) for u in users]
-        question = left_pad([q for q, _ in parts], device) if parts[0][0] else None
-        prompt_ids, prompt_valid = left_pad([p for _, p in parts], device)
-        answers = [option_answers(tok, rec["options"], score) for rec, _ in group]
-        A = max(len(x) for a in answers for x in a)
+        items.append(new_item(rec, i))
+        path = rec.get("video") or rec.get("image") or f"error {i}"
+        by_video.setdefault(path, []).append((rec, items[-1]))
+    videos = tqdm(by_video.items(), disable=not progress, desc="videos (streamed)",
+                  dynamic_ncols=True)
+    for path, group in videos:
+        recs = [rec for rec, _ in group]
+        users = [format_mcq(rec["question"], rec["options"]) for rec in recs]
+        question, prompt_ids, prompt_valid = prompt_batch(tok, users, model.layout, device)
+        answers = [option_answers(tok, rec["options"], score) for rec in recs]
+        A = longest_answer(answers)
         try:
-            if "error" in group[0][0]:
-                raise ValueError(group[0][0]["error"])
-            n, seconds = video_length(path, frames or 10 ** 9, fps)
-            text = prompt_ids.shape[1] + A + (question[0].shape[1] if question else 0)
-            too_long = context_error(n, seconds, text, model.llm.cfg.max_seq_len, path)
+            if "error" in recs[0]:
+                raise ValueError(recs[0]["error"])
+            n, seconds = video_length(path, cap, fps)
+            text_tokens = prompt_ids.shape[1] + A + (question[0].shape[1] if question else 0)
+            too_long = context_error(n, seconds, text_tokens, model.llm.cfg.max_seq_len, path)
             if too_long:
                 raise ValueError(too_long)
-            chunks = (c.to(device) for c in frame_chunks(read_ahead(video_frames(path, image_size,
-                                                                                 frames or 10 ** 9, fps)), 8))
-            cache, last = model.stream(chunks, n, prompt_ids, A, question, None, prompt_valid)
+            chunks = streamed_chunks(path, image_size, cap, fps, device)
+            cache, last = model.stream(chunks, n, prompt_ids, extra=A, question=question,
+                                       prompt_valid=prompt_valid)
         except (ValueError, OSError) as e:  # counted wrong, listed under "skipped"
             for _, item in group:
                 item["error"] = str(e)
@@ -342,41 +420,33 @@ def stream_mcq(model, tok, records, fps=1.0, frames=0, image_size=224, score="me
     return mcq_results(items, ["autoregressive"], "likelihood", score)
 
 
-def mcq_results(items, modes, scoring="likelihood", score="mean"):
-    """Accuracy per mode and category of evaluate_mcq's items (also of several ranks' items put together)."""
-    total, correct = Counter(i["category"] for i in items), {m: Counter() for m in modes}
-    for item in items:
-        for m in modes:
-            correct[m][item["category"]] += int(item["pred"].get(m, -1) == item["answer"])
-    stats = lambda c, t: {"accuracy": c / t if t else 0.0, "correct": c, "total": t}  # noqa: E731
-    per_mode = {m: dict(stats(sum(correct[m].values()), len(items)), per_category={
-        k: stats(correct[m][k], t) for k, t in sorted(total.items())}) for m in modes}
-    skipped = [{"id": i["id"], "category": i["category"], "reason": i["error"]} for i in items if "error" in i]
-    return {"scoring": SCORING[scoring].format(score=SCORES[score]), "score": score, "count": len(items),
-            "accuracy": {m: r["accuracy"] for m, r in per_mode.items()}, "modes": per_mode, "skipped": skipped,
-            "skipped_count": len(skipped), "items": items}
-
-
 def format_table(results):
     """Accuracy (%) per category (rows) and mode (columns)."""
     per_mode = results["modes"]
     cats = list(next(iter(per_mode.values()))["per_category"]) if per_mode else []
     w = max([len(c) for c in cats] + [8])
-    lines = [results["scoring"], f"{'category':<{w}} {'n':>5} " + " ".join(f"{m:>14}" for m in per_mode)]
+    header = f"{'category':<{w}} {'n':>5} " + " ".join(f"{m:>14}" for m in per_mode)
+    lines = [results["scoring"], header]
     for c in cats:
         row = [r["per_category"][c] for r in per_mode.values()]
-        lines.append(f"{c:<{w}} {row[0]['total']:>5} " + " ".join(f"{100 * r['accuracy']:>14.1f}" for r in row))
-    lines.append(f"{'all':<{w}} {results['count']:>5} "
-                 + " ".join(f"{100 * r['accuracy']:>14.1f}" for r in per_mode.values()))
+        accuracies = " ".join(f"{100 * r['accuracy']:>14.1f}" for r in row)
+        lines.append(f"{c:<{w}} {row[0]['total']:>5} " + accuracies)
+    accuracies = " ".join(f"{100 * r['accuracy']:>14.1f}" for r in per_mode.values())
+    lines.append(f"{'all':<{w}} {results['count']:>5} " + accuracies)
     if results["skipped_count"]:
-        lines.append(f"{results['skipped_count']} questions had no usable media (counted wrong; see 'skipped' in out)")
+        lines.append(f"{results['skipped_count']} questions had no usable media "
+                     f"(counted wrong; see 'skipped' in out)")
     return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
-# task readers: each returns MCQ records (see evaluate_mcq)
+# task readers: each returns MCQ records (see evaluate_mcq) from data_dir, the benchmark's folder
+# as downloaded; read_task picks the reader of a --task. An image is replicated to IMAGE_FRAMES
+# (8) frames (load_frames). A missing or undecodable video/image is counted wrong and listed under
+# "skipped" with its reason, never dropped.
 
-MVBENCH_VIDEO = {  # task json -> folder under video/, as in the official MVBench evaluation (Ask-Anything)
+# task json -> folder under video/, as in the official MVBench evaluation (Ask-Anything)
+MVBENCH_VIDEO = {
     "action_sequence": "star/Charades_v1_480", "action_prediction": "star/Charades_v1_480",
     "action_antonym": "ssv2_video", "fine_grained_action": "Moments_in_Time_Raw/videos",
     "unexpected_action": "FunQA_test/test", "object_existence": "clevrer/video_validation",
@@ -384,19 +454,22 @@ MVBENCH_VIDEO = {  # task json -> folder under video/, as in the official MVBenc
     "moving_direction": "clevrer/video_validation", "action_localization": "sta/sta_video",
     "scene_transition": "scene_qa/video", "action_count": "perception/videos",
     "moving_count": "clevrer/video_validation", "moving_attribute": "clevrer/video_validation",
-    "state_change": "perception/videos", "fine_grained_pose": "nturgbd", "character_order": "perception/videos",
-    "egocentric_navigation": "vlnqa", "episodic_reasoning": "tvqa/frames_fps3_hq",
+    "state_change": "perception/videos", "fine_grained_pose": "nturgbd",
+    "character_order": "perception/videos", "egocentric_navigation": "vlnqa",
+    "episodic_reasoning": "tvqa/frames_fps3_hq",
     "counterfactual_inference": "clevrer/video_validation",
 }
-MVBENCH_BOUNDED = {"action_sequence", "action_prediction", "object_interaction", "action_localization",
-                   "episodic_reasoning"}  # the tasks whose start/end the official evaluation applies
+# the tasks whose start/end the official evaluation applies
+MVBENCH_BOUNDED = {"action_sequence", "action_prediction", "object_interaction",
+                   "action_localization", "episodic_reasoning"}
 
 
 def media_finder(root):
-    """locate(rec, key, path, rel, exts) sets rec[key] = path if it exists, else a file named like `rel` (a name,
-    or a relative path matched by its ending; exts: other extensions accepted) found anywhere under root
-    (datasets get unpacked in many ways; one os.walk, on first need), else sets rec['error']. Returns rec."""
-    by_name = {}
+    """locate(rec, key, path, rel, exts) sets rec[key] = path if it exists, else a file named like
+    `rel` (a name, or a relative path matched by its ending; exts: other extensions accepted)
+    found anywhere under root (datasets get unpacked in many ways; one os.walk, on first need),
+    else sets rec['error']. Returns rec."""
+    by_name = {}  # a file or folder name, and its stem + ".*" -> the paths under root
 
     def locate(rec, key, path, rel, exts):
         if not os.path.exists(path):
@@ -407,9 +480,11 @@ def media_finder(root):
                             by_name.setdefault(k, []).append(os.path.join(folder, name))
             rel = rel.replace("\\", "/")
             base = os.path.basename(rel.rstrip("/"))
-            hits = by_name.get(base, []) + [p for p in by_name.get(os.path.splitext(base)[0] + ".*", [])
+            same_stem = by_name.get(os.path.splitext(base)[0] + ".*", [])
+            hits = by_name.get(base, []) + [p for p in same_stem
                                             if p.lower().rsplit(".", 1)[-1] in exts]
-            hits.sort(key=lambda p: (not p.replace("\\", "/").endswith(rel), p))  # whole `rel` matched first
+            # the whole `rel` matched first
+            hits.sort(key=lambda p: (not p.replace("\\", "/").endswith(rel), p))
             if not hits:
                 rec["error"] = f"missing file: {rel} (not at {path}, nor anywhere under {root})"
             path = hits[0] if hits else path
@@ -419,7 +494,8 @@ def media_finder(root):
 
 
 def read_rows(path):
-    """Rows (dicts) of a .json (a list, {id: row}, or one row), .jsonl or .parquet file; anything else: []."""
+    """Rows (dicts) of a .json (a list, {id: row}, or one row), .jsonl or .parquet file; anything
+    else: []."""
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq  # optional: only asked for when a parquet file is the input
         return pq.read_table(path).to_pylist()
@@ -431,14 +507,16 @@ def read_rows(path):
         except json.JSONDecodeError:  # POPE's .json files are JSON lines
             f.seek(0)
             rows = [json.loads(line) for line in f if line.strip()]
-    if isinstance(rows, dict):  # {id: row} as ScienceQA's problems.json, or one row (JSON lines of one line)
+    # {id: row} as ScienceQA's problems.json, or one row (JSON lines of one line)
+    if isinstance(rows, dict):
         nested = rows and all(isinstance(v, dict) for v in rows.values())
         rows = [dict(v, _key=k) for k, v in rows.items()] if nested else [rows]
     return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
 
 
 def table_files(data_dir, need):
-    """(path, rows) of every json/jsonl/parquet under data_dir whose rows have the fields `need` ("a|b": either)."""
+    """(path, rows) of every json/jsonl/parquet under data_dir whose rows have the fields `need`
+    ("a|b": either)."""
     paths = sorted(p for p in glob.glob(os.path.join(data_dir, "**", "*"), recursive=True)
                    if p.endswith((".json", ".jsonl", ".parquet")))
     out = []
@@ -450,14 +528,17 @@ def table_files(data_dir, need):
         if rows and all(any(k in rows[0] for k in alt.split("|")) for alt in need):
             out.append((path, rows))
     if not out:
-        hint = " (parquet needs pyarrow: pip install pyarrow, or convert it to json)" if any(
-            p.endswith(".parquet") for p in paths) else ""
-        raise FileNotFoundError(f"bench.py: no json/jsonl under {data_dir} with fields {need}{hint}; check data_dir")
+        hint = ""
+        if any(p.endswith(".parquet") for p in paths):
+            hint = " (parquet needs pyarrow: pip install pyarrow, or convert it to json)"
+        raise FileNotFoundError(f"bench.py: no json/jsonl under {data_dir} with fields "
+                                f"{need}{hint}; check data_dir")
     return out
 
 
 def answer_index(answer, options):
-    """An answer as benchmarks write it (an index, a letter, "B. text" or the option's text) -> its index."""
+    """An answer as benchmarks write it (an index, a letter, "B. text" or the option's text) -> its
+    index."""
     if isinstance(answer, int):
         return answer
     answer = str(answer).strip()
@@ -467,44 +548,58 @@ def answer_index(answer, options):
 
 
 def mcq_record(row, where, category="all"):
-    """One MCQ row of MVBench ({question, candidates, answer text}), Video-MME ({question, options "A. ...",
-    answer letter}) or our shapes layout ({question, options, answer index}) -> a record without its media."""
+    """One MCQ row of MVBench ({question, candidates, answer text}), Video-MME ({question, options
+    "A. ...", answer letter}) or our shapes layout ({question, options, answer index}) -> a record
+    without its media."""
     options = [re.sub(r"^[A-H]\.\s*", "", o) for o in row.get("options") or row["candidates"]]
-    rec = {"question": row["question"], "options": options, "category": row.get("category", category)}
+    rec = {"question": row["question"], "options": options,
+           "category": row.get("category", category)}
     try:
         rec["answer"] = answer_index(row["answer"], options)
     except ValueError:
-        rec["error"], rec["answer"] = f"{where}: answer {row['answer']!r} is not among the options", -1
+        rec["error"] = f"{where}: answer {row['answer']!r} is not among the options"
+        rec["answer"] = -1
     return rec
 
 
 def read_mcq_file(path, image_size=64):
-    """Our MCQ json (make_shapes' mcq_val.json; a dir means its mcq_val.json): rows {key, shard, question,
-    options, answer, category}, each clip's frames read from its shard, or rows with a `video` path."""
+    """--task=shapes: our MCQ json (make_shapes' mcq_val.json; a dir means its mcq_val.json): rows
+    {key, shard, question, options, answer, category}, each clip's frames read from its shard, or
+    rows with a `video` path (+ start, end)."""
     path = os.path.join(path, "mcq_val.json") if os.path.isdir(path) else path
-    root, records, wanted = os.path.dirname(os.path.abspath(path)), [], {}
+    root = os.path.dirname(os.path.abspath(path))
+    records, wanted = [], {}  # wanted: shard -> {key: the record whose frames it holds}
     for j, row in enumerate(read_rows(path)):
         rec = dict(mcq_record(row, f"{path}[{j}]"), id=j)
         if "shard" in row:
             wanted.setdefault(os.path.join(root, row["shard"]), {})[row["key"]] = rec
         else:
-            rec.update(video=os.path.join(root, row["video"]), **{k: row[k] for k in ("start", "end") if k in row})
+            rec["video"] = os.path.join(root, row["video"])
+            rec.update({k: row[k] for k in ("start", "end") if k in row})
         records.append(rec)
     for shard, by_key in wanted.items():
         for clip in read_tar(shard):
             if clip["key"] in by_key:
-                by_key[clip["key"]]["frames"] = record_frames(clip["files"], frame_files(clip["files"]),
+                files = clip["files"]
+                by_key[clip["key"]]["frames"] = record_frames(files, frame_files(files),
                                                               image_size, shard)
     if missing := [r["question"] for r in records if "frames" not in r and "video" not in r]:
-        raise ValueError(f"{path}: {len(missing)} MCQs whose key is not in their shard; regenerate with make_shapes")
+        raise ValueError(f"{path}: {len(missing)} MCQs whose key is not in their shard; "
+                         f"regenerate with make_shapes")
     return records
 
 
 def read_mvbench(data_dir):
-    json_dir = os.path.join(data_dir, "json") if os.path.isdir(os.path.join(data_dir, "json")) else data_dir
+    """MVBench: json/<task>.json (20 tasks, lists of {video, question, candidates, answer (option
+    text), start?, end?}) and video/<folder>/<video>, the folder from the official task -> folder
+    table (MVBENCH_VIDEO); a video not found there is searched by file name under data_dir.
+    mp4/webm/avi/gif or frame folders. Category = the task."""
+    json_dir = os.path.join(data_dir, "json")
+    json_dir = json_dir if os.path.isdir(json_dir) else data_dir
     files = sorted(glob.glob(os.path.join(json_dir, "*.json")))
     if not files:
-        raise FileNotFoundError(f"bench.py: no MVBench json/*.json under {data_dir}; point data_dir at the download")
+        raise FileNotFoundError(f"bench.py: no MVBench json/*.json under {data_dir}; "
+                                f"point data_dir at the download")
     locate, records = media_finder(data_dir), []
     for path in files:
         name = os.path.splitext(os.path.basename(path))[0]
@@ -513,66 +608,91 @@ def read_mvbench(data_dir):
             rec = dict(mcq_record(row, f"{path}[{j}]", name), id=f"{name}/{j}")
             if name in MVBENCH_BOUNDED or name not in MVBENCH_VIDEO:
                 rec.update({k: float(row[k]) for k in ("start", "end") if row.get(k) is not None})
-            records.append(locate(rec, "video", os.path.join(folder, row["video"]), row["video"], VIDEO_EXTS))
+            video = os.path.join(folder, row["video"])
+            records.append(locate(rec, "video", video, row["video"], VIDEO_EXTS))
     return records
 
 
 def read_videomme(data_dir, duration=""):
-    """Video-MME's questions, those of one duration category (short | medium | long) unless duration=''."""
+    """Video-MME's questions, those of one duration category (short | medium | long) unless
+    duration='': any *.json / *.jsonl (or *.parquet with pyarrow) with rows {videoID, question,
+    options ["A. ..", ...], answer (letter), duration, domain, task_type}; videos <videoID>.mp4
+    anywhere under data_dir (the release unzips them into data/). Category = duration."""
     locate, records = media_finder(data_dir), []
     if duration not in ("", "short", "medium", "long"):
-        raise ValueError(f"bench.py: videomme_duration={duration!r}: choose short, medium, long or '' (all)")
-    for path, rows in table_files(data_dir, ["videoID|videoid|video_id", "question", "options", "answer"]):
+        raise ValueError(f"bench.py: videomme_duration={duration!r}: "
+                         f"choose short, medium, long or '' (all)")
+    need = ["videoID|videoid|video_id", "question", "options", "answer"]
+    for path, rows in table_files(data_dir, need):
         for j, row in enumerate(rows):
             if duration and row.get("duration") != duration:
                 continue
             vid = str(row.get("videoID") or row.get("videoid") or row.get("video_id"))
             rec = dict(mcq_record(row, f"{path}[{j}]", row.get("duration", "all")),
-                       id=row.get("question_id", f"{vid}/{j}"), domain=row.get("domain"), task_type=row.get("task_type"))
-            records.append(locate(rec, "video", os.path.join(data_dir, "data", vid + ".mp4"), vid + ".mp4", VIDEO_EXTS))
+                       id=row.get("question_id", f"{vid}/{j}"), domain=row.get("domain"),
+                       task_type=row.get("task_type"))
+            video = os.path.join(data_dir, "data", vid + ".mp4")
+            records.append(locate(rec, "video", video, vid + ".mp4", VIDEO_EXTS))
     return records
 
 
 def read_scienceqa(data_dir, split="test"):
+    """ScienceQA's image questions of `split` (the usual ScienceQA-IMG protocol): the official
+    release, problems.json ({pid: {question, choices, answer (index), hint, image, split,
+    subject}}) with images/<split>/<pid>/image.png; or a JSON/JSONL list of {question, choices,
+    answer (index, letter or text), image (relative to the file), hint?, subject?}. Category = the
+    subject."""
     locate, records = media_finder(data_dir), []
     official = glob.glob(os.path.join(data_dir, "**", "problems.json"), recursive=True)
-    sources = [(p, read_rows(p)) for p in official] or table_files(data_dir, ["question", "choices", "answer"])
+    sources = [(p, read_rows(p)) for p in official]
+    sources = sources or table_files(data_dir, ["question", "choices", "answer"])
     for path, rows in sources:
         root = os.path.dirname(path)
         for j, row in enumerate(rows):
             if not row.get("image") or (official and row.get("split", split) != split):
-                continue  # image questions of the split only (the usual ScienceQA-IMG protocol)
+                continue
             # problems.json: images/<split>/<pid>/image.png; a plain list: relative to its file
             rel = f"{split}/{row['_key']}/{row['image']}" if official else row["image"]
+            image = os.path.join(root, "images" if official else "", rel)
             hint = (row.get("hint") or "").strip()
             rec = {"id": row.get("_key", row.get("id", j)), "options": list(row["choices"]),
                    "question": (f"Context: {hint}\n" if hint else "") + row["question"],
-                   "answer": answer_index(row["answer"], row["choices"]), "category": row.get("subject", "all")}
-            records.append(locate(rec, "image", os.path.join(root, "images" if official else "", rel), rel, IMAGE_EXTS))
+                   "answer": answer_index(row["answer"], row["choices"]),
+                   "category": row.get("subject", "all")}
+            records.append(locate(rec, "image", image, rel, IMAGE_EXTS))
     return records
 
 
 def read_pope(data_dir):
+    """POPE: the official files (coco_pope_random.json, ...: JSON lines {question_id, image, text,
+    label yes|no}) + the COCO images anywhere under data_dir. A 2-option MCQ (A. yes / B. no);
+    category = the file (coco_random, aokvqa_popular, ...)."""
     locate, records = media_finder(data_dir), []
     for path, rows in table_files(data_dir, ["text|question", "label|answer", "image"]):
         stem = os.path.splitext(os.path.basename(path))[0]
         for j, row in enumerate(rows):
             label = str(row.get("label", row.get("answer"))).strip().lower()
-            rec = {"id": f"{stem}/{row.get('question_id', j)}", "question": row.get("text") or row["question"],
+            rec = {"id": f"{stem}/{row.get('question_id', j)}",
+                   "question": row.get("text") or row["question"],
                    "options": ["yes", "no"], "answer": 0 if label == "yes" else 1,
-                   "category": row.get("category") or stem.replace("_pope", "")}  # e.g. coco_random, gqa_popular
-            records.append(locate(rec, "image", os.path.join(os.path.dirname(path), row["image"]), row["image"],
-                                  IMAGE_EXTS))
+                   "category": row.get("category") or stem.replace("_pope", "")}
+            image = os.path.join(os.path.dirname(path), row["image"])
+            records.append(locate(rec, "image", image, row["image"], IMAGE_EXTS))
     return records
 
 
 def read_shards(data_dir, tok, frames=64, image_size=224):
-    """MCQs from research tar shards: `user` ends with lettered option lines, `assistant` starts with the letter."""
-    shards = sorted(glob.glob(os.path.join(data_dir, "*.tar*"))) if os.path.isdir(data_dir) else glob.glob(data_dir)
+    """MCQs from tar shards in data.py's layout (a dir of *.tar*, or a glob): `user` ends with
+    lettered option lines "X. ...", `assistant` starts with the letter. Other records are left
+    out."""
+    if os.path.isdir(data_dir):
+        shards = sorted(glob.glob(os.path.join(data_dir, "*.tar*")))
+    else:
+        shards = glob.glob(data_dir)
     if not shards:
         raise FileNotFoundError(f"bench.py: no *.tar shards in {data_dir}")
-    ds = ShardDataset(shards, tok, 2, image_size=image_size, max_frames=frames, replicate_image_frames=IMAGE_FRAMES,
-                      loop=False)
+    ds = ShardDataset(shards, tok, stage=2, image_size=image_size, max_frames=frames,
+                      replicate_image_frames=IMAGE_FRAMES, loop=False)
     records = []
     for shard in shards:
         for clip in read_tar(shard):
@@ -581,21 +701,24 @@ def read_shards(data_dir, tok, frames=64, image_size=224):
             except SkipSample:
                 continue
             lines = str(meta.get("user") or "").split("\n")
-            k = len(lines)
+            k = len(lines)  # lines[k:] are the options
             while k > 0 and re.match(r"^[A-H]\. ", lines[k - 1]):
                 k -= 1
             options = [line[3:] for line in lines[k:]]
             m = re.match(r"^\(?([A-H])[.):]", str(meta.get("assistant") or "").strip())
-            if len(options) < 2 or not m or LETTERS.index(m.group(1)) >= len(options):
+            answer = LETTERS.index(m.group(1)) if m else None  # the letter the answer starts with
+            if len(options) < 2 or answer is None or answer >= len(options):
                 continue  # not a lettered MCQ
             files, where = clip["files"], f"{shard}:{clip['key']}"
+            category = meta.get("category", meta.get("source", "all"))
             records.append({"id": where, "question": "\n".join(lines[:k]), "options": options,
-                            "answer": LETTERS.index(m.group(1)), "category": meta.get("category", meta.get("source", "all")),
-                            "load": lambda files=files, meta=meta, where=where: ds.frames(files, meta, where)})
+                            "answer": answer, "category": category,
+                            "load": partial(ds.frames, files, meta, where)})
     return records
 
 
-def read_task(task, data_dir, tok, frames, image_size, split="test"):
+def read_task(task, data_dir, tok, frames, image_size, split="test", duration=""):
+    """The MCQ records of a --task (not speed or longvideo)."""
     if task == "shapes":  # at the size the task was generated with, as train.py's eval reads it
         return read_mcq_file(data_dir, image_size)
     if task == "shards":
@@ -603,12 +726,13 @@ def read_task(task, data_dir, tok, frames, image_size, split="test"):
     if task == "scienceqa":
         return read_scienceqa(data_dir, split)
     if task == "videomme":
-        return read_videomme(data_dir, videomme_duration)
-    return {"mvbench": read_mvbench, "videomme": read_videomme, "pope": read_pope}[task](data_dir)
+        return read_videomme(data_dir, duration)
+    return {"mvbench": read_mvbench, "pope": read_pope}[task](data_dir)
 
 
 # -----------------------------------------------------------------------------
-# speed: what nanoGPT's bench.py is for. Train step throughput and MFU, decode, MCQ, DPO, peak memory.
+# speed: what nanoGPT's bench.py is for. Train step throughput and MFU, decode, MCQ, DPO, peak
+# memory.
 
 
 def _peak_rss():
@@ -622,9 +746,9 @@ def _peak_rss():
 
 @contextmanager
 def peak_memory(device):
-    """Yields a dict that gets the block's peak memory in MB ("peak_mem_mb", "mem_growth_mb"): on GPU from
-    torch.cuda.max_memory_allocated; on CPU the process's peak RSS, reset through /proc/self/clear_refs (if that
-    is not allowed, only the growth is the block's own)."""
+    """Yields a dict that gets the block's peak memory in MB ("peak_mem_mb", "mem_growth_mb"): on
+    GPU from torch.cuda.max_memory_allocated; on CPU the process's peak RSS, reset through
+    /proc/self/clear_refs (if that is not allowed, only the growth is the block's own)."""
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -634,21 +758,21 @@ def peak_memory(device):
                 f.write("5")  # resets VmHWM to the current RSS
         except OSError:
             pass
-    mem, base = {}, torch.cuda.memory_allocated() if cuda else _peak_rss()
+    mem = {}
+    base = torch.cuda.memory_allocated() if cuda else _peak_rss()
     yield mem
     peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss()
     mem.update(peak_mem_mb=peak / 2 ** 20, mem_growth_mb=(peak - base) / 2 ** 20)
 
 
-def timed(fn, device, repeat=1):
-    """Seconds per call of fn (after the device has finished)."""
+def timed(fn, device):
+    """Seconds of one call of fn (after the device has finished)."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    for _ in range(repeat):
-        fn()
+    fn()
     sync()
-    return (time.perf_counter() - t0) / repeat
+    return time.perf_counter() - t0
 
 
 def median(xs):
@@ -656,15 +780,17 @@ def median(xs):
 
 
 def train_speed(model, batch, device, dtypes, steps, mode="coarse_fine"):
-    """Seconds per stage-2 train step (forward, backward, fused AdamW) per dtype, interleaved so that load from
-    other jobs on a shared machine hits every dtype alike; the loss of each dtype on the same weights and batch,
-    before any update; peak memory of the warm-up steps."""
-    opt = model.configure_optimizers(0.01, dict.fromkeys(("connector", "steer", "dino", "dino_qk", "llm"), 1e-5))
+    """Seconds per stage-2 train step (forward, backward, fused AdamW) per dtype, interleaved so
+    that load from other jobs on a shared machine hits every dtype alike; the loss of each dtype
+    on the same weights and batch, before any update; peak memory of the warm-up steps."""
+    groups = ("connector", "steer", "dino", "dino_qk", "llm")
+    opt = model.configure_optimizers(0.01, dict.fromkeys(groups, 1e-5))
     report = {name: {} for name in dtypes}
     model.train()
 
     def step(name, update=True):
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=name == "bfloat16"):
+        bf16 = name == "bfloat16"
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             _, loss = model(batch["frames"], batch["input_ids"], batch["loss_mask"], mode=mode)
         if update:
             loss.backward()
@@ -674,9 +800,11 @@ def train_speed(model, batch, device, dtypes, steps, mode="coarse_fine"):
     with torch.no_grad():
         for name in dtypes:
             report[name]["loss"] = step(name, update=False)
-    for name in dtypes:  # warm-up: the optimizer state and the allocator's pools are built in the first two steps
+    # warm-up: the optimizer state and the allocator's pools are built in the first two steps
+    for name in dtypes:
         with peak_memory(device) as mem:
-            step(name), step(name)
+            step(name)
+            step(name)
         report[name].update(mem)
     times = {name: [] for name in dtypes}
     for _ in range(steps):
@@ -688,20 +816,24 @@ def train_speed(model, batch, device, dtypes, steps, mode="coarse_fine"):
 
 
 def dpo_speed(model, batch, device, rounds=3):
-    """DPO step / stage-2 step (forward + backward) on the same batch: with the live reference and with a
-    precomputed one. The chosen answers are the stage-2 batch's texts; the rejected ones are the same tokens
-    shifted, so both answers have the batch's length."""
+    """DPO step / stage-2 step (forward + backward) on the same batch: with the live reference and
+    with a precomputed one. The chosen answers are the stage-2 batch's texts; the rejected ones
+    are the same tokens shifted, so both answers have the batch's length."""
     import dpo
-    B = len(batch["frames"])
-    two = lambda a, b: torch.stack((a, b), 1).flatten(0, 1)  # noqa: E731  (rows chosen_0, rejected_0, ...)
-    pair = {"frames": batch["frames"], "frame_mask": torch.ones(batch["frames"].shape[:2], dtype=torch.bool,
-                                                                 device=device),
-            "keys": [str(i) for i in range(B)], "owner": torch.arange(B, device=device).repeat_interleave(2),
-            "input_ids": two(batch["input_ids"], batch["input_ids"].roll(1, 1)),
-            "loss_mask": two(batch["loss_mask"], batch["loss_mask"])}
+    frames, ids, loss_mask = batch["frames"], batch["input_ids"], batch["loss_mask"]
+    B = len(frames)
+
+    def two(chosen, rejected):  # rows chosen_0, rejected_0, chosen_1, ...
+        return torch.stack((chosen, rejected), 1).flatten(0, 1)
+    pair = {"frames": frames,
+            "frame_mask": torch.ones(frames.shape[:2], dtype=torch.bool, device=device),
+            "keys": [str(i) for i in range(B)],
+            "owner": torch.arange(B, device=device).repeat_interleave(2),
+            "input_ids": two(ids, ids.roll(1, 1)),
+            "loss_mask": two(loss_mask, loss_mask)}
     ref = dpo.make_reference(model)
     table = dict(zip(pair["keys"], dpo.reference_logps(ref, pair, "coarse_fine")))
-    steps = {"stage2": lambda: model(batch["frames"], batch["input_ids"], batch["loss_mask"])[1].backward(),
+    steps = {"stage2": lambda: model(frames, ids, loss_mask)[1].backward(),
              "dpo": lambda: dpo.batch_loss(model, ref, pair)[0].backward(),
              "dpo_precomputed": lambda: dpo.batch_loss(model, table, pair)[0].backward()}
     times = {name: [] for name in steps}
@@ -717,7 +849,8 @@ def dpo_speed(model, batch, device, rounds=3):
 
 
 def recipe_keys(path):
-    """The keys a config file sets (read from the repo dir: a recipe execs its parent by relative path)."""
+    """The keys a config file sets (read from the repo dir: a recipe execs its parent by relative
+    path)."""
     keys, here = {}, os.getcwd()
     os.chdir(os.path.dirname(os.path.abspath(__file__)))
     try:
@@ -727,90 +860,30 @@ def recipe_keys(path):
     return keys
 
 
-def speed():
-    """--task=speed: the train step per frame count and dtype (samples/s, tokens/s, MFU, peak memory; with
-    compile, the graphs each frame count added and the graph breaks), the loader's samples/s at the step's
-    shape, decode tokens/s, MCQ questions/s, the DPO step against a stage-2 step; with compare_with, the other
-    implementation's step at the same shapes in the same run."""
-    torch.manual_seed(0)
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        use_tf32()  # as train.py does: fp32 matmuls outside autocast on tensor cores
-    else:
-        keep_freed_memory()  # as train.py does
-    if llm_dir:  # the 135M shape: real SmolLM2, random DINOv2-small
-        model, tok = FoveatedVLM(SmolLM2.from_pretrained(llm_dir), DINOv2(DinoConfig())), load_tokenizer(llm_dir)
-    else:
-        model, tok_path = load_model(init_from)
-        tok = load_tokenizer(tok_path)
-    size = image_size or (224 if llm_dir else model.dino.cfg.image_size)
-    model.to(device)
-    recipe = recipe_keys(speed_recipe) if cuda and not speed_batch else {}
-    B, S, V = speed_batch or recipe.get("batch_size", 2), speed_text, model.llm.cfg.vocab_size
-    both = "float32,bfloat16" if native_bf16(device) else "float32"  # emulated bf16: ~30x slower
-    dtypes = (speed_dtypes or ("bfloat16" if cuda else both))
-    dtypes = dtypes.split(",")
-    sweep = [int(t) for t in str(speed_frames).split(",")]
-    report = {"device": torch.cuda.get_device_name(device) if cuda else str(device),
-              "shape": "135M" if llm_dir else init_from, "B": B, "frames": sweep, "S": S, "image_size": size,
-              "params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
-              "compile": compile and {"dynamic": compile_dynamic, "backend": compile_backend}}
-    if compile:
-        compile_model(model, compile_dynamic, compile_backend)
-    for T in sweep:
-        batch = {"frames": torch.randn(B, T, 3, size, size, device=device),
-                 "input_ids": torch.randint(3, V, (B, S), device=device),
-                 "loss_mask": torch.ones(B, S, dtype=torch.long, device=device)}
-        flops = train_flops(model, B, T, S, size, targets=S - 1)  # position i predicts token i+1
-        row = report[f"T{T}"] = {"train_flops_per_step": flops}
-        before = compile_counts()
-        for name, r in train_speed(model, batch, device, dtypes, speed_steps).items():
-            peak = peak_flops(device, getattr(torch, name))
-            row[name] = dict(r, samples_per_s=B / r["step_s"], tokens_per_s=B * (T + S) / r["step_s"],
-                             mfu=mfu(flops, r["step_s"], peak), peak_flops=peak)
-        if compile:  # graphs this frame count added: 0 after the first = no recompiles as T varies
-            after = compile_counts()
-            row.update(graphs_added=after["graphs"] - before["graphs"], graph_breaks=after["graph_breaks"])
-        if speed_loader:
-            row["loader_samples_per_s"] = loader_speed(tok, B, T, size, recipe.get("num_workers", 1), cuda)
-        if compare_with:
-            row["compare"] = compare(compare_with, row, B, T, S, size, dtypes)
-        if T == sweep[0]:
-            report.update(dpo_speed(model.train(), batch, device))
-            first = batch["frames"][:1]
-    model.eval()
-    mask = torch.ones(first.shape[:2], dtype=torch.bool, device=device)  # decode after the first frame count
-    with torch.no_grad():
-        kv = model.encode(first, mask)
-
-    def generate(n=32):
-        cache, last, _ = prefill_users(model, tok, kv, mask, ["Describe this video."], "autoregressive", n)
-        for _ in decode(model.llm, cache, last, n, stop_id=-1):  # never stops: a fixed length
-            pass
-    generate(4)
-    report["decode_tokens_per_s"] = 32 / median([timed(generate, device) for _ in range(3)])
-    with peak_memory(device) as mem:
-        report["mcq_questions_per_s"] = mcq_speed(model, tok, 16, size, device)
-    report.update(mcq_peak_mem_mb=mem["peak_mem_mb"], mcq_frames=16)
-    return report
+def jpg_bytes(a):
+    """uint8 [S,S,3] -> jpg bytes (quality 90, as tools/write_shards.py)"""
+    out = io.BytesIO()
+    Image.fromarray(a).save(out, "JPEG", quality=90)
+    return out.getvalue()
 
 
 def loader_speed(tok, B, T, size, workers, pin, batches=4):
-    """Samples/s of data.py's loader, as train.py makes it (pinned on CUDA), on synthetic research-layout
-    shards written here: B samples of T jpg frames at the training resolution per shard, one shard per
-    batch. Timed after the first batch (worker start-up)."""
+    """Samples/s of data.py's loader, as train.py makes it (pinned on CUDA), on synthetic shards
+    in data.py's layout written here: B samples of T jpg frames at the training resolution per
+    shard, one shard per batch. Timed after the first batch (worker start-up)."""
     rng = np.random.default_rng(0)
-    img = lambda: np.kron(rng.integers(0, 256, (size // 8 + 1, size // 8 + 1, 3)),  # noqa: E731
-                          np.ones((8, 8, 1)))[:size, :size].astype(np.uint8)  # blocks: smoother than noise
-    frames = [jpg_bytes(img()) for _ in range(T)]
+
+    def block_image():  # random 8x8 blocks: smoother than noise, so it compresses like a photo
+        blocks = rng.integers(0, 256, (size // 8 + 1, size // 8 + 1, 3))
+        return np.kron(blocks, np.ones((8, 8, 1)))[:size, :size].astype(np.uint8)
+    frames = [jpg_bytes(block_image()) for _ in range(T)]
     text = {"user": "What happens in the video?", "assistant": "A ball moves from left to right."}
+    sample = {"json": text, **{f"{t:03d}.jpg": f for t, f in enumerate(frames)}}
     with tempfile.TemporaryDirectory() as d:
         for j in range(max(batches + 1, workers)):
-            write_tar(os.path.join(d, f"s{j}.tar"),
-                      ((f"k{j}x{i}", {"json": text, **{f"{t:03d}.jpg": f for t, f in enumerate(frames)}})
-                       for i in range(B)))
-        ds = ShardDataset([os.path.join(d, "*.tar")], tok, 2, image_size=size, max_frames=T, loop=True,
-                          shuffle_buffer=B)
+            write_tar(os.path.join(d, f"s{j}.tar"), ((f"k{j}x{i}", sample) for i in range(B)))
+        ds = ShardDataset([os.path.join(d, "*.tar")], tok, stage=2, image_size=size, max_frames=T,
+                          loop=True, shuffle_buffer=B)
         it = iter(make_loader(ds, B, workers, pin_memory=pin))
         next(it)
         t0 = time.perf_counter()
@@ -821,32 +894,45 @@ def loader_speed(tok, B, T, size, workers, pin, batches=4):
     return B * batches / seconds
 
 
-def jpg_bytes(a):
-    """uint8 [S,S,3] -> jpg bytes (quality 90, as tools/write_shards.py)"""
-    out = io.BytesIO()
-    Image.fromarray(a).save(out, "JPEG", quality=90)
-    return out.getvalue()
-
-
 def compare(command, row, B, T, S, size, dtypes):
-    """Runs `command` (+ --llm_dir --B --T --S --size --steps --dtypes --device) in a subprocess: another
-    implementation's train step at this shape (e.g. the original code's, from a copy outside this repo). Its
-    last stdout line is JSON {dtype: {step_s}}; returns its step per dtype and our speedup (its s / ours)."""
-    args = shlex.split(command) + ["--llm_dir", llm_dir, "--B", str(B), "--T", str(T), "--S", str(S), "--size",
-                                   str(size), "--steps", str(speed_steps), "--dtypes", ",".join(dtypes),
-                                   "--device", str(device)]
+    """Runs `command` (+ --llm_dir --B --T --S --size --steps --dtypes --device) in a subprocess:
+    another implementation's train step at this shape (e.g. the original fVLM code's, from a copy
+    outside this repo). Its last stdout line is JSON {dtype: {step_s}}; returns its step per dtype
+    and our speedup (its s / ours)."""
+    args = shlex.split(command) + [
+        "--llm_dir", llm_dir, "--B", str(B), "--T", str(T), "--S", str(S), "--size", str(size),
+        "--steps", str(speed_steps), "--dtypes", ",".join(dtypes), "--device", str(device)]
     out = subprocess.run(args, capture_output=True, text=True)
     if out.returncode:
         return {"command": command, "error": out.stderr[-2000:]}
     theirs = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"command": command, **{name: {"their_step_s": theirs[name]["step_s"],
-                                          "speedup": theirs[name]["step_s"] / row[name]["step_s"]}
-                                   for name in dtypes if name in theirs}}
+    per_dtype = {name: {"their_step_s": theirs[name]["step_s"],
+                        "speedup": theirs[name]["step_s"] / row[name]["step_s"]}
+                 for name in dtypes if name in theirs}
+    return {"command": command, **per_dtype}
+
+
+def decode_speed(model, tok, frames, device, n=32):
+    """Tokens/s of n greedy tokens (never stopping early) after the prompt of a video's frames
+    [1,T,3,S,S], its DINOv2 encode done once beforehand."""
+    mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=device)
+    with torch.no_grad():
+        kv = model.encode(frames, mask)
+
+    def generate(n=n):
+        users = ["Describe this video."]
+        cache, last, _ = prefill_users(model, tok, kv, mask, users, "autoregressive", n)
+        for _ in decode(model.llm, cache, last, n, stop_id=-1):  # never stops: a fixed length
+            pass
+    generate(4)  # warm-up
+    return n / median([timed(generate, device) for _ in range(3)])
 
 
 def mcq_speed(model, tok, T, size, device, questions=4):
-    """Questions/s of 4 options in every mode on random frames, `questions` per call as evaluate_mcq does."""
-    videos = torch.randn(questions, T, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    """Questions/s of 4 options in every mode on random frames, `questions` per call as
+    evaluate_mcq does."""
+    generator = torch.Generator().manual_seed(0)
+    videos = torch.randn(questions, T, 3, size, size, generator=generator).to(device)
     options = ["a red ball", "a dog on a sofa", "two people talking in a kitchen", "nothing"]
     user = format_mcq("What does the video show, and what happens at the end of it?", options)
     answers = option_answers(tok, options)
@@ -861,13 +947,79 @@ def mcq_speed(model, tok, T, size, device, questions=4):
     return questions / median([timed(run, device) for _ in range(3)])
 
 
+def speed():
+    """--task=speed: the train step per frame count and dtype (samples/s, tokens/s, MFU, peak
+    memory; with compile, the graphs each frame count added and the graph breaks), the loader's
+    samples/s at the step's shape, decode tokens/s, MCQ questions/s, the DPO step against a
+    stage-2 step; with compare_with, the other implementation's step at the same shapes in the
+    same run."""
+    torch.manual_seed(0)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        use_tf32()  # as train.py does: fp32 matmuls outside autocast on tensor cores
+    else:
+        keep_freed_memory()  # as train.py does
+    if llm_dir:  # the 135M shape: real SmolLM2, random DINOv2-small
+        model = FoveatedVLM(SmolLM2.from_pretrained(llm_dir), DINOv2(DinoConfig()))
+        tok = load_tokenizer(llm_dir)
+    else:
+        model, tok_path = load_model(init_from)
+        tok = load_tokenizer(tok_path)
+    size = image_size or (224 if llm_dir else model.dino.cfg.image_size)
+    model.to(device)
+    recipe = recipe_keys(speed_recipe) if cuda and not speed_batch else {}
+    B = speed_batch or recipe.get("batch_size", 2)
+    S, V = speed_text, model.llm.cfg.vocab_size
+    # bf16 without native support is emulated: far too slow to time by default
+    both = "float32,bfloat16" if native_bf16(device) else "float32"
+    dtypes = (speed_dtypes or ("bfloat16" if cuda else both)).split(",")
+    sweep = [int(t) for t in str(speed_frames).split(",")]
+    report = {"device": torch.cuda.get_device_name(device) if cuda else str(device),
+              "shape": "135M" if llm_dir else init_from, "B": B, "frames": sweep, "S": S,
+              "image_size": size, "params": sum(p.numel() for p in model.parameters()),
+              "threads": torch.get_num_threads(),
+              "compile": compile and {"dynamic": compile_dynamic, "backend": compile_backend}}
+    if compile:
+        compile_model(model, compile_dynamic, compile_backend)
+    for T in sweep:
+        batch = {"frames": torch.randn(B, T, 3, size, size, device=device),
+                 "input_ids": torch.randint(3, V, (B, S), device=device),
+                 "loss_mask": torch.ones(B, S, dtype=torch.long, device=device)}
+        flops = train_flops(model, B, T, S, size, targets=S - 1)  # position i predicts token i+1
+        row = report[f"T{T}"] = {"train_flops_per_step": flops}
+        before = compile_counts()
+        for name, r in train_speed(model, batch, device, dtypes, speed_steps).items():
+            peak = peak_flops(device, getattr(torch, name))
+            row[name] = dict(r, samples_per_s=B / r["step_s"],
+                             tokens_per_s=B * (T + S) / r["step_s"],
+                             mfu=mfu(flops, r["step_s"], peak), peak_flops=peak)
+        if compile:  # graphs this frame count added: 0 after the first = no recompiles as T varies
+            after = compile_counts()
+            row.update(graphs_added=after["graphs"] - before["graphs"],
+                       graph_breaks=after["graph_breaks"])
+        if speed_loader:
+            workers = recipe.get("num_workers", 1)
+            row["loader_samples_per_s"] = loader_speed(tok, B, T, size, workers, cuda)
+        if compare_with:
+            row["compare"] = compare(compare_with, row, B, T, S, size, dtypes)
+        if T == sweep[0]:
+            report.update(dpo_speed(model.train(), batch, device))
+            first = batch["frames"][:1]
+    model.eval()
+    report["decode_tokens_per_s"] = decode_speed(model, tok, first, device)  # first frame count
+    with peak_memory(device) as mem:
+        report["mcq_questions_per_s"] = mcq_speed(model, tok, 16, size, device)
+    report.update(mcq_peak_mem_mb=mem["peak_mem_mb"], mcq_frames=16)
+    return report
+
+
 # -----------------------------------------------------------------------------
 # long video: an hour at one glimpse per second, streamed (model.FoveatedVLM.stream)
 
 
 def write_h264(path, frames, n, rate=25, keyint=250):
-    """n av.VideoFrames -> an H.264 mp4 (x264's default GOP: a keyframe every 250 frames), written once and
-    cached: an existing `path` is kept."""
+    """n av.VideoFrames -> an H.264 mp4 (x264's default GOP: a keyframe every 250 frames), written
+    once and cached: an existing `path` is kept."""
     if os.path.isfile(path):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -875,7 +1027,8 @@ def write_h264(path, frames, n, rate=25, keyint=250):
     with av.open(tmp, "w") as c:
         s = c.add_stream("libx264", rate=rate)
         s.options = {"preset": "veryfast", "g": str(keyint)}
-        for i, frame in enumerate(tqdm(frames, total=n, desc=f"making {path}", unit="frame", dynamic_ncols=True)):
+        bar = tqdm(frames, total=n, desc=f"making {path}", unit="frame", dynamic_ncols=True)
+        for i, frame in enumerate(bar):
             if i == 0:
                 s.width, s.height, s.pix_fmt = frame.width, frame.height, "yuv420p"
             frame.pts = i
@@ -888,24 +1041,26 @@ def write_h264(path, frames, n, rate=25, keyint=250):
 
 
 def synthetic_video(path, minutes, rate=25, width=320, height=240, keyint=250):
-    """A `minutes` long video at `rate` fps for speed: a textured background that scrolls, a new tint every
-    minute, a square crossing it."""
-    texture = np.random.default_rng(0).integers(40, 200, (height, 2 * width), dtype=np.uint8)  # luma
+    """A `minutes` long video at `rate` fps for speed: a textured background that scrolls, a new
+    tint every minute, a square crossing it."""
+    luma = np.random.default_rng(0).integers(40, 200, (height, 2 * width), dtype=np.uint8)
 
     def frames():
         for i in range(minutes * 60 * rate):
-            y = np.roll(texture, -i, 1)[:, :width].copy()  # scrolls one column a frame
+            y = np.roll(luma, -i, 1)[:, :width].copy()  # scrolls one column a frame
             x = (i * 4) % (width - 48)
             y[96:144, x:x + 48] = 255
             tint = (i // (60 * rate)) * 37 % 256  # a new "scene" every minute
-            uv = np.full((height // 2, width), tint, np.uint8)  # U and V planes, each [H/2, W/2], stacked
+            # the U and V planes, each [H/2, W/2], stacked
+            uv = np.full((height // 2, width), tint, np.uint8)
             yield av.VideoFrame.from_ndarray(np.concatenate((y, uv)), format="yuv420p")
     return write_h264(path, frames(), minutes * 60 * rate, rate, keyint)
 
 
 def shapes_video(path, minutes, rate=25, seed=0):
-    """A `minutes` long video of shapes clips (data.shapes_clip, 64px), one clip a minute, each of its 6
-    frames held 10 s: what a shapes-trained model can be shown at 1 fps (the README's contact sheet)."""
+    """A `minutes` long video of shapes clips (data.shapes_clip, 64px), one clip a minute, each of
+    its 6 frames held 10 s: what a shapes-trained model can be shown at 1 fps (the README's
+    contact sheet)."""
     rng = np.random.default_rng(seed)
 
     def frames():
@@ -918,27 +1073,29 @@ def shapes_video(path, minutes, rate=25, seed=0):
 
 
 def longvideo():
-    """--task=longvideo: a synthetic `minutes`-long 25 fps H.264 video (made once under data/) answered in
-    autoregressive mode at `fps`, streamed, per dtype: wall time, glimpses/s, peak RSS, and the share of the
-    wall time that decoding alone takes. The 135M shape: SmolLM2-135M (llm_dir, else random weights of its
-    shape) and a random DINOv2-small; the prompt is random token ids (speed does not read them)."""
+    """--task=longvideo: a synthetic `minutes`-long 25 fps H.264 video (made once under data/)
+    answered in autoregressive mode at `fps`, streamed, per dtype: wall time, glimpses/s, peak
+    RSS, and the share of the wall time that decoding alone takes. The 135M shape: SmolLM2-135M
+    (llm_dir, else random weights of its shape) and a random DINOv2-small; the prompt is random
+    token ids (speed does not read them)."""
     torch.manual_seed(0)
     path = synthetic_video(os.path.join("data", f"longvideo-{minutes}min.mp4"), minutes)
     size = image_size or 224
+    rate = fps or 1.0  # frames read per second of video
     llm = SmolLM2.from_pretrained(llm_dir) if llm_dir else SmolLM2(LLMConfig())
     model = FoveatedVLM(llm, DINOv2(DinoConfig())).to(device).eval()
     cap = frames or 10 ** 9
-    n, seconds = video_length(path, cap, fps or 1.0)
+    n, seconds = video_length(path, cap, rate)
     prompt = torch.randint(3, llm.cfg.vocab_size, (1, 32), device=device)
-    report = {"video": path, "minutes": minutes, "fps": fps or 1.0, "frames": n, "image_size": size,
+    report = {"video": path, "minutes": minutes, "fps": rate, "frames": n, "image_size": size,
               "threads": torch.get_num_threads()}
     t0 = time.perf_counter()
-    decoded = sum(1 for _ in video_frames(path, size, cap, fps or 1.0))  # decoding alone, no model
+    decoded = sum(1 for _ in video_frames(path, size, cap, rate))  # decoding alone, no model
     report["decode_alone_s"] = time.perf_counter() - t0
-    for name in (longvideo_dtypes or ("bfloat16,float32" if native_bf16(device) else "float32")).split(","):
+    dtypes = longvideo_dtypes or ("bfloat16,float32" if native_bf16(device) else "float32")
+    for name in dtypes.split(","):
         model.to(getattr(torch, name))
-        chunks = (c.to(device) for c in frame_chunks(read_ahead(video_frames(path, size, cap, fps or 1.0,
-                                                                             progress=True)), 8))
+        chunks = streamed_chunks(path, size, cap, rate, device, progress=True)
         with peak_memory(device) as mem:
             t0 = time.perf_counter()
             cache, last = model.stream(chunks, n, prompt, 16)
@@ -960,7 +1117,8 @@ TASKS = ("mvbench", "videomme", "scienceqa", "pope", "shards", "shapes", "speed"
 
 def main():
     for key, value, choices in (("task", task, TASKS), ("score", score, tuple(SCORES)),
-                                ("scoring", scoring, tuple(SCORING)), ("dtype", dtype, ("float32", "bfloat16"))):
+                                ("scoring", scoring, tuple(SCORING)),
+                                ("dtype", dtype, ("float32", "bfloat16"))):
         if value not in choices:
             sys.exit(f"bench.py: {key}={value!r}: choose one of {', '.join(choices)}")
     warn_slow_bf16(device, dtype, "bench.py")
@@ -984,20 +1142,25 @@ def main():
     n_frames = frames or (64 if task == "shards" else 16)
     run_modes = [m for m in modes.split(",") if m]
     if stream and (run_modes != ["autoregressive"] or scoring != "likelihood"):
-        sys.exit("bench.py: --stream=True scores autoregressive only (coarse_only / coarse_fine hold every "
-                 "frame's K/V at once): pass --modes=autoregressive --scoring=likelihood")
-    if set(run_modes) - set(MODES):
-        sys.exit(f"bench.py: unknown modes {sorted(set(run_modes) - set(MODES))}; choose from {', '.join(MODES)}")
-    records = read_task(task, folder, tok, n_frames, size, split)[:limit or None]
-    with torch.autocast(torch.device(device).type, torch.bfloat16) if dtype == "bfloat16" else nullcontext():
+        sys.exit("bench.py: --stream=True scores autoregressive only (coarse_only / coarse_fine "
+                 "hold every frame's K/V at once): pass --modes=autoregressive "
+                 "--scoring=likelihood")
+    if unknown := sorted(set(run_modes) - set(MODES)):
+        sys.exit(f"bench.py: unknown modes {unknown}; choose from {', '.join(MODES)}")
+    records = read_task(task, folder, tok, n_frames, size, split, videomme_duration)
+    records = records[:limit or None]
+    bf16 = dtype == "bfloat16"
+    with torch.autocast(torch.device(device).type, torch.bfloat16) if bf16 else nullcontext():
         if stream:
             results = stream_mcq(model, tok, records, fps or 1.0, frames, size, score)
         else:
             results = evaluate_mcq(model, tok, records, run_modes, device, score, scoring=scoring,
-                                   frames=n_frames, image_size=size, batch_size=batch_size, fps=fps or None)
+                                   frames=n_frames, image_size=size, batch_size=batch_size,
+                                   fps=fps or None)
     print(format_table(results))
-    return dict(results, task=task, data_dir=folder, frames=n_frames, image_size=size, dtype=dtype,
-                weights=init_from if init_from != "scratch" else f"{llm_dir} + {dino_dir}")
+    weights = init_from if init_from != "scratch" else f"{llm_dir} + {dino_dir}"
+    return dict(results, task=task, data_dir=folder, frames=n_frames, image_size=size,
+                dtype=dtype, weights=weights)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ Every input nanofVLM trains and evaluates on, in one file:
   1. tokenizer + ChatML template + per-stage loss masks
   2. media: images (Pillow), videos (PyAV, frames picked by presentation time), upright as they
      are shown
-  3. tar shards: files sharing a key form one sample
+  3. tar shards: files sharing a key form one sample (the layout of the original fVLM research
+     code's shards, "the research layout"); 3b. LLaVA-style annotation files, read as records
   4. ShardDataset: streaming shards split once over ranks x workers, seeded shuffle, text-only
      mixing, resumable reader state; collate; the Loader that remembers where each reader is
   5. "shapes": the synthetic foveation task that is our embedded default
@@ -43,7 +44,7 @@ MAX_LEN = {1: 512, 2: 1024, 3: 1024}  # text tokens per sample, by stage
 # sample.py's default question, and the shapes task's caption prompt
 DEFAULT_USER = "Describe this video."
 # Real caption shards carry an empty `user`: the question a caption answers, by `source`, as the
-# original used
+# original fVLM code asked it
 SOURCE_PROMPTS = {"openvid": "Write a brief caption for this video.",
                   "webvid": "What would be the WebVid caption for this video?",
                   "vript": "Provide a detailed narration of what happens in this video.",
@@ -54,7 +55,9 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 VIDEO_EXTS = ("mp4", "webm", "mkv", "gif", "avi", "mov")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-IMAGE_FRAMES = 8  # an image is replicated to this many frames in stages 2-3 (8 beat 1, 4 and 16)
+# an image is replicated to this many frames in stages 2-3: the original fVLM research found 8
+# better than 1, 4 or 16
+IMAGE_FRAMES = 8
 
 # -----------------------------------------------------------------------------
 # bad input: never fatal, never silent
@@ -215,31 +218,42 @@ def natural_key(name):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+def image_files(folder):
+    """The names of the images in a folder of frames, in natural order."""
+    names = [n for n in os.listdir(folder) if n.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
+    return sorted(names, key=natural_key)
+
+
 def _duration(container, stream):
-    """Seconds of video after the stream's start: from the headers, else from every packet's time (no decoding)."""
+    """Seconds of video after the stream's start: from the headers, else from every packet's time
+    (no decoding)."""
     if stream.duration:
         return float(stream.duration * stream.time_base)
     if container.duration:
         return container.duration / av.time_base
     tb = stream.time_base
-    ends = [float((p.pts + (p.duration or 0)) * tb) for p in container.demux(stream) if p.pts is not None]
+    ends = [float((p.pts + (p.duration or 0)) * tb)
+            for p in container.demux(stream) if p.pts is not None]
     container.seek(0)
     return max(ends, default=0.0) - float((stream.start_time or 0) * tb)
 
 
 def _upright_rgb(frame, size):
-    """A decoded frame -> uint8 [size,size,3]: rotated as its display matrix says (phones record sideways),
-    short side resized to `size`, centre-cropped."""
-    turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise quarter turns that make it upright
-    w, h = (frame.width, frame.height) if turns % 2 == 0 else (frame.height, frame.width)  # as displayed
+    """A decoded frame -> uint8 [size,size,3]: rotated as its display matrix says (phones record
+    sideways), short side resized to `size`, centre-cropped."""
+    quarter_turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise, to upright
+    sideways = quarter_turns % 2 == 1
+    w, h = (frame.height, frame.width) if sideways else (frame.width, frame.height)  # as shown
     w, h = short_side_to(w, h, size)
-    stored_w, stored_h = (w, h) if turns % 2 == 0 else (h, w)
-    return centre_crop(np.rot90(frame.to_ndarray(width=stored_w, height=stored_h, format="rgb24"), turns), size)
+    stored_w, stored_h = (h, w) if sideways else (w, h)
+    rgb = frame.to_ndarray(width=stored_w, height=stored_h, format="rgb24")
+    return centre_crop(np.rot90(rgb, quarter_turns), size)
 
 
 @contextmanager
 def _opened(src, name):
-    """(container, its first video stream, decoding on FFmpeg's threads); a file PyAV cannot read -> SkipSample"""
+    """(container, its first video stream, decoding on FFmpeg's threads); a file PyAV cannot read
+    -> SkipSample"""
     try:
         with av.open(src) as container:
             stream = container.streams.video[0]
@@ -248,12 +262,14 @@ def _opened(src, name):
     except (av.error.FFmpegError, IndexError, ValueError, OSError) as e:
         if isinstance(e, SkipSample):
             raise
-        raise SkipSample("bad_video", f"{name}: cannot decode video ({type(e).__name__}: {e})") from None
+        raise SkipSample("bad_video",
+                         f"{name}: cannot decode video ({type(e).__name__}: {e})") from None
 
 
 def _frame_times(container, stream, max_frames, fps, start, end):
-    """(origin, t0, t1, the presentation times to pick): k times at the centres of k equal slices of
-    [t0, t1] seconds after the stream's origin, k = max_frames, or (t1 - t0) * fps if that is fewer."""
+    """(origin, t0, t1, the presentation times to pick): k times at the centres of k equal slices
+    of [t0, t1] seconds after the stream's origin, k = max_frames, or (t1 - t0) * fps if that is
+    fewer."""
     origin = float((stream.start_time or 0) * stream.time_base)
     duration = _duration(container, stream)
     t0 = min(max(start or 0.0, 0.0), duration)
@@ -263,29 +279,31 @@ def _frame_times(container, stream, max_frames, fps, start, end):
 
 
 def video_length(src, max_frames, fps=None, start=None, end=None, name=None):
-    """(at most how many frames video_frames picks, the seconds they span), from the headers: no decoding.
-    A streaming caller sizes the LLM cache and checks the context with it before decoding anything."""
+    """(at most how many frames video_frames picks, the seconds they span), from the headers: no
+    decoding. A streaming caller sizes the LLM cache and checks the context with it before
+    decoding anything."""
     with _opened(src, name or str(src)) as (container, stream):
         _, t0, t1, targets = _frame_times(container, stream, max_frames, fps, start, end)
         return len(targets), t1 - t0
 
 
 def context_error(n_frames, seconds, text_tokens, max_seq_len, where):
-    """None if n_frames visual tokens + text_tokens fit the LLM's context, else a message saying how many
-    frames do (and at what fps that is): a long video is refused, never silently cut."""
+    """None if n_frames visual tokens + text_tokens fit the LLM's context, else a message saying
+    how many frames do (and at what fps that is): a long video is refused, never silently cut."""
     if n_frames + text_tokens <= max_seq_len:
         return None
     fit = max(0, max_seq_len - text_tokens)
-    return (f"{where}: {n_frames} frames ({seconds:.0f} s of video) + {text_tokens} prompt and answer tokens "
-            f"exceed the LLM's max_seq_len {max_seq_len}: {fit} frames fit, i.e. --fps={fit / seconds:.3g} "
-            f"for all {seconds:.0f} s, or --max_frames={fit}")
+    return (f"{where}: {n_frames} frames ({seconds:.0f} s of video) + {text_tokens} prompt and "
+            f"answer tokens exceed the LLM's max_seq_len {max_seq_len}: {fit} frames fit, i.e. "
+            f"--fps={fit / seconds:.3g} for all {seconds:.0f} s, or --max_frames={fit}")
 
 
-def video_frames(src, image_size, max_frames, fps=None, start=None, end=None, name=None, progress=False):
-    """Yields uint8 frames [S,S,3] of a video file or file-like, picked by presentation time (the times of
-    _frame_times: the whole video by default). Each time gets the frame on screen then; a frame picked twice
-    comes once. Frames in between are decoded (codecs need them) but never converted. progress: a tqdm bar
-    in seconds of video."""
+def video_frames(src, image_size, max_frames, fps=None, start=None, end=None, name=None,
+                 progress=False):
+    """Yields uint8 frames [S,S,3] of a video file or file-like, picked by presentation time (the
+    times of _frame_times: the whole video by default). Each time gets the frame on screen then;
+    a frame picked twice comes once. Frames in between are decoded (codecs need them) but never
+    converted. progress: a tqdm bar in seconds of video."""
     name = name or str(src)
     with _opened(src, name) as (container, stream):
         origin, t0, t1, targets = _frame_times(container, stream, max_frames, fps, start, end)
@@ -293,8 +311,10 @@ def video_frames(src, image_size, max_frames, fps=None, start=None, end=None, na
         if t0 > 0:  # jump to the keyframe before `start` instead of decoding everything up to it
             container.seek(int((origin + t0) / stream.time_base), stream=stream)
         rate = float(stream.average_rate or stream.guessed_rate or 25)
-        bar = tqdm(total=round(t1 - t0), unit="s", desc="video", disable=not progress, dynamic_ncols=True)
-        shown, last, picked = None, None, 0  # the frame on screen, the last one yielded, targets done
+        bar = tqdm(total=round(t1 - t0), unit="s", desc="video", disable=not progress,
+                   dynamic_ncols=True)
+        # the frame on screen, the last one yielded, how many targets are done
+        shown, last, picked = None, None, 0
         for i, frame in enumerate(container.decode(stream)):
             t = frame.time if frame.time is not None else origin + i / rate
             while picked < k and targets[picked] < t:  # target `picked` fell before this frame
@@ -312,17 +332,23 @@ def video_frames(src, image_size, max_frames, fps=None, start=None, end=None, na
             raise ValueError("no video frames")
         end_time = shown.time if shown.time is not None else origin + t1
         late = sum(t > end_time + 2 / rate for t in targets[picked:])
-        if late > max(1, k // 10):  # headers can be a frame off; more than that means the file was cut
-            raise SkipSample("short_video", f"{name}: video stops at {end_time - origin:.2f} s but its header "
+        if late > max(1, k // 10):  # headers can be a frame off; more than that: the file was cut
+            raise SkipSample("short_video",
+                             f"{name}: video stops at {end_time - origin:.2f} s but its header "
                              f"says {t1:.2f} s ({late} of {k} picked times are past the end)")
         if picked < k and shown is not last:
             yield _upright_rgb(shown, image_size)
 
 
 def read_ahead(items, ahead=32):
-    """Iterate `items` in a thread, up to `ahead` in front of the caller: a video decodes while the model
-    runs on the frames before. The thread's exception is raised here; leaving early stops the thread."""
+    """Iterate `items` in a thread, up to `ahead` in front of the caller: a video decodes while
+    the model runs on the frames before. The thread's exception is raised here; leaving early
+    stops the thread."""
     slots, stop, end = queue.Queue(maxsize=ahead), threading.Event(), object()
+
+    class Failed:  # what the thread hands over instead of an item when `items` raised
+        def __init__(self, error):
+            self.error = error
 
     def put(x):  # blocks while the queue is full, unless the caller has gone
         while not stop.is_set():
@@ -339,13 +365,13 @@ def read_ahead(items, ahead=32):
                     return
             put(end)
         except BaseException as e:  # noqa: B036  (handed to the caller, who raises it)
-            put((end, e))
+            put(Failed(e))
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
     try:
         while (x := slots.get()) is not end:
-            if isinstance(x, tuple) and len(x) == 2 and x[0] is end:
-                raise x[1]
+            if isinstance(x, Failed):
+                raise x.error
             yield x
     finally:
         stop.set()
@@ -353,7 +379,8 @@ def read_ahead(items, ahead=32):
 
 
 def frame_chunks(frames, n):
-    """uint8 frames [S,S,3] -> ImageNet-normalised chunks [<=n,3,S,S] (the model encodes a chunk at once)"""
+    """uint8 frames [S,S,3] -> ImageNet-normalised chunks [<=n,3,S,S] (the model encodes a chunk
+    at once)"""
     chunk = []
     for f in frames:
         chunk.append(f)
@@ -366,7 +393,8 @@ def frame_chunks(frames, n):
 
 def load_video(src, max_frames, image_size, fps=None, start=None, end=None, name=None):
     """video_frames stacked and ImageNet-normalised -> [T,3,S,S]"""
-    return normalize(np.stack(list(video_frames(src, image_size, max_frames, fps, start, end, name))))
+    frames = video_frames(src, image_size, max_frames, fps, start, end, name)
+    return normalize(np.stack(list(frames)))
 
 
 # -----------------------------------------------------------------------------
@@ -449,7 +477,8 @@ def record_text(record):
     if not isinstance(meta, dict):
         raise SkipSample("bad_json",
                          f"{where}.json: bad json (a {type(meta).__name__}, not an object)")
-    return meta, files["txt"].decode("utf-8", "replace").strip() if "txt" in files else None
+    caption = files["txt"].decode("utf-8", "replace").strip() if "txt" in files else None
+    return meta, caption
 
 
 def turns(user, answer, where):
@@ -457,7 +486,9 @@ def turns(user, answer, where):
     turns) -> (users, answers) lists; an empty or missing user comes back as None. Any other type is
     a bad field."""
     if isinstance(answer, list):
-        users = [None] * len(answer) if user in (None, "") else user
+        users = user
+        if user in (None, ""):
+            users = [None] * len(answer)
     else:
         users, answer = [user], [answer]
     if not (isinstance(users, list) and len(users) == len(answer)
@@ -531,7 +562,9 @@ def read_annotation(unit, block=1):
     rows = annotation_rows(path)
     for i in range(start, min(start + block, len(rows))):
         rid = rows[i].get("id") if isinstance(rows[i], dict) else None
-        tail = "_" + re.sub(r"[^A-Za-z0-9_-]+", "_", str(rid))[:60] if rid not in (None, "") else ""
+        tail = ""
+        if rid not in (None, ""):
+            tail = "_" + re.sub(r"[^A-Za-z0-9_-]+", "_", str(rid))[:60]
         yield {"key": f"{i:07d}{tail}", "shard": path, "row": rows[i]}
 
 
@@ -611,8 +644,7 @@ def annotation_media(row, root, max_frames, where):
                          f"{where}: {missing[0]} not found (check media_root={root!r})")
     if len(paths) == 1 and os.path.isdir(paths[0]):  # a folder of frames is a video
         folder = paths[0]
-        paths = [os.path.join(folder, n) for n in sorted(os.listdir(folder), key=natural_key)
-                 if n.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
+        paths = [os.path.join(folder, n) for n in image_files(folder)]
         if not paths:
             raise SkipSample("missing_media", f"{where}: {folder} holds no frame images")
     exts = [p.rsplit(".", 1)[-1].lower() for p in paths]
@@ -765,7 +797,9 @@ class ShardDataset(IterableDataset):
         while True:
             take_text = mixing and (seeded(self.seed, "mix", reader, state.drawn).random()
                                     < self.text_ratio)
-            rec = (take_text and next(text, None)) or next(main, None)
+            rec = next(text, None) if take_text else None
+            if rec is None:  # a main draw, or the text shards have run out
+                rec = next(main, None)
             if rec is None:
                 return
             state.drawn += 1
@@ -851,9 +885,11 @@ class ShardDataset(IterableDataset):
         # source's question
         caption, assistant = meta.get("caption") or txt, meta.get("assistant")
         if assistant and not (self.stage == 1 and caption):
-            answer, user = assistant, meta.get("user")
+            answer = assistant
+            user = meta.get("user")
         else:
-            answer, user = caption, None if assistant else meta.get("user")
+            answer = caption
+            user = None if assistant else meta.get("user")
         if not answer:
             raise SkipSample("missing_field", f"{where}.json: needs 'assistant' (or 'caption')")
         users, answers = turns(user, answer, where)
@@ -869,7 +905,8 @@ class ShardDataset(IterableDataset):
     def pretokenized(self, meta, where):
         """token_ids + loss_mask as stored; a missing mask means "all targets" only in stage 1"""
         ids, mask = meta["token_ids"], meta.get("loss_mask", "all" if self.stage == 1 else None)
-        mask = [1] * len(ids) if mask == "all" and isinstance(ids, list) else mask
+        if mask == "all" and isinstance(ids, list):
+            mask = [1] * len(ids)
         vocab = self.tok.get_vocab_size()
         if not (isinstance(ids, list) and all(type(i) is int and 0 <= i < vocab for i in ids)):
             raise SkipSample("bad_field",
