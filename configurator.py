@@ -7,7 +7,7 @@ globals and then does
 which runs an optional config file (first argument without '--') and then
 applies --key=value or --key value overrides to those globals:
 
-    python train.py config/shapes.py --batch_size=8 --compile True
+    python train.py config/stage2_135m.py --batch_size=8 --compile True
 
 Values go through ast.literal_eval, so 3e-4, True, (1, 2) and 'abc' work; a
 value that is not a Python literal stays a string. An int is accepted for a

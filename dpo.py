@@ -26,7 +26,8 @@ import data
 
 
 def sequence_logps(logits, ids, mask):
-    """logits [n,V] of the n target positions (model.forward with a loss mask), ids/mask [R,S] ->
+    """logits [n,V] of the n target positions in (row, position) order (model.forward with a loss
+    mask, as model.text_loss orders them), ids/mask [R,S] ->
     summed log-prob of the target tokens [R] (mask[i] = 1 marks token i as a target) and the number
     of targets [R]."""
     target = mask[:, 1:].bool()  # [R,S-1]
@@ -77,7 +78,8 @@ def precompute_reference(model, dataset, device, autocast=nullcontext(), mode='c
         with autocast:
             logps, _ = answer_logps(model, batch, mode)
         for key, lp in zip(batch['keys'], logps.float().cpu()):
-            repeated.update([key] if key in table else [])
+            if key in table:
+                repeated.update([key])
             table[key] = lp
     if dist.is_initialized():
         parts = [None] * dist.get_world_size()
@@ -118,8 +120,9 @@ def batch_loss(model, ref, batch, beta=0.1, label_smoothing=0.0, sft_weight=0.0,
     reference = reference_logps(ref, batch, mode)  # [B,2]
     # [B,2] implicit rewards, for the metrics
     rewards = beta * (policy.float() - reference).detach()
-    logits = beta * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))  # [B]
-    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    # [B] how much more the policy prefers chosen over rejected than the reference does
+    margin = beta * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))
+    losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
     loss = losses.mean()
     metrics = {'rewards/chosen': rewards[:, 0].mean(), 'rewards/rejected': rewards[:, 1].mean(),
                'rewards/accuracies': (rewards[:, 0] > rewards[:, 1]).float().mean(),

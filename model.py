@@ -148,7 +148,8 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def rows(self, index):
-        """A cache of these rows; index [R] may repeat a row (continuations of one prefix)."""
+        """A copy of these rows (writing to it leaves self as it was); index [R] may repeat a
+        row: several continuations of one prefix."""
         out = KVCache.__new__(KVCache)
         out.k, out.v = [k[index] for k in self.k], [v[index] for v in self.v]
         out.valid, out.length, out.padded = self.valid[index], self.length, self.padded
@@ -456,15 +457,12 @@ class DINOv2(nn.Module):
             pos = torch.cat((pos[:, :1], patch_pos), dim=1)
         return torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + pos
 
-    def forward(self, pixels, return_kv=False):
-        """pixels [N,3,H,W] -> final-normed tokens [N,1+P,D] (HF last_hidden_state); with return_kv
-        also the per-layer (k, v) [N,H,1+P,hd] that the glimpse attends to."""
-        x, kv = self.embed(pixels), []
+    def forward(self, pixels):
+        """pixels [N,3,H,W] -> final-normed tokens [N,1+P,D] (HF's last_hidden_state)"""
+        x = self.embed(pixels)
         for block in self.blocks:
-            x, layer_kv, _ = block(x)
-            kv.append(layer_kv)
-        x = self.norm(x)
-        return (x, kv) if return_kv else x
+            x, _, _ = block(x)
+        return self.norm(x)
 
     def layer_kv(self, pixels):
         """pixels [N,3,H,W] -> only the per-layer (k, v) [N,H,1+P,hd], what the glimpse reads. The
@@ -519,9 +517,14 @@ def dino_key(hf_key):
 # 4. The foveated VLM.
 #
 #   frame --DINOv2 once--> per-layer patch K/V (the cache)
-#   query --query_input_proj--> one token that walks all DINOv2 layers, attending to the cache
-#         --final norm, output_proj--> glimpse [Dd] --dino_to_llm * visual_scale--> ONE LLM token
+#   query --query_input_proj--> one token that passes through all DINOv2 layers, attending to the
+#         cache
+#         --final norm, output_proj--> glimpse [D] --dino_to_llm * visual_scale--> ONE LLM token
 #   LLM hidden state at frame t --llm_to_query--> the query for frame t+1 (where to look next)
+#
+# Shapes: B samples (clips) of T frame slots, N real frames (the entries of encode's K/V), R text
+# rows (several may share a sample: `owner`), W walkers (who choose queries frame by frame), S text
+# tokens, P patches (1+P keys with CLS), H heads, D DINOv2 width, L LLM width.
 
 MODES = ("coarse_only", "coarse_fine", "autoregressive")
 LAYOUTS = ("frames_first", "question_first")
@@ -597,7 +600,7 @@ class FoveatedVLM(nn.Module):
                 for layer in range(len(self.dino.blocks))]
 
     def glimpse(self, queries, kv):
-        """queries [N,Q,Dq] for the N frames of kv -> (glimpse tokens [N,Q,Dd], attention
+        """queries [N,Q,D] for the N frames of kv -> (glimpse tokens [N,Q,D], attention
         [N,Q,layers,H,1+P]). Each query is an extra token that runs through every DINOv2 block,
         attending to that layer's cached patch keys/values (CLS included); the Q queries of a frame
         do not see each other."""
@@ -608,8 +611,8 @@ class FoveatedVLM(nn.Module):
         return self.output_proj(self.dino.norm(x)), torch.stack(maps, 1).permute(0, 3, 1, 2, 4)
 
     def look(self, queries, kv, rows):
-        """queries [R,T,Dq]: text row r's query for its frame t; rows [R,T]: the entry of kv that
-        holds that frame (-1: padding) -> LLM tokens [R,T,L] (zero at padding, masked later) and
+        """queries [R,T,D]: text row r's query for its frame t; rows [R,T]: the entry of kv that
+        holds that frame (-1: padding) -> LLM tokens [R,T,L] (meaningless at padding: masked) and
         attention [R,T,layers,H,1+P]. Rows that share a frame (questions about one clip) look at it
         together: their queries become extra tokens of one glimpse, so the frame's K/V is read
         once."""
@@ -624,11 +627,11 @@ class FoveatedVLM(nn.Module):
         slot = torch.empty_like(frame)
         slot[order] = torch.arange(len(frame), device=frame.device) - group_start  # [M]
         n_slots = int(slot.max()) + 1 if len(slot) else 1
-        packed = queries.new_zeros(kv[0][0].shape[0], n_slots, queries.shape[-1])  # [N,Q,Dq]
+        packed = queries.new_zeros(kv[0][0].shape[0], n_slots, queries.shape[-1])  # [N,Q,D]
         packed[frame, slot] = queries[real]
-        glimpses, attn = self.glimpse(packed, kv)  # [N,Q,Dd], [N,Q,layers,H,1+P]
+        glimpses, attn = self.glimpse(packed, kv)  # [N,Q,D], [N,Q,layers,H,1+P]
         # Unpack back to the rows' [R,T] grid
-        tokens = glimpses.new_zeros(*rows.shape, glimpses.shape[-1])  # [R,T,Dd]
+        tokens = glimpses.new_zeros(*rows.shape, glimpses.shape[-1])  # [R,T,D]
         maps = attn.new_zeros(*rows.shape, *attn.shape[2:])  # [R,T,layers,H,1+P]
         tokens[real], maps[real] = glimpses[frame, slot], attn[frame, slot]
         return self.dino_to_llm(tokens) * self.visual_scale, maps
@@ -660,7 +663,7 @@ class FoveatedVLM(nn.Module):
         return self.look(self.llm_to_query(h[:, P - 1:P + T - 1]), kv, pick(rows))
 
     def first_query(self, cache, question, walkers):
-        """Frame 0's query for each of the W walkers, [W,Dq]: q_init (frames first), or the LLM's
+        """Frame 0's query for each of the W walkers, [W,D]: q_init (frames first), or the LLM's
         choice after reading the question (question first: the question's tokens go into `cache`
         first)."""
         if question is None:
@@ -671,12 +674,14 @@ class FoveatedVLM(nn.Module):
     def walk(self, kv, rows, cache, query):
         """autoregressive: frame by frame through the LLM cache, each frame's query chosen by the
         LLM's state after the previous step. rows [W,T]: each walker's frames (entries of kv; -1:
-        padding); query [W,Dq]: the first one. Returns attention maps [W,T,layers,H,1+P] and the
+        padding); query [W,D]: the first one. Returns attention maps [W,T,layers,H,1+P] and the
         query for the frame after these, so a walk can go on chunk by chunk (streaming)."""
         maps = []
         for t in range(rows.shape[1]):
-            frame = rows[:, t]  # [W]
-            used = frame[frame >= 0].unique()  # the frames this step reads: their K/V only
+            frame = rows[:, t]  # [W]: each walker's frame at step t
+            # look() glimpses every kv entry it is given: pass only the U frames this step reads
+            used = frame[frame >= 0].unique()  # [U], sorted
+            # [W]: each walker's index into `used`, -1 for padding
             local = torch.where(frame >= 0, torch.searchsorted(used, frame.clamp(min=0)), -1)
             used_kv = [(k[used], v[used]) for k, v in kv]
             tokens, attn = self.look(query[:, None], used_kv, local[:, None])  # [W,1,L]
@@ -697,9 +702,10 @@ class FoveatedVLM(nn.Module):
             attn, _ = self.walk(kv, frame_rows(frame_mask), cache, self.first_query(cache, None, B))
             if owner is None:
                 return cache, attn
-            return cache.rows(owner), attn[owner] if T else None
-        R, P = question[0].shape
-        cache = self.llm.new_cache(R, P + T + extra)
+            owned_attn = attn[owner] if T else None  # no frames: no attention maps
+            return cache.rows(owner), owned_attn
+        R, question_len = question[0].shape
+        cache = self.llm.new_cache(R, question_len + T + extra)
         rows = frame_rows(frame_mask) if owner is None else frame_rows(frame_mask)[owner]
         return cache, self.walk(kv, rows, cache, self.first_query(cache, question, R))[0]
 
@@ -719,12 +725,13 @@ class FoveatedVLM(nn.Module):
         Returns (cache, last logits [R,V])."""
         R = prompt_ids.shape[0]
         walkers = 1 if question is None else R
-        P = 0 if question is None else question[0].shape[1]
-        cache = self.llm.new_cache(walkers, P + n_frames + prompt_ids.shape[1] + extra)
+        question_len = 0 if question is None else question[0].shape[1]
+        room = question_len + n_frames + prompt_ids.shape[1] + extra
+        cache = self.llm.new_cache(walkers, room)
         with cpu_gemv(self.llm, walkers):
-            query = self.first_query(cache, question, walkers)  # [W,Dq]
+            query = self.first_query(cache, question, walkers)  # [W,D]
             for pixels in chunks:  # [n,3,H,W]
-                if cache.length + pixels.shape[0] > P + n_frames:
+                if cache.length + pixels.shape[0] > question_len + n_frames:
                     raise ValueError(f"model.stream: more frames came than the {n_frames} "
                                      f"announced")
                 kv = self.encode(pixels[None].to(query.dtype))
@@ -795,7 +802,7 @@ class FoveatedVLM(nn.Module):
         return cache, self.llm.lm_head(h[:, -1]), attn
 
     def configure_optimizers(self, weight_decay, lrs, betas=(0.9, 0.95), decay="matrices",
-                             output_proj="connector"):
+                             output_proj_group="connector"):
         """AdamW with a group per part, each with its own LR from `lrs`: 'connector' (the
         projections and q_static), 'steer' (llm_to_query and q_init: where the LLM makes the glimpse
         look), 'dino', 'dino_qk' (DINOv2's attention query/key projections) and 'llm'.
@@ -813,7 +820,7 @@ class FoveatedVLM(nn.Module):
             if name.startswith(("llm_to_query.", "q_init")):
                 part = "steer"
             if name.startswith("output_proj."):
-                part = output_proj
+                part = output_proj_group
             decays = decay == "all" or id(p) in matrices
             if (part, decays) not in groups:
                 groups[part, decays] = {"params": [], "name": part, "decays": decays,
@@ -927,6 +934,7 @@ def sample_next(logits, temperature=0.0, top_k=None, generator=None):
 
 
 @torch.no_grad()
+# token 2 is SmolLM2's <|im_end|>: the end of a turn, and our padding (data.PAD_ID)
 def decode(llm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, stop_id=2,
            generator=None):
     """Continue from a filled cache whose last position gave `logits` [B,V]. Yields next tokens [B]
@@ -976,10 +984,10 @@ def warn_slow_bf16(device, dtype, where):
 def compile_model(model, dynamic=True, backend="inductor"):
     """torch.compile what really runs: every DINOv2 block, every LLM block's two halves around the
     KV cache write (LlamaBlock.project / attend: the cache's Python state would recompile per layer
-    and length) and the glimpse walk. Blocks of a kind share their graphs (same code, parameters as
-    graph inputs). dynamic=True: frame counts (DINOv2's batch, the glimpse's) and sequence lengths
-    are symbolic from the first compile, so batches of varying shape reuse the graphs (docs/LOG.md:
-    the counts)."""
+    and length) and FoveatedVLM.glimpse. Blocks of a kind share their graphs (same code, parameters
+    as graph inputs). dynamic=True: frame counts (DINOv2's batch, the glimpse's) and sequence
+    lengths are symbolic from the first compile, so batches of varying shape reuse the graphs
+    (docs/LOG.md: the counts)."""
     opts = dict(dynamic=dynamic, backend=backend)
     for block in model.dino.blocks:
         block.compile(**opts)
@@ -1038,7 +1046,12 @@ def gpu_peak(name, dtype, tf32):
         if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name, re.IGNORECASE):
             bf16, tf32_peak, fp32 = GPU_PEAK[key]
             half = dtype in (torch.bfloat16, torch.float16)
-            tera = bf16 if half else (tf32_peak or fp32) if tf32 else fp32
+            if half:
+                tera = bf16
+            elif tf32:
+                tera = tf32_peak or fp32  # no TF32 unit (V100, T4): plain fp32
+            else:
+                tera = fp32
             return None if tera is None else tera * 1e12
     return None
 

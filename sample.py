@@ -199,26 +199,29 @@ streaming = bool(video) and mode == "autoregressive"  # any length: frames are n
 cap = max_frames  # the most frames to read
 if fps > 0 and max_frames == 0:
     cap = 10 ** 9  # with fps, max_frames=0 means no cap
+seconds = None  # the video time the frames span (for the context check's message)
 try:
-    if streaming:
+    if video:  # from the headers: a streamed video is sized before anything is decoded
         n_frames, seconds = data.video_length(video, cap, fps or None)
-    elif video:
+    if video and not streaming:
         frames = data.load_video(video, cap, side, fps or None)
     elif image:
         frames = data.load_image(image, side, image_frames)
-    else:
+    elif not video:
         frames, reference = shapes_val_clip(shapes_dir, clip)
 except ValueError as e:  # data.py's messages already name the file and what is wrong with it
     fail(e)
 if not streaming:
-    n_frames, seconds = frames.shape[0], frames.shape[0] / (fps or 1)
+    n_frames = frames.shape[0]  # a time picked twice gives its frame once
+    seconds = seconds or float(n_frames)  # an image or a stored clip: a frame a second
 if not streaming and n_frames > max_held_frames:
     fail(f"--mode={mode} holds the K/V of all {n_frames} frames at once "
          f"(--max_held_frames={max_held_frames}): "
          f"use --mode=autoregressive, which streams a video of any length, or fewer frames")
 prompt = prompt or (data.DEFAULT_USER if not image else "Describe this image.")
-question, ids = data.prompt_parts(tok, prompt, vlm.layout)
-text_tokens = len(question) + len(ids) + max_new_tokens
+# token lists: the question before the frames (question first; else empty) and the prompt after
+question_tokens, prompt_tokens = data.prompt_parts(tok, prompt, vlm.layout)
+text_tokens = len(question_tokens) + len(prompt_tokens) + max_new_tokens
 what = f"{video or image or 'the clip'} with --max_new_tokens={max_new_tokens}"
 too_long = data.context_error(n_frames, seconds, text_tokens, vlm.llm.cfg.max_seq_len, what)
 if too_long:
@@ -262,9 +265,11 @@ def stream_video(ids, question):
 
 
 with torch.no_grad():
-    # question first: (ids [1,P], valid None), what model.FoveatedVLM takes as `question`
-    question = (torch.tensor([question], device=device), None) if question else None
-    ids = torch.tensor([ids], device=device)
+    # question first: (ids [1,Pq], valid None), what model.FoveatedVLM takes as `question`
+    question = None
+    if question_tokens:
+        question = (torch.tensor([question_tokens], device=device), None)
+    ids = torch.tensor([prompt_tokens], device=device)  # [1,S]
     times = None
     if streaming:
         try:

@@ -105,7 +105,8 @@ wandb_log = False
 wandb_project = 'nanofvlm'
 wandb_run_name = 'run'
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-config = {k: v for k, v in globals().items() if k in _known}  # configurator's keys, as this run has them
+# _known (set by configurator.py): the config keys; `config` holds their values in this run
+config = {k: v for k, v in globals().items() if k in _known}
 # -----------------------------------------------------------------------------
 
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -265,9 +266,11 @@ try:
                          weight_decay=weight_decay if group['decays'] else 0.0)
         changed = [f"{k}={v!r} (was {state['config'].get(k)!r})" for k, v in config.items()
                    if k != 'init_from' and state['config'].get(k, v) != v]
-        say(f"resumed from {resume_dir} at iter {iter_num}" + (
-            "; these keys differ from the checkpoint's run, this run's values are used: "
-            + ", ".join(changed) if changed else ""))
+        message = f"resumed from {resume_dir} at iter {iter_num}"
+        if changed:
+            message += ("; these keys differ from the checkpoint's run, this run's values are used: "
+                        + ", ".join(changed))
+        say(message)
 except ValueError as e:
     fail(str(e))
 if stage == 3 and precompute_ref:
@@ -414,14 +417,15 @@ while iter_num < max_iters:
         for k, v in metrics.items():
             metrics_sum[k] = metrics_sum.get(k, 0.0) + v.detach()
         frames, ids = batch['frames'], batch['input_ids']
-        question = batch.get('question_ids', ids[:, :0])
+        question = batch.get('question_ids', ids[:, :0])  # [R,Pq]; frames first: an empty [R,0]
         samples_since += frames.shape[0]
         tokens_since += int(batch['frame_mask'].sum()) + ids.numel() + question.numel()
-        targets = int(batch['loss_mask'][:, 1:].ne(0).sum()) / len(ids)  # lm_head runs on these positions
+        # the mean number of positions per row that carry loss: lm_head runs on those only
+        targets_per_row = int(batch['loss_mask'][:, 1:].ne(0).sum()) / len(ids)
         flops_since += train_flops(raw_model, *frames.shape[:2], ids.shape[1], frames.shape[-1], train_mode,
                                    rows_per_sample=len(ids) / len(frames),
                                    reference=stage == 3 and not precompute_ref,
-                                   question_len=question.shape[1], targets=targets)
+                                   question_len=question.shape[1], targets=targets_per_row)
     # mean over micro-steps and ranks, for logging
     logged = torch.stack([loss_sum] + list(metrics_sum.values())) / gradient_accumulation_steps
     if ddp:

@@ -182,7 +182,7 @@ def test_weight_decay_groups():
     assert seen['llm_to_query.weight'] == ('steer', 0.1, 5.0)
     # the original's recipe: decay on every parameter, output_proj with DINOv2, betas (0.9, 0.999)
     opt = vlm.configure_optimizers(0.1, {'connector': 1.0, 'steer': 5.0, 'dino': 2.0, 'dino_qk': 4.0, 'llm': 3.0}, (0.9, 0.999),
-                                   decay='all', output_proj='dino')
+                                   decay='all', output_proj_group='dino')
     by_name = {names[id(p)]: g for g in opt.param_groups for p in g['params']}
     assert all(g['weight_decay'] == 0.1 and g['betas'] == (0.9, 0.999) for g in opt.param_groups)
     assert by_name['output_proj.weight']['name'] == by_name['output_proj.bias']['name'] == 'dino'
