@@ -11,6 +11,7 @@ Every input nanofVLM trains and evaluates on, in one file:
 Bad inputs are skipped, warned about once (stderr) and counted (loader.skipped()): never fatal,
 never silent.
 """
+import bisect
 import glob as globlib
 import io
 import json
@@ -298,36 +299,64 @@ def context_error(n_frames, seconds, text_tokens, max_seq_len, where):
             f"--fps={fit / seconds:.3g} for all {seconds:.0f} s, or --max_frames={fit}")
 
 
+def _keyframe_times(container, stream):
+    """The sorted presentation times of the stream's keyframes, from its packets (no decoding); []
+    if any keyframe has no time (then nothing is skipped by seeking)."""
+    tb, times = stream.time_base, []
+    for packet in container.demux(stream):
+        if packet.is_keyframe:
+            if packet.pts is None:
+                times = None
+            elif times is not None:
+                times.append(float(packet.pts * tb))
+    container.seek(0)
+    return sorted(times or [])
+
+
 def video_frames(src, image_size, max_frames, fps=None, start=None, end=None, name=None,
                  progress=False):
     """Yields uint8 frames [S,S,3] of a video file or file-like, picked by presentation time (the
     times of _frame_times: the whole video by default). Each time gets the frame on screen then;
-    a frame picked twice comes once. Frames in between are decoded (codecs need them) but never
-    converted. progress: a tqdm bar in seconds of video."""
+    a frame picked twice comes once. Decoding jumps to the keyframe before a picked time when that
+    keyframe lies ahead of the last decoded frame (whole GOPs between picks are never decoded);
+    other frames in between are decoded (codecs need them) but never converted. progress: a tqdm
+    bar in seconds of video."""
     name = name or str(src)
     with _opened(src, name) as (container, stream):
         origin, t0, t1, targets = _frame_times(container, stream, max_frames, fps, start, end)
+        keyframes = _keyframe_times(container, stream)
         k = len(targets)
-        if t0 > 0:  # jump to the keyframe before `start` instead of decoding everything up to it
-            container.seek(int((origin + t0) / stream.time_base), stream=stream)
         rate = float(stream.average_rate or stream.guessed_rate or 25)
         bar = tqdm(total=round(t1 - t0), unit="s", desc="video", disable=not progress,
                    dynamic_ncols=True)
         # the frame on screen, the last one yielded, how many targets are done
         shown, last, picked = None, None, 0
-        for i, frame in enumerate(container.decode(stream)):
+        decoded, i, position = None, 0, float("-inf")  # position: the last decoded frame's time
+        while picked < k:
+            before = bisect.bisect_right(keyframes, targets[picked]) - 1
+            if before >= 0 and keyframes[before] > position:  # seeking skips a GOP or more
+                try:
+                    container.seek(round(keyframes[before] / stream.time_base), stream=stream)
+                    decoded, shown, position = None, None, keyframes[before]
+                except av.error.FFmpegError:  # a file that cannot seek: decode every frame
+                    keyframes = []
+            if decoded is None:
+                decoded = container.decode(stream)
+            frame = next(decoded, None)
+            if frame is None:
+                break
             t = frame.time if frame.time is not None else origin + i / rate
+            i, position = i + 1, max(position, t)
             while picked < k and targets[picked] < t:  # target `picked` fell before this frame
                 if (shown or frame) is not last:
                     last = shown or frame
                     yield _upright_rgb(last, image_size)
                 picked += 1
                 bar.update(min(round(t - origin - t0), bar.total) - bar.n)
-            if picked == k:
-                bar.close()
-                return
             shown = frame
         bar.close()
+        if picked == k:
+            return
         if shown is None:
             raise ValueError("no video frames")
         end_time = shown.time if shown.time is not None else origin + t1
@@ -336,7 +365,7 @@ def video_frames(src, image_size, max_frames, fps=None, start=None, end=None, na
             raise SkipSample("short_video",
                              f"{name}: video stops at {end_time - origin:.2f} s but its header "
                              f"says {t1:.2f} s ({late} of {k} picked times are past the end)")
-        if picked < k and shown is not last:
+        if shown is not last:
             yield _upright_rgb(shown, image_size)
 
 

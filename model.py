@@ -124,7 +124,7 @@ class KVCache:
     """Keys/values of every layer, preallocated: n_layers x [B, n_kv_heads, max_len, head_dim].
     `valid` [B, max_len] marks real tokens; padding (frames or prompt) stays in the cache but is
     never attended. dtype may be wider than the weights' (SmolLM2.new_cache: float32 for bf16 on a
-    CPU); attention over the cache then runs in that dtype."""
+    CPU without AMX); attention over the cache then runs in that dtype."""
 
     def __init__(self, cfg, batch, max_len, dtype, device):
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -237,11 +237,13 @@ class SmolLM2(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def new_cache(self, batch, max_len):
-        """A KVCache for `batch` rows of up to max_len tokens. bf16 weights on a CPU get a float32
-        cache: CPU bf16 attention of one token over 3,500 cached keys took 8x fp32's time
-        (docs/LOG.md), and a decoding step's cost then grew with its position in the stream."""
+        """A KVCache for `batch` rows of up to max_len tokens. bf16 weights on a CPU without AMX
+        get a float32 cache: there (an AVX-512 AMD EPYC) bf16 attention of one token over 3,500
+        cached keys took 8x fp32's time, so a streamed step grew with its position; with AMX it
+        takes half of fp32's time and half the memory (docs/LOG.md)."""
         w = self.embed_tokens.weight
-        dtype = torch.float32 if w.device.type == "cpu" and w.dtype == torch.bfloat16 else w.dtype
+        cpu_bf16 = w.device.type == "cpu" and w.dtype == torch.bfloat16
+        dtype = torch.float32 if cpu_bf16 and not cpu_amx() else w.dtype
         return KVCache(self.cfg, batch, max_len, dtype, w.device)
 
     def positions_and_mask(self, B, S, device, valid, cache):
@@ -346,6 +348,13 @@ def cpu_gemv(llm, batch):
     finally:
         for m in linears:
             m.weight.data = m.weight.data.contiguous()
+
+
+def cpu_amx():
+    """Whether this CPU has AMX bf16 tiles (Intel Xeon since Sapphire Rapids), on which PyTorch's
+    bf16 attention kernels are fast."""
+    capability = getattr(torch._C._cpu, "_get_cpu_capability", dict)()  # private: may go
+    return bool(capability.get("amx_bf16"))
 
 
 @contextmanager

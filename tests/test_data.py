@@ -349,6 +349,50 @@ def test_frames_by_timestamp_fps_and_orientation(tmp_path):
     assert up[:, :, :6].mean() > 0.9 and up[:, :, -6:].mean() < 0.1
 
 
+def test_sparse_picks_seek_to_keyframes(tmp_path, monkeypatch):
+    # 10 s at 10 fps, a keyframe every 5 frames; frame i is grey level i * 6
+    path = tmp_path / "gop5.mp4"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width = s.height = 32
+        s.pix_fmt, s.options = "yuv420p", {"crf": "0", "g": "5", "keyint_min": "5", "bf": "2"}
+        for i in range(40):
+            f = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * 6, np.uint8), format="rgb24")
+            f.pts = i
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    opened, real_open = [], av.open
+
+    class CountingContainer:  # counts the frames the decoder hands out
+        def __init__(self, *args, **kw):
+            self.container, self.decoded = real_open(*args, **kw), 0
+            opened.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.container.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.container, name)
+
+        def decode(self, *args, **kw):
+            for frame in self.container.decode(*args, **kw):
+                self.decoded += 1
+                yield frame
+
+    monkeypatch.setattr(data.av, "open", CountingContainer)
+    # the frame on screen at 0.5, 1.5, 2.5, 3.5 s, as decoding every frame would pick them
+    assert frame_index(data.load_video(str(path), 4, 16)) == [5, 15, 25, 35]
+    assert opened[-1].decoded <= 16  # whole GOPs between the picks were skipped (40 frames in all)
+    assert frame_index(data.load_video(str(path), 64, 16, fps=1, start=1.0, end=3.0)) == [15, 25]
+    assert frame_index(data.load_video(str(path), 64, 16, fps=10)) == list(range(40))
+    assert opened[-1].decoded == 40  # every frame picked: every frame decoded once
+
+
 def test_frame_files_in_natural_order(tmp_path, tok):
     names = ["frame_10.jpg", "frame_2.jpg", "frame_1.jpg"]  # lexical order would put 10 before 2
     colours = {"frame_1.jpg": (255, 0, 0), "frame_2.jpg": (0, 255, 0), "frame_10.jpg": (0, 0, 255)}
