@@ -647,29 +647,54 @@ class FoveatedVLM(nn.Module):
 
     # -- the three modes ---------------------------------------------------------------------------
     # owner [R]: the sample (row of frame_mask) of each text row; None: row r is sample r.
-    # question: (ids [R,P] left-padded, valid [R,P] or None) in the question-first layout, else None.
+    # question: (ids [R,P] left-padded, valid [R,P] or None) in the question-first layout, else
+    # None (frames first).
 
-    def visual_tokens(self, kv, frame_mask, mode, owner=None, question=None):
-        """The T visual tokens of coarse_only / coarse_fine, per text row: [R,T,L], and their attention."""
+    def sequence(self, question, visual, visual_valid, text=None):
+        """The LLM's input in this layout: embeddings [R,P+T+S,L] of [question][visual][text]
+        (frames first: no question) and their valid mask (None: all real). question: (ids, valid)
+        or None; visual [R,T,L] with visual_valid [R,T]; text: embeddings [R,S,L], right-padded
+        (causal attention keeps padding at the end harmless)."""
+        parts, masks = [visual], [visual_valid]
+        if question is not None:
+            ids, valid = question
+            parts.insert(0, self.llm.embed_tokens(ids))
+            masks.insert(0, valid if valid is not None else torch.ones_like(ids, dtype=torch.bool))
+        if text is not None:
+            parts.append(text)
+            masks.append(torch.ones(text.shape[:2], dtype=torch.bool, device=text.device))
+        return torch.cat(parts, 1), joined(*masks)
+
+    def visual_tokens(self, kv, frame_mask, mode, owner=None, question=None, text=None):
+        """The T visual tokens of coarse_only / coarse_fine per text row [R,T,L], their attention,
+        and the coarse pass's final states over `text` (embeddings [R,S,L]; None without it): with
+        text, coarse_fine's coarse pass reads [question][static glimpses][text], so it can be
+        trained to answer from the static glimpses too (train.py's coarse_loss_weight)."""
         B, T = frame_mask.shape
         pick = (lambda x: x) if owner is None else (lambda x: x[owner])  # noqa: E731
         rows = frame_rows(frame_mask)  # [B,T]
-        coarse, attn = self.look(self.q_static.expand(B, T, -1), kv, rows)  # one static glimpse per frame
+        static, attn = self.look(self.q_static.expand(B, T, -1), kv, rows)  # [B,T,L]
         if mode == "coarse_only" or T == 0:
-            return pick(coarse), pick(attn)
-        # the coarse pass: the LLM reads the static glimpses and says where each frame should be looked at
-        if question is None:  # frames first: causal attention means the text could not change these states
-            h = self.llm(embeds=coarse, valid=joined(frame_mask), hidden_only=True)  # [B,T,L]
-            queries = torch.cat((self.q_init.expand(B, 1, -1), self.llm_to_query(h[:, :-1])), 1)  # shift by one
-            fine, attn = self.look(queries, kv, rows)
-            return pick(fine), pick(attn)
-        ids, valid = question
-        P = ids.shape[1]
-        embeds = torch.cat((self.llm.embed_tokens(ids), pick(coarse)), 1)
-        valid = joined(valid if valid is not None else torch.ones_like(ids, dtype=torch.bool), pick(frame_mask))
-        h = self.llm(embeds=embeds, valid=valid, hidden_only=True)  # [R,P+T,L]
-        # the state before each frame chooses its query: after the question for frame 0, after frame t-1 for t
-        return self.look(self.llm_to_query(h[:, P - 1:P + T - 1]), kv, pick(rows))
+            return pick(static), pick(attn), None
+        # The coarse pass: the LLM reads the static glimpses and says where to look in each frame.
+        # Frames first without text, one pass per sample serves all its rows (causal attention: text
+        # after the frames cannot change these states); else one pass per text row.
+        per_row = question is not None or text is not None
+        walker = pick if per_row else (lambda x: x)  # noqa: E731
+        embeds, valid = self.sequence(question, walker(static), walker(frame_mask), text)
+        h = self.llm(embeds=embeds, valid=valid, hidden_only=True)  # [W,P+T(+S),L]
+        P = 0 if question is None else question[0].shape[1]
+        # the state before frame t chooses its query: after frame t-1, and for frame 0 after the
+        # question (question first) or q_init (frames first)
+        if question is None:
+            first = self.q_init.expand(len(h), 1, -1)  # [W,1,D]
+            queries = torch.cat((first, self.llm_to_query(h[:, :T - 1])), 1)  # [W,T,D]
+        else:
+            queries = self.llm_to_query(h[:, P - 1:P + T - 1])  # [W,T,D]
+        fine, attn = self.look(queries, kv, walker(rows))
+        if not per_row:
+            fine, attn = pick(fine), pick(attn)
+        return fine, attn, (h[:, P + T:] if text is not None else None)
 
     def first_query(self, cache, question, walkers):
         """Frame 0's query for each of the W walkers, [W,D]: q_init (frames first), or the LLM's
@@ -756,17 +781,21 @@ class FoveatedVLM(nn.Module):
             h = self.llm(prompt_ids, valid=prompt_valid, cache=cache, hidden_only=True)
         return cache, self.llm.lm_head(h[:, -1])
 
-    def forward(self, frames, input_ids, loss_mask=None, frame_mask=None, mode="coarse_fine", kv=None,
-                owner=None, question_ids=None, question_valid=None):
-        """frames [B,T,3,H,W] (frame_mask [B,T] marks real frames, a prefix per row; None = all real) and
-        text rows input_ids [R,S], right-padded. owner [R]: the sample of each row (None: row r is sample r),
-        so several texts (questions about one clip, DPO's two answers) share one encode.
-        Frames first (question_ids None): [T visual tokens][S text], frame 0 looks with q_init. Question first:
-        question_ids [R,P] left-padded (question_valid [R,P]): [P question][T visual][S text], and the LLM's
-        state after the question chooses frame 0's query.
-        Without loss_mask: text logits [R,S,V] (position i predicts token i+1) and None. With it: the logits of
-        the positions that carry loss only, [n,V] (model.text_loss), and the token-weighted mean CE over the
-        tokens with loss_mask != 0. Pass kv=self.encode(...) to reuse one encode."""
+    def forward(self, frames, input_ids, loss_mask=None, frame_mask=None, mode="coarse_fine",
+                kv=None, owner=None, question_ids=None, question_valid=None, coarse_weight=0.0):
+        """frames [B,T,3,H,W] (frame_mask [B,T] marks real frames, a prefix per row; None = all
+        real) and text rows input_ids [R,S], right-padded. owner [R]: the sample of each row (None:
+        row r is sample r), so several texts (questions about one clip, DPO's two answers) share
+        one encode.
+        Frames first (question_ids None): [T visual tokens][S text], frame 0 looks with q_init.
+        Question first: question_ids [R,P] left-padded (question_valid [R,P]): [P question][T
+        visual][S text], and the LLM's state after the question chooses frame 0's query.
+        Without loss_mask: text logits [R,S,V] (position i predicts token i+1) and None. With it:
+        the logits of the positions that carry loss only, [n,V] (model.text_loss), and the
+        token-weighted mean CE over the tokens with loss_mask != 0. Pass kv=self.encode(...) to
+        reuse one encode. coarse_weight > 0 (coarse_fine, with loss_mask): the coarse pass reads
+        the text too and its CE, times this weight, is added, so the static glimpses (coarse_only)
+        stay a trained way to answer."""
         assert mode in MODES, f"mode must be one of {MODES}, got {mode!r}"
         R, S = input_ids.shape
         if frame_mask is None:
@@ -774,39 +803,41 @@ class FoveatedVLM(nn.Module):
         if kv is None:
             kv = self.encode(frames, frame_mask)
         question = None if question_ids is None else (question_ids, question_valid)
+        coarse_h = None  # the coarse pass's states over the text, when it answers too
         if mode == "autoregressive":
             cache, _ = self.walked_cache(kv, frame_mask, owner, question, extra=S)
             h = self.llm(input_ids, cache=cache, hidden_only=True)
         else:
-            vis, _ = self.visual_tokens(kv, frame_mask, mode, owner, question)  # [R,T,L]
-            parts = [vis, self.llm.embed_tokens(input_ids)]
-            masks = [frame_mask if owner is None else frame_mask[owner], torch.ones_like(input_ids, dtype=torch.bool)]
-            if question is not None:
-                parts.insert(0, self.llm.embed_tokens(question_ids))
-                masks.insert(0, question_valid if question_valid is not None else torch.ones_like(masks[1]))
-            # padded frames are masked out; right-padded text needs no mask under causal attention
-            h = self.llm(embeds=torch.cat(parts, 1), valid=joined(*masks), hidden_only=True)[:, -S:]
+            text = self.llm.embed_tokens(input_ids)  # [R,S,L]
+            coarse_answers = coarse_weight and mode == "coarse_fine" and loss_mask is not None
+            vis, _, coarse_h = self.visual_tokens(kv, frame_mask, mode, owner, question,
+                                                  text if coarse_answers else None)  # [R,T,L]
+            row_frames = frame_mask if owner is None else frame_mask[owner]
+            embeds, valid = self.sequence(question, vis, row_frames, text)
+            h = self.llm(embeds=embeds, valid=valid, hidden_only=True)[:, -S:]
         if loss_mask is None:
             return self.llm.lm_head(h), None
-        return text_loss(self.llm.lm_head, h, input_ids, loss_mask)
+        logits, loss = text_loss(self.llm.lm_head, h, input_ids, loss_mask)
+        if coarse_h is not None:
+            coarse_loss = text_loss(self.llm.lm_head, coarse_h, input_ids, loss_mask)[1]
+            loss = loss + coarse_weight * coarse_loss
+        return logits, loss
 
     @torch.no_grad()
     def prefill(self, kv, frame_mask, prompt_ids, mode, extra=0, prompt_valid=None, question=None):
-        """A fresh LLM cache holding the visual prefix and the prompt, with room for `extra` more tokens.
-        Frames first: [visual][prompt_ids] (left-padded when prompt_valid is given); question first
-        (question = (ids, valid)): [question][visual][prompt_ids]. Returns (cache, last logits [B,V],
-        attention maps)."""
+        """A fresh LLM cache holding the visual prefix and the prompt, with room for `extra` more
+        tokens. Frames first: [visual][prompt_ids] (left-padded when prompt_valid is given);
+        question first (question = (ids, valid)): [question][visual][prompt_ids]. Returns (cache,
+        last logits [B,V], attention maps)."""
         B, T = frame_mask.shape
         if mode == "autoregressive":
-            cache, attn = self.walked_cache(kv, frame_mask, None, question, prompt_ids.shape[1] + extra)
+            extra = prompt_ids.shape[1] + extra
+            cache, attn = self.walked_cache(kv, frame_mask, None, question, extra)
         else:
-            vis, attn = self.visual_tokens(kv, frame_mask, mode, None, question)
-            embeds, valid = vis, [frame_mask]
-            if question is not None:
-                embeds = torch.cat((self.llm.embed_tokens(question[0]), vis), 1)
-                valid.insert(0, question[1] if question[1] is not None else torch.ones_like(question[0], dtype=torch.bool))
+            vis, attn, _ = self.visual_tokens(kv, frame_mask, mode, None, question)
+            embeds, valid = self.sequence(question, vis, frame_mask)
             cache = self.llm.new_cache(B, embeds.shape[1] + prompt_ids.shape[1] + extra)
-            self.llm(embeds=embeds, valid=joined(*valid), cache=cache, hidden_only=True)
+            self.llm(embeds=embeds, valid=valid, cache=cache, hidden_only=True)
         h = self.llm(prompt_ids, valid=prompt_valid, cache=cache, hidden_only=True)
         return cache, self.llm.lm_head(h[:, -1]), attn
 
@@ -1109,12 +1140,13 @@ def mfu(flops, seconds, peak):
 
 
 def forward_flops(model, B, T, S, image_size, mode, rows_per_sample=1, question_len=0,
-                  targets=None):
+                  targets=None, coarse_answers=False):
     """Analytic FLOPs of one forward of B samples of T frames, with rows_per_sample text rows of S
     tokens per sample (DPO: 2), in `mode`: the DINOv2 encode (its last block: K/V only), the glimpse
     passes, the LLM passes, lm_head on `targets` positions per row (None: all S, as without a loss
     mask; with one, the positions that carry loss). question_len > 0: the question-first layout,
-    with questions of that many tokens (each row walks its own glimpses)."""
+    with questions of that many tokens (each row walks its own glimpses). coarse_answers:
+    coarse_fine's coarse pass reads the text too (forward's coarse_weight > 0)."""
     d, lc = model.dino.cfg, model.llm.cfg
     D, P, L = d.dim, (image_size // d.patch_size) ** 2, lc.dim
     mlp = 2 * 2 * D * int(D * d.mlp_ratio)  # per token
@@ -1130,21 +1162,24 @@ def forward_flops(model, B, T, S, image_size, mode, rows_per_sample=1, question_
         return lc.n_layers * (n * per_token + 2 * 2 * q * n * (n + 1) / 2)
     R, Q = B * rows_per_sample, question_len
     walkers = R if Q else B  # who chooses queries: each row (question first) or each sample
+    coarse_answers = coarse_answers and mode == "coarse_fine"
+    # coarse_fine's first pass
+    coarse = R * llm(Q + T + S) if coarse_answers else walkers * llm(Q + T)
     text = {"coarse_only": R * llm(Q + T + S),
-            "coarse_fine": walkers * llm(Q + T) + R * llm(Q + T + S),
+            "coarse_fine": coarse + R * llm(Q + T + S),
             "autoregressive": walkers * llm(Q + T) + R * (llm(Q + T + S) - llm(Q + T))}[mode]
     # static glimpses (B*T) for coarse_only / coarse_fine, steered ones (walkers*T) for the others
     glimpses = {"coarse_only": B * T, "coarse_fine": B * T + walkers * T,
                 "autoregressive": walkers * T}[mode]
     steer = 0 if mode == "coarse_only" else walkers * T * 2 * L * D  # llm_to_query
-    head = R * (S if targets is None else targets) * 2 * L * lc.vocab_size
+    head = (1 + coarse_answers) * R * (S if targets is None else targets) * 2 * L * lc.vocab_size
     return B * T * frame + glimpses * glimpse + steer + text + head
 
 
 def train_flops(model, B, T, S, image_size, mode="coarse_fine", rows_per_sample=1, reference=False,
-                question_len=0, targets=None):
+                question_len=0, targets=None, coarse_answers=False):
     """FLOPs of one training step: forward + backward (2x the forward), plus a frozen reference's
     forward (DPO). targets: positions per row that carry loss (lm_head runs on those only)."""
     forward = forward_flops(model, B, T, S, image_size, mode, rows_per_sample, question_len,
-                            targets)
+                            targets, coarse_answers)
     return (3 + reference) * forward

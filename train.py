@@ -79,6 +79,7 @@ q_init_copies_static = True  # a fresh connector's fine pass starts as the coars
 llm_to_query_zero_init = True
 grad_clip = 1.0
 train_mode = 'coarse_fine'  # coarse_only | coarse_fine | autoregressive
+coarse_loss_weight = 0.0  # stages 1-2, coarse_fine: the coarse pass answers too, this much of the loss
 # of a fresh model: 'frames_first' | 'question_first' (the question steers the glimpses)
 layout = 'frames_first'
 # DPO (stage 3)
@@ -292,7 +293,7 @@ def batch_loss(batch):
                                            train_mode)
         else:
             _, loss = model(batch['frames'], batch['input_ids'], batch['loss_mask'], batch['frame_mask'],
-                            train_mode, **text_rows(batch))
+                            train_mode, **text_rows(batch), coarse_weight=coarse_loss_weight)
             metrics = {}
     if ddp:  # DDP reduces every parameter's gradient: add those this mode or batch did not use, weight 0
         loss = loss + 0.0 * sum(p.view(-1)[0] for p in raw_model.parameters())
@@ -425,7 +426,8 @@ while iter_num < max_iters:
         flops_since += train_flops(raw_model, *frames.shape[:2], ids.shape[1], frames.shape[-1], train_mode,
                                    rows_per_sample=len(ids) / len(frames),
                                    reference=stage == 3 and not precompute_ref,
-                                   question_len=question.shape[1], targets=targets_per_row)
+                                   question_len=question.shape[1], targets=targets_per_row,
+                                   coarse_answers=stage < 3 and coarse_loss_weight > 0)
     # mean over micro-steps and ranks, for logging
     logged = torch.stack([loss_sum] + list(metrics_sum.values())) / gradient_accumulation_steps
     if ddp:

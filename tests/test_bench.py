@@ -406,10 +406,11 @@ def test_speed_report(tok, tmp_path, monkeypatch):
     assert rep["dpo_over_stage2"] > 0 and rep["dpo_precomputed_over_stage2"] > 0
 
 
-@pytest.mark.parametrize("mode,dpo_step", [("coarse_fine", False), ("autoregressive", False), ("coarse_fine", True)])
-def test_train_step_flops_match_counted(tok, mode, dpo_step):
-    """A whole step, forward + backward, against the counter: lm_head on the loss positions only, and DPO's
-    two answers + the frozen reference's forward."""
+@pytest.mark.parametrize("mode,dpo_step,coarse_weight", [("coarse_fine", False, 0), ("autoregressive", False, 0),
+                                                        ("coarse_fine", True, 0), ("coarse_fine", False, 1)])
+def test_train_step_flops_match_counted(tok, mode, dpo_step, coarse_weight):
+    """A whole step, forward + backward, against the counter: lm_head on the loss positions only, DPO's two
+    answers + the frozen reference's forward, and the coarse pass answering too."""
     import dpo
     from torch.utils.flop_counter import FlopCounterMode
     vlm, (B, T, S) = tiny_vlm(tok).train(), (2, 3, 10)
@@ -423,8 +424,8 @@ def test_train_step_flops_match_counted(tok, mode, dpo_step):
         if dpo_step:
             dpo.batch_loss(vlm, dpo.make_reference(vlm), batch)[0].backward()
         else:
-            vlm(frames, ids, mask, mode=mode)[1].backward()
-    ours = train_flops(vlm, B, T, S, SIZE, mode, rows, dpo_step, targets=4)
+            vlm(frames, ids, mask, mode=mode, coarse_weight=coarse_weight)[1].backward()
+    ours = train_flops(vlm, B, T, S, SIZE, mode, rows, dpo_step, targets=4, coarse_answers=coarse_weight > 0)
     assert abs(ours - fc.get_total_flops()) / ours < 0.1, (ours, fc.get_total_flops())
 
 

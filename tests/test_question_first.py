@@ -79,6 +79,27 @@ def test_padding_and_sharing_change_nothing(vlm, tok, mode):
             assert (batch[r, :len(t)] - alone[0]).abs().max() <= 1e-5, (mode, r)
 
 
+@pytest.mark.parametrize("layout", ["question_first", "frames_first"])
+def test_coarse_pass_answers_as_coarse_only(tok, layout):
+    """coarse_weight: the coarse pass of coarse_fine also reads the text, and its loss is exactly coarse_only's
+    (three rows on two padded clips)."""
+    vlm = tiny(tok, layout)
+    frames = torch.cat((clip(T=4, seed=1), clip(T=4, seed=2)))
+    frame_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    text = torch.tensor([t + [2] * (5 - len(t)) for t in
+                         (tok.encode(x).ids for x in ("the blue ball", "yes", "a cat or a dog"))])
+    loss_mask = (text != 2).long()
+    rows = dict(frame_mask=frame_mask, owner=torch.tensor([0, 0, 1]))
+    if layout == "question_first":
+        question, valid = left_pad([tok.encode(q).ids for q in ("which ball is red?", "a dog?", "a cat?")], "cpu")
+        rows |= dict(question_ids=question, question_valid=valid)
+    with torch.no_grad():
+        fine = vlm(frames, text, loss_mask, mode="coarse_fine", **rows)[1]
+        coarse = vlm(frames, text, loss_mask, mode="coarse_only", **rows)[1]
+        both = vlm(frames, text, loss_mask, mode="coarse_fine", coarse_weight=0.5, **rows)[1]
+    assert abs(both - (fine + 0.5 * coarse)) <= 1e-5 and abs(coarse - fine) > 1e-4
+
+
 def test_one_encode_for_many_questions(vlm, tok):
     calls = []
     hook = vlm.dino.patch_embed.register_forward_hook(lambda *a: calls.append(1))  # once per DINOv2 pass
