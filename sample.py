@@ -6,6 +6,8 @@ frame's glimpse looked.
     python sample.py --video=clip.mp4 --prompt="What happens here?" --attention_out=glimpses.gif
     python sample.py --image=cat.jpg --llm_dir=DIR --dino_dir=DIR --init_from=fVLM-135M/model.safetensors
     python sample.py --video=hour.mp4 --fps=1 --max_frames=0 --attention_out=sheet.png   # 3,600 frames
+    python sample.py --prompt="what colour is the spot on the red ball?" \
+        --second_prompt="what colour is the spot on the blue ball?" --attention_out=two.png
 
 In autoregressive mode a video streams (model.FoveatedVLM.stream): a reader thread decodes ahead,
 each chunk of frames is encoded, walked and freed, so memory does not grow with the video (the LLM
@@ -13,7 +15,7 @@ cache aside). A video longer than the LLM's context is refused with how many fra
 
 The picture has one column per frame (.png) or one animation frame per video frame (.gif), and rows:
 the frame, the coarse glimpse (q_static: what coarse_only sees), the glimpse of --mode (if not
-coarse). The heatmap is the glimpse query's attention over the patch grid, exactly the weights
+coarse) for each prompt. The heatmap is the glimpse query's attention over the patch grid, exactly the weights
 model.glimpse used: averaged over heads and over the last `attention_layers` DINOv2 layers, CLS
 column dropped, each map divided by its own peak (a flat map means "looked everywhere"), upsampled
 bilinearly.
@@ -39,6 +41,9 @@ import model
 video = ''  # a video file PyAV reads (mp4, webm, gif, mkv, ...)
 image = ''  # an image file, replicated to image_frames frames as in training
 prompt = ''  # the user turn; '' = "Describe this video." (the shapes task's caption prompt)
+# another question about the same frames, answered after the first and drawn as its own glimpse row
+# (question first: each question steers its own glimpses)
+second_prompt = ''
 # our checkpoint (a dir, or a run dir: its newest) | a .safetensors file over llm_dir + dino_dir
 init_from = 'out/shapes'
 llm_dir = ''  # a Hugging Face SmolLM2 dir (for a weights file, or init_from='scratch')
@@ -112,9 +117,10 @@ def heatmaps(attn, grid, cell):
     return a[:, 0].cpu().numpy()
 
 
-def draw_picture(path, frames, rows, patch_size, prompt_text, answer, times=None):
-    """frames [T,3,S,S] normalised; rows: [(label, attn [T,layers,heads,1+P])]. Writes a .png or
-    .gif. times: each frame's label (a contact sheet's mm:ss) instead of its number."""
+def draw_picture(path, frames, rows, patch_size, texts, times=None):
+    """frames [T,3,S,S] normalised; rows: [(label, attn [T,layers,heads,1+P])]; texts: [(prompt,
+    answer)], written under the images. Writes a .png or .gif. times: each frame's label (a contact
+    sheet's mm:ss) instead of its number."""
     T, _, S, _ = frames.shape
     cell = S * math.ceil(160 / S)  # 64px synthetic frames become 192px: legible
     grid = (S // patch_size, S // patch_size)
@@ -138,8 +144,11 @@ def draw_picture(path, frames, rows, patch_size, prompt_text, answer, times=None
         d.rectangle(d.textbbox(xy, text, font=font), fill=(0, 0, 0))
         d.text(xy, text, fill=(255, 255, 255), font=font)
 
-    def canvas(w, h_images):  # white sheet with the prompt and the answer wrapped under the images
-        paragraphs = f"prompt: {prompt_text}\nanswer: {answer}".split("\n")
+    def canvas(w, h_images):  # white sheet with the prompts and answers wrapped under the images
+        numbered = len(texts) > 1
+        paragraphs = [line for i, (prompt_text, answer) in enumerate(texts)
+                      for line in (f"prompt{f' {i + 1}' if numbered else ''}: {prompt_text}\n"
+                                   f"answer: {answer}").split("\n")]
         lines = [line for para in paragraphs for line in textwrap.wrap(para, w // 7) or [""]]
         img = Image.new("RGB", (w, h_images + 8 + 17 * len(lines)), (255, 255, 255))
         for i, line in enumerate(lines):
@@ -219,16 +228,18 @@ if not streaming and n_frames > max_held_frames:
          f"(--max_held_frames={max_held_frames}): "
          f"use --mode=autoregressive, which streams a video of any length, or fewer frames")
 prompt = prompt or (data.DEFAULT_USER if not image else "Describe this image.")
-# token lists: the question before the frames (question first; else empty) and the prompt after
-question_tokens, prompt_tokens = data.prompt_parts(tok, prompt, vlm.layout)
-text_tokens = len(question_tokens) + len(prompt_tokens) + max_new_tokens
+prompts = [p for p in (prompt, second_prompt) if p]
 what = f"{video or image or 'the clip'} with --max_new_tokens={max_new_tokens}"
-too_long = data.context_error(n_frames, seconds, text_tokens, vlm.llm.cfg.max_seq_len, what)
-if too_long:
-    fail(too_long)
+for p in prompts:
+    # token lists: the question before the frames (question first; else empty), the prompt after
+    question_tokens, prompt_tokens = data.prompt_parts(tok, p, vlm.layout)
+    text_tokens = len(question_tokens) + len(prompt_tokens) + max_new_tokens
+    too_long = data.context_error(n_frames, seconds, text_tokens, vlm.llm.cfg.max_seq_len, what)
+    if too_long:
+        fail(too_long)
 print(f"weights: {weights}", file=sys.stderr)
 frame_side = side if streaming else frames.shape[-1]
-print(f"{n_frames} frames of {frame_side}px, mode {mode}, prompt: {prompt}", file=sys.stderr)
+print(f"{n_frames} frames of {frame_side}px, mode {mode}", file=sys.stderr)
 if reference:
     print(f"reference: {reference}", file=sys.stderr)
 
@@ -264,7 +275,13 @@ def stream_video(ids, question):
     return cache, logits, shown_frames, shown_attn, times
 
 
-with torch.no_grad():
+def respond(user, kv=None):
+    """Answer one user turn about the frames: prefill (or stream the video), then decode
+    num_samples answers, printed as they come. kv: the frames' DINOv2 K/V from an earlier prompt
+    (not streamed). Returns (the first answer, the frames the picture shows [1,K,3,S,S], their
+    glimpses' attention [1,K,layers,H,1+P], mm:ss labels or None, kv or None)."""
+    print(f"prompt: {user}", file=sys.stderr)
+    question_tokens, prompt_tokens = data.prompt_parts(tok, user, vlm.layout)
     # question first: (ids [1,Pq], valid None), what model.FoveatedVLM takes as `question`
     question = None
     if question_tokens:
@@ -273,15 +290,17 @@ with torch.no_grad():
     times = None
     if streaming:
         try:
-            cache, logits, frames, attn, times = stream_video(ids, question)
+            cache, logits, shown_frames, attn, times = stream_video(ids, question)
         except ValueError as e:  # a file that breaks mid-way: data.py's message names it
             fail(e)
         attn = attn[None] if attn is not None else None
-        frames = frames.to(device, ptdtype)[None] if frames is not None else None
+        if shown_frames is not None:
+            shown_frames = shown_frames.to(device, ptdtype)[None]
     else:
-        frames = frames.to(device, ptdtype)[None]  # [1,T,3,S,S]
-        frame_mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=device)
-        kv = vlm.encode(frames, frame_mask)  # one DINOv2 pass: the prefill and the coarse row
+        shown_frames = frames.to(device, ptdtype)[None]  # [1,T,3,S,S]
+        frame_mask = torch.ones(shown_frames.shape[:2], dtype=torch.bool, device=device)
+        if kv is None:
+            kv = vlm.encode(shown_frames, frame_mask)  # one DINOv2 pass for every prompt
         cache, logits, attn = vlm.prefill(kv, frame_mask, ids, mode, max_new_tokens,
                                           question=question)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -305,16 +324,23 @@ with torch.no_grad():
         answers.append(tok.decode(out))
         print(answers[-1][len(shown):], flush=True)
         print(f"({len(out)} tokens, {len(out) / (time.time() - t0):.1f} tokens/s)", file=sys.stderr)
+    return answers[0], shown_frames, attn, times, kv
+
+
+with torch.no_grad():
+    kv, replies = None, []
+    for p in prompts:
+        answer, shown_frames, attn, times, kv = respond(p, kv)
+        replies.append((p, answer, attn))
     if attention_out:
+        frame_mask = torch.ones(shown_frames.shape[:2], dtype=torch.bool, device=device)
         if streaming:  # the shown frames again, for their coarse row: a dozen frames, not the video
-            frame_mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=device)
-            kv = vlm.encode(frames, frame_mask)
-        coarse = attn
+            kv = vlm.encode(shown_frames, frame_mask)
+        rows = [("coarse: q_static", vlm.visual_tokens(kv, frame_mask, "coarse_only")[1][0])]
         if mode != "coarse_only":
-            coarse = vlm.visual_tokens(kv, frame_mask, "coarse_only")[1]
-        rows = [("coarse: q_static", coarse[0])]
-        if mode != "coarse_only":
-            rows.append((f"{mode} glimpse", attn[0]))
-        draw_picture(attention_out, frames[0], rows, vlm.dino.cfg.patch_size, prompt, answers[0],
-                     times)
+            for i, (_, _, attn) in enumerate(replies):
+                label = f"prompt {i + 1}: {mode}" if len(replies) > 1 else f"{mode} glimpse"
+                rows.append((label, attn[0]))
+        texts = [(p, answer) for p, answer, _ in replies]
+        draw_picture(attention_out, shown_frames[0], rows, vlm.dino.cfg.patch_size, texts, times)
         print(f"wrote {attention_out}", file=sys.stderr)

@@ -39,6 +39,9 @@ def ckpt(tmp_path_factory):
     vlm.save(str(out / "ckpt"), tokenizer=str(out / "tokenizer.json"))
     # train.py's layout: run/ckpt/step-*; sample.py must take the latest (the older one here is unreadable)
     vlm.save(str(out / "run" / "ckpt" / "step-0000010"), tokenizer=str(out / "tokenizer.json"))
+    vlm.layout = "question_first"  # the same weights, the question before the frames
+    vlm.save(str(out / "qf"), tokenizer=str(out / "tokenizer.json"))
+    vlm.layout = "frames_first"
     (out / "run" / "ckpt" / "step-0000005").mkdir()
     (out / "run" / "ckpt" / "step-0000005" / "model.safetensors").write_bytes(b"not weights")
     return out, vlm
@@ -106,6 +109,22 @@ def test_greedy_stream_equals_uncached_decode_and_png(ckpt, tmp_path):
     a = np.asarray(png.convert("RGB")).astype(int)
     # each frame's autoregressive heatmap is its own glimpse: frames 0 and 4 differ (the query changes)
     assert np.abs(a[2 * CELL:3 * CELL, :CELL] - a[2 * CELL:3 * CELL, 4 * CELL:5 * CELL]).mean() > 1
+
+
+def test_two_questions_two_glimpse_rows(ckpt, tmp_path):
+    """question first: each prompt walks its own glimpses over the same (streamed) video, one row each"""
+    out, _ = ckpt
+    video = write_video(tmp_path / "clip.mp4", "libx264", "yuv420p")
+    rc, text, err = run(out / "qf", f"--video={video}", "--prompt=Describe this image.",
+                        f"--second_prompt={data.DEFAULT_USER}", "--max_new_tokens=6",
+                        f"--attention_out={tmp_path / 'two.png'}")
+    assert rc == 0, err
+    assert "prompt: Describe this image." in err and f"prompt: {data.DEFAULT_USER}" in err
+    assert text.count("\n") == 2  # two answers
+    a = np.asarray(Image.open(tmp_path / "two.png").convert("RGB")).astype(int)
+    assert a.shape[1] == 5 * CELL and a.shape[0] > 4 * CELL  # rows: frame, coarse, prompt 1, prompt 2
+    first, second = a[2 * CELL:3 * CELL], a[3 * CELL:4 * CELL]
+    assert np.abs(first - second).mean() > 1  # another question, other glimpses
 
 
 @pytest.mark.parametrize("kind,out_ext", [("webm", "gif"), ("gif", "png"), ("png", "gif"), ("jpg", "png")])
