@@ -4,8 +4,9 @@ frame's glimpse looked.
 
     python sample.py --mode=autoregressive --attention_out=glimpses.png   # a held-out shapes clip
     python sample.py --video=clip.mp4 --prompt="What happens here?" --attention_out=glimpses.gif
-    python sample.py --image=cat.jpg --llm_dir=DIR --dino_dir=DIR --init_from=fVLM-135M/model.safetensors
-    python sample.py --video=hour.mp4 --fps=1 --max_frames=0 --attention_out=sheet.png   # 3,600 frames
+    python sample.py --image=cat.jpg --llm_dir=DIR --dino_dir=DIR \
+        --init_from=fVLM-135M/model.safetensors
+    python sample.py --video=hour.mp4 --fps=1 --max_frames=0 --attention_out=sheet.png  # 3,600
     python sample.py --prompt="what colour is the spot on the red ball?" \
         --second_prompt="what colour is the spot on the blue ball?" --attention_out=two.png
 
@@ -15,10 +16,10 @@ cache aside). A video longer than the LLM's context is refused with how many fra
 
 The picture has one column per frame (.png) or one animation frame per video frame (.gif), and rows:
 the frame, the coarse glimpse (q_static: what coarse_only sees), the glimpse of --mode (if not
-coarse) for each prompt. The heatmap is the glimpse query's attention over the patch grid, exactly the weights
-model.glimpse used: averaged over heads and over the last `attention_layers` DINOv2 layers, CLS
-column dropped, each map divided by its own peak (a flat map means "looked everywhere"), upsampled
-bilinearly.
+coarse) for each prompt. The heatmap is the glimpse query's attention over the patch grid, exactly
+the weights model.glimpse used: averaged over heads and over the last `attention_layers` DINOv2
+layers, CLS column dropped, each map divided by its own peak (a flat map means "looked
+everywhere"), upsampled bilinearly.
 The generated text goes to stdout; everything else to stderr.
 """
 import glob

@@ -1,12 +1,12 @@
 """
-Train a foveated VLM: stages 1-2 (next-token CE) and stage 3 (DPO, the batch loss comes from dpo.py).
+Train a foveated VLM: stages 1-2 (next-token CE) and stage 3 (DPO, its batch loss is dpo.py's).
 
-    python train.py                                  # the embedded default: synthetic shapes task on CPU
-    python train.py config/stage2_135m.py            # the real recipe on one GPU
+    python train.py                              # the embedded default: synthetic shapes on CPU
+    python train.py config/stage2_135m.py        # the real recipe on one GPU
     torchrun --nproc_per_node=8 train.py config/stage2_135m.py   # DDP on many
 
-Every global below is a config key: override with a config file and/or --key=value (see configurator.py).
-Why the embedded default's values are what they are: docs/LOG.md.
+Every global below is a config key: override with a config file and/or --key=value
+(configurator.py). Why the embedded default's values are what they are: docs/LOG.md.
 """
 import glob
 import json
@@ -23,25 +23,29 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import (LAYOUTS, MODES, DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2, compile_counts,
-                   compile_model, find_checkpoint, keep_freed_memory, load_model, mfu, peak_flops,
-                   train_flops, use_tf32, warn_slow_bf16)
+from model import (LAYOUTS, MODES, DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2,
+                   compile_counts, compile_model, find_checkpoint, keep_freed_memory, load_model,
+                   mfu, peak_flops, train_flops, use_tf32, warn_slow_bf16)
 
 # -----------------------------------------------------------------------------
 # config: the embedded default (a tiny fVLM trained from scratch on the shapes task)
 out_dir = 'out/shapes'
-init_from = 'scratch'  # 'scratch' | 'resume' | our checkpoint (a dir, a run dir) | a .safetensors file
+# 'scratch' | 'resume' | our checkpoint (a dir, a run dir) | a .safetensors file
+init_from = 'scratch'
 llm_dir = ''  # a Hugging Face SmolLM2 dir; with dino_dir also '': a tiny model from scratch
 dino_dir = ''  # a Hugging Face DINOv2 dir
 tokenizer = ''  # tokenizer.json; '' = the checkpoint's, llm_dir's, or the shapes task's
-shapes_dir = 'data/shapes'  # the synthetic task; generated if missing when the data globs point into it
+# the synthetic task; generated if missing when the data globs point into it
+shapes_dir = 'data/shapes'
 train_data = 'data/shapes/train-*.tar'  # globs, comma-separated
 val_data = 'data/shapes/val-*.tar'
 text_data = 'data/shapes/text-*.tar'  # text-only shards, mixed in at text_ratio
-mcq_data = 'data/shapes/mcq_val.json'  # held-out MCQs scored by bench.py's code at eval time; '' = none
+# held-out MCQs scored by bench.py's code at eval time; '' = none
+mcq_data = 'data/shapes/mcq_val.json'
 stage = 2  # 1: CE on all text, 2: CE on the answer, 3: DPO (dpo.py)
 # tiny backbones used when llm_dir / dino_dir are empty
-tiny_llm_dim, tiny_llm_layers, tiny_llm_heads, tiny_llm_kv_heads, tiny_llm_hidden = 128, 4, 4, 2, 384
+tiny_llm_dim, tiny_llm_layers, tiny_llm_heads, tiny_llm_kv_heads = 128, 4, 4, 2
+tiny_llm_hidden = 384
 tiny_dino_dim, tiny_dino_layers, tiny_dino_heads, tiny_patch_size = 96, 4, 4, 8
 tiny_visual_scale = 20.0  # loud visual tokens: a from-scratch LLM reads them sooner than at 0.14
 # data
@@ -54,9 +58,12 @@ text_ratio = 0.05
 num_workers = 1
 shuffle_buffer = 1000  # samples per reader
 max_batch_frames = 0  # > 0: a batch closes early once its real frames would pass this many
-source_prompts = {}  # {source: question} for an empty `user`, over data.SOURCE_PROMPTS; '': any other
-media_root = ''  # where the media paths of LLaVA-style annotation files start ('': each file's folder)
-annotation_block = 1  # annotation rows dealt out together; = write_shards' shard_size: its shards' order
+# {source: question} for an empty `user`, over data.SOURCE_PROMPTS; '': any other source
+source_prompts = {}
+# where the media paths of LLaVA-style annotation files start ('': each file's folder)
+media_root = ''
+# annotation rows dealt out together; = write_shards' shard_size: its shards' order
+annotation_block = 1
 # optimisation
 batch_size = 16  # per rank, per micro-step
 gradient_accumulation_steps = 1
@@ -68,18 +75,23 @@ lr_steer = 3e-3  # llm_to_query and q_init fast: at 1e-4 the glimpses hardly mov
 lr_dino = 1e-4
 lr_dino_qk = 1e-3  # DINOv2's attention query/key weights fast: where the glimpse looks
 lr_llm = 1e-3
-schedule = 'cosine'  # 'cosine': warmup then cosine to min_lr_ratio; 'converging': every group -> target_lr
+# 'cosine': warmup then cosine to min_lr_ratio; 'converging': every group -> target_lr
+schedule = 'cosine'
 target_lr = 3e-5
 min_lr_ratio = 0.1
 weight_decay = 0.01
-weight_decay_params = 'matrices'  # 'matrices': Linear/Conv weights; 'all': every parameter (the original)
+# 'matrices': Linear/Conv weights; 'all': every parameter (the original fVLM code)
+weight_decay_params = 'matrices'
 beta1, beta2 = 0.9, 0.95  # AdamW (the original: 0.9, 0.999)
-output_proj_group = 'connector'  # the LR group of the glimpse's output_proj ('dino' in the original)
-q_init_copies_static = True  # a fresh connector's fine pass starts as the coarse pass (original: random)
+# the LR group of the glimpse's output_proj ('dino' in the original)
+output_proj_group = 'connector'
+# a fresh connector's fine pass starts as the coarse pass (original: random)
+q_init_copies_static = True
 llm_to_query_zero_init = True
 grad_clip = 1.0
 train_mode = 'coarse_fine'  # coarse_only | coarse_fine | autoregressive
-coarse_loss_weight = 0.0  # stages 1-2, coarse_fine: the coarse pass answers too, this much of the loss
+# stages 1-2, coarse_fine: the coarse pass answers too, with this weight (trains coarse_only)
+coarse_loss_weight = 0.0
 # of a fresh model: 'frames_first' | 'question_first' (the question steers the glimpses)
 layout = 'frames_first'
 # DPO (stage 3)
@@ -91,7 +103,8 @@ precompute_ref = False
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype; weights stay fp32
 compile = False
-compile_dynamic = True  # frame counts and text lengths symbolic from the first compile (model.compile_model)
+# frame counts and text lengths symbolic from the first compile (model.compile_model)
+compile_dynamic = True
 gradient_checkpointing = False
 encode_chunk = 32  # frames per DINOv2 call: bounds activation memory on long videos
 seed = 1337
@@ -113,7 +126,8 @@ config = {k: v for k, v in globals().items() if k in _known}
 ddp = int(os.environ.get('RANK', -1)) != -1
 if ddp:
     dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-    rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ['LOCAL_RANK'])
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ['LOCAL_RANK'])
     if device.startswith('cuda'):
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
@@ -135,7 +149,8 @@ def fail(msg):
 
 
 for key, choices in (('dtype', ('float32', 'bfloat16')),  # float16 would need a GradScaler
-                     ('train_mode', MODES), ('layout', LAYOUTS), ('schedule', ('cosine', 'converging')),
+                     ('train_mode', MODES), ('layout', LAYOUTS),
+                     ('schedule', ('cosine', 'converging')),
                      ('weight_decay_params', ('matrices', 'all')),
                      ('output_proj_group', ('connector', 'dino'))):
     value = globals()[key]
@@ -168,7 +183,7 @@ fresh = dict(seed=seed, q_init_copies_static=q_init_copies_static,  # a fresh mo
 
 
 def tiny_model():
-    """The embedded default's backbones from scratch: a few layers of each, the shapes vocabulary."""
+    """The embedded default's backbones from scratch: a few layers each, the shapes vocabulary."""
     vocab = data.load_tokenizer(tokenizer or shapes_dir).get_vocab_size()
     llm = SmolLM2(LLMConfig(vocab_size=vocab, dim=tiny_llm_dim, n_layers=tiny_llm_layers,
                             n_heads=tiny_llm_heads, n_kv_heads=tiny_llm_kv_heads,
@@ -194,14 +209,17 @@ resume_dir = None
 if init_from == 'resume':
     resume_dir = latest_checkpoint()
     if resume_dir is None:
-        fail(f"init_from='resume' but {ckpt_root} has no checkpoint; train first or use --init_from=scratch")
-    state = torch.load(os.path.join(resume_dir, 'train_state.pt'), map_location='cpu', weights_only=True)
+        fail(f"init_from='resume' but {ckpt_root} has no checkpoint; train first or use "
+             f"--init_from=scratch")
+    state = torch.load(os.path.join(resume_dir, 'train_state.pt'), map_location='cpu',
+                       weights_only=True)
     model, tok_path = start_model(resume_dir)
     config['init_from'] = state['config']['init_from']  # where the run started: DPO's reference
 else:
-    if init_from != 'scratch' and os.path.isdir(init_from):  # a run dir or a dir of step-*: its newest
+    # a run dir or a dir of step-*: its newest; config keeps it, so a resumed run finds its start
+    if init_from != 'scratch' and os.path.isdir(init_from):
         try:
-            init_from = config['init_from'] = find_checkpoint(init_from)  # a resumed run finds its start
+            init_from = config['init_from'] = find_checkpoint(init_from)
         except FileNotFoundError as e:
             fail(str(e))
     model, tok_path = start_model(init_from)
@@ -216,7 +234,8 @@ model.to(device)
 model.llm.gradient_checkpointing = gradient_checkpointing
 raw_model = model
 ref_model = None
-if stage == 3:  # the frozen reference (None with precompute_ref), copied before compile wraps methods
+# stage 3: the frozen reference (None with precompute_ref), copied before compile wraps methods
+if stage == 3:
     import dpo
     reference_start = start_model(config['init_from'])[0].to(device) if resume_dir else raw_model
     ref_model = dpo.make_reference(reference_start, precompute_ref)
@@ -225,7 +244,8 @@ if compile:
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 
-lrs = {'connector': lr_connector, 'steer': lr_steer, 'dino': lr_dino, 'dino_qk': lr_dino_qk, 'llm': lr_llm}
+lrs = {'connector': lr_connector, 'steer': lr_steer, 'dino': lr_dino, 'dino_qk': lr_dino_qk,
+       'llm': lr_llm}
 optimizer = raw_model.configure_optimizers(weight_decay, lrs, (beta1, beta2), weight_decay_params,
                                            output_proj_group)
 
@@ -242,13 +262,15 @@ def lr_at(it, base):
 
 
 def make_dataset(globs, loop):
-    text = dict(text_ratio=text_ratio, text_globs=text_data.split(',')) if loop and text_data else {}
+    text = {}
+    if loop and text_data:
+        text = dict(text_ratio=text_ratio, text_globs=text_data.split(','))
     return data.ShardDataset(
         globs.split(','), tok, stage, image_size=image_size, max_frames=max_frames, fps=fps or None,
         replicate_image_frames=replicate_image_frames, seed=seed, loop=loop, rank=rank,
         world_size=world_size, shuffle_buffer=shuffle_buffer, max_len=max_text_len or None,
-        prompts=source_prompts, layout=raw_model.layout, media_root=media_root, block_rows=annotation_block,
-        **text)
+        prompts=source_prompts, layout=raw_model.layout, media_root=media_root,
+        block_rows=annotation_block, **text)
 
 
 try:
@@ -262,40 +284,44 @@ try:
         if device_type == 'cuda' and 'rng_cuda' in state:
             torch.cuda.set_rng_state(state['rng_cuda'])
         iter_num = state['iter_num']
-        for group in optimizer.param_groups:  # the checkpoint's moments; this run's LRs, betas, decay
+        # the checkpoint's moments; this run's LRs, betas, decay
+        for group in optimizer.param_groups:
             group.update(base_lr=lrs[group['name']], betas=(beta1, beta2),
                          weight_decay=weight_decay if group['decays'] else 0.0)
         changed = [f"{k}={v!r} (was {state['config'].get(k)!r})" for k, v in config.items()
                    if k != 'init_from' and state['config'].get(k, v) != v]
         message = f"resumed from {resume_dir} at iter {iter_num}"
         if changed:
-            message += ("; these keys differ from the checkpoint's run, this run's values are used: "
-                        + ", ".join(changed))
+            message += ("; these keys differ from the checkpoint's run, this run's values are "
+                        "used: " + ", ".join(changed))
         say(message)
 except ValueError as e:
     fail(str(e))
 if stage == 3 and precompute_ref:
-    ref_model = dpo.precompute_reference(reference_start, make_dataset(train_data, loop=False), device,
-                                         autocast, mode=train_mode)
+    ref_model = dpo.precompute_reference(reference_start, make_dataset(train_data, loop=False),
+                                         device, autocast, mode=train_mode)
 
 
 def text_rows(batch):
-    """The forward's keywords that say whose each text row is, and the questions of question_first."""
+    """The forward's keywords that say whose each text row is, and question_first's questions."""
     return {k: batch.get(k) for k in ('owner', 'question_ids', 'question_valid')}
 
 
 def batch_loss(batch):
-    """Loss of one micro-batch (and DPO metrics in stage 3). The forward goes through the DDP wrapper."""
-    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """Loss of one micro-batch (and DPO metrics in stage 3), the forward through the DDP wrapper."""
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+             for k, v in batch.items()}
     with autocast:
         if stage == 3:
-            loss, metrics = dpo.batch_loss(model, ref_model, batch, beta, label_smoothing, sft_weight,
-                                           train_mode)
+            loss, metrics = dpo.batch_loss(model, ref_model, batch, beta, label_smoothing,
+                                           sft_weight, train_mode)
         else:
-            _, loss = model(batch['frames'], batch['input_ids'], batch['loss_mask'], batch['frame_mask'],
-                            train_mode, **text_rows(batch), coarse_weight=coarse_loss_weight)
+            _, loss = model(batch['frames'], batch['input_ids'], batch['loss_mask'],
+                            batch['frame_mask'], train_mode, **text_rows(batch),
+                            coarse_weight=coarse_loss_weight)
             metrics = {}
-    if ddp:  # DDP reduces every parameter's gradient: add those this mode or batch did not use, weight 0
+    # DDP reduces every parameter's gradient: add those this mode or batch did not use, weight 0
+    if ddp:
         loss = loss + 0.0 * sum(p.view(-1)[0] for p in raw_model.parameters())
     return loss, metrics
 
@@ -305,9 +331,9 @@ mcq_records = None
 
 @torch.no_grad()
 def evaluate():
-    """Held-out loss per mode and, where there are MCQs, accuracy per mode through bench.py's scoring.
-    Every rank takes part (its share of the val shards and the MCQs; the results are reduced), so no
-    rank waits in a collective while another evaluates."""
+    """Held-out loss per mode and, where there are MCQs, accuracy per mode through bench.py's
+    scoring. Every rank takes part (its share of the val shards and the MCQs; the results are
+    reduced), so no rank waits in a collective while another evaluates."""
     from bench import evaluate_mcq, mcq_results, read_mcq_file
     global mcq_records
     raw_model.eval()
@@ -319,11 +345,12 @@ def evaluate():
             if i >= eval_iters:
                 break
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            kv = raw_model.encode(batch['frames'], batch['frame_mask'])  # one encode serves every mode
+            # one encode serves every mode
+            kv = raw_model.encode(batch['frames'], batch['frame_mask'])
             for j, m in enumerate(modes):
                 with autocast:
-                    _, loss = raw_model(None, batch['input_ids'], batch['loss_mask'], batch['frame_mask'],
-                                        m, kv, **text_rows(batch))
+                    _, loss = raw_model(None, batch['input_ids'], batch['loss_mask'],
+                                        batch['frame_mask'], m, kv, **text_rows(batch))
                 sums[:, j] += torch.stack((loss.float(), torch.ones((), device=device)))
         if ddp:
             dist.all_reduce(sums)
@@ -391,8 +418,9 @@ if master:
             wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, config=config)
         except ImportError:
             say("wandb_log=True but wandb is not installed: logging to metrics.jsonl only")
-    say(f"model: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params, device {device}, "
-        f"dtype {dtype}, {world_size} rank(s), batch {batch_size}x{gradient_accumulation_steps}x{world_size}")
+    params = sum(p.numel() for p in raw_model.parameters())
+    say(f"model: {params / 1e6:.2f}M params, device {device}, dtype {dtype}, {world_size} rank(s), "
+        f"batch {batch_size}x{gradient_accumulation_steps}x{world_size}")
 if device_type == 'cpu':
     keep_freed_memory()
 else:
@@ -410,7 +438,8 @@ while iter_num < max_iters:
     loss_sum, metrics_sum = torch.zeros((), device=device), {}
     for micro in range(gradient_accumulation_steps):
         batch = next(batches)
-        sync = not ddp or micro == gradient_accumulation_steps - 1  # all-reduce on the last micro-step only
+        # all-reduce on the last micro-step only
+        sync = not ddp or micro == gradient_accumulation_steps - 1
         with (nullcontext() if sync else model.no_sync()):
             loss, metrics = batch_loss(batch)
             (loss / gradient_accumulation_steps).backward()
@@ -423,8 +452,8 @@ while iter_num < max_iters:
         tokens_since += int(batch['frame_mask'].sum()) + ids.numel() + question.numel()
         # the mean number of positions per row that carry loss: lm_head runs on those only
         targets_per_row = int(batch['loss_mask'][:, 1:].ne(0).sum()) / len(ids)
-        flops_since += train_flops(raw_model, *frames.shape[:2], ids.shape[1], frames.shape[-1], train_mode,
-                                   rows_per_sample=len(ids) / len(frames),
+        flops_since += train_flops(raw_model, *frames.shape[:2], ids.shape[1], frames.shape[-1],
+                                   train_mode, rows_per_sample=len(ids) / len(frames),
                                    reference=stage == 3 and not precompute_ref,
                                    question_len=question.shape[1], targets=targets_per_row,
                                    coarse_answers=stage < 3 and coarse_loss_weight > 0)
@@ -433,19 +462,22 @@ while iter_num < max_iters:
     if ddp:
         dist.all_reduce(logged, op=dist.ReduceOp.AVG)
     if not torch.isfinite(logged[0]):
-        fail(f"loss is {logged[0].item()} at iter {iter_num}: stopping. The last good checkpoint is "
-             f"{latest_checkpoint() or 'none (nothing was saved yet)'}; lower the LRs or use grad_clip.")
+        fail(f"loss is {logged[0].item()} at iter {iter_num}: stopping. The last good checkpoint "
+             f"is {latest_checkpoint() or 'none (nothing was saved yet)'}; lower the LRs or use "
+             f"grad_clip.")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
     bar.update(1)
     if compile and iter_num == 1:
-        say("torch.compile: {graphs} graphs compiled, {graph_breaks} graph breaks".format(**compile_counts()))
+        say("torch.compile: {graphs} graphs compiled, {graph_breaks} graph breaks"
+            .format(**compile_counts()))
     do_eval = iter_num % eval_interval == 0 or iter_num == max_iters
     if iter_num % log_interval == 0 or do_eval:  # an eval gets a log row of its own iteration
         dt = time.time() - t_last
-        row = {'iter': iter_num, 'loss': logged[0].item(), **{f'lr_{k}': v for k, v in lrs_now.items()},
+        row = {'iter': iter_num, 'loss': logged[0].item(),
+               **{f'lr_{k}': v for k, v in lrs_now.items()},
                **{k: v.item() for k, v in zip(metrics_sum, logged[1:])},
                'grad_norm': grad_norm.item(), 'samples_per_sec': samples_since * world_size / dt,
                'tokens_per_sec': tokens_since * world_size / dt, 'mfu': mfu(flops_since, dt, peak),
