@@ -655,10 +655,10 @@ def read_scienceqa(data_dir, split="test"):
             rel = f"{split}/{row['_key']}/{row['image']}" if official else row["image"]
             image = os.path.join(root, "images" if official else "", rel)
             hint = (row.get("hint") or "").strip()
-            rec = {"id": row.get("_key", row.get("id", j)), "options": list(row["choices"]),
-                   "question": (f"Context: {hint}\n" if hint else "") + row["question"],
-                   "answer": answer_index(row["answer"], row["choices"]),
-                   "category": row.get("subject", "all")}
+            key = row.get("_key", row.get("id", j))
+            question = (f"Context: {hint}\n" if hint else "") + row["question"]
+            mcq = {"question": question, "options": list(row["choices"]), "answer": row["answer"]}
+            rec = mcq_record(mcq, f"{path}: {key}", row.get("subject", "all")) | {"id": key}
             records.append(locate(rec, "image", image, rel, IMAGE_EXTS))
     return records
 
@@ -1006,10 +1006,14 @@ def speed():
             report.update(dpo_speed(model.train(), batch, device))
             first = batch["frames"][:1]
     model.eval()
-    report["decode_tokens_per_s"] = decode_speed(model, tok, first, device)  # first frame count
+    # fp32 weights, the first frame count
+    report["decode_tokens_per_s"] = decode_speed(model, tok, first, device)
     with peak_memory(device) as mem:
         report["mcq_questions_per_s"] = mcq_speed(model, tok, 16, size, device)
     report.update(mcq_peak_mem_mb=mem["peak_mem_mb"], mcq_frames=16)
+    if "bfloat16" in dtypes:  # last: bf16 weights, as sample.py --dtype=bfloat16 loads them
+        model.to(torch.bfloat16)
+        report["decode_tokens_per_s_bf16"] = decode_speed(model, tok, first.bfloat16(), device)
     return report
 
 
@@ -1159,8 +1163,8 @@ def main():
                                    fps=fps or None)
     print(format_table(results))
     weights = init_from if init_from != "scratch" else f"{llm_dir} + {dino_dir}"
-    return dict(results, task=task, data_dir=folder, frames=n_frames, image_size=size,
-                dtype=dtype, weights=weights)
+    return dict(results, task=task, data_dir=folder, image_size=size, dtype=dtype, weights=weights,
+                frames=frames if stream else n_frames)  # streamed: the cap (0: none)
 
 
 if __name__ == "__main__":

@@ -279,10 +279,17 @@ def _frame_times(container, stream, max_frames, fps, start, end):
     return origin, t0, t1, [origin + t0 + (i + 0.5) * (t1 - t0) / k for i in range(k)]
 
 
+def _check_cap(max_frames):
+    if max_frames < 1:  # a caller's mistake, not the file's: said before the file is opened
+        raise ValueError(f"data.py: max_frames={max_frames}: a video needs at least 1 frame "
+                         f"(no cap: a large number, with fps)")
+
+
 def video_length(src, max_frames, fps=None, start=None, end=None, name=None):
     """(at most how many frames video_frames picks, the seconds they span), from the headers: no
     decoding. A streaming caller sizes the LLM cache and checks the context with it before
     decoding anything."""
+    _check_cap(max_frames)
     with _opened(src, name or str(src)) as (container, stream):
         _, t0, t1, targets = _frame_times(container, stream, max_frames, fps, start, end)
         return len(targets), t1 - t0
@@ -322,6 +329,7 @@ def video_frames(src, image_size, max_frames, fps=None, start=None, end=None, na
     other frames in between are decoded (codecs need them) but never converted. progress: a tqdm
     bar in seconds of video."""
     name = name or str(src)
+    _check_cap(max_frames)
     with _opened(src, name) as (container, stream):
         origin, t0, t1, targets = _frame_times(container, stream, max_frames, fps, start, end)
         keyframes = _keyframe_times(container, stream)

@@ -137,7 +137,8 @@ class KVCache:
     def write(self, layer, k, v):
         """Append k, v [B,Hkv,S,hd] at `length`; returns the layer's keys/values so far. While
         autograd records (training autoregressive), out of place: the backward pass needs the
-        earlier keys as they were."""
+        earlier keys as they were, so the layer's tensors then hold `length + S` positions, not
+        max_len."""
         start, end = self.length, self.length + k.shape[2]
         if torch.is_grad_enabled():
             k, v = k.to(self.k[layer].dtype), v.to(self.v[layer].dtype)
@@ -194,7 +195,8 @@ class LlamaBlock(nn.Module):
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
     def attend(self, x, q, k, v, mask, causal):
-        """Attention of q over k, v (mask [B,1,S,L] bool or None; causal: Python bool), then MLP."""
+        """Attention of q over k, v (mask [B,1,S,K] bool or None, K keys; causal: a Python bool),
+        then MLP."""
         attn, cfg = self.self_attn, self.cfg
         gqa = cfg.n_kv_heads != cfg.n_heads  # from the config: a Python bool, even when compiled
         if gqa and mask is not None and q.is_cuda:
@@ -259,13 +261,13 @@ class SmolLM2(nn.Module):
             if cache is not None and start > 0 and S > 1:
                 mask = torch.ones(S, start + S, dtype=torch.bool, device=device).tril(start)
             return pos, mask
-        seen = cache.valid[:, :start + S] if cache is not None else valid  # [B,L]
+        seen = cache.valid[:, :start + S] if cache is not None else valid  # [B,K]: K keys
         pos = (seen.cumsum(1) - 1).clamp(min=0)[:, start:]  # [B,S]
         i = torch.arange(start, start + S, device=device)[:, None]
         j = torch.arange(start + S, device=device)[None]
         # causal, only real keys; every query sees itself so padded rows never softmax over nothing
         mask = ((j <= i) & seen[:, None, :]) | (j == i)
-        return pos, mask[:, None]  # [B,1,S,L]
+        return pos, mask[:, None]  # [B,1,S,K]
 
     def forward(self, idx=None, embeds=None, valid=None, cache=None, hidden_only=False):
         """idx [B,S] token ids or embeds [B,S,D]. valid [B,S] bool marks real tokens, so a padded
@@ -404,18 +406,18 @@ class DinoBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
         self.ls2 = nn.Parameter(torch.ones(d))
 
-    def heads(self, x):  # [N,L,D] -> [N,H,L,hd]
+    def heads(self, x):  # [N,n,D] -> [N,H,n,hd], n tokens
         return x.view(*x.shape[:2], self.n_heads, x.shape[2] // self.n_heads).transpose(1, 2)
 
     def kv(self, x):
-        """x [N,L,D] -> this block's keys and values of x, [N,H,L,hd] each."""
+        """x [N,1+P,D] -> this block's keys and values of x, [N,H,1+P,hd] each."""
         h = self.norm1(x)
         return self.heads(self.k(h)), self.heads(self.v(h))
 
     def forward(self, x, kv=None):
-        """The encoder: x [N,L,D] attend to each other; returns (x, their (k, v) [N,H,L,hd], None).
-        The glimpse: x [N,Q,D] are queries that attend to a frame's cached kv only (the patches
-        never see them); returns (x, kv, attention weights [N,H,Q,L])."""
+        """The encoder: x [N,1+P,D] attend to each other; returns (x, their (k, v) [N,H,1+P,hd],
+        None). The glimpse: x [N,Q,D] are queries that attend to a frame's cached kv only (the
+        patches never see them); returns (x, kv, attention weights [N,H,Q,1+P])."""
         h = self.norm1(x)
         q = self.heads(self.q(h))
         if kv is None:
@@ -533,7 +535,8 @@ def dino_key(hf_key):
 #
 # Shapes: B samples (clips) of T frame slots, N real frames (the entries of encode's K/V), R text
 # rows (several may share a sample: `owner`), W walkers (who choose queries frame by frame), S text
-# tokens, P patches (1+P keys with CLS), H heads, D DINOv2 width, L LLM width.
+# tokens, Pq question tokens (question first), P patches (1+P keys with CLS), H heads, D DINOv2
+# width, L LLM width.
 
 MODES = ("coarse_only", "coarse_fine", "autoregressive")
 LAYOUTS = ("frames_first", "question_first")
@@ -629,7 +632,8 @@ class FoveatedVLM(nn.Module):
         frame = rows[real]  # [M]: the frame each of the M real queries looks at
         # Pack the M queries into [N frames, Q slots]: a frame's queries take its slots 0,
         # 1, 2, ... Sorting groups each frame's queries; a query's slot is its distance from
-        # its group's start.
+        # its group's start. E.g. frame = [5, 2, 5] -> sorted [2, 5, 5], group starts [0, 1, 1],
+        # slots [0, 0, 1] in sorted order -> [0, 0, 1] for the queries as given.
         order = frame.argsort(stable=True)
         sorted_frames = frame[order]
         group_start = torch.searchsorted(sorted_frames, sorted_frames)  # [M], in sorted order
@@ -647,11 +651,11 @@ class FoveatedVLM(nn.Module):
 
     # -- the three modes ---------------------------------------------------------------------------
     # owner [R]: the sample (row of frame_mask) of each text row; None: row r is sample r.
-    # question: (ids [R,P] left-padded, valid [R,P] or None) in the question-first layout, else
+    # question: (ids [R,Pq] left-padded, valid [R,Pq] or None) in the question-first layout, else
     # None (frames first).
 
     def sequence(self, question, visual, visual_valid, text=None):
-        """The LLM's input in this layout: embeddings [R,P+T+S,L] of [question][visual][text]
+        """The LLM's input in this layout: embeddings [R,Pq+T+S,L] of [question][visual][text]
         (frames first: no question) and their valid mask (None: all real). question: (ids, valid)
         or None; visual [R,T,L] with visual_valid [R,T]; text: embeddings [R,S,L], right-padded
         (causal attention keeps padding at the end harmless)."""
@@ -671,30 +675,32 @@ class FoveatedVLM(nn.Module):
         text, coarse_fine's coarse pass reads [question][static glimpses][text], so it can be
         trained to answer from the static glimpses too (train.py's coarse_loss_weight)."""
         B, T = frame_mask.shape
-        pick = (lambda x: x) if owner is None else (lambda x: x[owner])  # noqa: E731
+        # [B,...] per sample -> [R,...] per text row
+        to_rows = (lambda x: x) if owner is None else (lambda x: x[owner])  # noqa: E731
         rows = frame_rows(frame_mask)  # [B,T]
         static, attn = self.look(self.q_static.expand(B, T, -1), kv, rows)  # [B,T,L]
         if mode == "coarse_only" or T == 0:
-            return pick(static), pick(attn), None
+            return to_rows(static), to_rows(attn), None
         # The coarse pass: the LLM reads the static glimpses and says where to look in each frame.
-        # Frames first without text, one pass per sample serves all its rows (causal attention: text
-        # after the frames cannot change these states); else one pass per text row.
+        # Its W walkers: each sample, if frames come first and no text is read (causal attention:
+        # text after the frames cannot change these states, so one pass serves all of a sample's
+        # rows); else each text row.
         per_row = question is not None or text is not None
-        walker = pick if per_row else (lambda x: x)  # noqa: E731
-        embeds, valid = self.sequence(question, walker(static), walker(frame_mask), text)
-        h = self.llm(embeds=embeds, valid=valid, hidden_only=True)  # [W,P+T(+S),L]
-        P = 0 if question is None else question[0].shape[1]
+        to_walkers = to_rows if per_row else (lambda x: x)  # noqa: E731
+        embeds, valid = self.sequence(question, to_walkers(static), to_walkers(frame_mask), text)
+        h = self.llm(embeds=embeds, valid=valid, hidden_only=True)  # [W,Pq+T(+S),L]
+        Pq = 0 if question is None else question[0].shape[1]
         # the state before frame t chooses its query: after frame t-1, and for frame 0 after the
         # question (question first) or q_init (frames first)
         if question is None:
             first = self.q_init.expand(len(h), 1, -1)  # [W,1,D]
             queries = torch.cat((first, self.llm_to_query(h[:, :T - 1])), 1)  # [W,T,D]
         else:
-            queries = self.llm_to_query(h[:, P - 1:P + T - 1])  # [W,T,D]
-        fine, attn = self.look(queries, kv, walker(rows))
+            queries = self.llm_to_query(h[:, Pq - 1:Pq + T - 1])  # [W,T,D]
+        fine, attn = self.look(queries, kv, to_walkers(rows))  # [W,T,L]
         if not per_row:
-            fine, attn = pick(fine), pick(attn)
-        return fine, attn, (h[:, P + T:] if text is not None else None)
+            fine, attn = to_rows(fine), to_rows(attn)
+        return fine, attn, (h[:, Pq + T:] if text is not None else None)
 
     def first_query(self, cache, question, walkers):
         """Frame 0's query for each of the W walkers, [W,D]: q_init (frames first), or the LLM's
@@ -702,7 +708,7 @@ class FoveatedVLM(nn.Module):
         first)."""
         if question is None:
             return self.q_init.expand(walkers, -1)
-        h = self.llm(question[0], valid=question[1], cache=cache, hidden_only=True)  # [W,P,L]
+        h = self.llm(question[0], valid=question[1], cache=cache, hidden_only=True)  # [W,Pq,L]
         return self.llm_to_query(h[:, -1])
 
     def walk(self, kv, rows, cache, query):
@@ -752,8 +758,8 @@ class FoveatedVLM(nn.Module):
         'autoregressive') on the whole video, for R text rows prompt_ids [R,S] (left-padded:
         prompt_valid):
           frames first: one walk from q_init, its cache then repeated for every row;
-          question first (question = (ids [R,P], valid or None)): a walk per row, each starting from
-          the LLM's state after its question.
+          question first (question = (ids [R,Pq], valid or None)): a walk per row, each starting
+          from the LLM's state after its question.
         n_frames: the most frames that may come (the cache's room). on_frames(frames, attention
         [R,n,layers,H,1+P]) sees each chunk (a contact sheet keeps a few).
         Returns (cache, last logits [R,V])."""
@@ -788,7 +794,7 @@ class FoveatedVLM(nn.Module):
         row r is sample r), so several texts (questions about one clip, DPO's two answers) share
         one encode.
         Frames first (question_ids None): [T visual tokens][S text], frame 0 looks with q_init.
-        Question first: question_ids [R,P] left-padded (question_valid [R,P]): [P question][T
+        Question first: question_ids [R,Pq] left-padded (question_valid [R,Pq]): [Pq question][T
         visual][S text], and the LLM's state after the question chooses frame 0's query.
         Without loss_mask: text logits [R,S,V] (position i predicts token i+1) and None. With it:
         the logits of the positions that carry loss only, [n,V] (model.text_loss), and the

@@ -207,8 +207,10 @@ reference = None
 side = image_size or min(224, vlm.dino.cfg.image_size)
 streaming = bool(video) and mode == "autoregressive"  # any length: frames are never all held
 cap = max_frames  # the most frames to read
-if fps > 0 and max_frames == 0:
-    cap = 10 ** 9  # with fps, max_frames=0 means no cap
+if max_frames == 0:  # no cap: every frame at --fps
+    if video and fps <= 0:
+        fail("--max_frames=0 (no cap) needs --fps, the rate to read the video at")
+    cap = 10 ** 9
 seconds = None  # the video time the frames span (for the context check's message)
 try:
     if video:  # from the headers: a streamed video is sized before anything is decoded

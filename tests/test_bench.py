@@ -402,7 +402,7 @@ def test_speed_report(tok, tmp_path, monkeypatch):
             assert r["samples_per_s"] > 0 and 0 < r["mfu"] < 3 and r["peak_mem_mb"] > 10
         assert abs(row["bfloat16"]["loss"] / row["float32"]["loss"] - 1) < 0.02  # same weights, same batch
         assert row["loader_samples_per_s"] > 0
-    assert rep["decode_tokens_per_s"] > 0 and rep["mcq_questions_per_s"] > 0
+    assert rep["decode_tokens_per_s"] > 0 and rep["decode_tokens_per_s_bf16"] > 0 and rep["mcq_questions_per_s"] > 0
     assert rep["dpo_over_stage2"] > 0 and rep["dpo_precomputed_over_stage2"] > 0
 
 
