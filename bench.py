@@ -947,6 +947,19 @@ def mcq_speed(model, tok, T, size, device, questions=4):
     return questions / median([timed(run, device) for _ in range(3)])
 
 
+def speed_model():
+    """(model on `device`, tokenizer, frame size) of --task=speed: with llm_dir the 135M shape (real
+    SmolLM2, random DINOv2-small, 224 px), else the init_from checkpoint."""
+    if llm_dir:
+        model = FoveatedVLM(SmolLM2.from_pretrained(llm_dir), DINOv2(DinoConfig()))
+        tok = load_tokenizer(llm_dir)
+    else:
+        model, tok_path = load_model(init_from)
+        tok = load_tokenizer(tok_path)
+    size = image_size or (224 if llm_dir else model.dino.cfg.image_size)
+    return model.to(device), tok, size
+
+
 def speed():
     """--task=speed: the train step per frame count and dtype (samples/s, tokens/s, MFU, peak
     memory; with compile, the graphs each frame count added and the graph breaks), the loader's
@@ -959,14 +972,7 @@ def speed():
         use_tf32()  # as train.py does: fp32 matmuls outside autocast on tensor cores
     else:
         keep_freed_memory()  # as train.py does
-    if llm_dir:  # the 135M shape: real SmolLM2, random DINOv2-small
-        model = FoveatedVLM(SmolLM2.from_pretrained(llm_dir), DINOv2(DinoConfig()))
-        tok = load_tokenizer(llm_dir)
-    else:
-        model, tok_path = load_model(init_from)
-        tok = load_tokenizer(tok_path)
-    size = image_size or (224 if llm_dir else model.dino.cfg.image_size)
-    model.to(device)
+    model, tok, size = speed_model()
     recipe = recipe_keys(speed_recipe) if cuda and not speed_batch else {}
     B = speed_batch or recipe.get("batch_size", 2)
     S, V = speed_text, model.llm.cfg.vocab_size
