@@ -41,7 +41,7 @@ import model
 # -----------------------------------------------------------------------------
 video = ''  # a video file PyAV reads (mp4, webm, gif, mkv, ...)
 image = ''  # an image file, replicated to image_frames frames as in training
-prompt = ''  # the user turn; '' = "Describe this video." (the shapes task's caption prompt)
+prompt = ''  # the user turn; '' = a shapes clip's own question, else "Describe this video."
 # another question about the same frames, answered after the first and drawn as its own glimpse row
 # (question first: each question steers its own glimpses)
 second_prompt = ''
@@ -81,8 +81,8 @@ def fail(msg):
 
 
 def shapes_val_clip(root, index):
-    """frames [T,3,S,S] (as stored) and the reference caption of clip `index` of the shapes val
-    split"""
+    """frames [T,3,S,S] (as stored), the question and the reference answer of clip `index` of the
+    shapes val split"""
     shards = sorted(glob.glob(os.path.join(root, "val-*.tar")))
     if not shards:
         fail(f"{root}/val-*.tar: not found; run `python train.py` (it generates the shapes task) "
@@ -93,8 +93,9 @@ def shapes_val_clip(root, index):
         fail(f"{root}: the val split has no clip {index}")
     names = data.frame_files(rec["files"])
     side = image_size or Image.open(io.BytesIO(rec["files"][names[0]])).width
-    caption = data.record_text(rec)[0].get("caption")
-    return data.record_frames(rec["files"], names, side, rec["shard"]), caption
+    meta = data.record_text(rec)[0]
+    frames = data.record_frames(rec["files"], names, side, rec["shard"])
+    return frames, meta.get("user"), meta.get("assistant")
 
 
 INFERNO = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]],
@@ -203,7 +204,7 @@ if init_from == 'scratch':
     weights = f"{llm_dir} + {dino_dir} with an UNTRAINED connector"
 vlm.to(device).eval()
 
-reference = None
+reference, clip_question = None, None  # a shapes clip's own question and answer
 side = image_size or min(224, vlm.dino.cfg.image_size)
 streaming = bool(video) and mode == "autoregressive"  # any length: frames are never all held
 cap = max_frames  # the most frames to read
@@ -220,7 +221,7 @@ try:
     elif image:
         frames = data.load_image(image, side, image_frames)
     elif not video:
-        frames, reference = shapes_val_clip(shapes_dir, clip)
+        frames, clip_question, reference = shapes_val_clip(shapes_dir, clip)
 except ValueError as e:  # data.py's messages already name the file and what is wrong with it
     fail(e)
 if not streaming:
@@ -230,7 +231,7 @@ if not streaming and n_frames > max_held_frames:
     fail(f"--mode={mode} holds the K/V of all {n_frames} frames at once "
          f"(--max_held_frames={max_held_frames}): "
          f"use --mode=autoregressive, which streams a video of any length, or fewer frames")
-prompt = prompt or (data.DEFAULT_USER if not image else "Describe this image.")
+prompt = prompt or clip_question or (data.DEFAULT_USER if not image else "Describe this image.")
 prompts = [p for p in (prompt, second_prompt) if p]
 what = f"{video or image or 'the clip'} with --max_new_tokens={max_new_tokens}"
 for p in prompts:

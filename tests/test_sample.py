@@ -160,9 +160,9 @@ def test_default_is_a_held_out_shapes_clip(ckpt, tmp_path):
     rc, text, err = run(out / "run" / "ckpt", f"--shapes_dir={tmp_path / 'shapes'}", "--clip=1", "--max_new_tokens=4")
     assert rc == 0, err
     val = next(r for i, r in enumerate(data.read_tar(str(tmp_path / "shapes" / "val-0000.tar"))) if i == 1)
-    caption = json.loads(val["files"]["json"])["caption"]
+    meta = json.loads(val["files"]["json"])  # the clip's own multiple-choice question and its answer
     assert f"weights: {out / 'run' / 'ckpt' / 'step-0000010'}" in err
-    assert "6 frames of 64px" in err and f"prompt: {data.DEFAULT_USER}" in err and f"reference: {caption}" in err
+    assert "6 frames of 64px" in err and f"prompt: {meta['user']}" in err and f"reference: {meta['assistant']}" in err
 
 
 def test_bad_input_is_one_line_naming_it(ckpt, tmp_path):
