@@ -115,7 +115,7 @@ eval_interval = 500
 eval_iters = 10  # val batches per mode (per rank)
 eval_modes = 'coarse_only,coarse_fine,autoregressive'
 ckpt_interval = 500
-keep_last = 2
+keep_last = 2  # checkpoints kept in out_dir/ckpt; 0 = all
 wandb_log = False
 wandb_project = 'nanofvlm'
 wandb_run_name = 'run'
