@@ -53,8 +53,7 @@ def read_weights(path):
 
 
 def read_hf_weights(model_dir):
-    """Every tensor of a HF dir: model.safetensors, or the shards model.safetensors.index.json
-    lists."""
+    """Every tensor of a HF dir: model.safetensors, or the shards its index.json lists."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     files = ["model.safetensors"]
     if os.path.isfile(index):
@@ -122,9 +121,7 @@ def rotate(x, cos, sin):
 
 class KVCache:
     """Keys/values of every layer, preallocated: n_layers x [B, n_kv_heads, max_len, head_dim].
-    `valid` [B, max_len] marks real tokens; padding (frames or prompt) stays in the cache but is
-    never attended. dtype may be wider than the weights' (SmolLM2.new_cache: float32 for bf16 on a
-    CPU without AMX); attention over the cache then runs in that dtype."""
+    `valid` [B, max_len] marks real tokens; padding stays in the cache but is never attended."""
 
     def __init__(self, cfg, batch, max_len, dtype, device):
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -135,10 +132,8 @@ class KVCache:
         self.padded = False  # fast path: no padding anywhere -> plain causal attention
 
     def write(self, layer, k, v):
-        """Append k, v [B,Hkv,S,hd] at `length`; returns the layer's keys/values so far. While
-        autograd records (training autoregressive), out of place: the backward pass needs the
-        earlier keys as they were, so the layer's tensors then hold `length + S` positions, not
-        max_len."""
+        """Append k, v [B,Hkv,S,hd] at `length` -> the layer's keys/values so far. While autograd
+        records, out of place (the backward needs the old keys): the layer then holds length + S."""
         start, end = self.length, self.length + k.shape[2]
         if torch.is_grad_enabled():
             k, v = k.to(self.k[layer].dtype), v.to(self.v[layer].dtype)
@@ -149,8 +144,7 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def rows(self, index):
-        """A copy of these rows (writing to it leaves self as it was); index [R] may repeat a
-        row: several continuations of one prefix."""
+        """A copy of rows index [R] (may repeat: several continuations of one prefix)."""
         out = KVCache.__new__(KVCache)
         out.k, out.v = [k[index] for k in self.k], [v[index] for v in self.v]
         out.valid, out.length, out.padded = self.valid[index], self.length, self.padded
@@ -174,10 +168,8 @@ class LlamaBlock(nn.Module):
         self.mlp.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        """x [B,S,D] -> x after this block; with a cache, this layer's new keys/values are appended
-        and the tokens attend over everything so far. The cache's Python state stays out of project
-        / attend (what compile_model compiles), so their graphs depend on neither the layer index
-        nor the cache length."""
+        """x [B,S,D] -> x after this block; with a cache, the tokens attend over everything so far.
+        The cache write sits between project and attend, which compile_model compiles."""
         q, k, v = self.project(x, cos, sin)
         causal = mask is None and x.shape[1] > 1 and (cache is None or cache.length == 0)
         if cache is not None:
@@ -195,8 +187,7 @@ class LlamaBlock(nn.Module):
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
     def attend(self, x, q, k, v, mask, causal):
-        """Attention of q over k, v (mask [B,1,S,K] bool or None, K keys; causal: a Python bool),
-        then MLP."""
+        """Attention of q over k, v (mask [B,1,S,K] bool or None; causal: Python bool), then MLP"""
         attn, cfg = self.self_attn, self.cfg
         gqa = cfg.n_kv_heads != cfg.n_heads  # from the config: a Python bool, even when compiled
         if gqa and mask is not None and q.is_cuda:
@@ -229,7 +220,7 @@ class SmolLM2(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
 
     def rope(self, pos, dtype):
-        """cos, sin [B,1,S,hd] of positions pos [B,S]. The angles are float32 whatever the weights'
+        """cos, sin [B,1,S,hd] of positions pos [B,S]. Angles in float32 whatever the weights'
         dtype: in bf16 a position near 1000 would be off by radians."""
         hd = self.cfg.head_dim
         channel = torch.arange(0, hd, 2, device=pos.device).float()
@@ -240,9 +231,7 @@ class SmolLM2(nn.Module):
 
     def new_cache(self, batch, max_len):
         """A KVCache for `batch` rows of up to max_len tokens. bf16 weights on a CPU without AMX
-        get a float32 cache: there (an AVX-512 AMD EPYC) bf16 attention of one token over 3,500
-        cached keys took 8x fp32's time, so a streamed step grew with its position; with AMX it
-        takes half of fp32's time and half the memory (docs/LOG.md)."""
+        get a float32 cache: there bf16 attention over a long cache is many times slower."""
         w = self.embed_tokens.weight
         cpu_bf16 = w.device.type == "cpu" and w.dtype == torch.bfloat16
         dtype = torch.float32 if cpu_bf16 and not cpu_amx() else w.dtype
@@ -250,7 +239,7 @@ class SmolLM2(nn.Module):
 
     def positions_and_mask(self, B, S, device, valid, cache):
         """Positions [B,S] of the new tokens and the attention mask (None: plain causal). Padding is
-        never attended by a real token and does not advance positions."""
+        never attended and does not advance positions."""
         start = cache.length if cache is not None else 0
         if cache is not None and valid is not None:
             cache.valid[:, start:start + S] = valid
@@ -270,10 +259,9 @@ class SmolLM2(nn.Module):
         return pos, mask[:, None]  # [B,1,S,K]
 
     def forward(self, idx=None, embeds=None, valid=None, cache=None, hidden_only=False):
-        """idx [B,S] token ids or embeds [B,S,D]. valid [B,S] bool marks real tokens, so a padded
-        sample computes exactly what it would alone. cache: a KVCache to append to (incremental
-        decoding). Returns logits [B,S,V], or the final-normed hidden states [B,S,D] with
-        hidden_only=True."""
+        """idx [B,S] token ids or embeds [B,S,D]; valid [B,S] marks real tokens (a padded sample
+        computes what it would alone); cache: a KVCache to append to. Returns logits [B,S,V], or
+        the final-normed hidden states [B,S,D] with hidden_only=True."""
         x = self.embed_tokens(idx) if embeds is None else embeds
         B, S, _ = x.shape
         pos, mask = self.positions_and_mask(B, S, x.device, valid, cache)
@@ -326,17 +314,13 @@ def llm_state(hf_state, cfg):
     return state
 
 
-# batch-1 decoding on a CPU: the kernel choices that pay there, each in one context manager
+# batch-1 decoding on a CPU: the kernel choices that pay there (measurements: docs/LOG.md)
 
 
 @contextmanager
 def cpu_gemv(llm, batch):
-    """A batch-1 decoding step on a CPU is matrix-vector products that stream every weight once, so
-    its speed is the GEMV kernel's memory bandwidth. MKL's fp32 GEMV streams ~1.9x faster from [in,
-    out]-major weights: inside this block the fp32 Linear weights are laid out so in memory (same
-    shapes and values), and back on exit. Batches (matrix products, where the defaults win), GPUs
-    and CPUs without AVX-512 are left alone (on an AVX2 AMD EPYC the relayout made decoding 0.9x as
-    fast)."""
+    """Batch 1 on an AVX-512 CPU: inside this block fp32 Linear weights are laid out [in, out]-major
+    (same shapes and values), which MKL's GEMV streams faster; back on exit."""
     avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     linears = []
     if batch == 1 and avx512:
@@ -353,15 +337,14 @@ def cpu_gemv(llm, batch):
 
 
 def cpu_amx():
-    """Whether this CPU has AMX bf16 tiles (Intel Xeon since Sapphire Rapids), on which PyTorch's
-    bf16 attention kernels are fast."""
+    """Whether this CPU has AMX bf16 tiles (Intel Xeon since Sapphire Rapids): fast bf16 kernels"""
     capability = getattr(torch._C._cpu, "_get_cpu_capability", dict)()  # private: may go
     return bool(capability.get("amx_bf16"))
 
 
 @contextmanager
 def gemv_kernels(batch, device):
-    """One batch-1 LLM step on a CPU: oneDNN off (ATen's own bf16 GEMV is ~2x faster than it)."""
+    """One batch-1 LLM step on a CPU: oneDNN off (ATen's own bf16 GEMV is faster)."""
     enabled = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = enabled and not (batch == 1 and device.type == "cpu")
     try:
@@ -386,8 +369,8 @@ class DinoConfig:
 
 
 def attention(q, k, v):
-    """DINOv2's self-attention. PyTorch's fused kernel, except bf16 on CPU, where it is 2.5x slower
-    than two matmuls and a softmax (fp32 on CPU: the fused kernel is the faster one)."""
+    """DINOv2's self-attention: the fused kernel, except bf16 on CPU, where two matmuls and a
+    softmax are faster."""
     if q.is_cuda or q.dtype == torch.float32:
         return F.scaled_dot_product_attention(q, k, v)
     return (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1) @ v
@@ -409,20 +392,19 @@ class DinoBlock(nn.Module):
     def heads(self, x):  # [N,n,D] -> [N,H,n,hd], n tokens
         return x.view(*x.shape[:2], self.n_heads, x.shape[2] // self.n_heads).transpose(1, 2)
 
-    def kv(self, x):
-        """x [N,1+P,D] -> this block's keys and values of x, [N,H,1+P,hd] each."""
-        h = self.norm1(x)
+    def kv(self, h):
+        """h = norm1(x) [N,1+P,D] -> this block's keys and values, [N,H,1+P,hd] each"""
         return self.heads(self.k(h)), self.heads(self.v(h))
 
     def forward(self, x, kv=None):
-        """The encoder: x [N,1+P,D] attend to each other; returns (x, their (k, v) [N,H,1+P,hd],
-        None). The glimpse: x [N,Q,D] are queries that attend to a frame's cached kv only (the
-        patches never see them); returns (x, kv, attention weights [N,H,Q,1+P])."""
+        """Encoder: x [N,1+P,D] attend to each other -> (x, their (k, v) [N,H,1+P,hd], None).
+        Glimpse: queries x [N,Q,D] attend to a frame's cached kv only -> (x, kv, weights
+        [N,H,Q,1+P])."""
         h = self.norm1(x)
         q = self.heads(self.q(h))
         if kv is None:
-            kv = self.heads(self.k(h)), self.heads(self.v(h))
-            y, weights = attention(*(q, *kv)), None
+            kv = self.kv(h)
+            y, weights = attention(q, *kv), None
         else:
             weights = (q @ kv[0].transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
             y = weights @ kv[1]
@@ -447,8 +429,7 @@ class DINOv2(nn.Module):
         grid = cfg.image_size // cfg.patch_size
         self.patch_embed = nn.Conv2d(3, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.dim) * 0.02)
-        # a fixed 2D sine-cosine init (CLS slot zero): a tiny ViT from scratch finds where
-        # things are sooner. Pretrained weights overwrite it.
+        # a 2D sine-cosine init (CLS slot zero) helps a ViT from scratch; pretrained ones replace it
         pos = torch.cat((torch.zeros(1, cfg.dim), sincos_2d(grid, cfg.dim)))  # [1+grid*grid, D]
         self.pos_embed = nn.Parameter(pos[None])
         self.blocks = nn.ModuleList(DinoBlock(cfg) for _ in range(cfg.n_layers))
@@ -476,14 +457,14 @@ class DINOv2(nn.Module):
         return self.norm(x)
 
     def layer_kv(self, pixels):
-        """pixels [N,3,H,W] -> only the per-layer (k, v) [N,H,1+P,hd], what the glimpse reads. The
-        last block's attention output, MLP and the final norm feed nothing here, so that block
-        computes its K/V only."""
+        """pixels [N,3,H,W] -> the per-layer (k, v) [N,H,1+P,hd] the glimpse reads (so the last
+        block computes its K/V only)"""
         x, kv = self.embed(pixels), []
         for block in self.blocks[:-1]:
             x, layer_kv, _ = block(x)
             kv.append(layer_kv)
-        kv.append(self.blocks[-1].kv(x))
+        last = self.blocks[-1]
+        kv.append(last.kv(last.norm1(x)))
         return kv
 
     @classmethod
@@ -528,8 +509,7 @@ def dino_key(hf_key):
 # 4. The foveated VLM.
 #
 #   frame --DINOv2 once--> per-layer patch K/V (the cache)
-#   query --query_input_proj--> one token that passes through all DINOv2 layers, attending to the
-#         cache
+#   query --query_input_proj--> a token through every DINOv2 layer, attending to the cache
 #         --final norm, output_proj--> glimpse [D] --dino_to_llm * visual_scale--> ONE LLM token
 #   LLM hidden state at frame t --llm_to_query--> the query for frame t+1 (where to look next)
 #
@@ -543,8 +523,7 @@ LAYOUTS = ("frames_first", "question_first")
 
 
 def frame_rows(frame_mask):
-    """frame_mask [B,T] -> [B,T]: which row of encode's K/V holds frame (b, t) (the real frames in
-    (b, t) order), -1 for a padded slot."""
+    """frame_mask [B,T] -> [B,T]: the row of encode's K/V holding frame (b, t), -1 for padding"""
     index = frame_mask.flatten().cumsum(0).view(frame_mask.shape) - 1
     return torch.where(frame_mask, index, -1)
 
@@ -556,10 +535,9 @@ def joined(*masks):
 
 
 def text_loss(lm_head, h, ids, loss_mask):
-    """h [R,S,L] final-normed states of text rows ids [R,S] -> (logits [n,V] of the n positions that
-    predict a target, in (row, position) order: position i predicts token i+1 where loss_mask[:,
-    i+1] is nonzero; the token-weighted mean CE over them). The vocab-wide head runs on those
-    positions only."""
+    """h [R,S,L] final-normed states of text rows ids [R,S] -> (logits [n,V] of the n positions
+    whose next token has loss_mask != 0, in (row, position) order, only those through the head;
+    their loss_mask-weighted mean CE)"""
     weight = loss_mask[:, 1:]  # [R,S-1]
     target = weight != 0
     logits = lm_head(h[:, :-1][target])  # [n,V]
@@ -582,8 +560,7 @@ class FoveatedVLM(nn.Module):
         with torch.random.fork_rng(devices=[]):  # a fresh connector is the same for a given seed
             torch.manual_seed(seed)
             dtype = llm.embed_tokens.weight.dtype
-            # no bias here: a bias dominated the small query and made every glimpse's
-            # attention uniform
+            # no bias: it dominated the small query and made every glimpse's attention uniform
             self.query_input_proj = nn.Linear(D, D, bias=False, dtype=dtype)
             self.output_proj = nn.Linear(D, D, dtype=dtype)
             self.dino_to_llm = nn.Linear(D, L, dtype=dtype)
@@ -591,9 +568,8 @@ class FoveatedVLM(nn.Module):
             # std 1, not 0.02: tiny queries gave uniform attention, i.e. identical glimpses
             self.q_static = nn.Parameter(torch.randn(1, D, dtype=dtype))
             self.q_init = nn.Parameter(torch.randn(1, D, dtype=dtype))
-            # the fine pass can start as the coarse pass (every query = q_static) and
-            # learn to move away from it: random LLM-chosen queries at init hid what the
-            # frames hold and kept a from-scratch model blind
+            # the fine pass may start as the coarse pass (every query = q_static): random
+            # LLM-chosen queries at init kept a from-scratch model blind
             if q_init_copies_static:
                 self.q_init.data.copy_(self.q_static.data)
             if llm_to_query_zero_init:
@@ -604,7 +580,7 @@ class FoveatedVLM(nn.Module):
 
     def encode(self, frames, frame_mask=None):
         """frames [B,T,3,H,W] -> per-layer (k, v), each [N,H,1+P,hd] for the N real frames in (b, t)
-        order. One DINOv2 pass; every mode, question, option and call can reuse it."""
+        order: one DINOv2 pass that every mode, question and call can reuse"""
         real = frames.flatten(0, 1) if frame_mask is None else frames[frame_mask]  # [N,3,H,W]
         chunks = [self.dino.layer_kv(real[i:i + self.encode_chunk])  # N=0 (text only): empty
                   for i in range(0, max(real.shape[0], 1), self.encode_chunk)]
@@ -613,9 +589,8 @@ class FoveatedVLM(nn.Module):
 
     def glimpse(self, queries, kv):
         """queries [N,Q,D] for the N frames of kv -> (glimpse tokens [N,Q,D], attention
-        [N,Q,layers,H,1+P]). Each query is an extra token that runs through every DINOv2 block,
-        attending to that layer's cached patch keys/values (CLS included); the Q queries of a frame
-        do not see each other."""
+        [N,Q,layers,H,1+P]). Each query is an extra token through every DINOv2 block, attending
+        to that layer's cached K/V (CLS included) only, not to its frame's other queries."""
         x, maps = self.query_input_proj(queries), []  # [N,Q,D]
         for block, layer_kv in zip(self.dino.blocks, kv):
             x, _, weights = block(x, layer_kv)
@@ -623,11 +598,9 @@ class FoveatedVLM(nn.Module):
         return self.output_proj(self.dino.norm(x)), torch.stack(maps, 1).permute(0, 3, 1, 2, 4)
 
     def look(self, queries, kv, rows):
-        """queries [R,T,D]: text row r's query for its frame t; rows [R,T]: the entry of kv that
-        holds that frame (-1: padding) -> LLM tokens [R,T,L] (meaningless at padding: masked) and
-        attention [R,T,layers,H,1+P]. Rows that share a frame (questions about one clip) look at it
-        together: their queries become extra tokens of one glimpse, so the frame's K/V is read
-        once."""
+        """queries [R,T,D]: row r's query for frame t; rows [R,T]: the kv entry holding that frame
+        (-1: padding) -> LLM tokens [R,T,L] (meaningless at padding) and attention
+        [R,T,layers,H,1+P]. Rows sharing a frame look at it in one glimpse: its K/V is read once."""
         real = rows >= 0  # [R,T]
         frame = rows[real]  # [M]: the frame each of the M real queries looks at
         # Pack the M queries into [N frames, Q slots]: a frame's queries take its slots 0,
@@ -652,13 +625,14 @@ class FoveatedVLM(nn.Module):
     # -- the three modes ---------------------------------------------------------------------------
     # owner [R]: the sample (row of frame_mask) of each text row; None: row r is sample r.
     # question: (ids [R,Pq] left-padded, valid [R,Pq] or None) in the question-first layout, else
-    # None (frames first).
+    # None (frames first). Frame 0's query: the LLM's choice after the question, or q_init.
+    # W walkers choose the queries: with frames first one per sample serves all its rows (causal:
+    # text after the frames cannot change the walk), else one per text row.
 
     def sequence(self, question, visual, visual_valid, text=None):
-        """The LLM's input in this layout: embeddings [R,Pq+T+S,L] of [question][visual][text]
-        (frames first: no question) and their valid mask (None: all real). question: (ids, valid)
-        or None; visual [R,T,L] with visual_valid [R,T]; text: embeddings [R,S,L], right-padded
-        (causal attention keeps padding at the end harmless)."""
+        """visual [R,T,L] (visual_valid [R,T]) and text embeddings [R,S,L] or None -> the LLM's
+        input [R,Pq+T+S,L] of [question][visual][text] and its valid mask (None: all real). Text
+        padding is at the end, where causal attention makes it harmless."""
         parts, masks = [visual], [visual_valid]
         if question is not None:
             ids, valid = question
@@ -670,10 +644,9 @@ class FoveatedVLM(nn.Module):
         return torch.cat(parts, 1), joined(*masks)
 
     def visual_tokens(self, kv, frame_mask, mode, owner=None, question=None, text=None):
-        """The T visual tokens of coarse_only / coarse_fine per text row [R,T,L], their attention,
-        and the coarse pass's final states over `text` (embeddings [R,S,L]; None without it): with
-        text, coarse_fine's coarse pass reads [question][static glimpses][text], so it can be
-        trained to answer from the static glimpses too (train.py's coarse_loss_weight)."""
+        """coarse_only / coarse_fine: (visual tokens [R,T,L], their attention, the coarse pass's
+        final states over `text` [R,S,L] or None). With text, coarse_fine's coarse pass reads
+        [question][static glimpses][text], so it can be trained to answer from those too."""
         B, T = frame_mask.shape
         # [B,...] per sample -> [R,...] per text row
         to_rows = (lambda x: x) if owner is None else (lambda x: x[owner])  # noqa: E731
@@ -681,17 +654,14 @@ class FoveatedVLM(nn.Module):
         static, attn = self.look(self.q_static.expand(B, T, -1), kv, rows)  # [B,T,L]
         if mode == "coarse_only" or T == 0:
             return to_rows(static), to_rows(attn), None
-        # The coarse pass: the LLM reads the static glimpses and says where to look in each frame.
-        # Its W walkers: each sample, if frames come first and no text is read (causal attention:
-        # text after the frames cannot change these states, so one pass serves all of a sample's
-        # rows); else each text row.
+        # The coarse pass reads the static glimpses and chooses where to look in each frame: a
+        # walker per sample, unless it reads a question or text
         per_row = question is not None or text is not None
         to_walkers = to_rows if per_row else (lambda x: x)  # noqa: E731
         embeds, valid = self.sequence(question, to_walkers(static), to_walkers(frame_mask), text)
         h = self.llm(embeds=embeds, valid=valid, hidden_only=True)  # [W,Pq+T(+S),L]
         Pq = 0 if question is None else question[0].shape[1]
-        # the state before frame t chooses its query: after frame t-1, and for frame 0 after the
-        # question (question first) or q_init (frames first)
+        # frame t's query comes from the state after frame t-1 (frame 0's: after the question)
         if question is None:
             first = self.q_init.expand(len(h), 1, -1)  # [W,1,D]
             queries = torch.cat((first, self.llm_to_query(h[:, :T - 1])), 1)  # [W,T,D]
@@ -702,20 +672,19 @@ class FoveatedVLM(nn.Module):
             fine, attn = to_rows(fine), to_rows(attn)
         return fine, attn, (h[:, Pq + T:] if text is not None else None)
 
-    def first_query(self, cache, question, walkers):
-        """Frame 0's query for each of the W walkers, [W,D]: q_init (frames first), or the LLM's
-        choice after reading the question (question first: the question's tokens go into `cache`
-        first)."""
+    def start_walk(self, question, walkers, room):
+        """A fresh cache for W walkers with room for the question and `room` more tokens (the
+        question read into it), and frame 0's query [W,D]"""
         if question is None:
-            return self.q_init.expand(walkers, -1)
+            return self.llm.new_cache(walkers, room), self.q_init.expand(walkers, -1)
+        cache = self.llm.new_cache(walkers, question[0].shape[1] + room)
         h = self.llm(question[0], valid=question[1], cache=cache, hidden_only=True)  # [W,Pq,L]
-        return self.llm_to_query(h[:, -1])
+        return cache, self.llm_to_query(h[:, -1])
 
     def walk(self, kv, rows, cache, query):
-        """autoregressive: frame by frame through the LLM cache, each frame's query chosen by the
-        LLM's state after the previous step. rows [W,T]: each walker's frames (entries of kv; -1:
-        padding); query [W,D]: the first one. Returns attention maps [W,T,layers,H,1+P] and the
-        query for the frame after these, so a walk can go on chunk by chunk (streaming)."""
+        """autoregressive: frame by frame through the LLM cache, each query chosen by the state
+        after the previous frame. rows [W,T]: each walker's kv entries (-1: padding); query [W,D]:
+        the first. Returns attention [W,T,layers,H,1+P] and the next query (stream goes on)."""
         maps = []
         for t in range(rows.shape[1]):
             frame = rows[:, t]  # [W]: each walker's frame at step t
@@ -732,46 +701,34 @@ class FoveatedVLM(nn.Module):
         return (torch.cat(maps, 1) if maps else None), query
 
     def walked_cache(self, kv, frame_mask, owner=None, question=None, extra=0):
-        """autoregressive: a cache per text row holding [T walked visual tokens] (frames first: one
-        walk per sample, from q_init) or [question][T walked visual tokens] (question first: one
-        walk per row, from the LLM's state after the question), with room for `extra` more tokens.
-        Returns (cache, attention)."""
-        B, T = frame_mask.shape
-        if question is None:
-            cache = self.llm.new_cache(B, T + extra)
-            attn, _ = self.walk(kv, frame_rows(frame_mask), cache, self.first_query(cache, None, B))
-            if owner is None:
-                return cache, attn
-            owned_attn = attn[owner] if T else None  # no frames: no attention maps
-            return cache.rows(owner), owned_attn
-        R, question_len = question[0].shape
-        cache = self.llm.new_cache(R, question_len + T + extra)
-        rows = frame_rows(frame_mask) if owner is None else frame_rows(frame_mask)[owner]
-        return cache, self.walk(kv, rows, cache, self.first_query(cache, question, R))[0]
+        """autoregressive: (a cache per text row holding [question][T walked visual tokens], with
+        room for `extra` more tokens; attention [R,T,layers,H,1+P])"""
+        rows = frame_rows(frame_mask)  # [B,T]
+        if question is not None and owner is not None:
+            rows = rows[owner]  # [R,T]
+        W, T = rows.shape
+        cache, query = self.start_walk(question, W, T + extra)
+        attn, _ = self.walk(kv, rows, cache, query)
+        if question is None and owner is not None:  # each row continues its sample's walk
+            return cache.rows(owner), (attn[owner] if T else None)  # no frames: no maps
+        return cache, attn
 
     @torch.no_grad()
     def stream(self, chunks, n_frames, prompt_ids, extra=0, question=None, on_frames=None,
                prompt_valid=None):
-        """autoregressive over a video too long to hold in memory. `chunks` yields frames [n,3,H,W];
-        each chunk is encoded, walked and freed (its K/V too) before the next, so memory is flat in
-        the video's length apart from the LLM cache. The tokens equal those of prefill(kv, ...,
-        'autoregressive') on the whole video, for R text rows prompt_ids [R,S] (left-padded:
-        prompt_valid):
-          frames first: one walk from q_init, its cache then repeated for every row;
-          question first (question = (ids [R,Pq], valid or None)): a walk per row, each starting
-          from the LLM's state after its question.
-        n_frames: the most frames that may come (the cache's room). on_frames(frames, attention
-        [R,n,layers,H,1+P]) sees each chunk (a contact sheet keeps a few).
-        Returns (cache, last logits [R,V])."""
+        """autoregressive over a video too long to hold in memory: `chunks` yields frames
+        [n,3,H,W], each encoded, walked and freed before the next. Same tokens as prefill(...,
+        'autoregressive') on the whole video, for prompt_ids [R,S] (left-padded: prompt_valid).
+        n_frames: the most frames that may come; on_frames(frames, attention [W,n,layers,H,1+P])
+        sees each chunk. Returns (cache, last logits [R,V])."""
         R = prompt_ids.shape[0]
         walkers = 1 if question is None else R
-        question_len = 0 if question is None else question[0].shape[1]
-        room = question_len + n_frames + prompt_ids.shape[1] + extra
-        cache = self.llm.new_cache(walkers, room)
         with cpu_gemv(self.llm, walkers):
-            query = self.first_query(cache, question, walkers)  # [W,D]
+            room = n_frames + prompt_ids.shape[1] + extra
+            cache, query = self.start_walk(question, walkers, room)
+            frames_end = cache.length + n_frames  # after the question, if any
             for pixels in chunks:  # [n,3,H,W]
-                if cache.length + pixels.shape[0] > question_len + n_frames:
+                if cache.length + pixels.shape[0] > frames_end:
                     raise ValueError(f"model.stream: more frames came than the {n_frames} "
                                      f"announced")
                 kv = self.encode(pixels[None].to(query.dtype))
@@ -789,21 +746,13 @@ class FoveatedVLM(nn.Module):
 
     def forward(self, frames, input_ids, loss_mask=None, frame_mask=None, mode="coarse_fine",
                 kv=None, owner=None, question_ids=None, question_valid=None, coarse_weight=0.0):
-        """frames [B,T,3,H,W] (frame_mask [B,T] marks real frames, a prefix per row; None = all
-        real) and text rows input_ids [R,S], right-padded. owner [R]: the sample of each row (None:
-        row r is sample r), so several texts (questions about one clip, DPO's two answers) share
-        one encode.
-        Frames first (question_ids None): [T visual tokens][S text], frame 0 looks with q_init.
-        Question first: question_ids [R,Pq] left-padded (question_valid [R,Pq]): [Pq question][T
-        visual][S text], and the LLM's state after the question chooses frame 0's query.
-        Without loss_mask: text logits [R,S,V] (position i predicts token i+1) and None. With it:
-        the logits of the positions that carry loss only, [n,V] (model.text_loss), and the
-        token-weighted mean CE over the tokens with loss_mask != 0. Pass kv=self.encode(...) to
-        reuse one encode. coarse_weight > 0 (coarse_fine, with loss_mask): the coarse pass reads
-        the text too and its CE, times this weight, is added, so the static glimpses (coarse_only)
-        stay a trained way to answer."""
+        """frames [B,T,3,H,W] (frame_mask [B,T]: real frames, a prefix per row; None: all real),
+        text rows input_ids [R,S] right-padded, question_ids [R,Pq] left-padded (question_valid)
+        or None; kv=self.encode(...) reuses an encode. Returns text logits [R,S,V] and None, or
+        with loss_mask text_loss's logits [n,V] and loss, plus coarse_weight x the coarse pass's
+        loss (coarse_fine)."""
         assert mode in MODES, f"mode must be one of {MODES}, got {mode!r}"
-        R, S = input_ids.shape
+        S = input_ids.shape[1]
         if frame_mask is None:
             frame_mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=input_ids.device)
         if kv is None:
@@ -831,10 +780,9 @@ class FoveatedVLM(nn.Module):
 
     @torch.no_grad()
     def prefill(self, kv, frame_mask, prompt_ids, mode, extra=0, prompt_valid=None, question=None):
-        """A fresh LLM cache holding the visual prefix and the prompt, with room for `extra` more
-        tokens. Frames first: [visual][prompt_ids] (left-padded when prompt_valid is given);
-        question first (question = (ids, valid)): [question][visual][prompt_ids]. Returns (cache,
-        last logits [B,V], attention maps)."""
+        """A fresh LLM cache holding [question][visual][prompt_ids] (prompt_ids [B,S], left-padded
+        when prompt_valid is given), with room for `extra` more tokens. Returns (cache, last
+        logits [B,V], attention maps)."""
         B, T = frame_mask.shape
         if mode == "autoregressive":
             extra = prompt_ids.shape[1] + extra
@@ -849,13 +797,10 @@ class FoveatedVLM(nn.Module):
 
     def configure_optimizers(self, weight_decay, lrs, betas=(0.9, 0.95), decay="matrices",
                              output_proj_group="connector"):
-        """AdamW with a group per part, each with its own LR from `lrs`: 'connector' (the
-        projections and q_static), 'steer' (llm_to_query and q_init: where the LLM makes the glimpse
-        look), 'dino', 'dino_qk' (DINOv2's attention query/key projections) and 'llm'.
-        decay='matrices': only Linear and Conv2d weights decay (no decay on norms, biases,
-        embeddings, position embeddings, LayerScale or the queries); 'all': every parameter, as the
-        original fVLM code did. output_proj: the group of the glimpse's output projection ('dino'
-        in the original code, whose connector filter missed it)."""
+        """AdamW with a group per part, each with its LR from `lrs`: 'connector' (the rest), 'steer'
+        (llm_to_query, q_init), 'dino', 'dino_qk' (DINOv2's q/k projections), 'llm'.
+        decay='matrices': only Linear and Conv2d weights decay; 'all': every parameter.
+        output_proj_group: output_proj's group. ('all', 'dino': as the original fVLM code.)"""
         matrices = {id(m.weight) for m in self.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
         matrices.discard(id(self.llm.embed_tokens.weight))  # the tied lm_head is the embedding
         groups = {}
@@ -894,8 +839,8 @@ class FoveatedVLM(nn.Module):
 
     def load_weights(self, file):
         """Every weight from a safetensors file of ours or of the released fVLM-135M layout."""
-        state = {vlm_key(k): v for k, v in read_weights(file).items()}
-        state.pop("dino.embeddings.mask_token", None)  # in HF's Dinov2Model, unused
+        state = {vlm_key(k): v for k, v in read_weights(file).items()
+                 if not k.endswith("mask_token")}  # in HF's Dinov2Model, unused
         llm = llm_state({k[4:]: v for k, v in state.items() if k.startswith("llm.")}, self.llm.cfg)
         state = {k: v for k, v in state.items() if not k.startswith("llm.")}
         state |= {"llm." + k: v for k, v in llm.items()}
@@ -903,9 +848,9 @@ class FoveatedVLM(nn.Module):
 
 
 def vlm_key(key):
-    """A key of our format or of the released fVLM-135M layout -> ours. Released: `encoder.dino.` +
-    HF Dinov2Model keys, `encoder.query_input_proj` / `encoder.output_proj`, `llm.model.` + HF Llama
-    keys; torch.compile may have added `._orig_mod`."""
+    """A key of our format or of the released fVLM-135M layout (`encoder.dino.` + HF Dinov2Model
+    keys, `encoder.` + connector, `llm.model.` + HF Llama keys) -> ours, without compile's
+    `._orig_mod`."""
     key = re.sub(r"(^|\.)_orig_mod\.", r"\1", key)
     if key.startswith("encoder.dino."):
         return "dino." + dino_key(key.removeprefix("encoder.dino."))
@@ -921,8 +866,8 @@ def vlm_key(key):
 
 
 def find_checkpoint(path):
-    """A checkpoint dir as given, or the newest finished step-* in a dir of them (train.py's
-    out_dir/ckpt) or in out_dir/ckpt. Half-written saves (.tmp-*) are never picked."""
+    """A checkpoint dir as given, or the newest step-* in it or in its ckpt/ (train.py's out_dir).
+    Half-written saves (.tmp-*) are never picked."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint (init_from takes our checkpoint dir, "
                                 f"a run's out_dir, a .safetensors file or 'scratch')")
@@ -937,13 +882,10 @@ def find_checkpoint(path):
 
 
 def load_model(init_from, llm_dir="", dino_dir="", dtype=torch.float32, **fresh):
-    """The model every script starts from, by the same three keys:
-      init_from  a checkpoint of ours (a dir, a dir of train.py's step-* dirs, or a run's out_dir:
-                 its newest checkpoint; needs nothing else), or a weights file (.safetensors: the
-                 released fVLM-135M or ours) over llm_dir + dino_dir, or 'scratch': llm_dir +
-                 dino_dir with a fresh connector (`fresh` goes to FoveatedVLM);
-      llm_dir    a Hugging Face SmolLM2 dir;  dino_dir  a Hugging Face DINOv2 dir.
-    Returns (model, the tokenizer.json that belongs to it)."""
+    """The model every script starts from. init_from: a checkpoint of ours (find_checkpoint; needs
+    nothing else), a .safetensors file (the released fVLM-135M or ours) over llm_dir + dino_dir
+    (Hugging Face SmolLM2 / DINOv2 dirs), or 'scratch': those with a fresh connector (`fresh` goes
+    to FoveatedVLM). Returns (model, the tokenizer.json that belongs to it)."""
     if init_from and init_from != "scratch" and not os.path.isfile(init_from):
         ckpt = find_checkpoint(init_from)
         cfg = read_config(os.path.join(ckpt, "config.json"), "nanofvlm")
@@ -983,9 +925,8 @@ def sample_next(logits, temperature=0.0, top_k=None, generator=None):
 # token 2 is SmolLM2's <|im_end|>: the end of a turn, and our padding (data.PAD_ID)
 def decode(llm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, stop_id=2,
            generator=None):
-    """Continue from a filled cache whose last position gave `logits` [B,V]. Yields next tokens [B]
-    one step at a time (so callers can stream); a finished row keeps emitting stop_id. The cache
-    needs room for max_new_tokens - 1 more positions."""
+    """Continue from a filled cache whose last position gave `logits` [B,V]: yields next tokens [B]
+    step by step; a finished row keeps emitting stop_id. Needs room for max_new_tokens - 1 more."""
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     with cpu_gemv(llm, logits.shape[0]):
         for step in range(max_new_tokens):
@@ -999,8 +940,8 @@ def decode(llm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, stop
 
 
 def left_pad(prompts, device, pad_id=2):
-    """Prompts (lists of ids) of any lengths -> ids [B,S] left-padded, so every prompt ends where
-    generation starts, and the valid mask [B,S] (None when no row is padded)."""
+    """Prompts (lists of ids) -> ids [B,S] left-padded, so every prompt ends where generation
+    starts, and the valid mask [B,S] (None when no row is padded)."""
     S = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (S - len(p)) + list(p) for p in prompts], device=device)
     valid = torch.tensor([[False] * (S - len(p)) + [True] * len(p) for p in prompts], device=device)
@@ -1008,7 +949,7 @@ def left_pad(prompts, device, pad_id=2):
 
 
 # ----------------------------------------------------------------------------
-# 7. speed: torch.compile, FLOPs of a step and peak FLOP/s (for MFU), machine settings
+# 7. speed
 
 
 def native_bf16(device):
@@ -1017,9 +958,8 @@ def native_bf16(device):
 
 
 def warn_slow_bf16(device, dtype, where):
-    """Half precision on a CPU without native bf16/fp16 matmuls (no AVX512-BF16 / AMX, e.g. an
-    AVX2-only AMD EPYC) is emulated: a 135M train step measured 29x slower than fp32 there. Say so
-    once, at start-up."""
+    """Warn (once, at start-up) of half precision on a CPU without native bf16 matmuls: emulated,
+    many times slower than fp32."""
     half = dtype in ("bfloat16", "float16", torch.bfloat16, torch.float16)
     if half and not native_bf16(device):
         cpu = torch.backends.cpu.get_cpu_capability()
@@ -1028,12 +968,9 @@ def warn_slow_bf16(device, dtype, where):
 
 
 def compile_model(model, dynamic=True, backend="inductor"):
-    """torch.compile what really runs: every DINOv2 block, every LLM block's two halves around the
-    KV cache write (LlamaBlock.project / attend: the cache's Python state would recompile per layer
-    and length) and FoveatedVLM.glimpse. Blocks of a kind share their graphs (same code, parameters
-    as graph inputs). dynamic=True: frame counts (DINOv2's batch, the glimpse's) and sequence
-    lengths are symbolic from the first compile, so batches of varying shape reuse the graphs
-    (docs/LOG.md: the counts)."""
+    """torch.compile every DINOv2 block, every LLM block's project / attend (the KV cache write
+    between them would recompile per layer and length) and FoveatedVLM.glimpse. dynamic=True:
+    frame counts and lengths are symbolic from the start, so varying shapes reuse the graphs."""
     opts = dict(dynamic=dynamic, backend=backend)
     for block in model.dino.blocks:
         block.compile(**opts)
@@ -1045,18 +982,17 @@ def compile_model(model, dynamic=True, backend="inductor"):
 
 
 def compile_counts():
-    """Graphs torch.compile has captured in this process (each compile or recompile of a function
-    adds one) and graph breaks (each splits a function's graph: a hot-path break means eager code
-    between graphs)."""
+    """Graphs torch.compile has captured in this process (one per compile or recompile) and graph
+    breaks (a hot-path break means eager code between graphs)."""
     from torch._dynamo.utils import counters
     return {"graphs": counters["stats"]["unique_graphs"],
             "graph_breaks": sum(counters["graph_break"].values())}
 
 
 def keep_freed_memory():
-    """CPU training: glibc returns freed blocks to the OS and page-faults them back in on the next
-    step, which made the 135M train step ~1.25x slower. Keep them: blocks up to 32 MB (glibc's
-    maximum) come from the heap, and the heap is never trimmed. No effect off Linux/glibc."""
+    """CPU training: glibc gives freed blocks back to the OS and page-faults them in again on the
+    next step. Keep them in the heap (blocks up to glibc's maximum, 32 MB), never trimmed. No
+    effect off Linux/glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -1066,9 +1002,7 @@ def keep_freed_memory():
 
 
 # Dense TFLOPS, no sparsity: (bf16 tensor core, tf32 tensor core, fp32 without TF32); None: no
-# such unit. Vendor datasheets (GeForce: bf16 with fp32 accumulate). Matched as a whole word of
-# the device name, the longest key first, so "H100 PCIe" wins over "H100", "GH200" over "H200"
-# and "A10G" over "A10".
+# such unit. Vendor datasheets (GeForce: bf16 with fp32 accumulate).
 GPU_PEAK = {
     "B200": (2250, 1125, 75), "GB200": (2500, 1250, 80),
     "H100": (989, 495, 67), "H100 PCIe": (756, 378, 51), "H100 NVL": (835, 418, 60),
@@ -1085,19 +1019,16 @@ _cpu_peak = {}
 
 def gpu_peak(name, dtype, tf32):
     """Dense peak FLOP/s of the GPU called `name` (torch.cuda.get_device_name) for matmuls in
-    `dtype`; fp32 with TF32 allowed counts at the TF32 rate where the GPU has one. None for a GPU
-    not in GPU_PEAK, or a dtype it has no unit for (bf16 on V100/T4): no MFU rather than a wrong
-    one."""
+    `dtype` (fp32 at the TF32 rate if `tf32`). None for a GPU not in GPU_PEAK, or a dtype it has
+    no unit for (bf16 on V100/T4): no MFU rather than a wrong one."""
+    # a whole word of the name, longest key first: "H100 PCIe" before "H100", "GH200" before "H200"
     for key in sorted(GPU_PEAK, key=len, reverse=True):
         if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name, re.IGNORECASE):
             bf16, tf32_peak, fp32 = GPU_PEAK[key]
-            half = dtype in (torch.bfloat16, torch.float16)
-            if half:
+            if dtype in (torch.bfloat16, torch.float16):
                 tera = bf16
-            elif tf32:
-                tera = tf32_peak or fp32  # no TF32 unit (V100, T4): plain fp32
-            else:
-                tera = fp32
+            else:  # no TF32 unit (V100, T4): plain fp32
+                tera = tf32_peak if tf32 and tf32_peak else fp32
             return None if tera is None else tera * 1e12
     return None
 
@@ -1109,15 +1040,13 @@ def tf32_allowed():
 
 
 def use_tf32():
-    """CUDA fp32 matmuls and convolutions on TF32 tensor cores (Ampere and later; ~8x fp32 SIMT).
-    Call once at start-up on a CUDA run; fp32 results then carry TF32's 10-bit mantissa in matmul
-    inputs."""
+    """CUDA fp32 matmuls and convolutions on TF32 tensor cores (Ampere and later): much faster, with
+    a 10-bit mantissa in matmul inputs. Call once at start-up."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
 def peak_flops(device="cpu", dtype=torch.float32):
-    """Peak FLOP/s for MFU: the GPU_PEAK table for GPUs (None if the GPU is unknown: MFU is not
-    reported); on CPU a measured matmul peak (cached per process)."""
+    """Peak FLOP/s for MFU: GPU_PEAK's for a GPU (None if unknown), a measured matmul peak on CPU"""
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -1126,9 +1055,9 @@ def peak_flops(device="cpu", dtype=torch.float32):
             print(f"model.py: no peak FLOP/s for {name!r} in {dtype} (add it to GPU_PEAK): "
                   f"MFU not reported")
         return peak
-    if dtype not in _cpu_peak:  # 2048^2: on an AVX2 AMD EPYC 1024^2 reached only 2/3 of it
+    if dtype not in _cpu_peak:  # 2048^2: smaller matmuls fall short of the peak
         emulated = dtype != torch.float32 and not native_bf16(device)
-        n = 512 if emulated else 2048  # emulated bf16 runs at ~1 GFLOP/s
+        n = 512 if emulated else 2048  # emulated bf16 is too slow for 2048^2
         a = torch.randn(n, n, dtype=dtype)
         a @ a
         best = float("inf")
@@ -1147,12 +1076,9 @@ def mfu(flops, seconds, peak):
 
 def forward_flops(model, B, T, S, image_size, mode, rows_per_sample=1, question_len=0,
                   targets=None, coarse_answers=False):
-    """Analytic FLOPs of one forward of B samples of T frames, with rows_per_sample text rows of S
-    tokens per sample (DPO: 2), in `mode`: the DINOv2 encode (its last block: K/V only), the glimpse
-    passes, the LLM passes, lm_head on `targets` positions per row (None: all S, as without a loss
-    mask; with one, the positions that carry loss). question_len > 0: the question-first layout,
-    with questions of that many tokens (each row walks its own glimpses). coarse_answers:
-    coarse_fine's coarse pass reads the text too (forward's coarse_weight > 0)."""
+    """Analytic FLOPs of one forward in `mode` of B samples of T frames with rows_per_sample text
+    rows of S tokens each (DPO: 2): DINOv2, glimpses, LLM and lm_head on `targets` positions per
+    row (None: all S). question_len > 0: question first. coarse_answers: coarse_weight > 0."""
     d, lc = model.dino.cfg, model.llm.cfg
     D, P, L = d.dim, (image_size // d.patch_size) ** 2, lc.dim
     mlp = 2 * 2 * D * int(D * d.mlp_ratio)  # per token
@@ -1185,7 +1111,7 @@ def forward_flops(model, B, T, S, image_size, mode, rows_per_sample=1, question_
 def train_flops(model, B, T, S, image_size, mode="coarse_fine", rows_per_sample=1, reference=False,
                 question_len=0, targets=None, coarse_answers=False):
     """FLOPs of one training step: forward + backward (2x the forward), plus a frozen reference's
-    forward (DPO). targets: positions per row that carry loss (lm_head runs on those only)."""
+    forward (DPO). targets: positions per row that carry loss."""
     forward = forward_flops(model, B, T, S, image_size, mode, rows_per_sample, question_len,
                             targets, coarse_answers)
     return (3 + reference) * forward
