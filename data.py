@@ -1,15 +1,12 @@
 """
 Every input nanofVLM trains and evaluates on, in one file:
-  1. tokenizer + ChatML template + per-stage loss masks
-  2. media: images (Pillow), videos (PyAV, frames picked by presentation time), upright as they
-     are shown
-  3. tar shards: files sharing a key form one sample (the layout of the original fVLM research
-     code's shards, "the research layout"); 3b. LLaVA-style annotation files, read as records
-  4. ShardDataset: streaming shards split once over ranks x workers, seeded shuffle, text-only
-     mixing, resumable reader state; collate; the Loader that remembers where each reader is
-  5. "shapes": the synthetic foveation task that is our embedded default
-Bad inputs are skipped, warned about once (stderr) and counted (loader.skipped()): never fatal,
-never silent.
+  1. tokenizer, ChatML template, per-stage loss masks
+  2. media: images (Pillow) and videos (PyAV, frames picked by presentation time), shown upright
+  3. tar shards ("the research layout", as the original fVLM code wrote them); 3b. LLaVA-style
+     annotation files, read as records
+  4. ShardDataset (split over ranks x workers, seeded shuffle, text mixing), collate, and the
+     resumable Loader
+  5. "shapes": the synthetic foveation task, our embedded default
 """
 import bisect
 import glob as globlib
@@ -42,10 +39,8 @@ SYSTEM_PROMPT = "You are a helpful AI assistant."
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 exactly as SmolLM2
 PAD_ID = 2  # <|im_end|> doubles as pad; padding is masked out via loss_mask, never via ignore==pad
 MAX_LEN = {1: 512, 2: 1024, 3: 1024}  # text tokens per sample, by stage
-# sample.py's default question, and the shapes task's caption prompt
-DEFAULT_USER = "Describe this video."
-# Real caption shards carry an empty `user`: the question a caption answers, by `source`, as the
-# original fVLM code asked it
+DEFAULT_USER = "Describe this video."  # sample.py's default question
+# the question of a caption with no `user`, by `source`, as the original fVLM code asked it
 SOURCE_PROMPTS = {"openvid": "Write a brief caption for this video.",
                   "webvid": "What would be the WebVid caption for this video?",
                   "vript": "Provide a detailed narration of what happens in this video.",
@@ -56,14 +51,12 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 VIDEO_EXTS = ("mp4", "webm", "mkv", "gif", "avi", "mov")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-# an image is replicated to this many frames in stages 2-3: the original fVLM research found 8
-# better than 1, 4 or 16
-IMAGE_FRAMES = 8
+IMAGE_FRAMES = 8  # an image is replicated to this many frames in stages 2-3
 
 # -----------------------------------------------------------------------------
-# bad input: never fatal, never silent
+# bad input: skipped, warned about once (stderr) and counted (loader.skipped()); never fatal
 
-skipped = Counter()  # reason -> count of reads outside a ShardDataset (each dataset counts its own)
+skipped = Counter()  # reason -> count, for reads outside a ShardDataset (which counts its own)
 _warned = set()
 
 
@@ -112,10 +105,9 @@ def load_tokenizer(path_or_dir):
 
 
 def encode_chat(tok, messages, stage, max_len=None):
-    """ChatML with the system prompt, written by hand ->
-    (input_ids, loss_mask, truncated, question_end). Stage 1: every token is a target; stages 2-3:
-    only assistant content and its <|im_end|> (not the '\\n' after it). question_end: the tokens up
-    to the end of the first user turn, where the question-first layout puts the frames."""
+    """ChatML with the system prompt -> (input_ids, loss_mask, truncated, question_end). Targets:
+    stage 1 every token; stages 2-3 assistant content + <|im_end|>. question_end: where the first
+    user turn ends."""
     text, spans, question_end = "", [], None
     for m in [{"role": "system", "content": SYSTEM_PROMPT}] + list(messages):
         text += f"<|im_start|>{m['role']}\n"
@@ -124,8 +116,7 @@ def encode_chat(tok, messages, stage, max_len=None):
         text += m["content"] + "<|im_end|>\n"
         if m["role"] == "user" and question_end is None:
             question_end = len(text)
-    # one encode of the whole text, so ids equal HF apply_chat_template;
-    # a target's characters lie in a span
+    # one encode of the whole text, so ids equal HF apply_chat_template
     enc = tok.encode(text, add_special_tokens=False)
     in_answer = [int(any(s <= a and b <= e for s, e in spans)) for a, b in enc.offsets]
     mask = [1] * len(enc.ids) if stage == 1 else in_answer
@@ -135,39 +126,32 @@ def encode_chat(tok, messages, stage, max_len=None):
 
 
 def encode_question(tok, user):
-    """System + user turn: what the question-first layout puts before the frames."""
+    """What the question-first layout puts before the frames."""
     text = f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
     return tok.encode(text, add_special_tokens=False).ids
 
 
 def encode_reply_start(tok):
-    """The generation prompt '<|im_start|>assistant\\n'."""
     return tok.encode("<|im_start|>assistant\n", add_special_tokens=False).ids
 
 
 def encode_prompt(tok, user):
-    """System + user turn + generation prompt '<|im_start|>assistant\\n'."""
     return encode_question(tok, user) + encode_reply_start(tok)
 
 
 def prompt_parts(tok, user, layout):
-    """The (question, prompt) ids of a user turn: frames first, ([], the whole prompt) after the
-    frames; question first, (system + user turn) before them and the generation prompt after
-    them."""
+    """(question, prompt) ids of a user turn: what goes before the frames and what after"""
     if layout == "question_first":
         return encode_question(tok, user), encode_reply_start(tok)
     return [], encode_prompt(tok, user)
 
 
 def encode_answer(tok, text):
-    """Assistant content + <|im_end|>. encode_prompt + encode_answer == encode_chat ids minus its
-    final '\\n'."""
+    """Assistant content + <|im_end|>: encode_chat's ids = encode_prompt + this + '\\n'"""
     return tok.encode(text, add_special_tokens=False).ids + [PAD_ID]
 
 
 def format_mcq(question, options):
-    """The user text of a multiple-choice question: the question, then one "X. option" line per
-    option."""
     return question + "\n" + "\n".join(f"{'ABCDEFGH'[i]}. {o}" for i, o in enumerate(options))
 
 
@@ -182,7 +166,6 @@ def normalize(frames):
 
 
 def short_side_to(w, h, size):
-    """the size (w, h) of the resize that makes the short side `size`"""
     return max(size, round(w * (size / min(w, h)))), max(size, round(h * (size / min(w, h))))
 
 
@@ -193,8 +176,7 @@ def centre_crop(a, size):
 
 
 def read_image(src, size, name=None):
-    """An image file or file-like -> uint8 [size,size,3]: upright (EXIF orientation), short side
-    resized, centre crop."""
+    """An image file or file-like -> uint8 [size,size,3]: upright (EXIF), resized, centre crop"""
     try:
         img = ImageOps.exif_transpose(Image.open(src)).convert("RGB")
     except Exception as e:
@@ -220,14 +202,12 @@ def natural_key(name):
 
 
 def image_files(folder):
-    """The names of the images in a folder of frames, in natural order."""
     names = [n for n in os.listdir(folder) if n.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
     return sorted(names, key=natural_key)
 
 
 def _duration(container, stream):
-    """Seconds of video after the stream's start: from the headers, else from every packet's time
-    (no decoding)."""
+    """Seconds of video after the stream's start: from the headers, else the packets' times."""
     if stream.duration:
         return float(stream.duration * stream.time_base)
     if container.duration:
@@ -240,8 +220,7 @@ def _duration(container, stream):
 
 
 def _upright_rgb(frame, size):
-    """A decoded frame -> uint8 [size,size,3]: rotated as its display matrix says (phones record
-    sideways), short side resized to `size`, centre-cropped."""
+    """A decoded frame -> uint8 [size,size,3] as read_image, upright as its display matrix says"""
     quarter_turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise, to upright
     sideways = quarter_turns % 2 == 1
     w, h = (frame.height, frame.width) if sideways else (frame.width, frame.height)  # as shown
@@ -251,26 +230,9 @@ def _upright_rgb(frame, size):
     return centre_crop(np.rot90(rgb, quarter_turns), size)
 
 
-@contextmanager
-def _opened(src, name):
-    """(container, its first video stream, decoding on FFmpeg's threads); a file PyAV cannot read
-    -> SkipSample"""
-    try:
-        with av.open(src) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"  # frame threads: see docs/LOG.md for decode-all vs seeking
-            yield container, stream
-    except (av.error.FFmpegError, IndexError, ValueError, OSError) as e:
-        if isinstance(e, SkipSample):
-            raise
-        raise SkipSample("bad_video",
-                         f"{name}: cannot decode video ({type(e).__name__}: {e})") from None
-
-
 def _frame_times(container, stream, max_frames, fps, start, end):
-    """(origin, t0, t1, the presentation times to pick): k times at the centres of k equal slices
-    of [t0, t1] seconds after the stream's origin, k = max_frames, or (t1 - t0) * fps if that is
-    fewer."""
+    """(origin, t0, t1, the times to pick): the centres of k equal slices of [t0, t1] seconds after
+    the stream's origin, k = max_frames, or (t1 - t0) * fps if fewer."""
     origin = float((stream.start_time or 0) * stream.time_base)
     duration = _duration(container, stream)
     t0 = min(max(start or 0.0, 0.0), duration)
@@ -279,25 +241,35 @@ def _frame_times(container, stream, max_frames, fps, start, end):
     return origin, t0, t1, [origin + t0 + (i + 0.5) * (t1 - t0) / k for i in range(k)]
 
 
-def _check_cap(max_frames):
+@contextmanager
+def _opened(src, name, max_frames, fps, start, end):
+    """(container, first video stream, _frame_times); a file PyAV cannot read -> SkipSample"""
     if max_frames < 1:  # a caller's mistake, not the file's: said before the file is opened
         raise ValueError(f"data.py: max_frames={max_frames}: a video needs at least 1 frame "
                          f"(no cap: a large number, with fps)")
+    try:
+        with av.open(src) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"  # frame threads: see docs/LOG.md for decode-all vs seeking
+            yield container, stream, _frame_times(container, stream, max_frames, fps, start, end)
+    except (av.error.FFmpegError, IndexError, ValueError, OSError) as e:
+        if isinstance(e, SkipSample):
+            raise
+        raise SkipSample("bad_video",
+                         f"{name}: cannot decode video ({type(e).__name__}: {e})") from None
 
 
 def video_length(src, max_frames, fps=None, start=None, end=None, name=None):
-    """(at most how many frames video_frames picks, the seconds they span), from the headers: no
-    decoding. A streaming caller sizes the LLM cache and checks the context with it before
-    decoding anything."""
-    _check_cap(max_frames)
-    with _opened(src, name or str(src)) as (container, stream):
-        _, t0, t1, targets = _frame_times(container, stream, max_frames, fps, start, end)
+    """(at most how many frames video_frames picks, the seconds they span), without decoding: a
+    streaming caller sizes the LLM cache and checks the context first."""
+    with _opened(src, name or str(src), max_frames, fps, start, end) as (_, _, times):
+        _, t0, t1, targets = times
         return len(targets), t1 - t0
 
 
 def context_error(n_frames, seconds, text_tokens, max_seq_len, where):
-    """None if n_frames visual tokens + text_tokens fit the LLM's context, else a message saying
-    how many frames do (and at what fps that is): a long video is refused, never silently cut."""
+    """None if n_frames + text_tokens fit the LLM's context, else a message saying how many do: a
+    long video is refused, never silently cut."""
     if n_frames + text_tokens <= max_seq_len:
         return None
     fit = max(0, max_seq_len - text_tokens)
@@ -307,38 +279,26 @@ def context_error(n_frames, seconds, text_tokens, max_seq_len, where):
 
 
 def _keyframe_times(container, stream):
-    """The sorted presentation times of the stream's keyframes, from its packets (no decoding); []
-    if any keyframe has no time (then nothing is skipped by seeking)."""
-    tb, times = stream.time_base, []
-    for packet in container.demux(stream):
-        if packet.is_keyframe:
-            if packet.pts is None:
-                times = None
-            elif times is not None:
-                times.append(float(packet.pts * tb))
+    """The sorted times of the stream's keyframes, from packets; [] (no seeking) if one has none"""
+    pts = [packet.pts for packet in container.demux(stream) if packet.is_keyframe]
     container.seek(0)
-    return sorted(times or [])
+    return [] if None in pts else sorted(float(t * stream.time_base) for t in pts)
 
 
 def video_frames(src, image_size, max_frames, fps=None, start=None, end=None, name=None,
                  progress=False):
-    """Yields uint8 frames [S,S,3] of a video file or file-like, picked by presentation time (the
-    times of _frame_times: the whole video by default). Each time gets the frame on screen then;
-    a frame picked twice comes once. Decoding jumps to the keyframe before a picked time when that
-    keyframe lies ahead of the last decoded frame (whole GOPs between picks are never decoded);
-    other frames in between are decoded (codecs need them) but never converted. progress: a tqdm
-    bar in seconds of video."""
+    """Yields uint8 frames [S,S,3] of a video: at each time of _frame_times the frame on screen
+    then (once if picked twice). Seeks to the keyframe before a pick if it lies ahead of the last
+    decoded frame: whole GOPs between picks are never decoded."""
     name = name or str(src)
-    _check_cap(max_frames)
-    with _opened(src, name) as (container, stream):
-        origin, t0, t1, targets = _frame_times(container, stream, max_frames, fps, start, end)
+    with _opened(src, name, max_frames, fps, start, end) as (container, stream, times):
+        origin, t0, t1, targets = times
         keyframes = _keyframe_times(container, stream)
         k = len(targets)
         rate = float(stream.average_rate or stream.guessed_rate or 25)
         bar = tqdm(total=round(t1 - t0), unit="s", desc="video", disable=not progress,
                    dynamic_ncols=True)
-        # the frame on screen, the last one yielded, how many targets are done
-        shown, last, picked = None, None, 0
+        shown, last, picked = None, None, 0  # the frame on screen, the last yielded, targets done
         decoded, i, position = None, 0, float("-inf")  # position: the last decoded frame's time
         while picked < k:
             before = bisect.bisect_right(keyframes, targets[picked]) - 1
@@ -355,7 +315,7 @@ def video_frames(src, image_size, max_frames, fps=None, start=None, end=None, na
                 break
             t = frame.time if frame.time is not None else origin + i / rate
             i, position = i + 1, max(position, t)
-            while picked < k and targets[picked] < t:  # target `picked` fell before this frame
+            while picked < k and targets[picked] < t:
                 if (shown or frame) is not last:
                     last = shown or frame
                     yield _upright_rgb(last, image_size)
@@ -379,11 +339,10 @@ def video_frames(src, image_size, max_frames, fps=None, start=None, end=None, na
 
 def read_ahead(items, ahead=32):
     """Iterate `items` in a thread, up to `ahead` in front of the caller: a video decodes while
-    the model runs on the frames before. The thread's exception is raised here; leaving early
-    stops the thread."""
+    the model runs on the frames before."""
     slots, stop, end = queue.Queue(maxsize=ahead), threading.Event(), object()
 
-    class Failed:  # what the thread hands over instead of an item when `items` raised
+    class Failed:  # handed over in place of an item when `items` raised
         def __init__(self, error):
             self.error = error
 
@@ -416,8 +375,7 @@ def read_ahead(items, ahead=32):
 
 
 def frame_chunks(frames, n):
-    """uint8 frames [S,S,3] -> ImageNet-normalised chunks [<=n,3,S,S] (the model encodes a chunk
-    at once)"""
+    """uint8 frames [S,S,3] -> normalised chunks [<=n,3,S,S], the model encodes a chunk at once"""
     chunk = []
     for f in frames:
         chunk.append(f)
@@ -429,7 +387,7 @@ def frame_chunks(frames, n):
 
 
 def load_video(src, max_frames, image_size, fps=None, start=None, end=None, name=None):
-    """video_frames stacked and ImageNet-normalised -> [T,3,S,S]"""
+    """video_frames stacked and normalised -> [T,3,S,S]"""
     frames = video_frames(src, image_size, max_frames, fps, start, end, name)
     return normalize(np.stack(list(frames)))
 
@@ -452,10 +410,9 @@ def write_tar(path, samples):
 
 
 def read_tar(path, counter=skipped):
-    """Stream one tar ('r|*', no seeking) -> records {key, shard, files {ext: bytes}}. A truncated
-    or corrupt tar keeps the records before the damage and counts the rest as one skip."""
-    # (key, ext, bytes); a record is only yielded once the next key (or the end) is reached intact
-    def members(tf):
+    """Stream one tar ('r|*', no seeking) -> records {key, shard, files {ext: bytes}}. A damaged tar
+    keeps the records before the damage and counts the rest as one skip."""
+    def members(tf):  # (key, ext, bytes): a record is yielded once the next key is read intact
         for m in tf:
             if m.isfile():
                 folder, base = os.path.split(m.name)
@@ -465,8 +422,7 @@ def read_tar(path, counter=skipped):
                 if len(payload) != m.size:
                     raise EOFError("unexpected end of data")
                 yield os.path.join(folder, key), ext.lower(), payload
-        # tarfile ends quietly when the stream stops at/inside a header;
-        # an intact plain tar ends with zero blocks
+        # tarfile ends quietly when the stream stops in a header; an intact tar ends with zeros
         if getattr(tf.fileobj, "comptype", "") == "tar" and tf.offset + 512 > os.path.getsize(path):
             raise EOFError("no end-of-archive marker (file cut short)")
     try:
@@ -481,8 +437,7 @@ def read_tar(path, counter=skipped):
 
 
 def read_source(path, counter=skipped):
-    """A tar shard, or a plain video/image file (+ optional sidecar {stem}.json / {stem}.txt) as one
-    record."""
+    """A tar shard, or a plain video/image file (+ sidecar {stem}.json / .txt) as one record"""
     if ".tar" in os.path.basename(path):
         return read_tar(path, counter)
     stem, ext = os.path.splitext(path)
@@ -492,8 +447,7 @@ def read_source(path, counter=skipped):
 
 
 def frame_files(files):
-    """The frame images of a record (its file extensions), in natural order: every image named
-    beyond the key ({key}.000.jpg, {key}.frame_2.png). A lone {key}.jpg is an image, not a frame."""
+    """A record's frame images ({key}.000.jpg; a lone {key}.jpg is an image), in natural order"""
     frame_names = (e for e in files if "." in e and e.rsplit(".", 1)[1] in IMAGE_EXTS)
     return sorted(frame_names, key=natural_key)
 
@@ -505,7 +459,7 @@ def record_frames(files, names, image_size, where):
 
 
 def record_text(record):
-    """A record's json (a dict; {} when it has none) and its .txt caption (or None)."""
+    """A record's json ({} when it has none) and its .txt caption (or None)."""
     files, where = record["files"], f"{record['shard']}:{record['key']}"
     try:
         meta = json.loads(files["json"]) if "json" in files else {}
@@ -519,15 +473,12 @@ def record_text(record):
 
 
 def turns(user, answer, where):
-    """`user` / `assistant` as a json holds them (strings, or equal-length lists of strings: several
-    turns) -> (users, answers) lists; an empty or missing user comes back as None. Any other type is
-    a bad field."""
-    if isinstance(answer, list):
-        users = user
-        if user in (None, ""):
-            users = [None] * len(answer)
-    else:
+    """A json's `user` / `assistant` (strings, or equal-length lists: several turns) -> (users,
+    answers) lists; an empty or missing user comes back as None."""
+    if not isinstance(answer, list):
         users, answer = [user], [answer]
+    else:
+        users = [None] * len(answer) if user in (None, "") else user
     if not (isinstance(users, list) and len(users) == len(answer)
             and all(isinstance(a, str) and a for a in answer)
             and all(u is None or isinstance(u, str) for u in users)):
@@ -539,23 +490,19 @@ def turns(user, answer, where):
 
 
 # -----------------------------------------------------------------------------
-# 3b. LLaVA-style annotation files, read as public datasets publish them: a .json list or a .jsonl
-# of rows {"id", "video" | "image",
-#          "conversations": [{"from": "human", "value": "<video>\n..."}, {"from": "gpt", ...}]}
-# (DPO: "prompt" or a human turn, "chosen", "rejected"), media paths relative to a media root
-# (default: the file's folder). A row becomes the record a tar yields ({key, shard, files}), so the
-# dataset's one path does the rest; its media is read only when the sample is decoded, so a resumed
-# reader passes rows untouched.
+# 3b. LLaVA-style annotation files as published: a .json list or a .jsonl of rows {"id", "video" |
+# "image", "conversations": [{"from": "human", "value": "<video>\n..."}, {"from": "gpt", ...}]}
+# (DPO: "prompt" or a human turn, "chosen", "rejected"), media relative to media_root (default: the
+# file's folder). A row's media is read only when decoded: a resumed reader passes rows untouched.
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "model": "assistant", "system": "system"}
-PLACEHOLDER = re.compile(r"\s*<(?:image|video)>\s*")  # wherever it sits, with or without a newline
+PLACEHOLDER = re.compile(r"\s*<(?:image|video)>\s*")
 _annotation_rows = {}  # path -> rows, parsed once per process
 
 
 def is_annotation(path):
-    """A .jsonl, or a .json whose top level is a list (a .json object is a plain file's sidecar
-    record)."""
+    """A .jsonl, or a .json list (a .json object is a plain file's sidecar)."""
     if path.endswith(".jsonl"):
         return True
     if not path.endswith(".json"):
@@ -565,8 +512,7 @@ def is_annotation(path):
 
 
 def annotation_rows(path, counter=skipped):
-    """The rows of an annotation file; a jsonl line that is not json stays as its text (skipped on
-    decode)."""
+    """An annotation file's rows; a jsonl line that is not json stays text (skipped on decode)."""
     if path not in _annotation_rows:
         rows = []
         try:
@@ -587,14 +533,13 @@ def annotation_rows(path, counter=skipped):
 
 
 def annotation_units(path, block=1, counter=skipped):
-    """What the readers share out: blocks of `block` rows (path, first row). 1 = split by row; the
-    shard writer's shard_size = the same units, hence the same order, as the shards it wrote."""
+    """What the readers share out: (path, first row) of blocks of `block` rows. With block = the
+    shard writer's shard_size, the same units, hence the same order, as the shards it wrote."""
     return [(path, start) for start in range(0, len(annotation_rows(path, counter)), block)]
 
 
 def read_annotation(unit, block=1):
-    """The rows of one unit as records {key, shard, row}: key '{row number}_{id}' (unique, no
-    dots)."""
+    """One unit's rows as records {key, shard, row}: key '{row number}_{id}' (unique, no dots)."""
     path, start = unit
     rows = annotation_rows(path)
     for i in range(start, min(start + block, len(rows))):
@@ -617,9 +562,8 @@ def reply_text(reply):
 
 
 def conversation_turns(conv, where, counter):
-    """LLaVA turns -> (users, answers): consecutive turns of one role joined, the system turn
-    dropped (the model's system prompt is fixed) and counted, a first model turn given an empty
-    question (the source's prompt fills it). A last question may have no answer (a DPO prompt)."""
+    """LLaVA turns -> (users, answers): a role's turns in a row joined, a system turn dropped (our
+    system prompt is fixed), a first model turn given an empty question (the source's fills it)."""
     merged = []  # [role, text]
     for j, turn in enumerate(conv):
         turn = turn if isinstance(turn, dict) else {}
@@ -643,8 +587,7 @@ def conversation_turns(conv, where, counter):
 
 
 def annotation_meta(row, where, counter):
-    """A row's text as the research layout's json: user/assistant lists, or
-    user + chosen/rejected_assistant."""
+    """A row's text as the research layout's json."""
     meta = {"source": str(row.get("source") or row.get("data_source") or "")}
     conv = row.get("conversations")
     if "chosen" in row or "rejected" in row:
@@ -665,9 +608,8 @@ def annotation_meta(row, where, counter):
 
 
 def annotation_media(row, root, max_frames, where):
-    """A row's media as record files: a video or image file ({ext: bytes}), or frames
-    ({NNN.ext: bytes}, at most max_frames spread uniformly) from a folder of frame images or a list
-    of images. {} = text-only."""
+    """A row's media as record files: {ext: bytes} of a video or image, or frames {NNN.ext: bytes}
+    (at most max_frames) of a folder or list of images; {} = text-only."""
     media = row.get("video", row.get("image"))
     if media in (None, "", []):
         return {}
@@ -695,7 +637,7 @@ def annotation_media(row, root, max_frames, where):
 
 
 def annotation_record(rec, media_root, max_frames, counter=skipped):
-    """A row record -> the record a tar would yield: {key, shard, files {json, media}}."""
+    """A row record -> the record a tar would yield."""
     row, where = rec["row"], f"{rec['shard']}:{rec['key']}"
     if not isinstance(row, dict):
         raise SkipSample("bad_json",
@@ -711,15 +653,13 @@ def annotation_record(rec, media_root, max_frames, counter=skipped):
 
 
 def seeded(*keys):
-    """The one way this file draws random numbers: a random.Random seeded by a tuple of keys (the
-    run's seed, an epoch, a reader id, a stream position...). The same keys give the same stream in
-    every process, so any draw can be replayed on resume from the keys alone."""
+    """How this file draws random numbers: seeded by keys (seed, epoch, reader...), the same in
+    every process, so a resumed run replays any draw from its keys alone."""
     return random.Random(repr(keys))  # a str seed goes through sha512: no per-process hash salt
 
 
 def shuffled(items, rng, size):
-    """A bounded shuffle buffer over a stream: holds `size` items, each next one takes a random
-    one's place."""
+    """A shuffle buffer of `size` items over a stream"""
     buf = []
     for x in items:
         buf.append(x)
@@ -733,17 +673,14 @@ def shuffled(items, rng, size):
 
 @dataclass
 class Cursor:
-    """Where a reader is in one stream of shards: the epoch, and how many records of it were
-    consumed."""
+    """Where a reader is in one stream of shards"""
     epoch: int = 0
     consumed: int = 0
 
 
 @dataclass
 class ReaderState:
-    """Everything a reader needs to resume exactly: its cursor in the main and the text-only shards,
-    and how many records it has drawn from either (the text-or-main draw of record n depends on n
-    alone)."""
+    """What a reader needs to resume exactly (the text-or-main draw n depends on n alone)"""
     main: Cursor = field(default_factory=Cursor)
     text: Cursor = field(default_factory=Cursor)
     drawn: int = 0
@@ -754,28 +691,19 @@ class ReaderState:
 
 
 class ShardDataset(IterableDataset):
-    """Streams samples {key, rows, frames [T,3,S,S]} from tar shards, plain files or annotation
-    files: rows are token rows {question, ids, mask} (one; stage 3: chosen, then rejected), collate
-    pads them into a batch. json-only samples are text-only (frames [0,3,S,S]).
-    Split: there are world_size x num_workers readers, reader = rank * num_workers + worker. Each
-    epoch the shard list is shuffled (seed, epoch) and shard i goes to reader i % readers: every
-    shard once per epoch.
-    Annotation files (section 3b) are shared out by row: their rows, in blocks of block_rows, are
-    units like shards; media paths are relative to media_root (default: the annotation file's
-    folder).
-    Text mixing: with text_globs and text_ratio > 0, each draw takes the next record from the text
-    shards with probability text_ratio (every reader reads all text shards if they are fewer than
-    the readers).
-    Resume: a ReaderState per reader; a resumed reader re-reads its epoch's records up to where it
-    was and drops them without decoding."""
+    """Streams samples {key, rows: token rows {question, ids, mask}, frames [T,3,S,S]} from tar
+    shards, plain files or annotation files (shared out by blocks of block_rows rows).
+    Split: each epoch the shards are shuffled by (seed, epoch); shard i goes to reader i % readers,
+    reader = rank * num_workers + worker. Text mixing: each draw is the next text record with
+    probability text_ratio (all text shards for every reader if fewer than the readers).
+    Resume: a reader re-reads its epoch's records up to its ReaderState and drops them undecoded."""
 
     def __init__(self, globs, tok, stage, image_size=224, max_frames=64, replicate_image_frames=1,
                  text_ratio=0.0, seed=0, rank=0, world_size=1, text_globs=None, loop=True,
                  shuffle_buffer=1000, fps=None, max_len=None, prompts=None, layout="frames_first",
                  media_root="", block_rows=1):
-        # this process's skips; every batch carries them to the main process
-        self.skipped = Counter()
-        self.media_root, self.block_rows = media_root, block_rows  # annotation files (section 3b)
+        self.skipped = Counter()  # this process's: every batch carries them to the main process
+        self.media_root, self.block_rows = media_root, block_rows
         self.shards = self.units(expand_globs(globs))
         self.text_shards = self.units(expand_globs(text_globs)) if text_globs else []
         self.tok, self.stage, self.image_size, self.max_frames = tok, stage, image_size, max_frames
@@ -785,16 +713,12 @@ class ShardDataset(IterableDataset):
         self.loop, self.shuffle_buffer = loop, shuffle_buffer
         self.max_len = max_len or MAX_LEN[stage]
         self.question_first = layout == "question_first"  # the model's layout decides the text rows
-        # source -> question; "" = any other
         self.prompts = SOURCE_PROMPTS | {"": FALLBACK_PROMPT} | (prompts or {})
-        # set by make_loader: batches are built in workers
         self.batch_size, self.max_batch_frames = None, None
-        # from Loader.load_state_dict: reader -> ReaderState; whose turn
-        self.resume, self.first_reader = {}, 0
+        self.resume, self.first_reader = {}, 0  # set by Loader.load_state_dict
 
     def units(self, paths):
-        """What the readers share out: a shard or plain file each, and an annotation file's rows in
-        blocks."""
+        """What the readers share out: shards, plain files, an annotation file's row blocks"""
         return [u for p in paths for u in (annotation_units(p, self.block_rows, self.skipped)
                                            if is_annotation(p) else [p])]
 
@@ -804,17 +728,16 @@ class ShardDataset(IterableDataset):
         return read_source(unit, self.skipped)
 
     def records(self, shards, reader, readers, cursor, is_text):
-        """The undecoded records of one reader, advancing `cursor`. Its order depends on the seed
-        and the epoch alone, so a resumed reader can drop the records it had consumed."""
+        """One reader's undecoded records, advancing `cursor`, in an order set by seed and epoch
+        alone: a resumed reader drops the records it had consumed."""
         while True:
             order = list(shards)
-            # the same on every reader
-            seeded(self.seed, "shards", is_text, cursor.epoch).shuffle(order)
+            seeded(self.seed, "shards", is_text, cursor.epoch).shuffle(order)  # same on all readers
             mine = order if is_text and len(order) < readers else order[reader::readers]
             stream = (rec for unit in mine for rec in self.read_unit(unit))
             rng, seen = seeded(self.seed, "buffer", is_text, cursor.epoch, reader), 0
             for seen, rec in enumerate(shuffled(stream, rng, self.shuffle_buffer), 1):
-                if seen > cursor.consumed:  # resume: consumed records are dropped without decoding
+                if seen > cursor.consumed:
                     cursor.consumed += 1
                     yield rec
             if not self.loop or seen == 0:
@@ -822,15 +745,12 @@ class ShardDataset(IterableDataset):
             cursor.epoch, cursor.consumed = cursor.epoch + 1, 0
 
     def samples(self, reader, readers):
-        """(decoded sample, reader state after it) of one reader; bad records are counted and
-        skipped"""
+        """(decoded sample, reader state after it) of one reader; bad records counted, skipped"""
         state = self.resume.get(reader, ReaderState())
         main = self.records(self.shards, reader, readers, state.main, False)
+        # a generator: the text shards are read only if mixing draws from them
+        text = self.records(self.text_shards, reader, readers, state.text, True)
         mixing = self.text_shards and self.text_ratio > 0
-        if mixing:
-            text = self.records(self.text_shards, reader, readers, state.text, True)
-        else:
-            text = iter(())
         while True:
             take_text = mixing and (seeded(self.seed, "mix", reader, state.drawn).random()
                                     < self.text_ratio)
@@ -852,16 +772,14 @@ class ShardDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        # worker 0 runs the reader whose turn was next: after a resume the DataLoader's round-robin
-        # goes on as before
+        # worker 0 runs the reader whose turn was next: a resumed DataLoader's round-robin goes on
         reader = self.rank * workers + (worker + self.first_reader) % workers
         samples = self.samples(reader, self.world_size * workers)
         return (s for s, _ in samples) if self.batch_size is None else self.batches(samples, reader)
 
     def batches(self, samples, reader):
-        """Collated batches, each with the reader's state after its last sample and the reader's
-        skip counts. A batch closes when the next sample arrives (or the stream ends), so its skip
-        counts include the skips after its last sample."""
+        """Collated batches, each with the reader's state after its last sample and its skip counts
+        (a batch closes when the next sample arrives, so they include the skips after it)."""
         batch, state = [], None
         for sample, next_state in chain(samples, [(None, None)]):
             frames = sum(len(s["frames"]) for s in batch) + (len(sample["frames"]) if sample else 0)
@@ -885,30 +803,27 @@ class ShardDataset(IterableDataset):
         return {"key": rec["key"], "rows": rows, "frames": self.frames(rec["files"], meta, where)}
 
     def question_for(self, meta):
-        """the question of a sample whose `user` is empty or missing: by its source"""
+        """the question of a sample with no `user`, by its source"""
         return self.prompts.get(str(meta.get("source", "")).lower(), self.prompts[""])
 
     def row(self, users, answers, where):
-        """A conversation (equal-length lists of user / assistant strings) -> one text row
-        {question, ids, mask} of this stage: frames first, the whole chat after the frames
-        (question []); question first, the first user turn before the frames and the rest after
-        them."""
+        """A conversation (equal-length user / assistant lists) -> one row {question, ids, mask}:
+        question first, the first user turn goes before the frames; frames first, nothing does."""
         chat = [{"role": r, "content": c}
                 for u, a in zip(users, answers)
                 for r, c in (("user", u), ("assistant", a))]
         ids, mask, truncated, question_end = encode_chat(self.tok, chat, self.stage, self.max_len)
         if truncated:
             self.skipped["truncated (kept)"] += 1
-        if not any(mask[question_end if self.question_first else 0:]):
+        split = question_end if self.question_first else 0
+        if not any(mask[split:]):
             raise SkipSample("no_targets",
                              f"{where}: no target tokens left after truncation to {self.max_len}")
-        split = question_end if self.question_first else 0
         return {"question": ids[:split], "ids": ids[split:], "mask": mask[split:]}
 
     def text(self, meta, txt, has_media, where):
-        """The text rows of a record's json (the research layout of section 3 above): one per
-        sample, or in the question-first layout one per question (every question steers its own
-        glimpses; one encode serves all); stage 3: the chosen row, then the rejected one."""
+        """The text rows of a record's json (section 3's layout): one, or question first one per
+        question (each steers its own glimpses); stage 3: the chosen row, then the rejected one."""
         if self.stage == 3:
             if need := [f for f in ("chosen_assistant", "rejected_assistant") if not meta.get(f)]:
                 raise SkipSample("missing_field", f"{where}.json: DPO sample misses {need}")
@@ -917,9 +832,8 @@ class ShardDataset(IterableDataset):
                     for k in ("chosen", "rejected")]
         if "token_ids" in meta:
             return [self.pretokenized(meta, where)]
-        # stage 1 prefers the caption, stage 2 the user/assistant pair; either falls back to the
-        # other. `user` belongs to `assistant`: a caption next to an assistant answer gets the
-        # source's question
+        # stage 1 prefers the caption, stage 2 the assistant answer, either falls back to the other.
+        # `user` belongs to `assistant`: a caption next to one gets the source's question
         caption, assistant = meta.get("caption") or txt, meta.get("assistant")
         if assistant and not (self.stage == 1 and caption):
             answer = assistant
@@ -940,7 +854,7 @@ class ShardDataset(IterableDataset):
         return [self.row(users, answers, where)]
 
     def pretokenized(self, meta, where):
-        """token_ids + loss_mask as stored; a missing mask means "all targets" only in stage 1"""
+        """token_ids + loss_mask as stored; no mask means "all targets" only in stage 1"""
         ids, mask = meta["token_ids"], meta.get("loss_mask", "all" if self.stage == 1 else None)
         if mask == "all" and isinstance(ids, list):
             mask = [1] * len(ids)
@@ -958,8 +872,7 @@ class ShardDataset(IterableDataset):
         return {"question": [], "ids": ids[:self.max_len], "mask": mask[:self.max_len]}
 
     def frames(self, files, meta, where):
-        """A record's frames [T,3,S,S]: its frame images (at most max_frames, spread uniformly), its
-        video, its image (replicated), or none (text-only)."""
+        """A record's frames [T,3,S,S]: its frame images, video, image (replicated), or none"""
         S = self.image_size
         if names := frame_files(files):
             if isinstance(meta.get("frame_count"), int) and len(names) < meta["frame_count"]:
@@ -975,15 +888,13 @@ class ShardDataset(IterableDataset):
         for e in IMAGE_EXTS:
             if e in files:
                 return load_image(io.BytesIO(files[e]), S, self.replicate, name=f"{where}.{e}")
-        return torch.zeros(0, 3, S, S)  # text-only
+        return torch.zeros(0, 3, S, S)
 
 
 def collate(samples):
-    """Samples -> a batch: frames padded to the batch's max T with frame_mask; the text rows of
-    every sample, with owner [R] (the sample of each row), input_ids / loss_mask [R,S] right-padded
-    with PAD_ID (loss 0), and in the question-first layout question_ids / question_valid [R,P],
-    left-padded."""
-    # [B,T,3,S,S], zeros after a clip
+    """Samples -> a batch: frames [B,T,3,S,S] zero-padded, with frame_mask; every sample's text
+    rows, owner [R] (each row's sample), input_ids / loss_mask [R,S] right-padded with PAD_ID (loss
+    0), and question first question_ids / question_valid [R,P], left-padded."""
     frames = pad_sequence([s["frames"] for s in samples], batch_first=True)
     lengths = torch.tensor([len(s["frames"]) for s in samples])
     rows = [(i, row) for i, s in enumerate(samples) for row in s["rows"]]
@@ -1006,9 +917,7 @@ def collate(samples):
 
 
 class Loader(DataLoader):
-    """A DataLoader that remembers how far the consumer got, per reader, so a resumed run continues
-    with the next sample. Batches come round-robin from the workers; after a resume that rotation
-    goes on."""
+    """A DataLoader that remembers how far the consumer got per reader, to resume at the next one"""
 
     def __init__(self, dataset, num_workers, **kw):
         super().__init__(dataset, batch_size=None, num_workers=num_workers,
@@ -1030,13 +939,12 @@ class Loader(DataLoader):
         return sum((Counter(s) for s in self.skip_counts.values()), Counter())
 
     def state_dict(self):
-        """Per rank, keyed by global reader id, so train.py may merge all ranks' dicts into one."""
+        """Keyed by global reader id, so train.py may merge all ranks' dicts into one."""
         return {"workers": dict(self.states), "next_worker": {self.dataset.rank: self.next_worker},
                 "num_workers": self.workers, "world_size": self.dataset.world_size}
 
     def load_state_dict(self, sd):
-        # which reader reads which shard depends on both numbers: another split would re-read or
-        # skip samples
+        # which reader reads which shard depends on both: another split re-reads or skips samples
         saved = (sd.get("num_workers"), sd.get("world_size"))
         now = (self.workers, self.dataset.world_size)
         if saved != now:
@@ -1051,8 +959,8 @@ class Loader(DataLoader):
 
 
 def make_loader(dataset, batch_size, num_workers=0, max_batch_frames=None, **kw):
-    """Batches are built inside the readers (so dynamic batching by frame count is possible); kw
-    goes to DataLoader (e.g. pin_memory). Log loader.skipped(); checkpoint loader.state_dict()."""
+    """Batches are built in the readers, so they can be capped by frame count. Log
+    loader.skipped(); checkpoint loader.state_dict()."""
     readers = dataset.world_size * max(1, num_workers)
     # said here, in the main process, not in a worker
     if dataset.loop and len(dataset.shards) < readers:
@@ -1066,12 +974,11 @@ def make_loader(dataset, batch_size, num_workers=0, max_batch_frames=None, **kw)
 
 
 # -----------------------------------------------------------------------------
-# 5. "shapes": the synthetic task and our embedded default, where the question decides where to
-# look. Grey frames with clutter dots and three balls of different colours, each in its own quadrant
-# and each with a small coloured spot; one ball moves into the free quadrant. A question names a
-# ball and asks for its spot (the close look: a glimpse of the whole frame mixes three spots); the
-# control question (which colour is missing) needs no particular ball. Learnable from scratch on a
-# CPU in minutes (what was tried: docs/LOG.md).
+# 5. "shapes": our embedded default, a synthetic task where the question decides where to look.
+# Three coloured balls, each in its own quadrant with a small coloured spot, on grey frames with
+# clutter; one ball moves into the free quadrant. A question asks for a ball's spot (a glimpse of
+# the whole frame mixes three spots); the control question (which colour is missing) needs no
+# particular ball. Learnable from scratch on a CPU in minutes (docs/LOG.md).
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230),
            "yellow": (240, 210, 30)}
@@ -1087,8 +994,7 @@ SHAPES_VERSION = 5  # bump when the task changes: ensure_shapes then regenerates
 
 
 def shapes_clip(rng, image_size=64, frames=6, n_clutter=16, balls=BALLS):
-    """one clip: (list of T PIL images,
-    facts: {"balls": [{colour, spot, start, end}], "missing"})"""
+    """one clip: (T PIL images, facts {"balls": [{colour, spot, start, end}], "missing"})"""
     S, r = image_size, image_size * 0.16
     colours = [list(COLOURS)[i] for i in rng.permutation(4)]  # the balls', then the missing ones
     cells = rng.permutation(4)  # the balls' start quadrants, then free ones
@@ -1125,8 +1031,7 @@ def shapes_caption(facts):
 
 
 def shapes_question(rng, facts, cat, ball=None):
-    """(question, options, answer index) with 4 options; `ball` (index) names the ball of a spot
-    question"""
+    """(question, 4 options, answer index); `ball` (index) names the ball of a spot question"""
     if cat == "missing":
         question, right, pool = QUESTIONS[cat], facts["missing"], COLOURS
     else:
@@ -1156,8 +1061,7 @@ def train_tokenizer(texts, vocab_size=512):
 
 
 def _shapes_text(rng):
-    """(user, assistant) of a text-only sample: language facts about the task's words, no frames
-    needed"""
+    """(user, assistant) of a text-only sample: facts about the task's words"""
     k = rng.integers(0, 3)
     if k == 0:
         p = PLACES[rng.integers(0, len(PLACES))]
@@ -1173,9 +1077,8 @@ def _shapes_text(rng):
 
 def shapes_sample(rng, name, i, image_size, frames, cats):
     """(json, frame images) of sample i of a split. train: a conversation of 3 of the clip's
-    questions (spot and end of each ball, the missing colour), each lettered or plain; val: one
-    lettered MCQ, the categories in rotation; dpo: a plain question, its answer against a wrong
-    option."""
+    questions, each lettered or plain; val: one lettered MCQ, the categories in rotation; dpo: a
+    plain question, its answer against a wrong option."""
     few = name == "train" and rng.random() < FEWER
     balls = rng.integers(1, BALLS) if few else BALLS
     imgs, facts = shapes_clip(rng, image_size, frames, balls=balls)
@@ -1202,12 +1105,9 @@ def shapes_sample(rng, name, i, image_size, frames, cats):
 
 def make_shapes(out_dir, n_train=6000, n_val=500, n_dpo=1000, n_text=1000, image_size=64, frames=6,
                 shard_size=1000, seed=0):
-    """Write the shapes task: train-*.tar (stage 2 conversations; the caption for stage 1),
-    val-*.tar + mcq_val.json (held-out MCQs, one per val clip; frames live in the val shards,
-    read_mcq joins them by key), dpo-*.tar (stage 3 pairs), text-*.tar (text-only samples for
-    text_ratio), tokenizer.json.
-    Sample i of a split comes from its own rng (seed, split, i) alone."""
-    # -> shapes.json
+    """Write the shapes task: train-*.tar (stage 2 conversations, captions for stage 1), val-*.tar +
+    mcq_val.json (one held-out MCQ per val clip, joined by key), dpo-*.tar (stage 3 pairs),
+    text-*.tar (for text_ratio), tokenizer.json. Sample i of a split comes from its own rng."""
     args = {k: v for k, v in locals().items() if k != "out_dir"} | {"version": SHAPES_VERSION}
     os.makedirs(out_dir, exist_ok=True)
     cats, mcqs = list(QUESTIONS), []
@@ -1245,7 +1145,7 @@ def make_shapes(out_dir, n_train=6000, n_val=500, n_dpo=1000, n_text=1000, image
 
 
 def ensure_shapes(out_dir, **kw):
-    """generate the shapes task unless out_dir already holds one made with the same arguments"""
+    """make_shapes unless out_dir holds one made with the same arguments"""
     marker = os.path.join(out_dir, "shapes.json")
     want = kw | {"version": SHAPES_VERSION}
     if not (os.path.exists(marker)
