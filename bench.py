@@ -9,11 +9,10 @@ inference speed.
     python bench.py --task=speed --llm_dir=SmolLM2-135M-Instruct  # train step, decode, MCQ, DPO
     python bench.py --task=longvideo --minutes=60 --fps=1  # an hour at 1 fps: wall, glimpses/s, RSS
 
-`python bench.py --help` lists every config key. How a question is scored: score_options and
-SCORES; the layout each benchmark is read from: the read_* function of its task (read_task).
+`python bench.py --help` lists every config key. Scoring: score_options; each benchmark's layout:
+its read_* function (read_task).
 """
 import glob
-import io
 import json
 import os
 import re
@@ -23,8 +22,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, namedtuple
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import partial
 
 import av
@@ -35,7 +33,7 @@ from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from data import (IMAGE_EXTS, IMAGE_FRAMES, PAD_ID, VIDEO_EXTS, ShardDataset, SkipSample,
+from data import (IMAGE_EXTS, IMAGE_FRAMES, PAD_ID, VIDEO_EXTS, ShardDataset, SkipSample, _jpg,
                   context_error, encode_answer, format_mcq, frame_chunks, frame_files, image_files,
                   load_image, load_tokenizer, load_video, make_loader, prompt_parts, read_ahead,
                   read_tar, record_frames, record_text, shapes_clip, uniform_indices, video_frames,
@@ -46,8 +44,7 @@ from model import (MODES, DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2, c
 
 # -----------------------------------------------------------------------------
 # config: every global below is a config key (configurator.py). The model comes from init_from /
-# llm_dir / dino_dir by the rules of model.load_model, as in train.py and sample.py.
-# "original" below: the benchmark script of the original fVLM code (not in this repo).
+# llm_dir / dino_dir as in train.py (model.load_model). "original": the original fVLM benchmark.
 task = 'shapes'  # mvbench | videomme | scienceqa | pope | shards | shapes | speed | longvideo
 data_dir = ''  # the benchmark as downloaded ('' for shapes: data/shapes)
 # our checkpoint (dir, run dir) | a .safetensors file over llm_dir + dino_dir
@@ -57,32 +54,31 @@ dino_dir = ''  # a Hugging Face DINOv2 dir
 modes = 'coarse_only,coarse_fine,autoregressive'
 limit = 0  # the first N questions only; 0 = all
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'float32'  # float32 | bfloat16 (autocast; the original benchmark ran bf16 on GPU)
+dtype = 'float32'  # float32 | bfloat16 (autocast)
 frames = 0  # frames sampled per video; 0 = 16 (shards: every frame up to 64, as the original)
 fps = 0.0  # > 0: videos at this many frames per second, up to `frames`
 image_size = 0  # 0 = 224 (shapes: the size it was generated at)
 score = 'mean'  # mean | sum | original (see SCORES)
 scoring = 'likelihood'  # likelihood | generate (see SCORING)
 split = 'test'  # scienceqa split
-videomme_duration = ''  # Video-MME: short | medium | long (the rows' `duration`); '' = all
+videomme_duration = ''  # Video-MME: short | medium | long; '' = all
 batch_size = 32  # questions per model call
 # videos streamed, autoregressive only (long videos: --fps=1 --frames=0 holds no frame's K/V)
 stream = False
 out = ''  # write every result (and each question's scores) to this json
-# --task=speed: the 135M stage-2 train step (real SmolLM2 from llm_dir, random DINOv2-small) or,
-# without llm_dir, the init_from checkpoint's shape
+# --task=speed: the stage-2 train step of the 135M shape with llm_dir, else of init_from
 speed_dtypes = ''  # '' = float32,bfloat16 on CPU (float32 without native bf16); bfloat16 on CUDA
 speed_batch = 0  # 0 = 2 on CPU; on CUDA the per-GPU batch_size of speed_recipe
 speed_recipe = 'config/stage2_135m.py'
-speed_frames = '8'  # frame counts to time the step at, comma-separated (the GPU command: '8,16,64')
+speed_frames = '8'  # frame counts to time the step at, comma-separated
 speed_text = 64  # text tokens per sample
 speed_steps = 3  # timed steps per dtype, after 2 warm-up steps
 speed_loader = True  # also time data.py's loader on synthetic shards at the step's shape
 compile = False  # the step through model.compile_model, as train.py --compile=True
 compile_dynamic = True
 compile_backend = 'inductor'
-compare_with = ''  # a command that times another implementation's step at our shape (compare())
-minutes = 10  # longvideo: the synthetic video's length (data/longvideo-<minutes>min.mp4, made once)
+compare_with = ''  # a command that times another implementation's step (compare())
+minutes = 10  # longvideo: the synthetic video's length
 longvideo_dtypes = ''  # '' = bfloat16,float32 (float32 alone on a CPU without native bf16)
 # as a script: a config file and --key=value overrides; as an import, these defaults
 if __name__ == "__main__":
@@ -92,14 +88,13 @@ LETTERS = "ABCDEFGH"
 SHORT = {"coarse_only": "co", "coarse_fine": "cf", "autoregressive": "ar"}  # progress bar labels
 # lmms-eval's MCQ post-prompt
 GENERATE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
-# --score: how the K answers of a question are ranked (lowest wins); each result names its own
+# --score: how a question's K answers are ranked (lowest wins)
 SCORES = {
     "mean": "mean CE of the tokens of 'X. option<|im_end|>'",
     "sum": "summed CE of 'X. option<|im_end|>'",
     "original": "(CE of 'X. option' + CE of the final newline) / (tokens + 2), the original "
                 "benchmark's score of 'X. option<|im_end|>\\n' with <|im_end|> ignored but counted",
 }
-# --scoring: generate is comparable with published SmolVLM2 results, not with likelihood
 SCORING = {
     "likelihood": "likelihood: lowest score of the assistant turn ({score})",
     "generate": "generate: greedy answer, letter extracted lmms-eval style "
@@ -107,27 +102,22 @@ SCORING = {
 }
 
 # -----------------------------------------------------------------------------
-# scoring the questions of one batch ("likelihood"): ONE DINOv2 encode per question and ONE LLM
-# prefill per mode; the K options ("X. option text" + <|im_end|>) are scored in one batch from the
-# repeated cache, and the lowest score wins. --scoring=generate instead answers greedily and
-# extracts a letter lmms-eval style (minus its traps); the results say which ran.
+# scoring a batch of questions: one DINOv2 encode per question, one LLM prefill per mode
 
 
 def option_answers(tok, options, score="mean"):
-    """The K assistant turns to score: "X. option text" + <|im_end|> (+ the newline after it for
-    --score=original), as token ids."""
+    """The ids of the K answers to score: "X. option" + <|im_end|> (+ "\\n" for score=original)."""
     newline = tok.encode("\n", add_special_tokens=False).ids if score == "original" else []
     return [encode_answer(tok, f"{LETTERS[i]}. {o}") + newline for i, o in enumerate(options)]
 
 
-def longest_answer(answers):
-    """The token count of the longest of Q lists of answers."""
+def longest_answer(answers):  # over Q lists of answers
     return max(len(x) for a in answers for x in a)
 
 
 def prompt_batch(tok, users, layout, device):
-    """Q user turns -> (question, prompt_ids, prompt_valid), left-padded: question = (ids, valid)
-    of the system + user turn that the question-first layout puts before the frames, or None."""
+    """Q user turns -> left-padded (question, prompt_ids, prompt_valid); question: (ids, valid) of
+    the turn that comes before the frames, or None (frames first)."""
     parts = [prompt_parts(tok, u, layout) for u in users]
     question_first = bool(parts[0][0])
     question = left_pad([q for q, _ in parts], device) if question_first else None
@@ -136,27 +126,24 @@ def prompt_batch(tok, users, layout, device):
 
 
 def prefill_users(model, tok, kv, frame_mask, users, mode, extra):
-    """Each user turn's prefix, in the model's layout, into one cache: [visual][prompt] (frames
-    first) or [question][visual][<|im_start|>assistant\\n] (question first), room for `extra`
-    tokens after it. Returns (cache, last logits [Q,V], attention)."""
+    """Q user turns' prefixes in one cache with room for `extra` tokens -> (cache, last logits
+    [Q,V], attention)."""
     question, prompt_ids, prompt_valid = prompt_batch(tok, users, model.layout, frame_mask.device)
     return model.prefill(kv, frame_mask, prompt_ids, mode, extra, prompt_valid, question)
 
 
 @torch.no_grad()
 def score_options(model, tok, kv, frame_mask, users, answers, mode, score="mean"):
-    """Q questions at once: users [Q user turns], answers [Q lists of K_q answers (ids)] -> Q score
-    tensors [K_q] (lower = more likely). Each question's prefix is computed once; its cache row is
-    repeated K times and all Q*K answers, right-padded, run as one batch. Padding after an answer
-    is invisible to it (causal attention) and only real answer tokens are scored."""
+    """users [Q user turns], answers [Q lists of K_q answers (ids)] -> Q score tensors [K_q] (lower
+    = more likely). Each prefix is computed once, its cache row repeated for its answers, which are
+    right-padded (invisible to them: causal attention)."""
     extra = longest_answer(answers)
     cache, last, _ = prefill_users(model, tok, kv, frame_mask, users, mode, extra)
     return score_cached(model, cache, last, answers, score)
 
 
 def score_cached(model, cache, last, answers, score="mean"):
-    """score_options from a filled cache of Q rows (their last logits [Q,V]): Q score tensors
-    [K_q]."""
+    """score_options from a filled cache of Q rows and their last logits [Q,V]."""
     device = last.device
     Q, K, A = len(answers), max(len(a) for a in answers), longest_answer(answers)
     # row q*K+k: question q, answer k
@@ -184,7 +171,7 @@ def score_cached(model, cache, last, answers, score="mean"):
 
 @torch.no_grad()
 def generate_answers(model, tok, kv, frame_mask, users, mode, max_new_tokens=16):
-    """Greedy answer texts of Q user turns after their prefixes, decoded as one batch."""
+    """Greedy answer texts of Q user turns, decoded as one batch."""
     cache, last, _ = prefill_users(model, tok, kv, frame_mask, users, mode, extra=max_new_tokens)
     steps = list(decode(model.llm, cache, last, max_new_tokens, stop_id=PAD_ID))
     rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in users]
@@ -193,10 +180,8 @@ def generate_answers(model, tok, kv, frame_mask, users, mode, max_new_tokens=16)
 
 
 def extract_choice(text, options):
-    """Generated text -> option index, or None. lmms-eval takes the first capital A-D after
-    stripping 'The answer is'-style prefixes; that misreads an article ("A man is ...") as option
-    A and misses an answer given as the option's text. Here: an explicit letter first, then option
-    text, then a lone capital letter."""
+    """Generated text -> option index, or None: an explicit letter, then option text, then a lone
+    capital letter (lmms-eval's first capital misreads "A man is ..." as option A)."""
     letters = LETTERS[:len(options)]
     prefix = r"(?i)^\s*(the )?(best |correct )?(answer|option)( is)?\s*[:\-]?\s*"
     s = re.sub(prefix, "", text.strip()).strip()
@@ -221,12 +206,11 @@ def extract_choice(text, options):
 
 
 # -----------------------------------------------------------------------------
-# a question's frames (records: see evaluate_mcq)
+# a question's frames
 
 
 def load_frame_dir(path, n, size, start=None, end=None, fps=3):
-    """A folder of frame images (MVBench's tvqa frames, 3 fps) -> [n,3,S,S], within [start,end]
-    seconds."""
+    """A folder of frame images at `fps` (MVBench's tvqa) -> [n,3,S,S] within [start,end] s."""
     files = image_files(path)
     if not files:
         raise ValueError(f"{path}: frame folder holds no images")
@@ -237,8 +221,7 @@ def load_frame_dir(path, n, size, start=None, end=None, fps=3):
 
 
 def load_frames(rec, frames=16, image_size=224, fps=None):
-    """A record's frames [T,3,S,S]; raises ValueError/OSError with the reason when they cannot be
-    had."""
+    """A record's frames [T,3,S,S], or ValueError/OSError with the reason."""
     if "error" in rec:
         raise ValueError(rec["error"])
     if "frames" in rec:
@@ -255,26 +238,8 @@ def load_frames(rec, frames=16, image_size=224, fps=None):
     return load_video(path, frames, image_size, fps, start=rec.get("start"), end=rec.get("end"))
 
 
-def prefetched(records, load, ahead=2):
-    """(record, frames or the exception) in order; the next videos decode in a thread while the
-    model runs."""
-    def safe(r):
-        try:
-            return load(r)
-        except (ValueError, OSError, RuntimeError, SkipSample) as e:
-            return e
-    with ThreadPoolExecutor(1) as pool:
-        futures = [pool.submit(safe, r) for r in records[:ahead]]
-        for i, r in enumerate(records):
-            if i + ahead < len(records):
-                futures.append(pool.submit(safe, records[i + ahead]))
-            yield r, futures[i].result()
-            futures[i] = None  # free the frames
-
-
 def streamed_chunks(path, size, max_frames, fps, device, progress=False):
-    """A video's frames as normalised chunks [<=8,3,S,S] on `device`, decoded in a thread ahead
-    of the model (for model.stream)."""
+    """A video's frames as chunks [<=8,3,S,S] on `device` for model.stream, decoded ahead."""
     frames = read_ahead(video_frames(path, size, max_frames, fps, progress=progress))
     return (c.to(device) for c in frame_chunks(frames, 8))
 
@@ -282,13 +247,11 @@ def streamed_chunks(path, size, max_frames, fps, device, progress=False):
 # -----------------------------------------------------------------------------
 # evaluation
 
-# a question whose media loaded: its record, its result item (see new_item), its frames
 LoadedQuestion = namedtuple("LoadedQuestion", "record item video")
 
 
 def new_item(rec, i):
-    """The result of the i-th record: pred (and scores or text) per mode are filled in later;
-    "error" says why it could not be asked."""
+    """The i-th record's result, its pred (and scores or text) per mode or "error" to come."""
     return {"id": rec.get("id", i), "category": rec.get("category", "all"),
             "answer": rec["answer"], "pred": {}}
 
@@ -296,26 +259,31 @@ def new_item(rec, i):
 def evaluate_mcq(model, tok, records, modes=MODES, device="cpu", score="mean", progress=True,
                  scoring="likelihood", frames=16, image_size=224, max_new_tokens=16,
                  batch_size=32, fps=None):
-    """Accuracy per mode and per category of multiple-choice records
-    {question, options [str], answer (index), category?, id?} + one of: frames [T,3,S,S] | video
-    (file or frame folder, + start/end s) | image | load (callable -> frames) | error (why the
-    media is unavailable). batch_size questions share every model call (videos of different
-    lengths are padded and masked). A record whose media fails counts as wrong in every mode and
-    is listed in "skipped". Deterministic."""
+    """Accuracy per mode and category of multiple-choice records {question, options [str], answer
+    (index), category?, id?} + one of: frames [T,3,S,S] | video (file or frame folder, + start/end
+    s) | image | load (callable -> frames) | error (why the media is unavailable). A record whose
+    media fails counts as wrong in every mode and is listed in "skipped". Deterministic."""
     was_training = model.training
     model.eval()
     dtype = model.dino.patch_embed.weight.dtype
     items = []
     bar = tqdm(total=len(records), disable=not progress, desc=f"mcq ({scoring})",
                dynamic_ncols=True)
-    loaded = prefetched(records, lambda r: load_frames(r, frames, image_size, fps))
+
+    def load(rec):
+        try:
+            return load_frames(rec, frames, image_size, fps)
+        except (ValueError, OSError, RuntimeError, SkipSample) as e:
+            return e
+    # ahead=1: one video waits and the next decodes in a thread while the model runs
+    loaded = read_ahead(((rec, load(rec)) for rec in records), ahead=1)
     for start in range(0, len(records), batch_size):
-        batch = []  # LoadedQuestions
+        batch = []
         for i in range(start, min(start + batch_size, len(records))):
             rec, video = next(loaded)
             item = new_item(rec, i)
             items.append(item)
-            if isinstance(video, Exception):  # counted (wrong), never out of the denominator
+            if isinstance(video, Exception):
                 item["error"] = str(video)
             else:
                 batch.append(LoadedQuestion(rec, item, video))
@@ -332,7 +300,7 @@ def evaluate_mcq(model, tok, records, modes=MODES, device="cpu", score="mean", p
 
 @torch.no_grad()
 def score_batch(model, tok, batch, modes, device, dtype, score, scoring, max_new_tokens):
-    """Fill item["pred"] (and "scores" or "text") per mode for a batch of LoadedQuestions."""
+    """Fills the items' pred (and scores or text) per mode for a batch of LoadedQuestions."""
     videos = [q.video.to(device, dtype) for q in batch]
     videos = pad_sequence(videos, batch_first=True)  # [Q,T,3,S,S]
     lengths = torch.tensor([q.video.shape[0] for q in batch], device=device)
@@ -343,21 +311,23 @@ def score_batch(model, tok, batch, modes, device, dtype, score, scoring, max_new
         if scoring == "generate":
             users_asked = [u + GENERATE_SUFFIX for u in users]
             texts = generate_answers(model, tok, kv, frame_mask, users_asked, mode, max_new_tokens)
-            preds = [extract_choice(text, q.record["options"]) for text, q in zip(texts, batch)]
-            outs = texts
+            for text, q in zip(texts, batch):
+                q.item.setdefault("text", {})[mode] = text
+                q.item["pred"][mode] = extract_choice(text, q.record["options"])
         else:
             answers = [option_answers(tok, q.record["options"], score) for q in batch]
             scores = score_options(model, tok, kv, frame_mask, users, answers, mode, score)
-            preds = [int(s.argmin()) for s in scores]
-            outs = [[round(float(x), 5) for x in s] for s in scores]
-        for pred, result, q in zip(preds, outs, batch):
-            q.item.setdefault("text" if scoring == "generate" else "scores", {})[mode] = result
-            q.item["pred"][mode] = pred
+            for s, q in zip(scores, batch):
+                set_scores(q.item, mode, s)
+
+
+def set_scores(item, mode, scores):
+    item.setdefault("scores", {})[mode] = [round(float(x), 5) for x in scores]
+    item["pred"][mode] = int(scores.argmin())
 
 
 def mcq_results(items, modes, scoring="likelihood", score="mean"):
-    """Accuracy per mode and category of evaluate_mcq's items (also of several ranks' items put
-    together)."""
+    """Accuracy per mode and category of evaluate_mcq's items (or several ranks' items joined)."""
     total = Counter(i["category"] for i in items)
     correct = {m: Counter() for m in modes}
     for item in items:
@@ -380,11 +350,9 @@ def mcq_results(items, modes, scoring="likelihood", score="mean"):
 @torch.no_grad()
 def stream_mcq(model, tok, records, fps=1.0, frames=0, image_size=224, score="mean",
                progress=True):
-    """autoregressive MCQ on long videos (Video-MME long at 1 fps), streamed (model.stream): the
-    questions about one video share one decode and one encode of each chunk; frames first one
-    walk serves them all, question first each question walks its own. frames: the cap (0: none).
-    A video that does not fit the LLM's context, or fails to decode, counts its questions wrong
-    with the reason. Likelihood scoring."""
+    """Likelihood scoring of long videos in autoregressive mode, streamed (model.stream): the
+    questions about one video share one decode and one encode of each chunk. frames: the cap (0:
+    none). A video that fails to decode or fit the LLM's context counts its questions wrong."""
     device, items, by_video = model.q_init.device, [], {}  # by_video: path -> [(record, item)]
     cap = frames or 10 ** 9
     for i, rec in enumerate(records):
@@ -410,13 +378,12 @@ def stream_mcq(model, tok, records, fps=1.0, frames=0, image_size=224, score="me
             chunks = streamed_chunks(path, image_size, cap, fps, device)
             cache, last = model.stream(chunks, n, prompt_ids, extra=A, question=question,
                                        prompt_valid=prompt_valid)
-        except (ValueError, OSError) as e:  # counted wrong, listed under "skipped"
+        except (ValueError, OSError) as e:
             for _, item in group:
                 item["error"] = str(e)
             continue
         for scores, (_, item) in zip(score_cached(model, cache, last, answers, score), group):
-            item.setdefault("scores", {})["autoregressive"] = [round(float(x), 5) for x in scores]
-            item["pred"]["autoregressive"] = int(scores.argmin())
+            set_scores(item, "autoregressive", scores)
     return mcq_results(items, ["autoregressive"], "likelihood", score)
 
 
@@ -425,14 +392,15 @@ def format_table(results):
     per_mode = results["modes"]
     cats = list(next(iter(per_mode.values()))["per_category"]) if per_mode else []
     w = max([len(c) for c in cats] + [8])
-    header = f"{'category':<{w}} {'n':>5} " + " ".join(f"{m:>14}" for m in per_mode)
-    lines = [results["scoring"], header]
+
+    def line(name, n, cells):
+        return f"{name:<{w}} {n:>5} " + " ".join(f"{x:>14}" for x in cells)
+    lines = [results["scoring"], line("category", "n", per_mode)]
     for c in cats:
         row = [r["per_category"][c] for r in per_mode.values()]
-        accuracies = " ".join(f"{100 * r['accuracy']:>14.1f}" for r in row)
-        lines.append(f"{c:<{w}} {row[0]['total']:>5} " + accuracies)
-    accuracies = " ".join(f"{100 * r['accuracy']:>14.1f}" for r in per_mode.values())
-    lines.append(f"{'all':<{w}} {results['count']:>5} " + accuracies)
+        lines.append(line(c, row[0]["total"], [f"{100 * r['accuracy']:.1f}" for r in row]))
+    accuracies = [f"{100 * r['accuracy']:.1f}" for r in per_mode.values()]
+    lines.append(line("all", results["count"], accuracies))
     if results["skipped_count"]:
         lines.append(f"{results['skipped_count']} questions had no usable media "
                      f"(counted wrong; see 'skipped' in out)")
@@ -440,10 +408,8 @@ def format_table(results):
 
 
 # -----------------------------------------------------------------------------
-# task readers: each returns MCQ records (see evaluate_mcq) from data_dir, the benchmark's folder
-# as downloaded; read_task picks the reader of a --task. An image is replicated to IMAGE_FRAMES
-# (8) frames (load_frames). A missing or undecodable video/image is counted wrong and listed under
-# "skipped" with its reason, never dropped.
+# task readers: MCQ records (see evaluate_mcq) from data_dir, the benchmark's folder as
+# downloaded. A missing video/image is recorded as an error (counted wrong), never dropped.
 
 # task json -> folder under video/, as in the official MVBench evaluation (Ask-Anything)
 MVBENCH_VIDEO = {
@@ -465,13 +431,13 @@ MVBENCH_BOUNDED = {"action_sequence", "action_prediction", "object_interaction",
 
 
 def media_finder(root):
-    """locate(rec, key, path, rel, exts) sets rec[key] = path if it exists, else a file named like
-    `rel` (a name, or a relative path matched by its ending; exts: other extensions accepted)
-    found anywhere under root (datasets get unpacked in many ways; one os.walk, on first need),
-    else sets rec['error']. Returns rec."""
+    """locate(rec, "video" | "image", path, rel) -> rec with rec[key] = path if it exists, else a
+    file named like `rel` (or its stem + a media extension) anywhere under root, as datasets get
+    unpacked in many ways; else rec['error']."""
     by_name = {}  # a file or folder name, and its stem + ".*" -> the paths under root
 
-    def locate(rec, key, path, rel, exts):
+    def locate(rec, key, path, rel):
+        exts = VIDEO_EXTS if key == "video" else IMAGE_EXTS
         if not os.path.exists(path):
             if not by_name:
                 for folder, dirs, files in os.walk(root):
@@ -483,7 +449,6 @@ def media_finder(root):
             same_stem = by_name.get(os.path.splitext(base)[0] + ".*", [])
             hits = by_name.get(base, []) + [p for p in same_stem
                                             if p.lower().rsplit(".", 1)[-1] in exts]
-            # the whole `rel` matched first
             hits.sort(key=lambda p: (not p.replace("\\", "/").endswith(rel), p))
             if not hits:
                 rec["error"] = f"missing file: {rel} (not at {path}, nor anywhere under {root})"
@@ -494,19 +459,16 @@ def media_finder(root):
 
 
 def read_rows(path):
-    """Rows (dicts) of a .json (a list, {id: row}, or one row), .jsonl or .parquet file; anything
-    else: []."""
+    """Rows (dicts) of a .json (a list, {id: row}, or one row), .jsonl or .parquet file."""
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq  # optional: only asked for when a parquet file is the input
+        import pyarrow.parquet as pq  # optional: only needed for parquet input
         return pq.read_table(path).to_pylist()
     with open(path) as f:
-        if path.endswith(".jsonl"):
-            return [json.loads(line) for line in f if line.strip()]
-        try:
-            rows = json.load(f)
-        except json.JSONDecodeError:  # POPE's .json files are JSON lines
-            f.seek(0)
-            rows = [json.loads(line) for line in f if line.strip()]
+        text = f.read()
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError:  # JSON lines: .jsonl, and POPE's .json files
+        rows = [json.loads(line) for line in text.split("\n") if line.strip()]
     # {id: row} as ScienceQA's problems.json, or one row (JSON lines of one line)
     if isinstance(rows, dict):
         nested = rows and all(isinstance(v, dict) for v in rows.values())
@@ -515,8 +477,7 @@ def read_rows(path):
 
 
 def table_files(data_dir, need):
-    """(path, rows) of every json/jsonl/parquet under data_dir whose rows have the fields `need`
-    ("a|b": either)."""
+    """(path, rows) of each table under data_dir whose rows have the fields `need` (a|b: either)."""
     paths = sorted(p for p in glob.glob(os.path.join(data_dir, "**", "*"), recursive=True)
                    if p.endswith((".json", ".jsonl", ".parquet")))
     out = []
@@ -537,8 +498,7 @@ def table_files(data_dir, need):
 
 
 def answer_index(answer, options):
-    """An answer as benchmarks write it (an index, a letter, "B. text" or the option's text) -> its
-    index."""
+    """An answer as benchmarks write it (index, letter, "B. text" or option text) -> its index."""
     if isinstance(answer, int):
         return answer
     answer = str(answer).strip()
@@ -548,9 +508,7 @@ def answer_index(answer, options):
 
 
 def mcq_record(row, where, category="all"):
-    """One MCQ row of MVBench ({question, candidates, answer text}), Video-MME ({question, options
-    "A. ...", answer letter}) or our shapes layout ({question, options, answer index}) -> a record
-    without its media."""
+    """An MCQ row {question, options | candidates, answer} -> a record without its media."""
     options = [re.sub(r"^[A-H]\.\s*", "", o) for o in row.get("options") or row["candidates"]]
     rec = {"question": row["question"], "options": options,
            "category": row.get("category", category)}
@@ -563,12 +521,12 @@ def mcq_record(row, where, category="all"):
 
 
 def read_mcq_file(path, image_size=64):
-    """--task=shapes: our MCQ json (make_shapes' mcq_val.json; a dir means its mcq_val.json): rows
-    {key, shard, question, options, answer, category}, each clip's frames read from its shard, or
-    rows with a `video` path (+ start, end)."""
+    """--task=shapes: our MCQ json (make_shapes' mcq_val.json, or the dir holding it): rows
+    {key, shard, question, options, answer, category}, frames from the shard, or rows with a
+    `video` path (+ start, end)."""
     path = os.path.join(path, "mcq_val.json") if os.path.isdir(path) else path
     root = os.path.dirname(os.path.abspath(path))
-    records, wanted = [], {}  # wanted: shard -> {key: the record whose frames it holds}
+    records, wanted = [], {}  # wanted: shard -> {clip key: record}
     for j, row in enumerate(read_rows(path)):
         rec = dict(mcq_record(row, f"{path}[{j}]"), id=j)
         if "shard" in row:
@@ -590,10 +548,8 @@ def read_mcq_file(path, image_size=64):
 
 
 def read_mvbench(data_dir):
-    """MVBench: json/<task>.json (20 tasks, lists of {video, question, candidates, answer (option
-    text), start?, end?}) and video/<folder>/<video>, the folder from the official task -> folder
-    table (MVBENCH_VIDEO); a video not found there is searched by file name under data_dir.
-    mp4/webm/avi/gif or frame folders. Category = the task."""
+    """MVBench: json/<task>.json (rows {video, question, candidates, answer (option text), start?,
+    end?}) and video/<MVBENCH_VIDEO[task]>/<video> (a file or frame folder). Category = the task."""
     json_dir = os.path.join(data_dir, "json")
     json_dir = json_dir if os.path.isdir(json_dir) else data_dir
     files = sorted(glob.glob(os.path.join(json_dir, "*.json")))
@@ -609,15 +565,14 @@ def read_mvbench(data_dir):
             if name in MVBENCH_BOUNDED or name not in MVBENCH_VIDEO:
                 rec.update({k: float(row[k]) for k in ("start", "end") if row.get(k) is not None})
             video = os.path.join(folder, row["video"])
-            records.append(locate(rec, "video", video, row["video"], VIDEO_EXTS))
+            records.append(locate(rec, "video", video, row["video"]))
     return records
 
 
 def read_videomme(data_dir, duration=""):
-    """Video-MME's questions, those of one duration category (short | medium | long) unless
-    duration='': any *.json / *.jsonl (or *.parquet with pyarrow) with rows {videoID, question,
-    options ["A. ..", ...], answer (letter), duration, domain, task_type}; videos <videoID>.mp4
-    anywhere under data_dir (the release unzips them into data/). Category = duration."""
+    """Video-MME, one `duration` or all (''): tables of rows {videoID, question, options ["A. ..",
+    ...], answer (letter), duration, domain, task_type}; videos data/<videoID>.mp4. Category =
+    duration."""
     locate, records = media_finder(data_dir), []
     if duration not in ("", "short", "medium", "long"):
         raise ValueError(f"bench.py: videomme_duration={duration!r}: "
@@ -632,16 +587,15 @@ def read_videomme(data_dir, duration=""):
                        id=row.get("question_id", f"{vid}/{j}"), domain=row.get("domain"),
                        task_type=row.get("task_type"))
             video = os.path.join(data_dir, "data", vid + ".mp4")
-            records.append(locate(rec, "video", video, vid + ".mp4", VIDEO_EXTS))
+            records.append(locate(rec, "video", video, vid + ".mp4"))
     return records
 
 
 def read_scienceqa(data_dir, split="test"):
-    """ScienceQA's image questions of `split` (the usual ScienceQA-IMG protocol): the official
-    release, problems.json ({pid: {question, choices, answer (index), hint, image, split,
-    subject}}) with images/<split>/<pid>/image.png; or a JSON/JSONL list of {question, choices,
-    answer (index, letter or text), image (relative to the file), hint?, subject?}. Category = the
-    subject."""
+    """ScienceQA's image questions of `split`: the official problems.json ({pid: {question, choices,
+    answer (index), hint, image, split, subject}}) + images/<split>/<pid>/image.png, or tables of
+    rows {question, choices, answer, image (relative to the table), hint?, subject?}. Category =
+    the subject."""
     locate, records = media_finder(data_dir), []
     official = glob.glob(os.path.join(data_dir, "**", "problems.json"), recursive=True)
     sources = [(p, read_rows(p)) for p in official]
@@ -651,7 +605,6 @@ def read_scienceqa(data_dir, split="test"):
         for j, row in enumerate(rows):
             if not row.get("image") or (official and row.get("split", split) != split):
                 continue
-            # problems.json: images/<split>/<pid>/image.png; a plain list: relative to its file
             rel = f"{split}/{row['_key']}/{row['image']}" if official else row["image"]
             image = os.path.join(root, "images" if official else "", rel)
             hint = (row.get("hint") or "").strip()
@@ -659,14 +612,13 @@ def read_scienceqa(data_dir, split="test"):
             question = (f"Context: {hint}\n" if hint else "") + row["question"]
             mcq = {"question": question, "options": list(row["choices"]), "answer": row["answer"]}
             rec = mcq_record(mcq, f"{path}: {key}", row.get("subject", "all")) | {"id": key}
-            records.append(locate(rec, "image", image, rel, IMAGE_EXTS))
+            records.append(locate(rec, "image", image, rel))
     return records
 
 
 def read_pope(data_dir):
     """POPE: the official files (coco_pope_random.json, ...: JSON lines {question_id, image, text,
-    label yes|no}) + the COCO images anywhere under data_dir. A 2-option MCQ (A. yes / B. no);
-    category = the file (coco_random, aokvqa_popular, ...)."""
+    label yes|no}) + the COCO images. A. yes / B. no; category = the file (coco_random, ...)."""
     locate, records = media_finder(data_dir), []
     for path, rows in table_files(data_dir, ["text|question", "label|answer", "image"]):
         stem = os.path.splitext(os.path.basename(path))[0]
@@ -677,14 +629,13 @@ def read_pope(data_dir):
                    "options": ["yes", "no"], "answer": 0 if label == "yes" else 1,
                    "category": row.get("category") or stem.replace("_pope", "")}
             image = os.path.join(os.path.dirname(path), row["image"])
-            records.append(locate(rec, "image", image, row["image"], IMAGE_EXTS))
+            records.append(locate(rec, "image", image, row["image"]))
     return records
 
 
 def read_shards(data_dir, tok, frames=64, image_size=224):
-    """MCQs from tar shards in data.py's layout (a dir of *.tar*, or a glob): `user` ends with
-    lettered option lines "X. ...", `assistant` starts with the letter. Other records are left
-    out."""
+    """MCQs from tar shards (a dir of *.tar*, or a glob): `user` ends with option lines "X. ...",
+    `assistant` starts with the letter. Other records are left out."""
     if os.path.isdir(data_dir):
         shards = sorted(glob.glob(os.path.join(data_dir, "*.tar*")))
     else:
@@ -701,12 +652,12 @@ def read_shards(data_dir, tok, frames=64, image_size=224):
             except SkipSample:
                 continue
             lines = str(meta.get("user") or "").split("\n")
-            k = len(lines)  # lines[k:] are the options
+            k = len(lines)  # lines[k:]: the options
             while k > 0 and re.match(r"^[A-H]\. ", lines[k - 1]):
                 k -= 1
             options = [line[3:] for line in lines[k:]]
             m = re.match(r"^\(?([A-H])[.):]", str(meta.get("assistant") or "").strip())
-            answer = LETTERS.index(m.group(1)) if m else None  # the letter the answer starts with
+            answer = LETTERS.index(m.group(1)) if m else None
             if len(options) < 2 or answer is None or answer >= len(options):
                 continue  # not a lettered MCQ
             files, where = clip["files"], f"{shard}:{clip['key']}"
@@ -718,8 +669,7 @@ def read_shards(data_dir, tok, frames=64, image_size=224):
 
 
 def read_task(task, data_dir, tok, frames, image_size, split="test", duration=""):
-    """The MCQ records of a --task (not speed or longvideo)."""
-    if task == "shapes":  # at the size the task was generated with, as train.py's eval reads it
+    if task == "shapes":
         return read_mcq_file(data_dir, image_size)
     if task == "shards":
         return read_shards(data_dir, tok, frames, image_size)
@@ -731,12 +681,11 @@ def read_task(task, data_dir, tok, frames, image_size, split="test", duration=""
 
 
 # -----------------------------------------------------------------------------
-# speed: what nanoGPT's bench.py is for. Train step throughput and MFU, decode, MCQ, DPO, peak
-# memory.
+# speed: what nanoGPT's bench.py is for
 
 
 def _peak_rss():
-    """The process's peak RSS in bytes (VmHWM), 0 where /proc is not available."""
+    """The process's peak RSS in bytes, 0 without /proc."""
     try:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
@@ -746,9 +695,8 @@ def _peak_rss():
 
 @contextmanager
 def peak_memory(device):
-    """Yields a dict that gets the block's peak memory in MB ("peak_mem_mb", "mem_growth_mb"): on
-    GPU from torch.cuda.max_memory_allocated; on CPU the process's peak RSS, reset through
-    /proc/self/clear_refs (if that is not allowed, only the growth is the block's own)."""
+    """Yields a dict that gets the block's peak memory and growth in MB (on CPU the peak RSS: where
+    it cannot be reset, only the growth is the block's own)."""
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -779,10 +727,19 @@ def median(xs):
     return sorted(xs)[len(xs) // 2]
 
 
+def median_times(fns, device, rounds):
+    """{name: median seconds} of the named fns, interleaved so that load from other jobs on a shared
+    machine hits each alike."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    return {name: median(t) for name, t in times.items()}
+
+
 def train_speed(model, batch, device, dtypes, steps, mode="coarse_fine"):
-    """Seconds per stage-2 train step (forward, backward, fused AdamW) per dtype, interleaved so
-    that load from other jobs on a shared machine hits every dtype alike; the loss of each dtype
-    on the same weights and batch, before any update; peak memory of the warm-up steps."""
+    """Per dtype: seconds per stage-2 train step (forward, backward, fused AdamW), the loss before
+    any update (same weights and batch), peak memory of the warm-up steps."""
     groups = ("connector", "steer", "dino", "dino_qk", "llm")
     opt = model.configure_optimizers(0.01, dict.fromkeys(groups, 1e-5))
     report = {name: {} for name in dtypes}
@@ -800,25 +757,21 @@ def train_speed(model, batch, device, dtypes, steps, mode="coarse_fine"):
     with torch.no_grad():
         for name in dtypes:
             report[name]["loss"] = step(name, update=False)
-    # warm-up: the optimizer state and the allocator's pools are built in the first two steps
+    # warm-up: the first two steps build the optimizer state and the allocator's pools
     for name in dtypes:
         with peak_memory(device) as mem:
             step(name)
             step(name)
         report[name].update(mem)
-    times = {name: [] for name in dtypes}
-    for _ in range(steps):
-        for name in dtypes:
-            times[name].append(timed(lambda: step(name), device))
+    seconds = median_times({name: partial(step, name) for name in dtypes}, device, steps)
     for name in dtypes:
-        report[name]["step_s"] = median(times[name])
+        report[name]["step_s"] = seconds[name]
     return report
 
 
 def dpo_speed(model, batch, device, rounds=3):
-    """DPO step / stage-2 step (forward + backward) on the same batch: with the live reference and
-    with a precomputed one. The chosen answers are the stage-2 batch's texts; the rejected ones
-    are the same tokens shifted, so both answers have the batch's length."""
+    """DPO step / stage-2 step (forward + backward) on the same batch, with the live reference and
+    with a precomputed one; the rejected answers are the batch's texts shifted."""
     import dpo
     frames, ids, loss_mask = batch["frames"], batch["input_ids"], batch["loss_mask"]
     B = len(frames)
@@ -833,24 +786,22 @@ def dpo_speed(model, batch, device, rounds=3):
             "loss_mask": two(loss_mask, loss_mask)}
     ref = dpo.make_reference(model)
     table = dict(zip(pair["keys"], dpo.reference_logps(ref, pair, "coarse_fine")))
-    steps = {"stage2": lambda: model(frames, ids, loss_mask)[1].backward(),
-             "dpo": lambda: dpo.batch_loss(model, ref, pair)[0].backward(),
-             "dpo_precomputed": lambda: dpo.batch_loss(model, table, pair)[0].backward()}
-    times = {name: [] for name in steps}
-    for i in range(rounds + 1):  # interleaved; the first round is a warm-up
-        for name, fn in steps.items():
-            t = timed(fn, device)
-            model.zero_grad(set_to_none=True)
-            if i:
-                times[name].append(t)
-    stage2 = median(times["stage2"])
-    return {"dpo_over_stage2": median(times["dpo"]) / stage2,
-            "dpo_precomputed_over_stage2": median(times["dpo_precomputed"]) / stage2}
+    losses = {"stage2": lambda: model(frames, ids, loss_mask)[1],
+              "dpo": lambda: dpo.batch_loss(model, ref, pair)[0],
+              "dpo_precomputed": lambda: dpo.batch_loss(model, table, pair)[0]}
+
+    def step(name):
+        losses[name]().backward()
+        model.zero_grad(set_to_none=True)
+    for name in losses:  # warm-up
+        step(name)
+    seconds = median_times({name: partial(step, name) for name in losses}, device, rounds)
+    return {"dpo_over_stage2": seconds["dpo"] / seconds["stage2"],
+            "dpo_precomputed_over_stage2": seconds["dpo_precomputed"] / seconds["stage2"]}
 
 
 def recipe_keys(path):
-    """The keys a config file sets (read from the repo dir: a recipe execs its parent by relative
-    path)."""
+    """The keys a config file sets, run in the repo dir (a recipe execs its parent by path)."""
     keys, here = {}, os.getcwd()
     os.chdir(os.path.dirname(os.path.abspath(__file__)))
     try:
@@ -860,23 +811,15 @@ def recipe_keys(path):
     return keys
 
 
-def jpg_bytes(a):
-    """uint8 [S,S,3] -> jpg bytes (quality 90, as tools/write_shards.py)"""
-    out = io.BytesIO()
-    Image.fromarray(a).save(out, "JPEG", quality=90)
-    return out.getvalue()
-
-
 def loader_speed(tok, B, T, size, workers, pin, batches=4):
-    """Samples/s of data.py's loader, as train.py makes it (pinned on CUDA), on synthetic shards
-    in data.py's layout written here: B samples of T jpg frames at the training resolution per
-    shard, one shard per batch. Timed after the first batch (worker start-up)."""
+    """Samples/s of data.py's loader as train.py makes it, on synthetic shards of B samples of T
+    jpg frames, after the first batch (worker start-up)."""
     rng = np.random.default_rng(0)
 
     def block_image():  # random 8x8 blocks: smoother than noise, so it compresses like a photo
         blocks = rng.integers(0, 256, (size // 8 + 1, size // 8 + 1, 3))
         return np.kron(blocks, np.ones((8, 8, 1)))[:size, :size].astype(np.uint8)
-    frames = [jpg_bytes(block_image()) for _ in range(T)]
+    frames = [_jpg(Image.fromarray(block_image())) for _ in range(T)]
     text = {"user": "What happens in the video?", "assistant": "A ball moves from left to right."}
     sample = {"json": text, **{f"{t:03d}.jpg": f for t, f in enumerate(frames)}}
     with tempfile.TemporaryDirectory() as d:
@@ -895,10 +838,8 @@ def loader_speed(tok, B, T, size, workers, pin, batches=4):
 
 
 def compare(command, row, B, T, S, size, dtypes):
-    """Runs `command` (+ --llm_dir --B --T --S --size --steps --dtypes --device) in a subprocess:
-    another implementation's train step at this shape (e.g. the original fVLM code's, from a copy
-    outside this repo). Its last stdout line is JSON {dtype: {step_s}}; returns its step per dtype
-    and our speedup (its s / ours)."""
+    """Another implementation's step per dtype and our speedup (its s / ours): `command` + --llm_dir
+    --B --T --S --size --steps --dtypes --device prints JSON {dtype: {step_s}} last."""
     args = shlex.split(command) + [
         "--llm_dir", llm_dir, "--B", str(B), "--T", str(T), "--S", str(S), "--size", str(size),
         "--steps", str(speed_steps), "--dtypes", ",".join(dtypes), "--device", str(device)]
@@ -913,8 +854,7 @@ def compare(command, row, B, T, S, size, dtypes):
 
 
 def decode_speed(model, tok, frames, device, n=32):
-    """Tokens/s of n greedy tokens (never stopping early) after the prompt of a video's frames
-    [1,T,3,S,S], its DINOv2 encode done once beforehand."""
+    """Tokens/s of n greedy tokens after the prompt of a video's frames [1,T,3,S,S]."""
     mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=device)
     with torch.no_grad():
         kv = model.encode(frames, mask)
@@ -929,30 +869,29 @@ def decode_speed(model, tok, frames, device, n=32):
 
 
 def mcq_speed(model, tok, T, size, device, questions=4):
-    """Questions/s of 4 options in every mode on random frames, `questions` per call as
-    evaluate_mcq does."""
+    """Questions/s of 4 options in every mode, `questions` per call, scored as evaluate_mcq does."""
     generator = torch.Generator().manual_seed(0)
     videos = torch.randn(questions, T, 3, size, size, generator=generator).to(device)
     options = ["a red ball", "a dog on a sofa", "two people talking in a kitchen", "nothing"]
-    user = format_mcq("What does the video show, and what happens at the end of it?", options)
-    answers = option_answers(tok, options)
-    mask = torch.ones(questions, T, dtype=torch.bool, device=device)
-
-    def run():
-        with torch.no_grad():
-            kv = model.encode(videos, mask)
-            for m in MODES:
-                score_options(model, tok, kv, mask, [user] * questions, [answers] * questions, m)
+    rec = {"question": "What does the video show, and what happens at the end of it?",
+           "options": options, "answer": 0}
+    batch = [LoadedQuestion(rec, new_item(rec, i), video) for i, video in enumerate(videos)]
+    dtype = model.dino.patch_embed.weight.dtype
+    run = partial(score_batch, model, tok, batch, MODES, device, dtype, "mean", "likelihood", 16)
     run()  # warm-up
     return questions / median([timed(run, device) for _ in range(3)])
 
 
+def model_135m():
+    """SmolLM2-135M from llm_dir (else random weights of its shape) + a random DINOv2-small."""
+    llm = SmolLM2.from_pretrained(llm_dir) if llm_dir else SmolLM2(LLMConfig())
+    return FoveatedVLM(llm, DINOv2(DinoConfig()))
+
+
 def speed_model():
-    """(model on `device`, tokenizer, frame size) of --task=speed: with llm_dir the 135M shape (real
-    SmolLM2, random DINOv2-small, 224 px), else the init_from checkpoint."""
+    """(model, tokenizer, frame size): with llm_dir the 135M shape, else init_from."""
     if llm_dir:
-        model = FoveatedVLM(SmolLM2.from_pretrained(llm_dir), DINOv2(DinoConfig()))
-        tok = load_tokenizer(llm_dir)
+        model, tok = model_135m(), load_tokenizer(llm_dir)
     else:
         model, tok_path = load_model(init_from)
         tok = load_tokenizer(tok_path)
@@ -961,11 +900,8 @@ def speed_model():
 
 
 def speed():
-    """--task=speed: the train step per frame count and dtype (samples/s, tokens/s, MFU, peak
-    memory; with compile, the graphs each frame count added and the graph breaks), the loader's
-    samples/s at the step's shape, decode tokens/s, MCQ questions/s, the DPO step against a
-    stage-2 step; with compare_with, the other implementation's step at the same shapes in the
-    same run."""
+    """--task=speed: per frame count and dtype the train step (samples/s, tokens/s, MFU, memory,
+    graphs compiled), the loader and compare_with's step; decode, MCQ and DPO speed."""
     torch.manual_seed(0)
     cuda = torch.device(device).type == "cuda"
     if cuda:
@@ -1012,7 +948,7 @@ def speed():
             report.update(dpo_speed(model.train(), batch, device))
             first = batch["frames"][:1]
     model.eval()
-    # fp32 weights, the first frame count
+    # fp32 weights
     report["decode_tokens_per_s"] = decode_speed(model, tok, first, device)
     with peak_memory(device) as mem:
         report["mcq_questions_per_s"] = mcq_speed(model, tok, 16, size, device)
@@ -1024,12 +960,11 @@ def speed():
 
 
 # -----------------------------------------------------------------------------
-# long video: an hour at one glimpse per second, streamed (model.FoveatedVLM.stream)
+# long video: an hour at one glimpse per second, streamed
 
 
 def write_h264(path, frames, n, rate=25, keyint=250):
-    """n av.VideoFrames -> an H.264 mp4 (x264's default GOP: a keyframe every 250 frames), written
-    once and cached: an existing `path` is kept."""
+    """n av.VideoFrames -> an H.264 mp4 (x264's default GOP), unless `path` exists."""
     if os.path.isfile(path):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -1050,9 +985,8 @@ def write_h264(path, frames, n, rate=25, keyint=250):
     return path
 
 
-def synthetic_video(path, minutes, rate=25, width=320, height=240, keyint=250):
-    """A `minutes` long video at `rate` fps for speed: a textured background that scrolls, a new
-    tint every minute, a square crossing it."""
+def synthetic_video(path, minutes, rate=25, width=320, height=240):
+    """A `minutes` long video: a scrolling texture, a new tint every minute, a moving square."""
     luma = np.random.default_rng(0).integers(40, 200, (height, 2 * width), dtype=np.uint8)
 
     def frames():
@@ -1064,13 +998,11 @@ def synthetic_video(path, minutes, rate=25, width=320, height=240, keyint=250):
             # the U and V planes, each [H/2, W/2], stacked
             uv = np.full((height // 2, width), tint, np.uint8)
             yield av.VideoFrame.from_ndarray(np.concatenate((y, uv)), format="yuv420p")
-    return write_h264(path, frames(), minutes * 60 * rate, rate, keyint)
+    return write_h264(path, frames(), minutes * 60 * rate, rate)
 
 
 def shapes_video(path, minutes, rate=25, seed=0):
-    """A `minutes` long video of shapes clips (data.shapes_clip, 64px), one clip a minute, each of
-    its 6 frames held 10 s: what a shapes-trained model can be shown at 1 fps (the README's
-    contact sheet)."""
+    """A `minutes` long video of shapes clips (the README's figure), each frame held 10 s."""
     rng = np.random.default_rng(seed)
 
     def frames():
@@ -1083,24 +1015,21 @@ def shapes_video(path, minutes, rate=25, seed=0):
 
 
 def longvideo():
-    """--task=longvideo: a synthetic `minutes`-long 25 fps H.264 video (made once under data/)
-    answered in autoregressive mode at `fps`, streamed, per dtype: wall time, glimpses/s, peak
-    RSS, and the share of the wall time that decoding alone takes. The 135M shape: SmolLM2-135M
-    (llm_dir, else random weights of its shape) and a random DINOv2-small; the prompt is random
-    token ids (speed does not read them)."""
+    """--task=longvideo: the 135M shape answers a synthetic `minutes`-long video (made once under
+    data/) streamed at `fps` in autoregressive mode: per dtype wall time, glimpses/s, peak memory
+    and video decoding's share of it. The prompt is random ids (speed does not read it)."""
     torch.manual_seed(0)
     path = synthetic_video(os.path.join("data", f"longvideo-{minutes}min.mp4"), minutes)
     size = image_size or 224
-    rate = fps or 1.0  # frames read per second of video
-    llm = SmolLM2.from_pretrained(llm_dir) if llm_dir else SmolLM2(LLMConfig())
-    model = FoveatedVLM(llm, DINOv2(DinoConfig())).to(device).eval()
+    rate = fps or 1.0
+    model = model_135m().to(device).eval()
     cap = frames or 10 ** 9
     n, seconds = video_length(path, cap, rate)
-    prompt = torch.randint(3, llm.cfg.vocab_size, (1, 32), device=device)
+    prompt = torch.randint(3, model.llm.cfg.vocab_size, (1, 32), device=device)
     report = {"video": path, "minutes": minutes, "fps": rate, "frames": n, "image_size": size,
               "threads": torch.get_num_threads()}
     t0 = time.perf_counter()
-    decoded = sum(1 for _ in video_frames(path, size, cap, rate))  # decoding alone, no model
+    decoded = sum(1 for _ in video_frames(path, size, cap, rate))
     report["decode_alone_s"] = time.perf_counter() - t0
     dtypes = longvideo_dtypes or ("bfloat16,float32" if native_bf16(device) else "float32")
     for name in dtypes.split(","):
@@ -1159,8 +1088,7 @@ def main():
         sys.exit(f"bench.py: unknown modes {unknown}; choose from {', '.join(MODES)}")
     records = read_task(task, folder, tok, n_frames, size, split, videomme_duration)
     records = records[:limit or None]
-    bf16 = dtype == "bfloat16"
-    with torch.autocast(torch.device(device).type, torch.bfloat16) if bf16 else nullcontext():
+    with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=dtype == "bfloat16"):
         if stream:
             results = stream_mcq(model, tok, records, fps or 1.0, frames, size, score)
         else:
