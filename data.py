@@ -975,7 +975,7 @@ def make_loader(dataset, batch_size, num_workers=0, max_batch_frames=None, **kw)
 
 # -----------------------------------------------------------------------------
 # 5. "shapes": our embedded default, a synthetic task where the question decides where to look.
-# Three coloured balls, each in its own quadrant with a small coloured spot, on grey frames with
+# Three coloured balls, each in its own quadrant with a coloured spot, on grey frames with
 # clutter; one ball moves into the free quadrant. A question asks for a ball's spot (a glimpse of
 # the whole frame mixes three spots); the control question (which colour is missing) needs no
 # particular ball. Learnable from scratch on a CPU in minutes (docs/LOG.md).
@@ -990,7 +990,7 @@ QUESTIONS = {"spot": "what colour is the spot on the {} ball?",
 BALLS = 3  # each in a quadrant; the fourth quadrant is where the mover goes
 # share of training clips with one or two balls: there a glimpse of the whole frame reads the spot
 FEWER = 0.5
-SHAPES_VERSION = 5  # bump when the task changes: ensure_shapes then regenerates old copies
+SHAPES_VERSION = 6  # bump when the task changes: ensure_shapes then regenerates old copies
 
 
 def shapes_clip(rng, image_size=64, frames=6, n_clutter=16, balls=BALLS):
@@ -1018,7 +1018,9 @@ def shapes_clip(rng, image_size=64, frames=6, n_clutter=16, balls=BALLS):
             (x0, y0), (x1, y1) = (centre[PLACES.index(ball[k])] for k in ("start", "end"))
             x, y = x0 + a * (x1 - x0), y0 + a * (y1 - y0)
             draw.ellipse([x - r, y - r, x + r, y + r], fill=COLOURS[ball["colour"]])
-            draw.rectangle([x - S / 24, y - S / 24, x + S / 24, y + S / 24],
+            # the spot, S/8 wide: large enough that a glimpse of its ball reads it (S/12: the
+            # reader rarely learned to)
+            draw.rectangle([x - S / 16, y - S / 16, x + S / 16, y + S / 16],
                            fill=SPOTS[ball["spot"]])
     return imgs, {"balls": facts, "missing": colours[balls] if balls == 3 else None}
 

@@ -749,8 +749,8 @@ class FoveatedVLM(nn.Module):
         """frames [B,T,3,H,W] (frame_mask [B,T]: real frames, a prefix per row; None: all real),
         text rows input_ids [R,S] right-padded, question_ids [R,Pq] left-padded (question_valid)
         or None; kv=self.encode(...) reuses an encode. Returns text logits [R,S,V] and None, or
-        with loss_mask text_loss's logits [n,V] and loss, plus coarse_weight x the coarse pass's
-        loss (coarse_fine)."""
+        with loss_mask text_loss's logits [n,V] and loss, plus coarse_weight x the loss of the
+        static glimpses (coarse_fine: its coarse pass; autoregressive: one more pass)."""
         assert mode in MODES, f"mode must be one of {MODES}, got {mode!r}"
         S = input_ids.shape[1]
         if frame_mask is None:
@@ -762,6 +762,12 @@ class FoveatedVLM(nn.Module):
         if mode == "autoregressive":
             cache, _ = self.walked_cache(kv, frame_mask, owner, question, extra=S)
             h = self.llm(input_ids, cache=cache, hidden_only=True)
+            if coarse_weight and loss_mask is not None:  # the static glimpses answer too
+                static, _, _ = self.visual_tokens(kv, frame_mask, "coarse_only", owner, question)
+                row_frames = frame_mask if owner is None else frame_mask[owner]
+                embeds, valid = self.sequence(question, static, row_frames,
+                                              self.llm.embed_tokens(input_ids))
+                coarse_h = self.llm(embeds=embeds, valid=valid, hidden_only=True)[:, -S:]
         else:
             text = self.llm.embed_tokens(input_ids)  # [R,S,L]
             coarse_answers = coarse_weight and mode == "coarse_fine" and loss_mask is not None
@@ -1094,15 +1100,17 @@ def forward_flops(model, B, T, S, image_size, mode, rows_per_sample=1, question_
         return lc.n_layers * (n * per_token + 2 * 2 * q * n * (n + 1) / 2)
     R, Q = B * rows_per_sample, question_len
     walkers = R if Q else B  # who chooses queries: each row (question first) or each sample
-    coarse_answers = coarse_answers and mode == "coarse_fine"
-    # coarse_fine's first pass
+    coarse_answers = coarse_answers and mode != "coarse_only"
+    # coarse_fine's first pass; autoregressive's extra pass over the static glimpses
     coarse = R * llm(Q + T + S) if coarse_answers else walkers * llm(Q + T)
+    static_answers = R * llm(Q + T + S) if coarse_answers else 0
     text = {"coarse_only": R * llm(Q + T + S),
             "coarse_fine": coarse + R * llm(Q + T + S),
-            "autoregressive": walkers * llm(Q + T) + R * (llm(Q + T + S) - llm(Q + T))}[mode]
+            "autoregressive": walkers * llm(Q + T) + R * (llm(Q + T + S) - llm(Q + T))
+            + static_answers}[mode]
     # static glimpses (B*T) for coarse_only / coarse_fine, steered ones (walkers*T) for the others
     glimpses = {"coarse_only": B * T, "coarse_fine": B * T + walkers * T,
-                "autoregressive": walkers * T}[mode]
+                "autoregressive": walkers * T + B * T * coarse_answers}[mode]
     steer = 0 if mode == "coarse_only" else walkers * T * 2 * L * D  # llm_to_query
     head = (1 + coarse_answers) * R * (S if targets is None else targets) * 2 * L * lc.vocab_size
     return B * T * frame + glimpses * glimpse + steer + text + head

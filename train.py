@@ -67,7 +67,7 @@ annotation_block = 1
 # optimisation
 batch_size = 16  # per rank, per micro-step
 gradient_accumulation_steps = 1
-max_iters = 1200  # about 7 minutes on 2 CPU cores with AMX (README)
+max_iters = 1200  # about 11.5 minutes on 2 CPU cores with AMX, data generation included (README)
 warmup_iters = 50
 lr_decay_iters = 0  # length of warmup + decay; 0 means max_iters
 lr_connector = 1e-4  # connector and DINOv2 slow: fast early steps buried where things are
@@ -89,9 +89,11 @@ output_proj_group = 'connector'
 q_init_copies_static = True
 llm_to_query_zero_init = True
 grad_clip = 1.0
-train_mode = 'coarse_fine'  # coarse_only | coarse_fine | autoregressive
-# stages 1-2, coarse_fine: the coarse pass answers too, with this weight (trains coarse_only)
-coarse_loss_weight = 0.0
+# coarse_only | coarse_fine | autoregressive. The embedded default trains the walk itself: its
+# question states learn to name the ball, so steering starts (docs/LOG.md)
+train_mode = 'autoregressive'
+# stages 1-2: the static glimpses answer too, with this weight, so coarse_only stays trained
+coarse_loss_weight = 0.3
 # of a fresh model: 'question_first' ([question][frames][answer]: the question steers the glimpses)
 # | 'frames_first' ([frames][chat], the released fVLM-135M's; config/stage1_135m.py sets it)
 layout = 'question_first'

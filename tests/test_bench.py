@@ -407,7 +407,8 @@ def test_speed_report(tok, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("mode,dpo_step,coarse_weight", [("coarse_fine", False, 0), ("autoregressive", False, 0),
-                                                        ("coarse_fine", True, 0), ("coarse_fine", False, 1)])
+                                                        ("coarse_fine", True, 0), ("coarse_fine", False, 1),
+                                                        ("autoregressive", False, 1)])
 def test_train_step_flops_match_counted(tok, mode, dpo_step, coarse_weight):
     """A whole step, forward + backward, against the counter: lm_head on the loss positions only, DPO's two
     answers + the frozen reference's forward, and the coarse pass answering too."""
