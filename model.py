@@ -759,12 +759,12 @@ class FoveatedVLM(nn.Module):
             kv = self.encode(frames, frame_mask)
         question = None if question_ids is None else (question_ids, question_valid)
         coarse_h = None  # the coarse pass's states over the text, when it answers too
+        row_frames = frame_mask if owner is None else frame_mask[owner]  # [R,T]
         if mode == "autoregressive":
             cache, _ = self.walked_cache(kv, frame_mask, owner, question, extra=S)
             h = self.llm(input_ids, cache=cache, hidden_only=True)
             if coarse_weight and loss_mask is not None:  # the static glimpses answer too
                 static, _, _ = self.visual_tokens(kv, frame_mask, "coarse_only", owner, question)
-                row_frames = frame_mask if owner is None else frame_mask[owner]
                 embeds, valid = self.sequence(question, static, row_frames,
                                               self.llm.embed_tokens(input_ids))
                 coarse_h = self.llm(embeds=embeds, valid=valid, hidden_only=True)[:, -S:]
@@ -773,7 +773,6 @@ class FoveatedVLM(nn.Module):
             coarse_answers = coarse_weight and mode == "coarse_fine" and loss_mask is not None
             vis, _, coarse_h = self.visual_tokens(kv, frame_mask, mode, owner, question,
                                                   text if coarse_answers else None)  # [R,T,L]
-            row_frames = frame_mask if owner is None else frame_mask[owner]
             embeds, valid = self.sequence(question, vis, row_frames, text)
             h = self.llm(embeds=embeds, valid=valid, hidden_only=True)[:, -S:]
         if loss_mask is None:
