@@ -89,8 +89,8 @@ output_proj_group = 'connector'
 q_init_copies_static = True
 llm_to_query_zero_init = True
 grad_clip = 1.0
-# coarse_only | coarse_fine | autoregressive. The embedded default trains the walk itself: its
-# question states learn to name the ball, so steering starts (docs/LOG.md)
+# coarse_only | coarse_fine | autoregressive. The embedded default trains the walk itself, so
+# the question's state gets the gradient of every frame it steers (docs/LOG.md)
 train_mode = 'autoregressive'
 # stages 1-2: the static glimpses answer too, with this weight, so coarse_only stays trained
 coarse_loss_weight = 0.3
