@@ -55,15 +55,17 @@ modes = 'coarse_only,coarse_fine,autoregressive'
 limit = 0  # the first N questions only; 0 = all
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'float32'  # float32 | bfloat16 (autocast)
-frames = 0  # frames sampled per video; 0 = 16 (shards: every frame up to 64, as the original)
-fps = 0.0  # > 0: videos at this many frames per second, up to `frames`
+# frames per video, spread over it; with fps > 0 or --stream, the cap. 0 = the task's own: 16
+# (shards: up to 64, as the original), or streamed, every frame at fps
+max_frames = 0
+fps = 0.0  # > 0: videos at this many frames per second, up to max_frames
 image_size = 0  # 0 = 224 (shapes: the size it was generated at)
 score = 'mean'  # mean | sum | original (see SCORES)
 scoring = 'likelihood'  # likelihood | generate (see SCORING)
 split = 'test'  # scienceqa split
 videomme_duration = ''  # Video-MME: short | medium | long; '' = all
 batch_size = 32  # questions per model call
-# videos streamed, autoregressive only (long videos: --fps=1 --frames=0 holds no frame's K/V)
+# videos streamed, autoregressive only (long videos: --fps=1 --max_frames=0 holds no frame's K/V)
 stream = False
 out = ''  # write every result (and each question's scores) to this json
 # --task=speed: the stage-2 train step of the 135M shape with llm_dir, else of init_from
@@ -220,7 +222,7 @@ def load_frame_dir(path, n, size, start=None, end=None, fps=3):
     return torch.cat([load_image(os.path.join(path, f), size) for f in picked])
 
 
-def load_frames(rec, frames=16, image_size=224, fps=None):
+def load_frames(rec, max_frames=16, image_size=224, fps=None):
     """A record's frames [T,3,S,S], or ValueError/OSError with the reason."""
     if "error" in rec:
         raise ValueError(rec["error"])
@@ -232,10 +234,10 @@ def load_frames(rec, frames=16, image_size=224, fps=None):
     if not os.path.exists(path):
         raise ValueError(f"missing file: {path}")
     if os.path.isdir(path):
-        return load_frame_dir(path, frames, image_size, rec.get("start"), rec.get("end"))
+        return load_frame_dir(path, max_frames, image_size, rec.get("start"), rec.get("end"))
     if path.lower().rsplit(".", 1)[-1] in IMAGE_EXTS:
         return load_image(path, image_size, replicate=IMAGE_FRAMES)
-    return load_video(path, frames, image_size, fps, start=rec.get("start"), end=rec.get("end"))
+    return load_video(path, max_frames, image_size, fps, start=rec.get("start"), end=rec.get("end"))
 
 
 def streamed_chunks(path, size, max_frames, fps, device, progress=False):
@@ -257,7 +259,7 @@ def new_item(rec, i):
 
 
 def evaluate_mcq(model, tok, records, modes=MODES, device="cpu", score="mean", progress=True,
-                 scoring="likelihood", frames=16, image_size=224, max_new_tokens=16,
+                 scoring="likelihood", max_frames=16, image_size=224, max_new_tokens=16,
                  batch_size=32, fps=None):
     """Accuracy per mode and category of multiple-choice records {question, options [str], answer
     (index), category?, id?} + one of: frames [T,3,S,S] | video (file or frame folder, + start/end
@@ -272,7 +274,7 @@ def evaluate_mcq(model, tok, records, modes=MODES, device="cpu", score="mean", p
 
     def load(rec):
         try:
-            return load_frames(rec, frames, image_size, fps)
+            return load_frames(rec, max_frames, image_size, fps)
         except (ValueError, OSError, RuntimeError, SkipSample) as e:
             return e
     # ahead=1: one video waits and the next decodes in a thread while the model runs
@@ -348,13 +350,13 @@ def mcq_results(items, modes, scoring="likelihood", score="mean"):
 
 
 @torch.no_grad()
-def stream_mcq(model, tok, records, fps=1.0, frames=0, image_size=224, score="mean",
+def stream_mcq(model, tok, records, fps=1.0, max_frames=0, image_size=224, score="mean",
                progress=True):
     """Likelihood scoring of long videos in autoregressive mode, streamed (model.stream): the
-    questions about one video share one decode and one encode of each chunk. frames: the cap (0:
-    none). A video that fails to decode or fit the LLM's context counts its questions wrong."""
+    questions about one video share one decode and one encode of each chunk. max_frames: the cap
+    (0: none). A video that fails to decode or fit the LLM's context counts its questions wrong."""
     device, items, by_video = model.q_init.device, [], {}  # by_video: path -> [(record, item)]
-    cap = frames or 10 ** 9
+    cap = max_frames or 10 ** 9
     for i, rec in enumerate(records):
         items.append(new_item(rec, i))
         path = rec.get("video") or rec.get("image") or f"error {i}"
@@ -633,7 +635,7 @@ def read_pope(data_dir):
     return records
 
 
-def read_shards(data_dir, tok, frames=64, image_size=224):
+def read_shards(data_dir, tok, max_frames=64, image_size=224):
     """MCQs from tar shards (a dir of *.tar*, or a glob): `user` ends with option lines "X. ...",
     `assistant` starts with the letter. Other records are left out."""
     if os.path.isdir(data_dir):
@@ -642,7 +644,7 @@ def read_shards(data_dir, tok, frames=64, image_size=224):
         shards = glob.glob(data_dir)
     if not shards:
         raise FileNotFoundError(f"bench.py: no *.tar shards in {data_dir}")
-    ds = ShardDataset(shards, tok, stage=2, image_size=image_size, max_frames=frames,
+    ds = ShardDataset(shards, tok, stage=2, image_size=image_size, max_frames=max_frames,
                       replicate_image_frames=IMAGE_FRAMES, loop=False)
     records = []
     for shard in shards:
@@ -668,11 +670,11 @@ def read_shards(data_dir, tok, frames=64, image_size=224):
     return records
 
 
-def read_task(task, data_dir, tok, frames, image_size, split="test", duration=""):
+def read_task(task, data_dir, tok, max_frames, image_size, split="test", duration=""):
     if task == "shapes":
         return read_mcq_file(data_dir, image_size)
     if task == "shards":
-        return read_shards(data_dir, tok, frames, image_size)
+        return read_shards(data_dir, tok, max_frames, image_size)
     if task == "scienceqa":
         return read_scienceqa(data_dir, split)
     if task == "videomme":
@@ -1023,7 +1025,7 @@ def longvideo():
     size = image_size or 224
     rate = fps or 1.0
     model = model_135m().to(device).eval()
-    cap = frames or 10 ** 9
+    cap = max_frames or 10 ** 9
     n, seconds = video_length(path, cap, rate)
     prompt = torch.randint(3, model.llm.cfg.vocab_size, (1, 32), device=device)
     report = {"video": path, "minutes": minutes, "fps": rate, "frames": n, "image_size": size,
@@ -1078,7 +1080,7 @@ def main():
     if task == "shapes" and not image_size:  # the size its frames were drawn at
         marker = os.path.join(folder, "shapes.json")
         size = json.load(open(marker))["image_size"] if os.path.isfile(marker) else 64
-    n_frames = frames or (64 if task == "shards" else 16)
+    n_frames = max_frames or (64 if task == "shards" else 16)
     run_modes = [m for m in modes.split(",") if m]
     if stream and (run_modes != ["autoregressive"] or scoring != "likelihood"):
         sys.exit("bench.py: --stream=True scores autoregressive only (coarse_only / coarse_fine "
@@ -1090,15 +1092,15 @@ def main():
     records = records[:limit or None]
     with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=dtype == "bfloat16"):
         if stream:
-            results = stream_mcq(model, tok, records, fps or 1.0, frames, size, score)
+            results = stream_mcq(model, tok, records, fps or 1.0, max_frames, size, score)
         else:
             results = evaluate_mcq(model, tok, records, run_modes, device, score, scoring=scoring,
-                                   frames=n_frames, image_size=size, batch_size=batch_size,
+                                   max_frames=n_frames, image_size=size, batch_size=batch_size,
                                    fps=fps or None)
     print(format_table(results))
     weights = init_from if init_from != "scratch" else f"{llm_dir} + {dino_dir}"
     return dict(results, task=task, data_dir=folder, image_size=size, dtype=dtype, weights=weights,
-                frames=frames if stream else n_frames)  # streamed: the cap (0: none)
+                max_frames=max_frames if stream else n_frames)  # streamed: the cap (0: none)
 
 
 if __name__ == "__main__":

@@ -715,7 +715,7 @@ class ShardDataset(IterableDataset):
         self.question_first = layout == "question_first"  # the model's layout decides the text rows
         self.prompts = SOURCE_PROMPTS | {"": FALLBACK_PROMPT} | (prompts or {})
         self.batch_size, self.max_batch_frames = None, None
-        self.resume, self.first_reader = {}, 0  # set by Loader.load_state_dict
+        self.resume, self.next_reader = {}, 0  # set by Loader.load_state_dict
 
     def units(self, paths):
         """What the readers share out: shards, plain files, an annotation file's row blocks"""
@@ -773,7 +773,7 @@ class ShardDataset(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         # worker 0 runs the reader whose turn was next: a resumed DataLoader's round-robin goes on
-        reader = self.rank * workers + (worker + self.first_reader) % workers
+        reader = self.rank * workers + (worker + self.next_reader) % workers
         samples = self.samples(reader, self.world_size * workers)
         return (s for s, _ in samples) if self.batch_size is None else self.batches(samples, reader)
 
@@ -922,16 +922,18 @@ class Loader(DataLoader):
     def __init__(self, dataset, num_workers, **kw):
         super().__init__(dataset, batch_size=None, num_workers=num_workers,
                          persistent_workers=False, **kw)
-        self.workers, self.states, self.skip_counts = max(1, num_workers), {}, {}
-        self.next_worker = 0
+        # this rank's readers, one per worker process (or the main process); the DataLoader takes
+        # their batches in turn
+        self.readers, self.states, self.skip_counts = max(1, num_workers), {}, {}
+        self.next_reader = 0  # of this rank's readers (0 .. readers-1), whose batch comes next
 
     def __iter__(self):
-        self.next_worker = self.dataset.first_reader
+        self.next_reader = self.dataset.next_reader
         for batch in super().__iter__():
             progress = batch.pop("progress")
-            reader = progress["reader"]  # = rank * workers + worker
+            reader = progress["reader"]  # global id: rank * readers + this rank's reader
             self.states[reader], self.skip_counts[reader] = progress["state"], progress["skipped"]
-            self.next_worker = (reader + 1) % self.workers
+            self.next_reader = (reader + 1) % self.readers
             yield batch
 
     def skipped(self):
@@ -940,22 +942,22 @@ class Loader(DataLoader):
 
     def state_dict(self):
         """Keyed by global reader id, so train.py may merge all ranks' dicts into one."""
-        return {"workers": dict(self.states), "next_worker": {self.dataset.rank: self.next_worker},
-                "num_workers": self.workers, "world_size": self.dataset.world_size}
+        return {"readers": dict(self.states), "next_reader": {self.dataset.rank: self.next_reader},
+                "num_workers": self.readers, "world_size": self.dataset.world_size}
 
     def load_state_dict(self, sd):
         # which reader reads which shard depends on both: another split re-reads or skips samples
         saved = (sd.get("num_workers"), sd.get("world_size"))
-        now = (self.workers, self.dataset.world_size)
+        now = (self.readers, self.dataset.world_size)
         if saved != now:
             raise ValueError(f"data.py: the checkpoint's data position was saved with "
                              f"num_workers={saved[0]} x world_size={saved[1]}, this run has "
                              f"{now[0]} x {now[1]}: resume with the same --num_workers and number "
                              f"of ranks (or start a new run from it with --init_from=DIR)")
-        self.states = {int(r): s for r, s in sd["workers"].items()}
+        self.states = {int(r): s for r, s in sd["readers"].items()}
         self.dataset.resume = {r: ReaderState.from_dict(s) for r, s in self.states.items()}
-        next_worker_by_rank = {int(r): w for r, w in sd["next_worker"].items()}
-        self.dataset.first_reader = next_worker_by_rank.get(self.dataset.rank, 0)
+        next_reader_by_rank = {int(rank): r for rank, r in sd["next_reader"].items()}
+        self.dataset.next_reader = next_reader_by_rank.get(self.dataset.rank, 0)
 
 
 def make_loader(dataset, batch_size, num_workers=0, max_batch_frames=None, **kw):

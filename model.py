@@ -132,10 +132,11 @@ class KVCache:
         self.padded = False  # fast path: no padding anywhere -> plain causal attention
 
     def write(self, layer, k, v):
-        """Append k, v [B,Hkv,S,hd] at `length` -> the layer's keys/values so far. While autograd
-        records, out of place (the backward needs the old keys): the layer then holds length + S."""
+        """Append k, v [B,Hkv,S,hd] at `length` -> the layer's keys/values so far."""
         start, end = self.length, self.length + k.shape[2]
         if torch.is_grad_enabled():
+            # Training through a walk: autograd saved the keys so far for the backward, so an
+            # in-place write would corrupt them. The layer's tensor grows by a copy instead.
             k, v = k.to(self.k[layer].dtype), v.to(self.v[layer].dtype)
             self.k[layer] = torch.cat((self.k[layer][:, :, :start], k), 2)
             self.v[layer] = torch.cat((self.v[layer][:, :, :start], v), 2)

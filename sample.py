@@ -40,7 +40,7 @@ import model
 
 # -----------------------------------------------------------------------------
 video = ''  # a video file PyAV reads (mp4, webm, gif, mkv, ...)
-image = ''  # an image file, replicated to image_frames frames as in training
+image = ''  # an image file, replicated to replicate_image_frames frames as in training
 prompt = ''  # the user turn; '' = a shapes clip's own question, else "Describe this video."
 # another question about the same frames, answered after the first and drawn as its own glimpse row
 # (question first: each question steers its own glimpses)
@@ -68,7 +68,7 @@ stream_chunk = 8
 # coarse_only / coarse_fine hold every frame's K/V (~9.5 MB a frame at 224px fp32)
 max_held_frames = 256
 sheet_frames = 12  # a video of more frames is drawn as a contact sheet of this many, evenly spaced
-image_frames = 8
+replicate_image_frames = 8
 attention_out = ''  # .png (all frames side by side) or .gif (an animation)
 # the late layers decide what the glimpse token carries; early ones are mostly positional
 attention_layers = 4
@@ -219,7 +219,7 @@ try:
     if video and not streaming:
         frames = data.load_video(video, cap, side, fps or None)
     elif image:
-        frames = data.load_image(image, side, image_frames)
+        frames = data.load_image(image, side, replicate_image_frames)
     elif not video:
         frames, clip_question, reference = shapes_val_clip(shapes_dir, clip)
 except ValueError as e:  # data.py's messages already name the file and what is wrong with it

@@ -50,12 +50,12 @@ tiny_dino_dim, tiny_dino_layers, tiny_dino_heads, tiny_patch_size = 96, 4, 4, 8
 tiny_visual_scale = 20.0  # loud visual tokens: a from-scratch LLM reads them sooner than at 0.14
 # data
 image_size = 64
-max_frames = 8
+max_frames = 8  # frames sampled uniformly over a video; with fps > 0 the cap
 replicate_image_frames = 8
 fps = 0.0  # video frames per second (up to max_frames); 0 = max_frames spread over the clip
 max_text_len = 0  # tokens per sample; 0 = the stage's default (512 in stage 1, 1024 after)
 text_ratio = 0.05
-num_workers = 1
+num_workers = 0  # on 2 cores a worker process takes a core from the compute threads
 shuffle_buffer = 1000  # samples per reader
 max_batch_frames = 0  # > 0: a batch closes early once its real frames would pass this many
 # {source: question} for an empty `user`, over data.SOURCE_PROMPTS; '': any other source
@@ -382,8 +382,9 @@ def save_checkpoint(it):
     if not master:
         return
     loader_state = loader_states[0] | {  # the ranks' reader states, keyed by global reader id
-        'workers': {g: s for part in loader_states for g, s in part['workers'].items()},
-        'next_worker': {r: w for part in loader_states for r, w in part['next_worker'].items()}}
+        'readers': {g: s for part in loader_states for g, s in part['readers'].items()},
+        'next_reader': {rank: r for part in loader_states
+                        for rank, r in part['next_reader'].items()}}
     final = os.path.join(ckpt_root, f'step-{it:07d}')
     tmp = os.path.join(ckpt_root, f'.tmp-step-{it:07d}')
     shutil.rmtree(tmp, ignore_errors=True)

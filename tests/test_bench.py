@@ -234,7 +234,7 @@ def write_image(path, size=32, colour=(200, 30, 30)):
 
 
 def frames_of(rec, n=4):
-    return load_frames(rec, frames=n, image_size=SIZE)
+    return load_frames(rec, max_frames=n, image_size=SIZE)
 
 
 def test_read_mvbench(tmp_path):
@@ -342,7 +342,7 @@ def test_read_shards_and_cli(tmp_path, tok, vlm):
                ("s1", {"json": {"user": "no options here", "assistant": "hello"}}),
                ("s2", {"mp4": b"not a video", "json": {"user": "which?\nA. yes\nB. no", "assistant": "A. yes"}})]
     write_tar(str(tmp_path / "val-0000.tar"), samples)
-    recs = bench.read_shards(str(tmp_path), tok, frames=16, image_size=SIZE)
+    recs = bench.read_shards(str(tmp_path), tok, max_frames=16, image_size=SIZE)
     assert [(r["question"], r["options"], r["answer"]) for r in recs] == [
         ("which animal is it?", ["dog", "cat", "fish"], 1), ("which?", ["yes", "no"], 0)]
     assert frames_of(recs[0]).shape == (16, 3, SIZE, SIZE)  # what the reader was asked for
@@ -351,7 +351,7 @@ def test_read_shards_and_cli(tmp_path, tok, vlm):
     vlm.save(str(ckpt), tokenizer=tok.path)
     saved = run_bench(tmp_path, "--task=shards", f"--data_dir={tmp_path}", f"--init_from={ckpt}",
                       f"--image_size={SIZE}", "--modes=coarse_only,autoregressive")
-    assert saved["frames"] == 64 and saved["score"] == "mean"  # shards: every frame, up to 64, as the original
+    assert saved["max_frames"] == 64 and saved["score"] == "mean"  # shards: every frame, up to 64, as the original
     assert saved["count"] == 2 and saved["skipped_count"] == 1 and "decode" in saved["skipped"][0]["reason"]
     assert list(saved["modes"]) == ["coarse_only", "autoregressive"] and saved["task"] == "shards"
     assert saved["modes"]["coarse_only"]["total"] == 2

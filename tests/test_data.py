@@ -220,7 +220,7 @@ def test_resume_continues_where_it_stopped(tmp_path, tok, num_workers):
         next(it)
     sd = json.loads(json.dumps(run.state_dict()))  # survives a checkpoint round trip
     want = [next(it)["keys"] for _ in range(6)]
-    assert max(state["main"]["epoch"] for state in sd["workers"].values()) >= 1
+    assert max(state["main"]["epoch"] for state in sd["readers"].values()) >= 1
     resumed = data.make_loader(make(), batch_size=3, num_workers=num_workers)
     resumed.load_state_dict(sd)
     it2 = iter(resumed)

@@ -277,7 +277,7 @@ def test_adapter_equals_bench_generate(tmp_path):
                                + ["A. B. C. D.", GENERATE_SUFFIX], vocab_size=300)
     vlm = lettered(tiny_vlm(tok, seed=1), tok)
     mode = "autoregressive"
-    bench = evaluate_mcq(vlm, tok, records, modes=(mode,), scoring="generate", frames=4, image_size=28,
+    bench = evaluate_mcq(vlm, tok, records, modes=(mode,), scoring="generate", max_frames=4, image_size=28,
                          max_new_tokens=1, batch_size=1, progress=False)
     lm = NanoFVLM(model=vlm, tokenizer=tok, mode=mode, frames=4, image_size=28, max_new_tokens=1)
     lm.task_dict = {"shapes": {"test": records}}
@@ -339,11 +339,11 @@ def test_lmms_eval_runs_the_adapter(tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     vlm = lettered(tiny_vlm(tok, seed=1), tok)
     vlm.save(str(tmp_path / "ckpt"), str(tmp_path / "tokenizer.json"))
-    want = evaluate_mcq(vlm, tok, records, modes=("autoregressive",), scoring="generate", frames=4,
+    want = evaluate_mcq(vlm, tok, records, modes=("autoregressive",), scoring="generate", max_frames=4,
                         image_size=28, max_new_tokens=1, batch_size=1, progress=False)["accuracy"]
     env = dict(os.environ, LMMS_EVAL_PLUGINS="lmms_nanofvlm", PYTHONPATH=ROOT, HF_DATASETS_OFFLINE="1",
                HF_HUB_OFFLINE="1")
-    args = f"init_from={tmp_path / 'ckpt'},mode=autoregressive,frames=4,image_size=28,max_new_tokens=1"
+    args = f"init_from={tmp_path / 'ckpt'},mode=autoregressive,max_frames=4,image_size=28,max_new_tokens=1"
     run = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "nanofvlm", "--model_args", args,
                           "--tasks", "nanofvlm_shapes", "--include_path", str(tmp_path / "task"),
                           "--output_path", str(tmp_path / "out"), "--batch_size", "1"],

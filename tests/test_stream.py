@@ -121,9 +121,9 @@ def test_streamed_mcq_equals_batch_autoregressive_scores(tmp_path, layout):
                 "id": j} for j, q in enumerate(["which animal is it?", "what colour?", "which animal?", "it?"])]
     records.append({"question": "x", "options": ANIMALS[:2], "answer": 0, "video": str(tmp_path / "gone.mp4")})
     with torch.no_grad():
-        want = bench.evaluate_mcq(model, tok, records, ["autoregressive"], frames=64, image_size=56, fps=2.0,
+        want = bench.evaluate_mcq(model, tok, records, ["autoregressive"], max_frames=64, image_size=56, fps=2.0,
                                   progress=False)
-        got = bench.stream_mcq(model, tok, records, fps=2.0, frames=64, image_size=56, progress=False)
+        got = bench.stream_mcq(model, tok, records, fps=2.0, max_frames=64, image_size=56, progress=False)
     for w, g in zip(want["items"][:4], got["items"][:4]):
         np.testing.assert_allclose(g["scores"]["autoregressive"], w["scores"]["autoregressive"], atol=1e-4)
     assert got["skipped_count"] == want["skipped_count"] == 1 and "gone.mp4" in got["skipped"][0]["reason"]
@@ -151,6 +151,6 @@ def test_streamed_mcq_one_decode_and_one_stream_per_video(tmp_path, monkeypatch)
         return stream(*args, **kw)
     monkeypatch.setattr(bench, "video_frames", counted_frames)
     monkeypatch.setattr(model, "stream", counted_stream)
-    got = bench.stream_mcq(model, tok, records, fps=2.0, frames=64, image_size=56, progress=False)
+    got = bench.stream_mcq(model, tok, records, fps=2.0, max_frames=64, image_size=56, progress=False)
     assert sorted(calls["decode"]) == sorted(map(str, videos)) and calls["stream"] == 2
     assert all("autoregressive" in item["scores"] for item in got["items"])

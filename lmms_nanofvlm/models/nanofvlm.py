@@ -27,7 +27,7 @@ except ImportError:  # the adapter still works on requests shaped as lmms-eval's
 
 
 class NanoFVLM(Base):
-    def __init__(self, init_from="", llm_dir="", dino_dir="", mode="autoregressive", frames=16, image_size=224,
+    def __init__(self, init_from="", llm_dir="", dino_dir="", mode="autoregressive", max_frames=16, image_size=224,
                  fps=0.0, max_new_tokens=16, device="cpu", model=None, tokenizer=None, **unused):
         """The same keys as bench.py (--model_args init_from=...,mode=...); model/tokenizer: already loaded."""
         super().__init__()
@@ -35,7 +35,7 @@ class NanoFVLM(Base):
             model, tok_path = load_model(init_from, llm_dir, dino_dir)
             tokenizer = data.load_tokenizer(tok_path)
         self.model, self.tok, self.mode, self.device = model.to(device).eval(), tokenizer, mode, device
-        self.frames, self.image_size, self.fps = int(frames), int(image_size), float(fps) or None
+        self.max_frames, self.image_size, self.fps = int(max_frames), int(image_size), float(fps) or None
         self.max_new_tokens = int(max_new_tokens)
         self.task_dict = getattr(self, "task_dict", {})
 
@@ -43,7 +43,7 @@ class NanoFVLM(Base):
         """A doc's visuals -> frames [T,3,S,S], as bench.py loads them (one image is replicated)."""
         visuals = visuals if isinstance(visuals, list) else [visuals]
         if len(visuals) == 1 and isinstance(visuals[0], str):
-            return load_frames({"video": visuals[0]}, self.frames, self.image_size, self.fps)
+            return load_frames({"video": visuals[0]}, self.max_frames, self.image_size, self.fps)
         images = []
         for v in visuals:  # PIL images (several: the frames of one clip)
             buf = io.BytesIO()
