@@ -34,10 +34,10 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from data import (IMAGE_EXTS, IMAGE_FRAMES, PAD_ID, VIDEO_EXTS, ShardDataset, SkipSample, _jpg,
-                  context_error, encode_answer, format_mcq, frame_chunks, frame_files, image_files,
-                  load_image, load_tokenizer, load_video, make_loader, prompt_parts, read_ahead,
-                  read_tar, record_frames, record_text, shapes_clip, uniform_indices, video_frames,
-                  video_length, write_tar)
+                  context_error, encode_answer, format_mcq, frame_files, image_files, load_image,
+                  load_tokenizer, load_video, make_loader, prompt_parts, read_ahead, read_tar,
+                  record_frames, record_text, shapes_clip, uniform_indices, video_chunks,
+                  video_frames, video_length, write_tar)
 from model import (MODES, DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2, compile_counts,
                    compile_model, decode, keep_freed_memory, left_pad, load_model, mfu, native_bf16,
                    peak_flops, train_flops, use_tf32, warn_slow_bf16)
@@ -211,13 +211,13 @@ def extract_choice(text, options):
 # a question's frames
 
 
-def load_frame_dir(path, n, size, start=None, end=None, fps=3):
-    """A folder of frame images at `fps` (MVBench's tvqa) -> [n,3,S,S] within [start,end] s."""
+def load_frame_dir(path, size, n, start=None, end=None, folder_fps=3):
+    """A folder of frame images at folder_fps (MVBench's tvqa) -> [n,3,S,S] within [start,end] s."""
     files = image_files(path)
     if not files:
         raise ValueError(f"{path}: frame folder holds no images")
-    i0 = min(len(files) - 1, max(0, round(start * fps))) if start is not None else 0
-    i1 = max(i0 + 1, min(len(files), round(end * fps))) if end is not None else len(files)
+    i0 = min(len(files) - 1, max(0, round(start * folder_fps))) if start is not None else 0
+    i1 = max(i0 + 1, min(len(files), round(end * folder_fps))) if end is not None else len(files)
     picked = [files[i0 + i] for i in uniform_indices(i1 - i0, n)]
     return torch.cat([load_image(os.path.join(path, f), size) for f in picked])
 
@@ -234,16 +234,10 @@ def load_frames(rec, max_frames=16, image_size=224, fps=None):
     if not os.path.exists(path):
         raise ValueError(f"missing file: {path}")
     if os.path.isdir(path):
-        return load_frame_dir(path, max_frames, image_size, rec.get("start"), rec.get("end"))
+        return load_frame_dir(path, image_size, max_frames, rec.get("start"), rec.get("end"))
     if path.lower().rsplit(".", 1)[-1] in IMAGE_EXTS:
         return load_image(path, image_size, replicate=IMAGE_FRAMES)
-    return load_video(path, max_frames, image_size, fps, start=rec.get("start"), end=rec.get("end"))
-
-
-def streamed_chunks(path, size, max_frames, fps, device, progress=False):
-    """A video's frames as chunks [<=8,3,S,S] on `device` for model.stream, decoded ahead."""
-    frames = read_ahead(video_frames(path, size, max_frames, fps, progress=progress))
-    return (c.to(device) for c in frame_chunks(frames, 8))
+    return load_video(path, image_size, max_frames, fps, start=rec.get("start"), end=rec.get("end"))
 
 
 # -----------------------------------------------------------------------------
@@ -377,7 +371,7 @@ def stream_mcq(model, tok, records, fps=1.0, max_frames=0, image_size=224, score
             too_long = context_error(n, seconds, text_tokens, model.llm.cfg.max_seq_len, path)
             if too_long:
                 raise ValueError(too_long)
-            chunks = streamed_chunks(path, image_size, cap, fps, device)
+            chunks = (c.to(device) for c in video_chunks(path, image_size, cap, fps))
             cache, last = model.stream(chunks, n, prompt_ids, extra=A, question=question,
                                        prompt_valid=prompt_valid)
         except (ValueError, OSError) as e:
@@ -1023,20 +1017,20 @@ def longvideo():
     torch.manual_seed(0)
     path = synthetic_video(os.path.join("data", f"longvideo-{minutes}min.mp4"), minutes)
     size = image_size or 224
-    rate = fps or 1.0
+    pick_fps = fps or 1.0
     model = model_135m().to(device).eval()
     cap = max_frames or 10 ** 9
-    n, seconds = video_length(path, cap, rate)
+    n, seconds = video_length(path, cap, pick_fps)
     prompt = torch.randint(3, model.llm.cfg.vocab_size, (1, 32), device=device)
-    report = {"video": path, "minutes": minutes, "fps": rate, "frames": n, "image_size": size,
+    report = {"video": path, "minutes": minutes, "fps": pick_fps, "frames": n, "image_size": size,
               "threads": torch.get_num_threads()}
     t0 = time.perf_counter()
-    decoded = sum(1 for _ in video_frames(path, size, cap, rate))
+    decoded = sum(1 for _ in video_frames(path, size, cap, pick_fps))
     report["decode_alone_s"] = time.perf_counter() - t0
     dtypes = longvideo_dtypes or ("bfloat16,float32" if native_bf16(device) else "float32")
     for name in dtypes.split(","):
         model.to(getattr(torch, name))
-        chunks = streamed_chunks(path, size, cap, rate, device, progress=True)
+        chunks = (c.to(device) for c in video_chunks(path, size, cap, pick_fps, progress=True))
         with peak_memory(device) as mem:
             t0 = time.perf_counter()
             cache, last = model.stream(chunks, n, prompt, 16)

@@ -243,7 +243,8 @@ def _frame_times(container, stream, max_frames, fps, start, end):
 
 @contextmanager
 def _opened(src, name, max_frames, fps, start, end):
-    """(container, first video stream, _frame_times); a file PyAV cannot read -> SkipSample"""
+    """(container, first video stream, picks = _frame_times); a file PyAV cannot read ->
+    SkipSample"""
     if max_frames < 1:  # a caller's mistake, not the file's: said before the file is opened
         raise ValueError(f"data.py: max_frames={max_frames}: a video needs at least 1 frame "
                          f"(no cap: a large number, with fps)")
@@ -262,8 +263,8 @@ def _opened(src, name, max_frames, fps, start, end):
 def video_length(src, max_frames, fps=None, start=None, end=None, name=None):
     """(at most how many frames video_frames picks, the seconds they span), without decoding: a
     streaming caller sizes the LLM cache and checks the context first."""
-    with _opened(src, name or str(src), max_frames, fps, start, end) as (_, _, times):
-        _, t0, t1, targets = times
+    with _opened(src, name or str(src), max_frames, fps, start, end) as (_, _, picks):
+        _, t0, t1, targets = picks
         return len(targets), t1 - t0
 
 
@@ -291,8 +292,8 @@ def video_frames(src, image_size, max_frames, fps=None, start=None, end=None, na
     then (once if picked twice). Seeks to the keyframe before a pick if it lies ahead of the last
     decoded frame: whole GOPs between picks are never decoded."""
     name = name or str(src)
-    with _opened(src, name, max_frames, fps, start, end) as (container, stream, times):
-        origin, t0, t1, targets = times
+    with _opened(src, name, max_frames, fps, start, end) as (container, stream, picks):
+        origin, t0, t1, targets = picks
         keyframes = _keyframe_times(container, stream)
         k = len(targets)
         rate = float(stream.average_rate or stream.guessed_rate or 25)
@@ -374,19 +375,23 @@ def read_ahead(items, ahead=32):
         thread.join()
 
 
-def frame_chunks(frames, n):
-    """uint8 frames [S,S,3] -> normalised chunks [<=n,3,S,S], the model encodes a chunk at once"""
-    chunk = []
+def video_chunks(src, image_size, max_frames, fps=None, start=None, end=None, chunk=8,
+                 progress=False):
+    """video_frames as normalised chunks [<=chunk,3,S,S] for model.stream, which encodes a chunk
+    at once; decoded in a thread while the model works on the chunk before"""
+    frames = read_ahead(video_frames(src, image_size, max_frames, fps, start, end,
+                                     progress=progress))
+    batch = []
     for f in frames:
-        chunk.append(f)
-        if len(chunk) == n:
-            yield normalize(np.stack(chunk))
-            chunk = []
-    if chunk:
-        yield normalize(np.stack(chunk))
+        batch.append(f)
+        if len(batch) == chunk:
+            yield normalize(np.stack(batch))
+            batch = []
+    if batch:
+        yield normalize(np.stack(batch))
 
 
-def load_video(src, max_frames, image_size, fps=None, start=None, end=None, name=None):
+def load_video(src, image_size, max_frames, fps=None, start=None, end=None, name=None):
     """video_frames stacked and normalised -> [T,3,S,S]"""
     frames = video_frames(src, image_size, max_frames, fps, start, end, name)
     return normalize(np.stack(list(frames)))
@@ -799,7 +804,7 @@ class ShardDataset(IterableDataset):
         where = f"{rec['shard']}:{rec['key']}"
         meta, txt = record_text(rec)
         has_media = any(e not in ("json", "txt") for e in rec["files"])
-        rows = self.text(meta, txt, has_media, where)  # text first: cheap to reject
+        rows = self.text_rows(meta, txt, has_media, where)  # text first: cheap to reject
         return {"key": rec["key"], "rows": rows, "frames": self.frames(rec["files"], meta, where)}
 
     def question_for(self, meta):
@@ -821,7 +826,7 @@ class ShardDataset(IterableDataset):
                              f"{where}: no target tokens left after truncation to {self.max_len}")
         return {"question": ids[:split], "ids": ids[split:], "mask": mask[split:]}
 
-    def text(self, meta, txt, has_media, where):
+    def text_rows(self, meta, txt, has_media, where):
         """The text rows of a record's json (section 3's layout): one, or question first one per
         question (each steers its own glimpses); stage 3: the chosen row, then the rejected one."""
         if self.stage == 3:
@@ -883,7 +888,7 @@ class ShardDataset(IterableDataset):
             return record_frames(files, picked, S, where)
         for e in VIDEO_EXTS:
             if e in files:
-                return load_video(io.BytesIO(files[e]), self.max_frames, S, self.fps,
+                return load_video(io.BytesIO(files[e]), S, self.max_frames, self.fps,
                                   name=f"{where}.{e}")
         for e in IMAGE_EXTS:
             if e in files:
@@ -924,8 +929,8 @@ class Loader(DataLoader):
                          persistent_workers=False, **kw)
         # this rank's readers, one per worker process (or the main process); the DataLoader takes
         # their batches in turn
-        self.readers, self.states, self.skip_counts = max(1, num_workers), {}, {}
-        self.next_reader = 0  # of this rank's readers (0 .. readers-1), whose batch comes next
+        self.n_readers, self.states, self.skip_counts = max(1, num_workers), {}, {}
+        self.next_reader = 0  # which of this rank's readers (0 .. n_readers-1) gives the next batch
 
     def __iter__(self):
         self.next_reader = self.dataset.next_reader
@@ -933,7 +938,7 @@ class Loader(DataLoader):
             progress = batch.pop("progress")
             reader = progress["reader"]  # global id: rank * readers + this rank's reader
             self.states[reader], self.skip_counts[reader] = progress["state"], progress["skipped"]
-            self.next_reader = (reader + 1) % self.readers
+            self.next_reader = (reader + 1) % self.n_readers
             yield batch
 
     def skipped(self):
@@ -943,12 +948,12 @@ class Loader(DataLoader):
     def state_dict(self):
         """Keyed by global reader id, so train.py may merge all ranks' dicts into one."""
         return {"readers": dict(self.states), "next_reader": {self.dataset.rank: self.next_reader},
-                "num_workers": self.readers, "world_size": self.dataset.world_size}
+                "num_workers": self.n_readers, "world_size": self.dataset.world_size}
 
     def load_state_dict(self, sd):
         # which reader reads which shard depends on both: another split re-reads or skips samples
         saved = (sd.get("num_workers"), sd.get("world_size"))
-        now = (self.readers, self.dataset.world_size)
+        now = (self.n_readers, self.dataset.world_size)
         if saved != now:
             raise ValueError(f"data.py: the checkpoint's data position was saved with "
                              f"num_workers={saved[0]} x world_size={saved[1]}, this run has "

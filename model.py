@@ -319,7 +319,7 @@ def llm_state(hf_state, cfg):
 
 
 @contextmanager
-def cpu_gemv(llm, batch):
+def gemv_weight_layout(llm, batch):
     """Batch 1 on an AVX-512 CPU: inside this block fp32 Linear weights are laid out [in, out]-major
     (same shapes and values), which MKL's GEMV streams faster; back on exit."""
     avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
@@ -344,7 +344,7 @@ def cpu_amx():
 
 
 @contextmanager
-def gemv_kernels(batch, device):
+def onednn_off_at_batch1(batch, device):
     """One batch-1 LLM step on a CPU: oneDNN off (ATen's own bf16 GEMV is faster)."""
     enabled = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = enabled and not (batch == 1 and device.type == "cpu")
@@ -523,7 +523,7 @@ MODES = ("coarse_only", "coarse_fine", "autoregressive")
 LAYOUTS = ("frames_first", "question_first")
 
 
-def frame_rows(frame_mask):
+def kv_index(frame_mask):
     """frame_mask [B,T] -> [B,T]: the row of encode's K/V holding frame (b, t), -1 for padding"""
     index = frame_mask.flatten().cumsum(0).view(frame_mask.shape) - 1
     return torch.where(frame_mask, index, -1)
@@ -598,12 +598,12 @@ class FoveatedVLM(nn.Module):
             maps.append(weights)  # [N,H,Q,1+P]
         return self.output_proj(self.dino.norm(x)), torch.stack(maps, 1).permute(0, 3, 1, 2, 4)
 
-    def look(self, queries, kv, rows):
-        """queries [R,T,D]: row r's query for frame t; rows [R,T]: the kv entry holding that frame
-        (-1: padding) -> LLM tokens [R,T,L] (meaningless at padding) and attention
+    def look(self, queries, kv, kv_rows):
+        """queries [R,T,D]: row r's query for frame t; kv_rows [R,T]: the kv entry holding that
+        frame (-1: padding) -> LLM tokens [R,T,L] (meaningless at padding) and attention
         [R,T,layers,H,1+P]. Rows sharing a frame look at it in one glimpse: its K/V is read once."""
-        real = rows >= 0  # [R,T]
-        frame = rows[real]  # [M]: the frame each of the M real queries looks at
+        real = kv_rows >= 0  # [R,T]
+        frame = kv_rows[real]  # [M]: the frame each of the M real queries looks at
         # Pack the M queries into [N frames, Q slots]: a frame's queries take its slots 0,
         # 1, 2, ... Sorting groups each frame's queries; a query's slot is its distance from
         # its group's start. E.g. frame = [5, 2, 5] -> sorted [2, 5, 5], group starts [0, 1, 1],
@@ -618,8 +618,8 @@ class FoveatedVLM(nn.Module):
         packed[frame, slot] = queries[real]
         glimpses, attn = self.glimpse(packed, kv)  # [N,Q,D], [N,Q,layers,H,1+P]
         # Unpack back to the rows' [R,T] grid
-        tokens = glimpses.new_zeros(*rows.shape, glimpses.shape[-1])  # [R,T,D]
-        maps = attn.new_zeros(*rows.shape, *attn.shape[2:])  # [R,T,layers,H,1+P]
+        tokens = glimpses.new_zeros(*kv_rows.shape, glimpses.shape[-1])  # [R,T,D]
+        maps = attn.new_zeros(*kv_rows.shape, *attn.shape[2:])  # [R,T,layers,H,1+P]
         tokens[real], maps[real] = glimpses[frame, slot], attn[frame, slot]
         return self.dino_to_llm(tokens) * self.visual_scale, maps
 
@@ -651,8 +651,8 @@ class FoveatedVLM(nn.Module):
         B, T = frame_mask.shape
         # [B,...] per sample -> [R,...] per text row
         to_rows = (lambda x: x) if owner is None else (lambda x: x[owner])  # noqa: E731
-        rows = frame_rows(frame_mask)  # [B,T]
-        static, attn = self.look(self.q_static.expand(B, T, -1), kv, rows)  # [B,T,L]
+        kv_rows = kv_index(frame_mask)  # [B,T]
+        static, attn = self.look(self.q_static.expand(B, T, -1), kv, kv_rows)  # [B,T,L]
         if mode == "coarse_only" or T == 0:
             return to_rows(static), to_rows(attn), None
         # The coarse pass reads the static glimpses and chooses where to look in each frame: a
@@ -668,7 +668,7 @@ class FoveatedVLM(nn.Module):
             queries = torch.cat((first, self.llm_to_query(h[:, :T - 1])), 1)  # [W,T,D]
         else:
             queries = self.llm_to_query(h[:, Pq - 1:Pq + T - 1])  # [W,T,D]
-        fine, attn = self.look(queries, kv, to_walkers(rows))  # [W,T,L]
+        fine, attn = self.look(queries, kv, to_walkers(kv_rows))  # [W,T,L]
         if not per_row:
             fine, attn = to_rows(fine), to_rows(attn)
         return fine, attn, (h[:, Pq + T:] if text is not None else None)
@@ -682,13 +682,14 @@ class FoveatedVLM(nn.Module):
         h = self.llm(question[0], valid=question[1], cache=cache, hidden_only=True)  # [W,Pq,L]
         return cache, self.llm_to_query(h[:, -1])
 
-    def walk(self, kv, rows, cache, query):
+    def walk(self, kv, kv_rows, cache, query):
         """autoregressive: frame by frame through the LLM cache, each query chosen by the state
-        after the previous frame. rows [W,T]: each walker's kv entries (-1: padding); query [W,D]:
-        the first. Returns attention [W,T,layers,H,1+P] and the next query (stream goes on)."""
+        after the previous frame. kv_rows [W,T]: each walker's kv entries (-1: padding); query
+        [W,D]: the first. Returns attention [W,T,layers,H,1+P] and the next query (a stream goes
+        on with it)."""
         maps = []
-        for t in range(rows.shape[1]):
-            frame = rows[:, t]  # [W]: each walker's frame at step t
+        for t in range(kv_rows.shape[1]):
+            frame = kv_rows[:, t]  # [W]: each walker's frame at step t
             # look() glimpses every kv entry it is given: pass only the U frames this step reads
             used = frame[frame >= 0].unique()  # [U], sorted
             # [W]: each walker's index into `used`, -1 for padding
@@ -704,19 +705,19 @@ class FoveatedVLM(nn.Module):
     def walked_cache(self, kv, frame_mask, owner=None, question=None, extra=0):
         """autoregressive: (a cache per text row holding [question][T walked visual tokens], with
         room for `extra` more tokens; attention [R,T,layers,H,1+P])"""
-        rows = frame_rows(frame_mask)  # [B,T]
+        kv_rows = kv_index(frame_mask)  # [B,T]
         if question is not None and owner is not None:
-            rows = rows[owner]  # [R,T]
-        W, T = rows.shape
+            kv_rows = kv_rows[owner]  # [R,T]
+        W, T = kv_rows.shape
         cache, query = self.start_walk(question, W, T + extra)
-        attn, _ = self.walk(kv, rows, cache, query)
+        attn, _ = self.walk(kv, kv_rows, cache, query)
         if question is None and owner is not None:  # each row continues its sample's walk
             return cache.rows(owner), (attn[owner] if T else None)  # no frames: no maps
         return cache, attn
 
     @torch.no_grad()
-    def stream(self, chunks, n_frames, prompt_ids, extra=0, question=None, on_frames=None,
-               prompt_valid=None):
+    def stream(self, chunks, n_frames, prompt_ids, extra=0, prompt_valid=None, question=None,
+               on_frames=None):
         """autoregressive over a video too long to hold in memory: `chunks` yields frames
         [n,3,H,W], each encoded, walked and freed before the next. Same tokens as prefill(...,
         'autoregressive') on the whole video, for prompt_ids [R,S] (left-padded: prompt_valid).
@@ -724,7 +725,7 @@ class FoveatedVLM(nn.Module):
         sees each chunk. Returns (cache, last logits [R,V])."""
         R = prompt_ids.shape[0]
         walkers = 1 if question is None else R
-        with cpu_gemv(self.llm, walkers):
+        with gemv_weight_layout(self.llm, walkers):
             room = n_frames + prompt_ids.shape[1] + extra
             cache, query = self.start_walk(question, walkers, room)
             frames_end = cache.length + n_frames  # after the question, if any
@@ -733,10 +734,10 @@ class FoveatedVLM(nn.Module):
                     raise ValueError(f"model.stream: more frames came than the {n_frames} "
                                      f"announced")
                 kv = self.encode(pixels[None].to(query.dtype))
-                rows = torch.arange(pixels.shape[0], device=query.device)
-                rows = rows.expand(walkers, -1)  # [W,n]: every walker reads every frame
-                with gemv_kernels(walkers, query.device):
-                    attn, query = self.walk(kv, rows, cache, query)
+                kv_rows = torch.arange(pixels.shape[0], device=query.device)
+                kv_rows = kv_rows.expand(walkers, -1)  # [W,n]: every walker reads every frame
+                with onednn_off_at_batch1(walkers, query.device):
+                    attn, query = self.walk(kv, kv_rows, cache, query)
                 if on_frames is not None:
                     on_frames(pixels, attn)
                 del kv, attn  # this chunk's K/V go now, not when the next chunk's arrive
@@ -746,11 +747,12 @@ class FoveatedVLM(nn.Module):
         return cache, self.llm.lm_head(h[:, -1])
 
     def forward(self, frames, input_ids, loss_mask=None, frame_mask=None, mode="coarse_fine",
-                kv=None, owner=None, question_ids=None, question_valid=None, coarse_weight=0.0):
+                kv=None, owner=None, question_ids=None, question_valid=None,
+                coarse_loss_weight=0.0):
         """frames [B,T,3,H,W] (frame_mask [B,T]: real frames, a prefix per row; None: all real),
         text rows input_ids [R,S] right-padded, question_ids [R,Pq] left-padded (question_valid)
         or None; kv=self.encode(...) reuses an encode. Returns text logits [R,S,V] and None, or
-        with loss_mask text_loss's logits [n,V] and loss, plus coarse_weight x the loss of the
+        with loss_mask text_loss's logits [n,V] and loss, plus coarse_loss_weight x the loss of the
         static glimpses (coarse_fine: its coarse pass; autoregressive: one more pass)."""
         assert mode in MODES, f"mode must be one of {MODES}, got {mode!r}"
         S = input_ids.shape[1]
@@ -760,28 +762,28 @@ class FoveatedVLM(nn.Module):
             kv = self.encode(frames, frame_mask)
         question = None if question_ids is None else (question_ids, question_valid)
         coarse_h = None  # the coarse pass's states over the text, when it answers too
-        row_frames = frame_mask if owner is None else frame_mask[owner]  # [R,T]
+        row_frame_mask = frame_mask if owner is None else frame_mask[owner]  # [R,T]
         if mode == "autoregressive":
             cache, _ = self.walked_cache(kv, frame_mask, owner, question, extra=S)
             h = self.llm(input_ids, cache=cache, hidden_only=True)
-            if coarse_weight and loss_mask is not None:  # the static glimpses answer too
+            if coarse_loss_weight and loss_mask is not None:  # the static glimpses answer too
                 static, _, _ = self.visual_tokens(kv, frame_mask, "coarse_only", owner, question)
-                embeds, valid = self.sequence(question, static, row_frames,
+                embeds, valid = self.sequence(question, static, row_frame_mask,
                                               self.llm.embed_tokens(input_ids))
                 coarse_h = self.llm(embeds=embeds, valid=valid, hidden_only=True)[:, -S:]
         else:
             text = self.llm.embed_tokens(input_ids)  # [R,S,L]
-            coarse_answers = coarse_weight and mode == "coarse_fine" and loss_mask is not None
+            coarse_answers = coarse_loss_weight and mode == "coarse_fine" and loss_mask is not None
             vis, _, coarse_h = self.visual_tokens(kv, frame_mask, mode, owner, question,
                                                   text if coarse_answers else None)  # [R,T,L]
-            embeds, valid = self.sequence(question, vis, row_frames, text)
+            embeds, valid = self.sequence(question, vis, row_frame_mask, text)
             h = self.llm(embeds=embeds, valid=valid, hidden_only=True)[:, -S:]
         if loss_mask is None:
             return self.llm.lm_head(h), None
         logits, loss = text_loss(self.llm.lm_head, h, input_ids, loss_mask)
         if coarse_h is not None:
             coarse_loss = text_loss(self.llm.lm_head, coarse_h, input_ids, loss_mask)[1]
-            loss = loss + coarse_weight * coarse_loss
+            loss = loss + coarse_loss_weight * coarse_loss
         return logits, loss
 
     @torch.no_grad()
@@ -927,21 +929,21 @@ def sample_next(logits, temperature=0.0, top_k=None, generator=None):
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
-@torch.no_grad()
 # token 2 is SmolLM2's <|im_end|>: the end of a turn, and our padding (data.PAD_ID)
+@torch.no_grad()
 def decode(llm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, stop_id=2,
            generator=None):
     """Continue from a filled cache whose last position gave `logits` [B,V]: yields next tokens [B]
     step by step; a finished row keeps emitting stop_id. Needs room for max_new_tokens - 1 more."""
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-    with cpu_gemv(llm, logits.shape[0]):
+    with gemv_weight_layout(llm, logits.shape[0]):
         for step in range(max_new_tokens):
             token = sample_next(logits, temperature, top_k, generator).masked_fill(done, stop_id)
             yield token
             done |= token == stop_id
             if done.all() or step == max_new_tokens - 1:
                 return
-            with gemv_kernels(token.shape[0], token.device):
+            with onednn_off_at_batch1(token.shape[0], token.device):
                 logits = llm(token[:, None], cache=cache)[:, -1]
 
 
@@ -1084,7 +1086,7 @@ def forward_flops(model, B, T, S, image_size, mode, rows_per_sample=1, question_
                   targets=None, coarse_answers=False):
     """Analytic FLOPs of one forward in `mode` of B samples of T frames with rows_per_sample text
     rows of S tokens each (DPO: 2): DINOv2, glimpses, LLM and lm_head on `targets` positions per
-    row (None: all S). question_len > 0: question first. coarse_answers: coarse_weight > 0."""
+    row (None: all S). question_len > 0: question first. coarse_answers: coarse_loss_weight > 0."""
     d, lc = model.dino.cfg, model.llm.cfg
     D, P, L = d.dim, (image_size // d.patch_size) ** 2, lc.dim
     mlp = 2 * 2 * D * int(D * d.mlp_ratio)  # per token

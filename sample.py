@@ -41,7 +41,9 @@ import model
 # -----------------------------------------------------------------------------
 video = ''  # a video file PyAV reads (mp4, webm, gif, mkv, ...)
 image = ''  # an image file, replicated to replicate_image_frames frames as in training
-prompt = ''  # the user turn; '' = a shapes clip's own question, else "Describe this video."
+# the user turn; '' = a shapes clip's own question, else "Describe this video." (an image:
+# "Describe this image.")
+prompt = ''
 # another question about the same frames, answered after the first and drawn as its own glimpse row
 # (question first: each question steers its own glimpses)
 second_prompt = ''
@@ -58,7 +60,7 @@ top_k = 0  # 0 = no top-k filter
 num_samples = 1
 seed = 1337
 device = 'cpu'
-dtype = 'float32'  # float32 | bfloat16 | float16
+dtype = 'float32'  # the weights' dtype: float32 | bfloat16 | float16 (train/bench.py: autocast)
 # frame side in pixels; 0 = min(224, the DINOv2 config's image_size); shapes clips as stored
 image_size = 0
 max_frames = 8  # frames sampled uniformly over a video; with fps > 0 the cap (0 = none)
@@ -217,7 +219,7 @@ try:
     if video:  # from the headers: a streamed video is sized before anything is decoded
         n_frames, seconds = data.video_length(video, cap, fps or None)
     if video and not streaming:
-        frames = data.load_video(video, cap, side, fps or None)
+        frames = data.load_video(video, side, cap, fps or None)
     elif image:
         frames = data.load_image(image, side, replicate_image_frames)
     elif not video:
@@ -264,10 +266,10 @@ def stream_video(ids, question):
             if seen[0] + i in shown:
                 kept.append((seen[0] + i, pixels[i], attn[i]))
         seen[0] += pixels.shape[0]
-    frames = data.video_frames(video, side, cap, fps or None, progress=True)
-    chunks = (c.to(device) for c in data.frame_chunks(data.read_ahead(frames), stream_chunk))
-    cache, logits = vlm.stream(chunks, n_frames, ids, max_new_tokens, question,
-                               keep if attention_out else None)
+    chunks = data.video_chunks(video, side, cap, fps or None, chunk=stream_chunk, progress=True)
+    chunks = (c.to(device) for c in chunks)
+    cache, logits = vlm.stream(chunks, n_frames, ids, max_new_tokens, question=question,
+                               on_frames=keep if attention_out else None)
     if not kept:
         return cache, logits, None, None, None
     times = None
@@ -340,7 +342,8 @@ with torch.no_grad():
         frame_mask = torch.ones(shown_frames.shape[:2], dtype=torch.bool, device=device)
         if streaming:  # the shown frames again, for their coarse row: a dozen frames, not the video
             kv = vlm.encode(shown_frames, frame_mask)
-        rows = [("coarse: q_static", vlm.visual_tokens(kv, frame_mask, "coarse_only")[1][0])]
+        _, static_attn, _ = vlm.visual_tokens(kv, frame_mask, "coarse_only")  # [1,T,layers,H,1+P]
+        rows = [("coarse: q_static", static_attn[0])]
         if mode != "coarse_only":
             for i, (_, _, attn) in enumerate(replies):
                 label = f"prompt {i + 1}: {mode}" if len(replies) > 1 else f"{mode} glimpse"

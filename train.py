@@ -50,7 +50,7 @@ tiny_dino_dim, tiny_dino_layers, tiny_dino_heads, tiny_patch_size = 96, 4, 4, 8
 tiny_visual_scale = 20.0  # loud visual tokens: a from-scratch LLM reads them sooner than at 0.14
 # data
 image_size = 64
-max_frames = 8  # frames sampled uniformly over a video; with fps > 0 the cap
+max_frames = 8  # frames sampled uniformly over a video (at least 1); with fps > 0 the cap
 replicate_image_frames = 8
 fps = 0.0  # video frames per second (up to max_frames); 0 = max_frames spread over the clip
 max_text_len = 0  # tokens per sample; 0 = the stage's default (512 in stage 1, 1024 after)
@@ -70,7 +70,8 @@ gradient_accumulation_steps = 1
 max_iters = 1200  # about 11.5 minutes on 2 CPU cores with AMX, data generation included (README)
 warmup_iters = 50
 lr_decay_iters = 0  # length of warmup + decay; 0 means max_iters
-lr_connector = 1e-4  # connector and DINOv2 slow: fast early steps buried where things are
+lr_connector = 1e-4  # connector and DINOv2 slow: at 1e-3 Adam's noisy early steps erased where
+# things are (docs/LOG.md)
 lr_steer = 3e-3  # llm_to_query and q_init fast: at 1e-4 the glimpses hardly moved from q_static's
 lr_dino = 1e-4
 lr_dino_qk = 1e-3  # DINOv2's attention query/key weights fast: where the glimpse looks
@@ -305,7 +306,7 @@ if stage == 3 and precompute_ref:
                                          device, autocast, mode=train_mode)
 
 
-def text_rows(batch):
+def row_keywords(batch):
     """The forward's keywords that say whose each text row is, and question_first's questions."""
     return {k: batch.get(k) for k in ('owner', 'question_ids', 'question_valid')}
 
@@ -320,8 +321,8 @@ def batch_loss(batch):
                                            sft_weight, train_mode)
         else:
             _, loss = model(batch['frames'], batch['input_ids'], batch['loss_mask'],
-                            batch['frame_mask'], train_mode, **text_rows(batch),
-                            coarse_weight=coarse_loss_weight)
+                            batch['frame_mask'], train_mode, **row_keywords(batch),
+                            coarse_loss_weight=coarse_loss_weight)
             metrics = {}
     # DDP reduces every parameter's gradient: add those this mode or batch did not use, weight 0
     if ddp:
@@ -353,7 +354,7 @@ def evaluate():
             for j, m in enumerate(modes):
                 with autocast:
                     _, loss = raw_model(None, batch['input_ids'], batch['loss_mask'],
-                                        batch['frame_mask'], m, kv, **text_rows(batch))
+                                        batch['frame_mask'], m, kv, **row_keywords(batch))
                 sums[:, j] += torch.stack((loss.float(), torch.ones((), device=device)))
         if ddp:
             dist.all_reduce(sums)
@@ -383,8 +384,7 @@ def save_checkpoint(it):
         return
     loader_state = loader_states[0] | {  # the ranks' reader states, keyed by global reader id
         'readers': {g: s for part in loader_states for g, s in part['readers'].items()},
-        'next_reader': {rank: r for part in loader_states
-                        for rank, r in part['next_reader'].items()}}
+        'next_reader': {r: nxt for part in loader_states for r, nxt in part['next_reader'].items()}}
     final = os.path.join(ckpt_root, f'step-{it:07d}')
     tmp = os.path.join(ckpt_root, f'.tmp-step-{it:07d}')
     shutil.rmtree(tmp, ignore_errors=True)

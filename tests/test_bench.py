@@ -425,7 +425,7 @@ def test_train_step_flops_match_counted(tok, mode, dpo_step, coarse_weight):
         if dpo_step:
             dpo.batch_loss(vlm, dpo.make_reference(vlm), batch)[0].backward()
         else:
-            vlm(frames, ids, mask, mode=mode, coarse_weight=coarse_weight)[1].backward()
+            vlm(frames, ids, mask, mode=mode, coarse_loss_weight=coarse_weight)[1].backward()
     ours = train_flops(vlm, B, T, S, SIZE, mode, rows, dpo_step, targets=4, coarse_answers=coarse_weight > 0)
     assert abs(ours - fc.get_total_flops()) / ours < 0.1, (ours, fc.get_total_flops())
 

@@ -164,15 +164,15 @@ def test_uniform_video_sampling(tmp_path):
     v = data.load_video(str(mp4), max_frames=8, image_size=16)
     assert v.shape == (8, 3, 16, 16)
     assert frame_index(v) == data.uniform_indices(40, 8) == [2, 7, 12, 17, 22, 27, 32, 37]
-    assert frame_index(data.load_video(str(mp4), 64, 16, fps=2)) == [int((i + .5) * 40 / 8) for i in range(8)]  # 4 s at 2 fps
-    assert frame_index(data.load_video(str(mp4), 4, 16, start=1.0, end=3.0)) == [12, 17, 22, 27]
-    assert frame_index(data.load_video(str(mp4), 64, 16)) == list(range(40))  # short clip: every frame
+    assert frame_index(data.load_video(str(mp4), 16, 64, fps=2)) == [int((i + .5) * 40 / 8) for i in range(8)]  # 4 s at 2 fps
+    assert frame_index(data.load_video(str(mp4), 16, 4, start=1.0, end=3.0)) == [12, 17, 22, 27]
+    assert frame_index(data.load_video(str(mp4), 16, 64)) == list(range(40))  # short clip: every frame
     gif = tmp_path / "v.gif"  # a container with no frame count in its header
     Image.new("L", (16, 16)).save(gif, save_all=True, append_images=[Image.new("L", (16, 16), i * 6) for i in range(1, 20)], duration=100)
-    assert frame_index(data.load_video(str(gif), 5, 16)) == data.uniform_indices(20, 5)
+    assert frame_index(data.load_video(str(gif), 16, 5)) == data.uniform_indices(20, 5)
     web = tmp_path / "v.webm"
     gray_video(web, 20, codec="libvpx")
-    assert len(data.load_video(str(web), 5, 16)) == 5
+    assert len(data.load_video(str(web), 16, 5)) == 5
     img = tmp_path / "i.png"
     Image.new("RGB", (40, 20), (255, 0, 0)).save(img)
     assert data.load_image(str(img), 16, 8).shape == (8, 3, 16, 16)
@@ -258,7 +258,7 @@ def test_bad_inputs_skipped_counted_reported(tmp_path, tok, capfd):
                  "fewframes", "shortvideo.mp4: video stops at", "cut.tar", "cut2.tar"):
         assert name in err, name
     with pytest.raises(ValueError, match="v.mp4: cannot decode"):
-        data.load_video(io.BytesIO(b"junk"), 4, 16, name=str(mp4))
+        data.load_video(io.BytesIO(b"junk"), 16, 4, name=str(mp4))
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         data.ShardDataset(str(tmp_path / "nothing-here-*.tar"), tok, stage=2)
 
@@ -332,12 +332,12 @@ def write_frames(path, times, size=32, rotation=0, step=6, left_half=False):
 def test_frames_by_timestamp_fps_and_orientation(tmp_path):
     # frames every 0.1 s for 2 s, then every second: picked by presentation time, not index x average rate
     write_frames(tmp_path / "vfr.mp4", [i / 10 for i in range(20)] + [2.0 + i for i in range(9)])
-    assert frame_index(data.load_video(str(tmp_path / "vfr.mp4"), 4, 16, start=5, end=9)) == [23, 24, 25, 26]
-    assert frame_index(data.load_video(str(tmp_path / "vfr.mp4"), 64, 16, fps=1)) == \
+    assert frame_index(data.load_video(str(tmp_path / "vfr.mp4"), 16, 4, start=5, end=9)) == [23, 24, 25, 26]
+    assert frame_index(data.load_video(str(tmp_path / "vfr.mp4"), 16, 64, fps=1)) == \
         [5, 15, 20, 21, 22, 23, 24, 25, 26, 27]  # 1 fps: the frame on screen at 0.5 s, 1.5 s, ...
     # a phone video shot upright: stored sideways (white on the left) + rotation -90, the way phones record
     write_frames(tmp_path / "phone.mp4", [i / 10 for i in range(3)], rotation=-90, left_half=True)
-    up = data.load_video(str(tmp_path / "phone.mp4"), 2, 16) * data.STD[0] + data.MEAN[0]
+    up = data.load_video(str(tmp_path / "phone.mp4"), 16, 2) * data.STD[0] + data.MEAN[0]
     assert up[:, :, :6].mean() > 0.9 and up[:, :, -6:].mean() < 0.1  # upright: white on top
     # a jpg with EXIF orientation 6 (turn 90 degrees clockwise to show): the same upright picture
     a = np.zeros((32, 64, 3), np.uint8)
@@ -386,10 +386,10 @@ def test_sparse_picks_seek_to_keyframes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data.av, "open", CountingContainer)
     # the frame on screen at 0.5, 1.5, 2.5, 3.5 s, as decoding every frame would pick them
-    assert frame_index(data.load_video(str(path), 4, 16)) == [5, 15, 25, 35]
+    assert frame_index(data.load_video(str(path), 16, 4)) == [5, 15, 25, 35]
     assert opened[-1].decoded <= 16  # whole GOPs between the picks were skipped (40 frames in all)
-    assert frame_index(data.load_video(str(path), 64, 16, fps=1, start=1.0, end=3.0)) == [15, 25]
-    assert frame_index(data.load_video(str(path), 64, 16, fps=10)) == list(range(40))
+    assert frame_index(data.load_video(str(path), 16, 64, fps=1, start=1.0, end=3.0)) == [15, 25]
+    assert frame_index(data.load_video(str(path), 16, 64, fps=10)) == list(range(40))
     assert opened[-1].decoded == 40  # every frame picked: every frame decoded once
 
 

@@ -82,7 +82,7 @@ def test_padding_and_sharing_change_nothing(vlm, tok, mode):
 @pytest.mark.parametrize("layout", ["question_first", "frames_first"])
 @pytest.mark.parametrize("mode", ["coarse_fine", "autoregressive"])
 def test_coarse_pass_answers_as_coarse_only(tok, layout, mode):
-    """coarse_weight: the static glimpses answer too (coarse_fine: its coarse pass reads the text; autoregressive:
+    """coarse_loss_weight: the static glimpses answer too (coarse_fine: its coarse pass reads the text; autoregressive:
     one more pass), and that loss is exactly coarse_only's (three rows on two padded clips)."""
     vlm = tiny(tok, layout)
     frames = torch.cat((clip(T=4, seed=1), clip(T=4, seed=2)))
@@ -97,7 +97,7 @@ def test_coarse_pass_answers_as_coarse_only(tok, layout, mode):
     with torch.no_grad():
         fine = vlm(frames, text, loss_mask, mode=mode, **rows)[1]
         coarse = vlm(frames, text, loss_mask, mode="coarse_only", **rows)[1]
-        both = vlm(frames, text, loss_mask, mode=mode, coarse_weight=0.5, **rows)[1]
+        both = vlm(frames, text, loss_mask, mode=mode, coarse_loss_weight=0.5, **rows)[1]
     assert abs(both - (fine + 0.5 * coarse)) <= 1e-5 and abs(coarse - fine) > 1e-4
 
 

@@ -98,7 +98,7 @@ def test_greedy_stream_equals_uncached_decode_and_png(ckpt, tmp_path):
                         f"--attention_out={tmp_path / 'g.png'}")
     assert rc == 0, err
     tok = data.load_tokenizer(str(out / "ckpt"))
-    frames = data.load_video(str(video), 8, 56)
+    frames = data.load_video(str(video), 56, 8)
     want = naive_greedy(vlm, frames, data.encode_prompt(tok, data.DEFAULT_USER), 30)
     assert len(want) >= 10 and len(set(want)) >= 5  # a meaningful comparison, not a stop or one repeated token
     assert any("\ufffd" in tok.decode([t]) for t in want)  # some tokens are half a character: streaming must wait

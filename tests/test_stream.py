@@ -50,8 +50,7 @@ def test_streaming_reader_picks_the_frames_of_load_video(tmp_path):
     for kw in ({"max_frames": 8}, {"max_frames": 64, "fps": 2}, {"max_frames": 4, "start": 1.0, "end": 3.0},
                {"max_frames": 64}):
         want = data.load_video(str(mp4), image_size=16, **kw)
-        streamed = torch.cat(list(data.frame_chunks(data.read_ahead(
-            data.video_frames(str(mp4), 16, progress=True, **kw), ahead=2), 3)))
+        streamed = torch.cat(list(data.video_chunks(str(mp4), 16, chunk=3, progress=True, **kw)))
         assert frame_index(streamed) == frame_index(want)
         n, _ = data.video_length(str(mp4), kw["max_frames"], kw.get("fps"), kw.get("start"), kw.get("end"))
         assert n == len(want) or n == 64 > len(want) == 40  # at most: 64 times over 40 frames pick each once
@@ -140,7 +139,7 @@ def test_streamed_mcq_one_decode_and_one_stream_per_video(tmp_path, monkeypatch)
     records = [{"question": "which animal is it?", "options": ANIMALS[:3], "answer": j % 3,
                 "video": str(videos[j % 2]), "id": j} for j in range(5)]
     calls = {"decode": [], "stream": 0}
-    video_frames, stream = bench.video_frames, model.stream
+    video_frames, stream = data.video_frames, model.stream
 
     def counted_frames(path, *args, **kw):
         calls["decode"].append(path)
@@ -149,7 +148,7 @@ def test_streamed_mcq_one_decode_and_one_stream_per_video(tmp_path, monkeypatch)
     def counted_stream(*args, **kw):
         calls["stream"] += 1
         return stream(*args, **kw)
-    monkeypatch.setattr(bench, "video_frames", counted_frames)
+    monkeypatch.setattr(data, "video_frames", counted_frames)
     monkeypatch.setattr(model, "stream", counted_stream)
     got = bench.stream_mcq(model, tok, records, fps=2.0, max_frames=64, image_size=56, progress=False)
     assert sorted(calls["decode"]) == sorted(map(str, videos)) and calls["stream"] == 2

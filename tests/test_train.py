@@ -115,7 +115,7 @@ def test_ddp_every_mode_text_only_and_eval(shapes, tmp_path):
 
 def test_killed_save_leaves_a_loadable_checkpoint(shapes, tmp_path):
     cmd = [sys.executable, 'train.py', *TINY, f'--shapes_dir={shapes}', f'--train_data={shapes}/train-*.tar',
-           f'--val_data=', f'--text_data=', f'--out_dir={tmp_path}', '--max_iters=100000', '--ckpt_interval=1',
+           '--val_data=', '--text_data=', f'--out_dir={tmp_path}', '--max_iters=100000', '--ckpt_interval=1',
            '--keep_last=3']
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / 'ckpt'
