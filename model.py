@@ -555,8 +555,7 @@ class FoveatedVLM(nn.Module):
         self.llm, self.dino = llm, dino
         self.visual_scale = visual_scale  # dino_to_llm * 0.14 matches SmolLM2's embedding std
         self.encode_chunk = encode_chunk  # frames per DINOv2 call: bounds memory on long videos
-        # std of noise on every query in training, drawn from noise_generator (train.py sets both)
-        self.query_noise, self.noise_generator = 0.0, None
+        self.query_noise = 0.0  # std of noise on every query in training (train.py's query_noise)
         # frames_first: [frames][chat]; question_first: [system + user][frames][answer]
         self.layout = layout
         D, L = dino.cfg.dim, llm.cfg.dim
@@ -608,9 +607,7 @@ class FoveatedVLM(nn.Module):
         if self.training and self.query_noise:
             # glimpses a little off where the queries point: the reader learns to read focused
             # glimpses before the steering can aim them
-            noise = torch.randn(queries.shape, generator=self.noise_generator,
-                                device=queries.device, dtype=queries.dtype)
-            queries = queries + self.query_noise * noise
+            queries = queries + self.query_noise * torch.randn_like(queries)
         frame = kv_rows[real]  # [M]: the frame each of the M real queries looks at
         # Pack the M queries into [N frames, Q slots]: a frame's queries take its slots 0,
         # 1, 2, ... Sorting groups each frame's queries; a query's slot is its distance from

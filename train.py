@@ -237,7 +237,6 @@ try:
 except (FileNotFoundError, ValueError) as e:
     fail(f"{e}; set --tokenizer")
 model.encode_chunk, model.query_noise = encode_chunk, query_noise
-model.noise_generator = torch.Generator(device)
 model.to(device)
 model.llm.gradient_checkpointing = gradient_checkpointing
 raw_model = model
@@ -446,11 +445,6 @@ while iter_num < max_iters:
     loss_sum, metrics_sum = torch.zeros((), device=device), {}
     for micro in range(gradient_accumulation_steps):
         batch = next(batches)
-        # this micro-batch's glimpse noise from its keys alone: a resumed run draws it again, and
-        # DDP draws what one rank accumulating the same readers' batches would
-        micro_id = rank * gradient_accumulation_steps + micro
-        raw_model.noise_generator.manual_seed(
-            data.seeded(seed, 'query_noise', iter_num, micro_id).getrandbits(63))
         # all-reduce on the last micro-step only
         sync = not ddp or micro == gradient_accumulation_steps - 1
         with (nullcontext() if sync else model.no_sync()):
