@@ -555,7 +555,6 @@ class FoveatedVLM(nn.Module):
         self.llm, self.dino = llm, dino
         self.visual_scale = visual_scale  # dino_to_llm * 0.14 matches SmolLM2's embedding std
         self.encode_chunk = encode_chunk  # frames per DINOv2 call: bounds memory on long videos
-        self.query_noise = 0.0  # std of noise on every query in training (train.py's query_noise)
         # frames_first: [frames][chat]; question_first: [system + user][frames][answer]
         self.layout = layout
         D, L = dino.cfg.dim, llm.cfg.dim
@@ -604,10 +603,6 @@ class FoveatedVLM(nn.Module):
         frame (-1: padding) -> LLM tokens [R,T,L] (meaningless at padding) and attention
         [R,T,layers,H,1+P]. Rows sharing a frame look at it in one glimpse: its K/V is read once."""
         real = kv_rows >= 0  # [R,T]
-        if self.training and self.query_noise:
-            # glimpses a little off where the queries point: the reader learns to read focused
-            # glimpses before the steering can aim them
-            queries = queries + self.query_noise * torch.randn_like(queries)
         frame = kv_rows[real]  # [M]: the frame each of the M real queries looks at
         # Pack the M queries into [N frames, Q slots]: a frame's queries take its slots 0,
         # 1, 2, ... Sorting groups each frame's queries; a query's slot is its distance from

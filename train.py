@@ -95,9 +95,6 @@ grad_clip = 1.0
 train_mode = 'autoregressive'
 # stages 1-2: the static glimpses answer too, with this weight, so coarse_only stays trained
 coarse_loss_weight = 0.3
-# std of noise on every glimpse query in training (queries have std ~1): without it some seeds
-# never learned to steer (docs/LOG.md)
-query_noise = 0.5
 # of a fresh model: 'question_first' ([question][frames][answer]: the question steers the glimpses)
 # | 'frames_first' ([frames][chat], the released fVLM-135M's; config/stage1_135m.py sets it)
 layout = 'question_first'
@@ -236,7 +233,7 @@ try:
     tok = data.load_tokenizer(tok_path)
 except (FileNotFoundError, ValueError) as e:
     fail(f"{e}; set --tokenizer")
-model.encode_chunk, model.query_noise = encode_chunk, query_noise
+model.encode_chunk = encode_chunk
 model.to(device)
 model.llm.gradient_checkpointing = gradient_checkpointing
 raw_model = model

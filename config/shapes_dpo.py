@@ -14,6 +14,5 @@ max_iters = 120
 warmup_iters = 12
 lr_connector = lr_steer = lr_dino = lr_dino_qk = lr_llm = 5e-5
 sft_weight = 1.0
-query_noise = 0.0  # the policy's glimpses where its reference's look
 eval_interval = 60
 ckpt_interval = 120

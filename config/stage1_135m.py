@@ -33,7 +33,6 @@ llm_to_query_zero_init = False
 layout = 'frames_first'  # the released fVLM-135M's: [frames][chat]
 train_mode = 'coarse_fine'
 coarse_loss_weight = 0.0
-query_noise = 0.0
 dtype = 'bfloat16'
 compile = True
 num_workers = 4

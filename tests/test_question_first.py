@@ -164,21 +164,3 @@ def test_cached_decode_equals_full_forwards(vlm, tok, mode):
             text = torch.cat((text, sample_next(logits[:, -1], 1.0, generator=sampler)[:, None]), 1)
     assert fast == text[0, reply.shape[1]:].tolist()
     assert len(set(fast)) > 2  # a meaningful comparison
-
-
-def test_query_noise_in_training_only(tok):
-    """query_noise moves the glimpses of a model in training (a different draw, another loss), never
-    one in eval: scoring and sampling see the queries the model chose."""
-    vlm, frames, text = tiny(tok), clip(), ids(tok, "the blue ball")
-    question = ids(tok, "which ball is red?")
-    loss = lambda: vlm(frames, text, torch.ones_like(text), mode="autoregressive",  # noqa: E731
-                       question_ids=question)[1]
-    with torch.no_grad():
-        clean = loss()
-        vlm.query_noise = 0.5
-        assert loss() == clean  # eval
-        vlm.train()
-        noisy = [loss() for _ in range(2)]
-        vlm.query_noise = 0.0
-        assert loss() == clean  # training without noise: the model has no other randomness
-    assert all(abs(n - clean) > 1e-6 for n in noisy) and abs(noisy[0] - noisy[1]) > 1e-6
