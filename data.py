@@ -936,7 +936,7 @@ class Loader(DataLoader):
         self.next_reader = self.dataset.next_reader
         for batch in super().__iter__():
             progress = batch.pop("progress")
-            reader = progress["reader"]  # global id: rank * readers + this rank's reader
+            reader = progress["reader"]  # global id: rank * n_readers + this rank's reader
             self.states[reader], self.skip_counts[reader] = progress["state"], progress["skipped"]
             self.next_reader = (reader + 1) % self.n_readers
             yield batch
@@ -959,9 +959,12 @@ class Loader(DataLoader):
                              f"num_workers={saved[0]} x world_size={saved[1]}, this run has "
                              f"{now[0]} x {now[1]}: resume with the same --num_workers and number "
                              f"of ranks (or start a new run from it with --init_from=DIR)")
-        self.states = {int(r): s for r, s in sd["readers"].items()}
+        # checkpoints saved before 2026-12-06 name them "workers" and "next_worker"
+        readers = sd["readers"] if "readers" in sd else sd["workers"]
+        next_reader = sd["next_reader"] if "next_reader" in sd else sd["next_worker"]
+        self.states = {int(r): s for r, s in readers.items()}
         self.dataset.resume = {r: ReaderState.from_dict(s) for r, s in self.states.items()}
-        next_reader_by_rank = {int(rank): r for rank, r in sd["next_reader"].items()}
+        next_reader_by_rank = {int(rank): r for rank, r in next_reader.items()}
         self.dataset.next_reader = next_reader_by_rank.get(self.dataset.rank, 0)
 
 

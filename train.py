@@ -70,8 +70,8 @@ gradient_accumulation_steps = 1
 max_iters = 1200  # about 11.5 minutes on 2 CPU cores with AMX, data generation included (README)
 warmup_iters = 50
 lr_decay_iters = 0  # length of warmup + decay; 0 means max_iters
-lr_connector = 1e-4  # connector and DINOv2 slow: at 1e-3 Adam's noisy early steps erased where
-# things are (docs/LOG.md)
+# connector and DINOv2 slow: at 2e-3 / 1e-3 Adam's noisy early steps erased where things are
+lr_connector = 1e-4
 lr_steer = 3e-3  # llm_to_query and q_init fast: at 1e-4 the glimpses hardly moved from q_static's
 lr_dino = 1e-4
 lr_dino_qk = 1e-3  # DINOv2's attention query/key weights fast: where the glimpse looks

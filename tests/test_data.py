@@ -225,6 +225,12 @@ def test_resume_continues_where_it_stopped(tmp_path, tok, num_workers):
     resumed.load_state_dict(sd)
     it2 = iter(resumed)
     assert [next(it2)["keys"] for _ in range(6)] == want
+    # a checkpoint saved before the state's keys were renamed resumes the same way
+    old = {{"readers": "workers", "next_reader": "next_worker"}.get(k, k): v for k, v in sd.items()}
+    resumed = data.make_loader(make(), batch_size=3, num_workers=num_workers)
+    resumed.load_state_dict(old)
+    it3 = iter(resumed)
+    assert [next(it3)["keys"] for _ in range(6)] == want
 
 
 def test_bad_inputs_skipped_counted_reported(tmp_path, tok, capfd):
