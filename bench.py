@@ -371,7 +371,7 @@ def stream_mcq(model, tok, records, fps=1.0, max_frames=0, image_size=224, score
             too_long = context_error(n, seconds, text_tokens, model.llm.cfg.max_seq_len, path)
             if too_long:
                 raise ValueError(too_long)
-            chunks = (c.to(device) for c in video_chunks(path, image_size, cap, fps))
+            chunks = video_chunks(path, image_size, cap, fps, device=device)
             cache, last = model.stream(chunks, n, prompt_ids, extra=A, question=question,
                                        prompt_valid=prompt_valid)
         except (ValueError, OSError) as e:
@@ -1030,7 +1030,7 @@ def longvideo():
     dtypes = longvideo_dtypes or ("bfloat16,float32" if native_bf16(device) else "float32")
     for name in dtypes.split(","):
         model.to(getattr(torch, name))
-        chunks = (c.to(device) for c in video_chunks(path, size, cap, pick_fps, progress=True))
+        chunks = video_chunks(path, size, cap, pick_fps, device=device, progress=True)
         with peak_memory(device) as mem:
             t0 = time.perf_counter()
             cache, last = model.stream(chunks, n, prompt, 16)

@@ -376,19 +376,19 @@ def read_ahead(items, ahead=32):
 
 
 def video_chunks(src, image_size, max_frames, fps=None, start=None, end=None, chunk=8,
-                 progress=False):
-    """video_frames as normalised chunks [<=chunk,3,S,S] for model.stream, which encodes a chunk
-    at once; decoded in a thread while the model works on the chunk before"""
+                 device="cpu", progress=False):
+    """video_frames as normalised chunks [<=chunk,3,S,S] on `device` for model.stream, which
+    encodes a chunk at once; decoded in a thread while the model works on the chunk before"""
     frames = read_ahead(video_frames(src, image_size, max_frames, fps, start, end,
                                      progress=progress))
     batch = []
     for f in frames:
         batch.append(f)
         if len(batch) == chunk:
-            yield normalize(np.stack(batch))
+            yield normalize(np.stack(batch)).to(device)
             batch = []
     if batch:
-        yield normalize(np.stack(batch))
+        yield normalize(np.stack(batch)).to(device)
 
 
 def load_video(src, image_size, max_frames, fps=None, start=None, end=None, name=None):

@@ -266,8 +266,8 @@ def stream_video(ids, question):
             if seen[0] + i in shown:
                 kept.append((seen[0] + i, pixels[i], attn[i]))
         seen[0] += pixels.shape[0]
-    chunks = data.video_chunks(video, side, cap, fps or None, chunk=stream_chunk, progress=True)
-    chunks = (c.to(device) for c in chunks)
+    chunks = data.video_chunks(video, side, cap, fps or None, chunk=stream_chunk, device=device,
+                               progress=True)
     cache, logits = vlm.stream(chunks, n_frames, ids, max_new_tokens, question=question,
                                on_frames=keep if attention_out else None)
     if not kept:
