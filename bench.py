@@ -261,7 +261,6 @@ def evaluate_mcq(model, tok, records, modes=MODES, device="cpu", score="mean", p
     media fails counts as wrong in every mode and is listed in "skipped". Deterministic."""
     was_training = model.training
     model.eval()
-    dtype = model.dino.patch_embed.weight.dtype
     items = []
     bar = tqdm(total=len(records), disable=not progress, desc=f"mcq ({scoring})",
                dynamic_ncols=True)
@@ -284,7 +283,7 @@ def evaluate_mcq(model, tok, records, modes=MODES, device="cpu", score="mean", p
             else:
                 batch.append(LoadedQuestion(rec, item, video))
         if batch:
-            score_batch(model, tok, batch, modes, device, dtype, score, scoring, max_new_tokens)
+            score_batch(model, tok, batch, modes, device, score, scoring, max_new_tokens)
         acc = mcq_results(items, modes, scoring, score)["accuracy"]
         bar.set_postfix({SHORT.get(m, m): f"{100 * a:.1f}" for m, a in acc.items()},
                         refresh=False)
@@ -295,9 +294,9 @@ def evaluate_mcq(model, tok, records, modes=MODES, device="cpu", score="mean", p
 
 
 @torch.no_grad()
-def score_batch(model, tok, batch, modes, device, dtype, score, scoring, max_new_tokens):
+def score_batch(model, tok, batch, modes, device, score, scoring, max_new_tokens):
     """Fills the items' pred (and scores or text) per mode for a batch of LoadedQuestions."""
-    videos = [q.video.to(device, dtype) for q in batch]
+    videos = [q.video.to(device, model.dino.patch_embed.weight.dtype) for q in batch]
     videos = pad_sequence(videos, batch_first=True)  # [Q,T,3,S,S]
     lengths = torch.tensor([q.video.shape[0] for q in batch], device=device)
     frame_mask = torch.arange(videos.shape[1], device=device) < lengths[:, None]  # [Q,T]
@@ -872,8 +871,7 @@ def mcq_speed(model, tok, T, size, device, questions=4):
     rec = {"question": "What does the video show, and what happens at the end of it?",
            "options": options, "answer": 0}
     batch = [LoadedQuestion(rec, new_item(rec, i), video) for i, video in enumerate(videos)]
-    dtype = model.dino.patch_embed.weight.dtype
-    run = partial(score_batch, model, tok, batch, MODES, device, dtype, "mean", "likelihood", 16)
+    run = partial(score_batch, model, tok, batch, MODES, device, "mean", "likelihood", 16)
     run()  # warm-up
     return questions / median([timed(run, device) for _ in range(3)])
 

@@ -23,7 +23,7 @@ import zlib
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from itertools import chain, groupby
+from itertools import chain, groupby, islice
 
 import av
 import numpy as np
@@ -381,13 +381,7 @@ def video_chunks(src, image_size, max_frames, fps=None, start=None, end=None, ch
     encodes a chunk at once; decoded in a thread while the model works on the chunk before"""
     frames = read_ahead(video_frames(src, image_size, max_frames, fps, start, end,
                                      progress=progress))
-    batch = []
-    for f in frames:
-        batch.append(f)
-        if len(batch) == chunk:
-            yield normalize(np.stack(batch)).to(device)
-            batch = []
-    if batch:
+    while batch := list(islice(frames, chunk)):
         yield normalize(np.stack(batch)).to(device)
 
 
@@ -919,6 +913,11 @@ def collate(samples):
             out["question_ids"][j, P - len(r["question"]):] = torch.tensor(r["question"])
             out["question_valid"][j, P - len(r["question"]):] = True
     return out
+
+
+def row_keywords(batch):
+    """The forward's keywords that say whose each text row is, and question_first's questions."""
+    return {k: batch.get(k) for k in ("owner", "question_ids", "question_valid")}
 
 
 class Loader(DataLoader):

@@ -9,10 +9,7 @@ the frozen reference (the stage-2 model). At step 0 the policy is the reference,
 is ln 2.
 
 One DINOv2 encode per sample serves both answers: data.collate's stage-3 batch has two text rows
-per sample (chosen_0, rejected_0, chosen_1, ...; owner says whose), one forward of 2B rows. The
-reference is a frozen copy of the initial policy (make_reference), or with precompute_ref a table
-of its log-probs computed in one pass before training (precompute_reference): one model in memory,
-no reference forward.
+per sample (chosen_0, rejected_0, chosen_1, ...; owner says whose), one forward of 2B rows.
 """
 import copy
 from contextlib import nullcontext
@@ -43,18 +40,14 @@ def answer_logps(model, batch, mode):
     # only the targets go through lm_head and the vocab-wide softmax:
     # answers are a fraction of the sequence
     logits, _ = model(batch['frames'], batch['input_ids'], batch['loss_mask'], batch['frame_mask'],
-                      mode=mode, owner=batch['owner'], question_ids=batch.get('question_ids'),
-                      question_valid=batch.get('question_valid'))  # [n,V]
+                      mode=mode, **data.row_keywords(batch))  # [n,V]
     logps, counts = sequence_logps(logits, batch['input_ids'], batch['loss_mask'])
     return logps.view(-1, 2), counts.view(-1, 2)
 
 
-def make_reference(model, precompute_ref=False):
-    """The frozen reference: a copy of the initial policy, in eval(), only run under no_grad; None
-    with precompute_ref (precompute_reference builds a table instead). Make it before torch.compile
-    wraps methods of `model`."""
-    if precompute_ref:
-        return None
+def make_reference(model):
+    """The frozen reference: a copy of the initial policy, in eval(), only run under no_grad. Make
+    it before torch.compile wraps methods of `model`."""
     # frozen by running under no_grad:
     # with requires_grad off CPU kernels differ by ~1e-6 from the policy's
     return copy.deepcopy(model).eval()

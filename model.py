@@ -1082,11 +1082,13 @@ def mfu(flops, seconds, peak):
     return None if peak is None else flops / seconds / peak
 
 
-def forward_flops(model, B, T, S, image_size, mode, rows_per_sample=1, question_len=0,
-                  targets=None, coarse_answers=False):
-    """Analytic FLOPs of one forward in `mode` of B samples of T frames with rows_per_sample text
-    rows of S tokens each (DPO: 2): DINOv2, glimpses, LLM and lm_head on `targets` positions per
-    row (None: all S). question_len > 0: question first. coarse_answers: coarse_loss_weight > 0."""
+def train_flops(model, B, T, S, image_size, mode="coarse_fine", rows_per_sample=1, reference=False,
+                question_len=0, targets=None, coarse_answers=False):
+    """Analytic FLOPs of one training step: forward + backward (2x the forward), plus a frozen
+    reference's forward (DPO). The forward in `mode` of B samples of T frames with rows_per_sample
+    text rows of S tokens each (DPO: 2): DINOv2, glimpses, LLM and lm_head on `targets` positions
+    per row (None: all S). question_len > 0: question first. coarse_answers: coarse_loss_weight
+    > 0."""
     d, lc = model.dino.cfg, model.llm.cfg
     D, P, L = d.dim, (image_size // d.patch_size) ** 2, lc.dim
     mlp = 2 * 2 * D * int(D * d.mlp_ratio)  # per token
@@ -1115,13 +1117,5 @@ def forward_flops(model, B, T, S, image_size, mode, rows_per_sample=1, question_
                 "autoregressive": walkers * T + B * T * coarse_answers}[mode]
     steer = 0 if mode == "coarse_only" else walkers * T * 2 * L * D  # llm_to_query
     head = (1 + coarse_answers) * R * (S if targets is None else targets) * 2 * L * lc.vocab_size
-    return B * T * frame + glimpses * glimpse + steer + text + head
-
-
-def train_flops(model, B, T, S, image_size, mode="coarse_fine", rows_per_sample=1, reference=False,
-                question_len=0, targets=None, coarse_answers=False):
-    """FLOPs of one training step: forward + backward (2x the forward), plus a frozen reference's
-    forward (DPO). targets: positions per row that carry loss."""
-    forward = forward_flops(model, B, T, S, image_size, mode, rows_per_sample, question_len,
-                            targets, coarse_answers)
+    forward = B * T * frame + glimpses * glimpse + steer + text + head
     return (3 + reference) * forward

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+from bench import evaluate_mcq, format_table, mcq_results, read_mcq_file
 from model import (LAYOUTS, MODES, DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2,
                    compile_counts, compile_model, find_checkpoint, keep_freed_memory, load_model,
                    mfu, peak_flops, train_flops, use_tf32, warn_slow_bf16)
@@ -238,11 +239,13 @@ model.to(device)
 model.llm.gradient_checkpointing = gradient_checkpointing
 raw_model = model
 ref_model = None
-# stage 3: the frozen reference (None with precompute_ref), copied before compile wraps methods
+# stage 3: the frozen reference, copied before compile wraps methods (precompute_ref: a table of
+# its log-probs instead, built below)
 if stage == 3:
     import dpo
     reference_start = start_model(config['init_from'])[0].to(device) if resume_dir else raw_model
-    ref_model = dpo.make_reference(reference_start, precompute_ref)
+    if not precompute_ref:
+        ref_model = dpo.make_reference(reference_start)
 if compile:
     compile_model(model, compile_dynamic)
 if ddp:
@@ -306,11 +309,6 @@ if stage == 3 and precompute_ref:
                                          device, autocast, mode=train_mode)
 
 
-def row_keywords(batch):
-    """The forward's keywords that say whose each text row is, and question_first's questions."""
-    return {k: batch.get(k) for k in ('owner', 'question_ids', 'question_valid')}
-
-
 def batch_loss(batch):
     """Loss of one micro-batch (and DPO metrics in stage 3), the forward through the DDP wrapper."""
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
@@ -321,7 +319,7 @@ def batch_loss(batch):
                                            sft_weight, train_mode)
         else:
             _, loss = model(batch['frames'], batch['input_ids'], batch['loss_mask'],
-                            batch['frame_mask'], train_mode, **row_keywords(batch),
+                            batch['frame_mask'], train_mode, **data.row_keywords(batch),
                             coarse_loss_weight=coarse_loss_weight)
             metrics = {}
     # DDP reduces every parameter's gradient: add those this mode or batch did not use, weight 0
@@ -338,7 +336,6 @@ def evaluate():
     """Held-out loss per mode and, where there are MCQs, accuracy per mode through bench.py's
     scoring. Every rank takes part (its share of the val shards and the MCQs; the results are
     reduced), so no rank waits in a collective while another evaluates."""
-    from bench import evaluate_mcq, mcq_results, read_mcq_file
     global mcq_records
     raw_model.eval()
     out = {}
@@ -354,7 +351,7 @@ def evaluate():
             for j, m in enumerate(modes):
                 with autocast:
                     _, loss = raw_model(None, batch['input_ids'], batch['loss_mask'],
-                                        batch['frame_mask'], m, kv, **row_keywords(batch))
+                                        batch['frame_mask'], m, kv, **data.row_keywords(batch))
                 sums[:, j] += torch.stack((loss.float(), torch.ones((), device=device)))
         if ddp:
             dist.all_reduce(sums)
@@ -507,12 +504,7 @@ if master:
     if skipped := train_loader.skipped():
         say("skipped samples: " + ", ".join(f"{k}: {v}" for k, v in skipped.items()))
     if 'mcq' in final:
-        per_mode = final['mcq']['modes']
-        say("held-out MCQ accuracy per mode: "
-            + ", ".join(f"{m} {100 * r['accuracy']:.1f}%" for m, r in per_mode.items()))
-        for cat in next(iter(per_mode.values()))['per_category']:
-            say(f"  {cat:>12}: " + ", ".join(f"{m} {100 * r['per_category'][cat]['accuracy']:.1f}%"
-                                             for m, r in per_mode.items()))
+        say("held-out MCQ accuracy (%) per question type and mode:\n" + format_table(final['mcq']))
         with open(os.path.join(out_dir, 'final_eval.json'), 'w') as f:
             json.dump({k: v for k, v in final['mcq'].items() if k != 'items'}, f, indent=2)
     say(f"checkpoint: {latest_checkpoint()}")
