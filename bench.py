@@ -1001,7 +1001,7 @@ def shapes_video(path, minutes, rate=25, seed=0):
 
     def frames():
         for _ in range(minutes):
-            for img in shapes_clip(rng)[0]:
+            for img in shapes_clip(rng, frames=6)[0]:  # 6 frames x 10 s: a clip a minute
                 frame = av.VideoFrame.from_ndarray(np.asarray(img), format="rgb24")
                 for _ in range(10 * rate):
                     yield frame

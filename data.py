@@ -999,10 +999,10 @@ QUESTIONS = {"spot": "what colour is the spot on the {} ball?",
 BALLS = 3  # each in a quadrant; the fourth quadrant is where the mover goes
 # share of training clips with one or two balls: there a glimpse of the whole frame reads the spot
 FEWER = 0.5
-SHAPES_VERSION = 6  # bump when the task changes: ensure_shapes then regenerates old copies
+SHAPES_VERSION = 7  # bump when the task changes: ensure_shapes then regenerates old copies
 
 
-def shapes_clip(rng, image_size=64, frames=6, n_clutter=16, balls=BALLS):
+def shapes_clip(rng, image_size=64, frames=4, n_clutter=16, balls=BALLS):
     """one clip: (T PIL images, facts {"balls": [{colour, spot, start, end}], "missing"})"""
     S, r = image_size, image_size * 0.16
     colours = [list(COLOURS)[i] for i in rng.permutation(4)]  # the balls', then the missing ones
@@ -1114,7 +1114,7 @@ def shapes_sample(rng, name, i, image_size, frames, cats):
     return dict(meta, caption=shapes_caption(facts), frame_count=frames, source="shapes"), imgs
 
 
-def make_shapes(out_dir, n_train=6000, n_val=500, n_dpo=1000, n_text=1000, image_size=64, frames=6,
+def make_shapes(out_dir, n_train=6000, n_val=500, n_dpo=1000, n_text=1000, image_size=64, frames=4,
                 shard_size=1000, seed=0):
     """Write the shapes task: train-*.tar (stage 2 conversations, captions for stage 1), val-*.tar +
     mcq_val.json (one held-out MCQ per val clip, joined by key), dpo-*.tar (stage 3 pairs),
