@@ -1087,8 +1087,8 @@ def train_flops(model, B, T, S, image_size, mode="coarse_fine", rows_per_sample=
     """Analytic FLOPs of one training step: forward + backward (2x the forward), plus a frozen
     reference's forward (DPO). The forward in `mode` of B samples of T frames with rows_per_sample
     text rows of S tokens each (DPO: 2): DINOv2, glimpses, LLM and lm_head on `targets` positions
-    per row (None: all S). question_len > 0: question first. coarse_answers: coarse_loss_weight
-    > 0."""
+    per row (None: all S). question_len > 0: question first.
+    coarse_answers: coarse_loss_weight > 0."""
     d, lc = model.dino.cfg, model.llm.cfg
     D, P, L = d.dim, (image_size // d.patch_size) ** 2, lc.dim
     mlp = 2 * 2 * D * int(D * d.mlp_ratio)  # per token
