@@ -70,7 +70,7 @@ stream_chunk = 8
 # coarse_only / coarse_fine hold every frame's K/V (~9.5 MB a frame at 224px fp32)
 max_held_frames = 256
 sheet_frames = 12  # a video of more frames is drawn as a contact sheet of this many, evenly spaced
-replicate_image_frames = 8
+replicate_image_frames = data.IMAGE_FRAMES  # an image becomes this many frames
 attention_out = ''  # .png (all frames side by side) or .gif (an animation)
 # the late layers decide what the glimpse token carries; early ones are mostly positional
 attention_layers = 4

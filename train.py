@@ -52,7 +52,7 @@ tiny_visual_scale = 20.0  # loud visual tokens: a from-scratch LLM reads them so
 # data
 image_size = 64
 max_frames = 8  # frames sampled uniformly over a video (at least 1); with fps > 0 the cap
-replicate_image_frames = 8
+replicate_image_frames = data.IMAGE_FRAMES  # an image becomes this many frames
 fps = 0.0  # video frames per second (up to max_frames); 0 = max_frames spread over the clip
 max_text_len = 0  # tokens per sample; 0 = the stage's default (512 in stage 1, 1024 after)
 text_ratio = 0.05
