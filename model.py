@@ -216,8 +216,12 @@ class SmolLM2(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
+        # from scratch, Linears at std 1/sqrt(fan-in): at 0.02 a narrow model's attention starts
+        # uniform, and the tiny default's glimpse steering then often never starts
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
+            if isinstance(m, nn.Linear) and m is not self.lm_head:
+                nn.init.normal_(m.weight, std=m.in_features ** -0.5)
+            elif isinstance(m, (nn.Linear, nn.Embedding)):  # the embedding, the head
                 nn.init.normal_(m.weight, std=0.02)
 
     def rope(self, pos, dtype):

@@ -68,7 +68,7 @@ annotation_block = 1
 # optimisation
 batch_size = 16  # per rank, per micro-step
 gradient_accumulation_steps = 1
-max_iters = 1200  # about 9 minutes on 2 CPU cores with AMX, data generation included (README)
+max_iters = 1200  # 9-10.5 minutes on 2 CPU cores with AMX, data generation included (README)
 warmup_iters = 50
 lr_decay_iters = 0  # length of warmup + decay; 0 means max_iters
 # connector and DINOv2 slow: at 2e-3 / 1e-3 Adam's noisy early steps erased where things are

@@ -30,7 +30,7 @@ def ckpt(tmp_path_factory):
     torch.manual_seed(0)
     llm = SmolLM2(LLMConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                             hidden_dim=64, max_seq_len=256))
-    with torch.no_grad():  # std 0.02 weights give near-flat logits and one repeated token: no test at all
+    with torch.no_grad():  # the fresh head (std 0.02) gives near-flat logits, one repeated token: no test
         for p in llm.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.3)
