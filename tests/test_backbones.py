@@ -48,6 +48,17 @@ def test_bf16_keeps_positions_exact():
     assert (got - want).norm() / want.norm() < 0.1  # 0.05 measured; 0.9 with bf16 angles
 
 
+def test_fresh_llm_init_is_fan_in():
+    # the embedded default's glimpse steering needs attention that is not uniform at init
+    torch.manual_seed(0)
+    llm = SmolLM2(LLMConfig(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                            head_dim=32, hidden_dim=384))
+    q_proj, down_proj = llm.layers[0].self_attn.q_proj, llm.layers[0].mlp.down_proj
+    assert abs(q_proj.weight.std().item() * 128 ** 0.5 - 1) < 0.05
+    assert abs(down_proj.weight.std().item() * 384 ** 0.5 - 1) < 0.05
+    assert abs(llm.embed_tokens.weight.std().item() / 0.02 - 1) < 0.05  # the tied head too
+
+
 def test_kv_cache_decode_equals_full_forward(tiny_llama):
     model = SmolLM2.from_pretrained(tiny_llama[0]).eval()
     idx = torch.randint(0, 96, (2, 12))
