@@ -33,11 +33,11 @@ from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from data import (IMAGE_EXTS, IMAGE_FRAMES, PAD_ID, VIDEO_EXTS, ShardDataset, SkipSample, _jpg,
-                  context_error, encode_answer, format_mcq, frame_files, image_files, load_image,
-                  load_tokenizer, load_video, make_loader, prompt_parts, read_ahead, read_tar,
-                  record_frames, record_text, shapes_clip, uniform_indices, video_chunks,
-                  video_frames, video_length, write_tar)
+from data import (DEFAULT_USER, IMAGE_EXTS, IMAGE_FRAMES, PAD_ID, VIDEO_EXTS, ShardDataset,
+                  SkipSample, _jpg, context_error, encode_answer, format_mcq, frame_files,
+                  image_files, load_image, load_tokenizer, load_video, make_loader, prompt_parts,
+                  read_ahead, read_tar, record_frames, record_text, shapes_clip, uniform_indices,
+                  video_chunks, video_frames, video_length, write_tar)
 from model import (MODES, DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2, compile_counts,
                    compile_model, decode, keep_freed_memory, left_pad, load_model, mfu, native_bf16,
                    peak_flops, train_flops, use_tf32, warn_slow_bf16)
@@ -631,10 +631,8 @@ def read_pope(data_dir):
 def read_shards(data_dir, tok, max_frames=64, image_size=224):
     """MCQs from tar shards (a dir of *.tar*, or a glob): `user` ends with option lines "X. ...",
     `assistant` starts with the letter. Other records are left out."""
-    if os.path.isdir(data_dir):
-        shards = sorted(glob.glob(os.path.join(data_dir, "*.tar*")))
-    else:
-        shards = glob.glob(data_dir)
+    pattern = os.path.join(data_dir, "*.tar*") if os.path.isdir(data_dir) else data_dir
+    shards = sorted(glob.glob(pattern))
     if not shards:
         raise FileNotFoundError(f"bench.py: no *.tar shards in {data_dir}")
     ds = ShardDataset(shards, tok, stage=2, image_size=image_size, max_frames=max_frames,
@@ -663,7 +661,7 @@ def read_shards(data_dir, tok, max_frames=64, image_size=224):
     return records
 
 
-def read_task(task, data_dir, tok, max_frames, image_size, split="test", duration=""):
+def read_task(task, data_dir, tok, max_frames, image_size, split, duration):
     if task == "shapes":
         return read_mcq_file(data_dir, image_size)
     if task == "shards":
@@ -737,7 +735,6 @@ def train_speed(model, batch, device, dtypes, steps, mode="coarse_fine"):
     any update (same weights and batch), peak memory of the warm-up steps."""
     groups = ("connector", "steer", "dino", "dino_qk", "llm")
     opt = model.configure_optimizers(0.01, dict.fromkeys(groups, 1e-5))
-    report = {name: {} for name in dtypes}
     model.train()
 
     def step(name, update=True):
@@ -750,8 +747,7 @@ def train_speed(model, batch, device, dtypes, steps, mode="coarse_fine"):
             opt.zero_grad(set_to_none=True)
         return loss.item()
     with torch.no_grad():
-        for name in dtypes:
-            report[name]["loss"] = step(name, update=False)
+        report = {name: {"loss": step(name, update=False)} for name in dtypes}
     # warm-up: the first two steps build the optimizer state and the allocator's pools
     for name in dtypes:
         with peak_memory(device) as mem:
@@ -855,8 +851,7 @@ def decode_speed(model, tok, frames, device, n=32):
         kv = model.encode(frames, mask)
 
     def generate(n=n):
-        users = ["Describe this video."]
-        cache, last, _ = prefill_users(model, tok, kv, mask, users, "autoregressive", n)
+        cache, last, _ = prefill_users(model, tok, kv, mask, [DEFAULT_USER], "autoregressive", n)
         for _ in decode(model.llm, cache, last, n, stop_id=-1):  # never stops: a fixed length
             pass
     generate(4)  # warm-up

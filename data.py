@@ -89,10 +89,9 @@ def expand_globs(globs):
 
 
 def load_tokenizer(path_or_dir):
-    if os.path.isdir(path_or_dir):
-        path = os.path.join(path_or_dir, "tokenizer.json")
-    else:
-        path = path_or_dir
+    path = path_or_dir
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data.py: {path} not found; pass a SmolLM2 dir or a "
                                 f"tokenizer.json (make_shapes writes one)")
@@ -243,8 +242,7 @@ def _frame_times(container, stream, max_frames, fps, start, end):
 
 @contextmanager
 def _opened(src, name, max_frames, fps, start, end):
-    """(container, first video stream, picks = _frame_times); a file PyAV cannot read ->
-    SkipSample"""
+    """(container, video stream, picks = _frame_times); a file PyAV cannot read -> SkipSample"""
     if max_frames < 1:  # a caller's mistake, not the file's: said before the file is opened
         raise ValueError(f"data.py: max_frames={max_frames}: a video needs at least 1 frame "
                          f"(no cap: a large number, with fps)")
@@ -342,10 +340,7 @@ def read_ahead(items, ahead=32):
     """Iterate `items` in a thread, up to `ahead` in front of the caller: a video decodes while
     the model runs on the frames before."""
     slots, stop, end = queue.Queue(maxsize=ahead), threading.Event(), object()
-
-    class Failed:  # handed over in place of an item when `items` raised
-        def __init__(self, error):
-            self.error = error
+    error = []  # what `items` raised: raised in the caller once the items before it are through
 
     def put(x):  # blocks while the queue is full, unless the caller has gone
         while not stop.is_set():
@@ -360,16 +355,16 @@ def read_ahead(items, ahead=32):
                 put(x)
                 if stop.is_set():
                     return
-            put(end)
         except BaseException as e:  # noqa: B036  (handed to the caller, who raises it)
-            put(Failed(e))
+            error.append(e)
+        put(end)
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
     try:
         while (x := slots.get()) is not end:
-            if isinstance(x, Failed):
-                raise x.error
             yield x
+        if error:
+            raise error[0]
     finally:
         stop.set()
         thread.join()
@@ -926,8 +921,7 @@ class Loader(DataLoader):
     def __init__(self, dataset, num_workers, **kw):
         super().__init__(dataset, batch_size=None, num_workers=num_workers,
                          persistent_workers=False, **kw)
-        # this rank's readers, one per worker process (or the main process); the DataLoader takes
-        # their batches in turn
+        # this rank's readers: one per worker process (or the main process), taken in turn
         self.n_readers, self.states, self.skip_counts = max(1, num_workers), {}, {}
         self.next_reader = 0  # which of this rank's readers (0 .. n_readers-1) gives the next batch
 
@@ -1027,8 +1021,7 @@ def shapes_clip(rng, image_size=64, frames=4, n_clutter=16, balls=BALLS):
             (x0, y0), (x1, y1) = (centre[PLACES.index(ball[k])] for k in ("start", "end"))
             x, y = x0 + a * (x1 - x0), y0 + a * (y1 - y0)
             draw.ellipse([x - r, y - r, x + r, y + r], fill=COLOURS[ball["colour"]])
-            # the spot, S/8 wide: large enough that a glimpse of its ball reads it (S/12: the
-            # reader rarely learned to)
+            # the spot, S/8 wide: large enough that a glimpse of its ball reads it
             draw.rectangle([x - S / 16, y - S / 16, x + S / 16, y + S / 16],
                            fill=SPOTS[ball["spot"]])
     return imgs, {"balls": facts, "missing": colours[balls] if balls == 3 else None}

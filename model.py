@@ -1045,12 +1045,6 @@ def gpu_peak(name, dtype, tf32):
     return None
 
 
-def tf32_allowed():
-    """Whether CUDA fp32 matmuls may run as TF32 (set_float32_matmul_precision or the flag)."""
-    precision = torch.get_float32_matmul_precision()
-    return precision != "highest" or torch.backends.cuda.matmul.allow_tf32
-
-
 def use_tf32():
     """CUDA fp32 matmuls and convolutions on TF32 tensor cores (Ampere and later): much faster, with
     a 10-bit mantissa in matmul inputs. Call once at start-up."""
@@ -1062,7 +1056,10 @@ def peak_flops(device="cpu", dtype=torch.float32):
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = gpu_peak(name, dtype, tf32_allowed())
+        # fp32 matmuls run as TF32 if set_float32_matmul_precision or the flag allows it
+        tf32 = (torch.get_float32_matmul_precision() != "highest"
+                or torch.backends.cuda.matmul.allow_tf32)
+        peak = gpu_peak(name, dtype, tf32)
         if peak is None:
             print(f"model.py: no peak FLOP/s for {name!r} in {dtype} (add it to GPU_PEAK): "
                   f"MFU not reported")

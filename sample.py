@@ -10,16 +10,13 @@ frame's glimpse looked.
     python sample.py --prompt="what colour is the spot on the red ball?" \
         --second_prompt="what colour is the spot on the blue ball?" --attention_out=two.png
 
-In autoregressive mode a video streams (model.FoveatedVLM.stream): a reader thread decodes ahead,
-each chunk of frames is encoded, walked and freed, so memory does not grow with the video (the LLM
-cache aside). A video longer than the LLM's context is refused with how many frames would fit.
+In autoregressive mode a video streams (model.FoveatedVLM.stream), so memory does not grow with
+it (the LLM cache aside); a video longer than the LLM's context is refused with how many frames fit.
 
-The picture has one column per frame (.png) or one animation frame per video frame (.gif), and rows:
-the frame, the coarse glimpse (q_static: what coarse_only sees), the glimpse of --mode (if not
-coarse) for each prompt. The heatmap is the glimpse query's attention over the patch grid, exactly
-the weights model.glimpse used: averaged over heads and over the last `attention_layers` DINOv2
-layers, CLS column dropped, each map divided by its own peak (a flat map means "looked
-everywhere"), upsampled bilinearly.
+The picture: one column per frame (.png) or one animation frame per video frame (.gif); rows: the
+frame, the coarse glimpse (q_static), and each prompt's glimpse in --mode. A heatmap is the glimpse
+query's attention over the patch grid (the weights model.glimpse used), averaged over heads and the
+last `attention_layers` DINOv2 layers, each map divided by its own peak.
 The generated text goes to stdout; everything else to stderr.
 """
 import glob
