@@ -60,8 +60,8 @@ dtype = 'float32'  # float32 | bfloat16 (autocast)
 max_frames = 0
 fps = 0.0  # > 0: videos at this many frames per second, up to max_frames
 image_size = 0  # 0 = 224 (shapes: the size it was generated at)
-score = 'mean'  # mean | sum | original (see SCORES)
-scoring = 'likelihood'  # likelihood | generate (see SCORING)
+score = 'mean'  # with likelihood scoring, an option's score: mean | sum | original (SCORES)
+scoring = 'likelihood'  # how the answer is picked: likelihood | generate (SCORING)
 split = 'test'  # scienceqa split
 videomme_duration = ''  # Video-MME: short | medium | long; '' = all
 batch_size = 32  # questions per model call

@@ -104,24 +104,24 @@ def load_tokenizer(path_or_dir):
 
 
 def encode_chat(tok, messages, stage, max_len=None):
-    """ChatML with the system prompt -> (input_ids, loss_mask, truncated, question_end). Targets:
-    stage 1 every token; stages 2-3 assistant content + <|im_end|>. question_end: where the first
-    user turn ends."""
-    text, spans, question_end = "", [], None
+    """ChatML with the system prompt -> (input_ids, loss_mask, truncated, question_tokens). Targets:
+    stage 1 every token; stages 2-3 assistant content + <|im_end|>. question_tokens: how many
+    tokens come before the end of the first user turn."""
+    text, spans, question_end_char = "", [], None
     for m in [{"role": "system", "content": SYSTEM_PROMPT}] + list(messages):
         text += f"<|im_start|>{m['role']}\n"
         if m["role"] == "assistant":
             spans.append((len(text), len(text) + len(m["content"] + "<|im_end|>")))
         text += m["content"] + "<|im_end|>\n"
-        if m["role"] == "user" and question_end is None:
-            question_end = len(text)
+        if m["role"] == "user" and question_end_char is None:
+            question_end_char = len(text)
     # one encode of the whole text, so ids equal HF apply_chat_template
     enc = tok.encode(text, add_special_tokens=False)
     in_answer = [int(any(s <= a and b <= e for s, e in spans)) for a, b in enc.offsets]
     mask = [1] * len(enc.ids) if stage == 1 else in_answer
     max_len = max_len or MAX_LEN[stage]
-    split = sum(b <= (question_end or 0) for _, b in enc.offsets)
-    return enc.ids[:max_len], mask[:max_len], len(enc.ids) > max_len, min(split, max_len)
+    question_tokens = sum(b <= (question_end_char or 0) for _, b in enc.offsets)
+    return enc.ids[:max_len], mask[:max_len], len(enc.ids) > max_len, min(question_tokens, max_len)
 
 
 def encode_question(tok, user):
@@ -686,7 +686,7 @@ class ReaderState:
 
 class ShardDataset(IterableDataset):
     """Streams samples {key, rows: token rows {question, ids, mask}, frames [T,3,S,S]} from tar
-    shards, plain files or annotation files (shared out by blocks of block_rows rows).
+    shards, plain files or annotation files (shared out by blocks of annotation_block rows).
     Split: each epoch the shards are shuffled by (seed, epoch); shard i goes to reader i % readers,
     reader = rank * num_workers + worker. Text mixing: each draw is the next text record with
     probability text_ratio (all text shards for every reader if fewer than the readers).
@@ -695,9 +695,9 @@ class ShardDataset(IterableDataset):
     def __init__(self, globs, tok, stage, image_size=224, max_frames=64, replicate_image_frames=1,
                  text_ratio=0.0, seed=0, rank=0, world_size=1, text_globs=None, loop=True,
                  shuffle_buffer=1000, fps=None, max_len=None, prompts=None, layout="frames_first",
-                 media_root="", block_rows=1):
+                 media_root="", annotation_block=1):
         self.skipped = Counter()  # this process's: every batch carries them to the main process
-        self.media_root, self.block_rows = media_root, block_rows
+        self.media_root, self.annotation_block = media_root, annotation_block
         self.shards = self.units(expand_globs(globs))
         self.text_shards = self.units(expand_globs(text_globs)) if text_globs else []
         self.tok, self.stage, self.image_size, self.max_frames = tok, stage, image_size, max_frames
@@ -713,12 +713,12 @@ class ShardDataset(IterableDataset):
 
     def units(self, paths):
         """What the readers share out: shards, plain files, an annotation file's row blocks"""
-        return [u for p in paths for u in (annotation_units(p, self.block_rows, self.skipped)
+        return [u for p in paths for u in (annotation_units(p, self.annotation_block, self.skipped)
                                            if is_annotation(p) else [p])]
 
     def read_unit(self, unit):
         if isinstance(unit, tuple):
-            return read_annotation(unit, self.block_rows)
+            return read_annotation(unit, self.annotation_block)
         return read_source(unit, self.skipped)
 
     def records(self, shards, reader, readers, cursor, is_text):
@@ -745,6 +745,7 @@ class ShardDataset(IterableDataset):
         # a generator: the text shards are read only if mixing draws from them
         text = self.records(self.text_shards, reader, readers, state.text, True)
         mixing = self.text_shards and self.text_ratio > 0
+        good_epoch = state.main.epoch  # the main shards' epoch of the last usable sample
         while True:
             take_text = mixing and (seeded(self.seed, "mix", reader, state.drawn).random()
                                     < self.text_ratio)
@@ -756,12 +757,17 @@ class ShardDataset(IterableDataset):
             state.drawn += 1
             try:
                 yield self.decode(rec), asdict(state)
+                good_epoch = state.main.epoch
             except SkipSample as e:
                 count_skip(self.skipped, e.reason, str(e))
             except Exception as e:
                 # a sample no rule foresaw still never kills the run: named and counted
                 count_skip(self.skipped, "bad_sample",
                            f"{rec['shard']}:{rec['key']}: {type(e).__name__}: {e}")
+            if state.main.epoch > good_epoch + 1:  # a looping reader would skip forever, silently
+                raise ValueError(f"data.py: reader {reader} read a whole epoch of its shards "
+                                 f"without one usable sample (skipped: {dict(self.skipped)}); "
+                                 f"see the skips above, fix the data or the config")
 
     def __iter__(self):
         info = get_worker_info()
@@ -800,16 +806,16 @@ class ShardDataset(IterableDataset):
         """the question of a sample with no `user`, by its source"""
         return self.prompts.get(str(meta.get("source", "")).lower(), self.prompts[""])
 
-    def row(self, users, answers, where):
+    def text_row(self, users, answers, where):
         """A conversation (equal-length user / assistant lists) -> one row {question, ids, mask}:
         question first, the first user turn goes before the frames; frames first, nothing does."""
         chat = [{"role": r, "content": c}
                 for u, a in zip(users, answers)
                 for r, c in (("user", u), ("assistant", a))]
-        ids, mask, truncated, question_end = encode_chat(self.tok, chat, self.stage, self.max_len)
+        ids, mask, truncated, split = encode_chat(self.tok, chat, self.stage, self.max_len)
         if truncated:
             self.skipped["truncated (kept)"] += 1
-        split = question_end if self.question_first else 0
+        split = split if self.question_first else 0  # how many tokens go before the frames
         if not any(mask[split:]):
             raise SkipSample("no_targets",
                              f"{where}: no target tokens left after truncation to {self.max_len}")
@@ -822,7 +828,7 @@ class ShardDataset(IterableDataset):
             if need := [f for f in ("chosen_assistant", "rejected_assistant") if not meta.get(f)]:
                 raise SkipSample("missing_field", f"{where}.json: DPO sample misses {need}")
             user = meta.get("user") or (self.question_for(meta) if has_media else None)
-            return [self.row(*turns(user, meta[f"{k}_assistant"], where), where)
+            return [self.text_row(*turns(user, meta[f"{k}_assistant"], where), where)
                     for k in ("chosen", "rejected")]
         if "token_ids" in meta:
             return [self.pretokenized(meta, where)]
@@ -844,8 +850,8 @@ class ShardDataset(IterableDataset):
             raise SkipSample("missing_field",
                              f"{where}.json: a text-only sample needs a 'user' question")
         if self.question_first:
-            return [self.row([u], [a], where) for u, a in zip(users, answers)]
-        return [self.row(users, answers, where)]
+            return [self.text_row([u], [a], where) for u, a in zip(users, answers)]
+        return [self.text_row(users, answers, where)]
 
     def pretokenized(self, meta, where):
         """token_ids + loss_mask as stored; no mask means "all targets" only in stage 1"""
@@ -886,9 +892,9 @@ class ShardDataset(IterableDataset):
 
 
 def collate(samples):
-    """Samples -> a batch: frames [B,T,3,S,S] zero-padded, with frame_mask; every sample's text
-    rows, owner [R] (each row's sample), input_ids / loss_mask [R,S] right-padded with PAD_ID (loss
-    0), and question first question_ids / question_valid [R,P], left-padded."""
+    """Samples -> a batch: frames [B,T,3,H,W] zero-padded, with frame_mask [B,T]; every sample's
+    text rows, owner [R] (each row's sample), input_ids / loss_mask [R,S] right-padded with PAD_ID
+    (loss 0), and question first question_ids / question_valid [R,Pq], left-padded."""
     frames = pad_sequence([s["frames"] for s in samples], batch_first=True)
     lengths = torch.tensor([len(s["frames"]) for s in samples])
     rows = [(i, row) for i, s in enumerate(samples) for row in s["rows"]]

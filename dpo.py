@@ -8,8 +8,9 @@ pi / ref are the SUMMED log-probs of the answer tokens (chosen c, rejected r) un
 the frozen reference (the stage-2 model). At step 0 the policy is the reference, so the loss
 is ln 2.
 
-One DINOv2 encode per sample serves both answers: data.collate's stage-3 batch has two text rows
-per sample (chosen_0, rejected_0, chosen_1, ...; owner says whose), one forward of 2B rows.
+One DINOv2 encode per sample serves both answers: a stage-3 sample has two text rows, chosen then
+rejected (data.ShardDataset.text_rows), so a batch holds 2B rows (chosen_0, rejected_0, chosen_1,
+...; owner says whose), one forward.
 """
 import copy
 from contextlib import nullcontext

@@ -461,9 +461,9 @@ class DINOv2(nn.Module):
             x, _, _ = block(x)
         return self.norm(x)
 
-    def layer_kv(self, pixels):
-        """pixels [N,3,H,W] -> the per-layer (k, v) [N,H,1+P,hd] the glimpse reads (so the last
-        block computes its K/V only)"""
+    def patch_kv(self, pixels):
+        """pixels [N,3,H,W] -> every layer's patch keys and values (k, v) [N,H,1+P,hd], what the
+        glimpse reads (the last block computes its K/V only)"""
         x, kv = self.embed(pixels), []
         for block in self.blocks[:-1]:
             x, layer_kv, _ = block(x)
@@ -559,7 +559,8 @@ class FoveatedVLM(nn.Module):
         self.llm, self.dino = llm, dino
         self.visual_scale = visual_scale  # dino_to_llm * 0.14 matches SmolLM2's embedding std
         self.encode_chunk = encode_chunk  # frames per DINOv2 call: bounds memory on long videos
-        # frames_first: [frames][chat]; question_first: [system + user][frames][answer]
+        # frames_first: [frames][chat] (the released fVLM-135M's, hence the default here);
+        # question_first: [system + user][frames][answer] (train.py's embedded default)
         self.layout = layout
         D, L = dino.cfg.dim, llm.cfg.dim
         with torch.random.fork_rng(devices=[]):  # a fresh connector is the same for a given seed
@@ -587,7 +588,7 @@ class FoveatedVLM(nn.Module):
         """frames [B,T,3,H,W] -> per-layer (k, v), each [N,H,1+P,hd] for the N real frames in (b, t)
         order: one DINOv2 pass that every mode, question and call can reuse"""
         real = frames.flatten(0, 1) if frame_mask is None else frames[frame_mask]  # [N,3,H,W]
-        chunks = [self.dino.layer_kv(real[i:i + self.encode_chunk])  # N=0 (text only): empty
+        chunks = [self.dino.patch_kv(real[i:i + self.encode_chunk])  # N=0 (text only): empty
                   for i in range(0, max(real.shape[0], 1), self.encode_chunk)]
         return [(torch.cat([c[layer][0] for c in chunks]), torch.cat([c[layer][1] for c in chunks]))
                 for layer in range(len(self.dino.blocks))]
@@ -631,8 +632,9 @@ class FoveatedVLM(nn.Module):
     # owner [R]: the sample (row of frame_mask) of each text row; None: row r is sample r.
     # question: (ids [R,Pq] left-padded, valid [R,Pq] or None) in the question-first layout, else
     # None (frames first). Frame 0's query: the LLM's choice after the question, or q_init.
-    # W walkers choose the queries: with frames first one per sample serves all its rows (causal:
-    # text after the frames cannot change the walk), else one per text row.
+    # W walkers choose the queries: one per text row when the row's question (or, in coarse_fine's
+    # coarse pass trained to answer, its text) is read before the choice; else one per sample
+    # serves all its rows (frames first: text after the frames cannot change the walk).
 
     def sequence(self, question, visual, visual_valid, text=None):
         """visual [R,T,L] (visual_valid [R,T]) and text embeddings [R,S,L] or None -> the LLM's
@@ -648,15 +650,19 @@ class FoveatedVLM(nn.Module):
             masks.append(torch.ones(text.shape[:2], dtype=torch.bool, device=text.device))
         return torch.cat(parts, 1), joined(*masks)
 
+    def static_glimpses(self, kv, frame_mask):
+        """Every frame looked at with q_static: visual tokens [B,T,L], attention
+        [B,T,layers,H,1+P]. What coarse_only reads, and the coarse pass of coarse_fine."""
+        return self.look(self.q_static.expand(*frame_mask.shape, -1), kv, kv_index(frame_mask))
+
     def visual_tokens(self, kv, frame_mask, mode, owner=None, question=None, text=None):
         """coarse_only / coarse_fine: (visual tokens [R,T,L], their attention, the coarse pass's
         final states over `text` [R,S,L] or None). With text, coarse_fine's coarse pass reads
         [question][static glimpses][text], so it can be trained to answer from those too."""
-        B, T = frame_mask.shape
+        T = frame_mask.shape[1]
         # [B,...] per sample -> [R,...] per text row
         to_rows = (lambda x: x) if owner is None else (lambda x: x[owner])  # noqa: E731
-        kv_rows = kv_index(frame_mask)  # [B,T]
-        static, attn = self.look(self.q_static.expand(B, T, -1), kv, kv_rows)  # [B,T,L]
+        static, attn = self.static_glimpses(kv, frame_mask)  # [B,T,L]
         if mode == "coarse_only" or T == 0:
             return to_rows(static), to_rows(attn), None
         # The coarse pass reads the static glimpses and chooses where to look in each frame: a
@@ -672,7 +678,7 @@ class FoveatedVLM(nn.Module):
             queries = torch.cat((first, self.llm_to_query(h[:, :T - 1])), 1)  # [W,T,D]
         else:
             queries = self.llm_to_query(h[:, Pq - 1:Pq + T - 1])  # [W,T,D]
-        fine, attn = self.look(queries, kv, to_walkers(kv_rows))  # [W,T,L]
+        fine, attn = self.look(queries, kv, to_walkers(kv_index(frame_mask)))  # [W,T,L]
         if not per_row:
             fine, attn = to_rows(fine), to_rows(attn)
         return fine, attn, (h[:, Pq + T:] if text is not None else None)
@@ -771,7 +777,9 @@ class FoveatedVLM(nn.Module):
             cache, _ = self.walked_cache(kv, frame_mask, owner, question, extra=S)
             h = self.llm(input_ids, cache=cache, hidden_only=True)
             if coarse_loss_weight and loss_mask is not None:  # the static glimpses answer too
-                static, _, _ = self.visual_tokens(kv, frame_mask, "coarse_only", owner, question)
+                static, _ = self.static_glimpses(kv, frame_mask)  # [B,T,L]
+                if owner is not None:
+                    static = static[owner]  # [R,T,L]
                 embeds, valid = self.sequence(question, static, row_frame_mask,
                                               self.llm.embed_tokens(input_ids))
                 coarse_h = self.llm(embeds=embeds, valid=valid, hidden_only=True)[:, -S:]
@@ -1104,8 +1112,10 @@ def train_flops(model, B, T, S, image_size, mode="coarse_fine", rows_per_sample=
         per_token = 2 * L * (2 * q + 2 * kv) + 2 * 3 * L * lc.hidden_dim  # projections + MLP
         return lc.n_layers * (n * per_token + 2 * 2 * q * n * (n + 1) / 2)
     R, Q = B * rows_per_sample, question_len
-    walkers = R if Q else B  # who chooses queries: each row (question first) or each sample
     coarse_answers = coarse_answers and mode != "coarse_only"
+    # who chooses the queries: each text row if it reads a question (or, coarse_fine, its answer)
+    # before they are chosen, else each sample (FoveatedVLM.visual_tokens, walked_cache)
+    walkers = R if Q or (coarse_answers and mode == "coarse_fine") else B
     # coarse_fine's first pass; autoregressive's extra pass over the static glimpses
     coarse = R * llm(Q + T + S) if coarse_answers else walkers * llm(Q + T)
     static_answers = R * llm(Q + T + S) if coarse_answers else 0

@@ -252,15 +252,15 @@ def stream_video(ids, question):
     the picture shows with their glimpses [K,layers,H,1+P], their mm:ss labels or None when every
     frame is shown)."""
     if n_frames <= sheet_frames:
-        shown = set(range(n_frames))
+        shown_at = set(range(n_frames))
     else:
-        shown = set(data.uniform_indices(n_frames, sheet_frames))
+        shown_at = set(data.uniform_indices(n_frames, sheet_frames))
     kept, seen = [], [0]
 
     def keep(pixels, attn):  # a contact sheet keeps only its frames
         attn = attn[0]  # [n,layers,H,1+P]: the one row
         for i in range(pixels.shape[0]):
-            if seen[0] + i in shown:
+            if seen[0] + i in shown_at:
                 kept.append((seen[0] + i, pixels[i], attn[i]))
         seen[0] += pixels.shape[0]
     chunks = data.video_chunks(video, side, cap, fps or None, chunk=stream_chunk, device=device,
@@ -311,7 +311,7 @@ def respond(user, kv=None):
     for s in range(num_samples):
         if num_samples > 1:
             print(f"--- sample {s + 1}/{num_samples}", file=sys.stderr)
-        out, shown, t0 = [], "", time.time()
+        out, printed, t0 = [], "", time.time()
         # each sample continues from the prompt: a fresh copy of the prefilled cache
         first_row = cache.rows(torch.zeros(1, dtype=torch.long, device=device))
         tokens = model.decode(vlm.llm, first_row, logits, max_new_tokens, temperature,
@@ -322,10 +322,10 @@ def respond(user, kv=None):
             out.append(token.item())
             text = tok.decode(out)  # the whole answer: a byte-level token can be half a character
             if not text.endswith("\ufffd"):  # wait until the character is complete
-                print(text[len(shown):], end="", flush=True)
-                shown = text
+                print(text[len(printed):], end="", flush=True)
+                printed = text
         answers.append(tok.decode(out))
-        print(answers[-1][len(shown):], flush=True)
+        print(answers[-1][len(printed):], flush=True)
         print(f"({len(out)} tokens, {len(out) / (time.time() - t0):.1f} tokens/s)", file=sys.stderr)
     return answers[0], shown_frames, attn, times, kv
 
@@ -339,7 +339,7 @@ with torch.no_grad():
         frame_mask = torch.ones(shown_frames.shape[:2], dtype=torch.bool, device=device)
         if streaming:  # the shown frames again, for their coarse row: a dozen frames, not the video
             kv = vlm.encode(shown_frames, frame_mask)
-        _, static_attn, _ = vlm.visual_tokens(kv, frame_mask, "coarse_only")  # [1,T,layers,H,1+P]
+        _, static_attn = vlm.static_glimpses(kv, frame_mask)  # [1,T,layers,H,1+P]
         rows = [("coarse: q_static", static_attn[0])]
         if mode != "coarse_only":
             for i, (_, _, attn) in enumerate(replies):

@@ -116,7 +116,7 @@ seed = 1337
 # logging, eval, checkpoints
 log_interval = 10
 eval_interval = 500
-eval_iters = 10  # val batches per mode (per rank)
+eval_iters = 10  # val batches per rank, each scored in every eval mode
 eval_modes = 'coarse_only,coarse_fine,autoregressive'
 ckpt_interval = 500
 keep_last = 2  # checkpoints kept in out_dir/ckpt; 0 = all
@@ -161,6 +161,9 @@ for key, choices in (('dtype', ('float32', 'bfloat16')),  # float16 would need a
     value = globals()[key]
     if value not in choices:
         fail(f"{key}={value!r}: choose one of {', '.join(choices)}")
+if max_frames < 1:
+    fail(f"max_frames={max_frames}: every sample needs at least 1 frame "
+         f"(with fps > 0, max_frames is the cap)")
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
 if master:
     warn_slow_bf16(device, dtype, 'train.py')
@@ -234,6 +237,8 @@ try:
     tok = data.load_tokenizer(tok_path)
 except (FileNotFoundError, ValueError) as e:
     fail(f"{e}; set --tokenizer")
+if model.layout != layout:  # our checkpoints keep the layout they were trained with
+    say(f"layout: {model.layout} (the checkpoint's); --layout={layout} is for a fresh model")
 model.encode_chunk = encode_chunk
 model.to(device)
 model.llm.gradient_checkpointing = gradient_checkpointing
@@ -277,7 +282,7 @@ def make_dataset(globs, loop):
         replicate_image_frames=replicate_image_frames, seed=seed, loop=loop, rank=rank,
         world_size=world_size, shuffle_buffer=shuffle_buffer, max_len=max_text_len or None,
         prompts=source_prompts, layout=raw_model.layout, media_root=media_root,
-        block_rows=annotation_block, **text)
+        annotation_block=annotation_block, **text)
 
 
 try:

@@ -452,6 +452,14 @@ def test_wrongly_typed_json_is_skipped_in_a_worker(tmp_path, tok):
     assert loader.skipped() == Counter({"bad_field": 4, "bad_json": 1})
 
 
+def test_a_looping_reader_with_nothing_usable_stops(tmp_path, tok):
+    data.write_tar(tmp_path / "bad.tar", [(f"k{i}", {"jpg": b"not a jpeg", "json": {"user": "q", "assistant": "a"}})
+                                          for i in range(3)])
+    ds = data.ShardDataset(str(tmp_path / "bad.tar"), tok, stage=2, image_size=16, loop=True)
+    with pytest.raises(ValueError, match="a whole epoch of its shards without one usable sample"):
+        next(iter(data.make_loader(ds, batch_size=2)))
+
+
 def test_reader_split_is_checked_up_front(tmp_path, tok):
     text_shard(tmp_path / "a.tar", ["x"])
     text_shard(tmp_path / "b.tar", ["y"])

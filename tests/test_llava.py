@@ -185,7 +185,7 @@ def test_shard_writer_equals_annotations_and_resumes(tmp_path, tok, monkeypatch)
     names = sorted(os.listdir(tmp_path / "ref"))
     assert names == [f"train-{i:06d}.tar" for i in range(4)]
     # train on both: the same samples in the same order (a bad row would not: it is dropped before the shuffle)
-    rows_ds = data.ShardDataset(ann, tok, stage=2, image_size=32, seed=5, shuffle_buffer=4, block_rows=3)
+    rows_ds = data.ShardDataset(ann, tok, stage=2, image_size=32, seed=5, shuffle_buffer=4, annotation_block=3)
     shard_ds = data.ShardDataset(str(tmp_path / "ref" / "train-*.tar"), tok, stage=2, image_size=32, seed=5,
                                  shuffle_buffer=4)
     for a, b, _ in zip(data.make_loader(rows_ds, 2), data.make_loader(shard_ds, 2), range(12)):  # 2 epochs

@@ -111,6 +111,9 @@ def test_ddp_every_mode_text_only_and_eval(shapes, tmp_path):
     assert all(math.isfinite(r['loss']) for r in metrics(tmp_path / 'ar'))
     bad = train(shapes, tmp_path / 'bad', '--train_mode=fast', check=False)
     assert bad.returncode == 1 and 'coarse_only, coarse_fine, autoregressive' in bad.stderr
+    # no frames: said at start-up, not a run that skips every sample
+    no_frames = train(shapes, tmp_path / 'bad', '--max_frames=0', check=False)
+    assert no_frames.returncode == 1 and 'max_frames=0: every sample needs at least 1' in no_frames.stderr
 
 
 def test_killed_save_leaves_a_loadable_checkpoint(shapes, tmp_path):
