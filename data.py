@@ -721,13 +721,18 @@ class ShardDataset(IterableDataset):
             return read_annotation(unit, self.annotation_block)
         return read_source(unit, self.skipped)
 
+    def epoch_units(self, units, reader, readers, epoch, is_text):
+        """The units a reader reads in an epoch: shuffled by (seed, epoch), the same order on every
+        reader, then dealt out (text shards: all to every reader if fewer than the readers)"""
+        order = list(units)
+        seeded(self.seed, "shards", is_text, epoch).shuffle(order)
+        return order if is_text and len(order) < readers else order[reader::readers]
+
     def records(self, shards, reader, readers, cursor, is_text):
         """One reader's undecoded records, advancing `cursor`, in an order set by seed and epoch
         alone: a resumed reader drops the records it had consumed."""
         while True:
-            order = list(shards)
-            seeded(self.seed, "shards", is_text, cursor.epoch).shuffle(order)  # same on all readers
-            mine = order if is_text and len(order) < readers else order[reader::readers]
+            mine = self.epoch_units(shards, reader, readers, cursor.epoch, is_text)
             stream = (rec for unit in mine for rec in self.read_unit(unit))
             rng, seen = seeded(self.seed, "buffer", is_text, cursor.epoch, reader), 0
             for seen, rec in enumerate(shuffled(stream, rng, self.shuffle_buffer), 1):
@@ -739,35 +744,45 @@ class ShardDataset(IterableDataset):
             cursor.epoch, cursor.consumed = cursor.epoch + 1, 0
 
     def samples(self, reader, readers):
-        """(decoded sample, reader state after it) of one reader; bad records counted, skipped"""
+        """(decoded sample, reader state after it) of one reader; bad records counted, skipped.
+        Raises once every main unit was read in full, since the last usable main sample, in vain:
+        a looping reader would skip forever."""
         state = self.resume.get(reader, ReaderState())
         main = self.records(self.shards, reader, readers, state.main, False)
         # a generator: the text shards are read only if mixing draws from them
         text = self.records(self.text_shards, reader, readers, state.text, True)
         mixing = self.text_shards and self.text_ratio > 0
-        good_epoch = state.main.epoch  # the main shards' epoch of the last usable sample
+        # main units read in full since the last usable main sample (in epoch good_epoch), and
+        # the first epoch not yet added to them
+        barren, good_epoch, next_epoch = set(), state.main.epoch, state.main.epoch
         while True:
             take_text = mixing and (seeded(self.seed, "mix", reader, state.drawn).random()
                                     < self.text_ratio)
             rec = next(text, None) if take_text else None
-            if rec is None:  # a main draw, or the text shards have run out
+            from_main = rec is None  # a main draw, or the text shards have run out
+            if from_main:
                 rec = next(main, None)
             if rec is None:
                 return
             state.drawn += 1
             try:
                 yield self.decode(rec), asdict(state)
-                good_epoch = state.main.epoch
+                if from_main:
+                    barren, good_epoch = set(), state.main.epoch
             except SkipSample as e:
                 count_skip(self.skipped, e.reason, str(e))
             except Exception as e:
                 # a sample no rule foresaw still never kills the run: named and counted
                 count_skip(self.skipped, "bad_sample",
                            f"{rec['shard']}:{rec['key']}: {type(e).__name__}: {e}")
-            if state.main.epoch > good_epoch + 1:  # a looping reader would skip forever, silently
-                raise ValueError(f"data.py: reader {reader} read a whole epoch of its shards "
-                                 f"without one usable sample (skipped: {dict(self.skipped)}); "
-                                 f"see the skips above, fix the data or the config")
+            for epoch in range(max(next_epoch, good_epoch + 1), state.main.epoch):  # finished
+                barren.update(self.epoch_units(self.shards, reader, readers, epoch, False))
+            next_epoch = state.main.epoch
+            if len(barren) == len(set(self.shards)):
+                raise ValueError(f"data.py: reader {reader} read every shard of the training data "
+                                 f"in full and none gave a usable sample (skipped: "
+                                 f"{dict(self.skipped)}); the skips above say why: fix the data "
+                                 f"or the config")
 
     def __iter__(self):
         info = get_worker_info()
@@ -806,7 +821,7 @@ class ShardDataset(IterableDataset):
         """the question of a sample with no `user`, by its source"""
         return self.prompts.get(str(meta.get("source", "")).lower(), self.prompts[""])
 
-    def text_row(self, users, answers, where):
+    def chat_row(self, users, answers, where):
         """A conversation (equal-length user / assistant lists) -> one row {question, ids, mask}:
         question first, the first user turn goes before the frames; frames first, nothing does."""
         chat = [{"role": r, "content": c}
@@ -828,7 +843,7 @@ class ShardDataset(IterableDataset):
             if need := [f for f in ("chosen_assistant", "rejected_assistant") if not meta.get(f)]:
                 raise SkipSample("missing_field", f"{where}.json: DPO sample misses {need}")
             user = meta.get("user") or (self.question_for(meta) if has_media else None)
-            return [self.text_row(*turns(user, meta[f"{k}_assistant"], where), where)
+            return [self.chat_row(*turns(user, meta[f"{k}_assistant"], where), where)
                     for k in ("chosen", "rejected")]
         if "token_ids" in meta:
             return [self.pretokenized(meta, where)]
@@ -850,8 +865,8 @@ class ShardDataset(IterableDataset):
             raise SkipSample("missing_field",
                              f"{where}.json: a text-only sample needs a 'user' question")
         if self.question_first:
-            return [self.text_row([u], [a], where) for u, a in zip(users, answers)]
-        return [self.text_row(users, answers, where)]
+            return [self.chat_row([u], [a], where) for u, a in zip(users, answers)]
+        return [self.chat_row(users, answers, where)]
 
     def pretokenized(self, meta, where):
         """token_ids + loss_mask as stored; no mask means "all targets" only in stage 1"""

@@ -632,9 +632,10 @@ class FoveatedVLM(nn.Module):
     # owner [R]: the sample (row of frame_mask) of each text row; None: row r is sample r.
     # question: (ids [R,Pq] left-padded, valid [R,Pq] or None) in the question-first layout, else
     # None (frames first). Frame 0's query: the LLM's choice after the question, or q_init.
-    # W walkers choose the queries: one per text row when the row's question (or, in coarse_fine's
-    # coarse pass trained to answer, its text) is read before the choice; else one per sample
-    # serves all its rows (frames first: text after the frames cannot change the walk).
+    # W walkers choose the queries: one per text row whenever the pass that chooses them reads the
+    # row's own tokens (its question; or its text, in coarse_fine's coarse pass trained to answer);
+    # else one per sample serves all its rows (frames first: text after the frames cannot change
+    # the walk).
 
     def sequence(self, question, visual, visual_valid, text=None):
         """visual [R,T,L] (visual_valid [R,T]) and text embeddings [R,S,L] or None -> the LLM's
@@ -1113,8 +1114,8 @@ def train_flops(model, B, T, S, image_size, mode="coarse_fine", rows_per_sample=
         return lc.n_layers * (n * per_token + 2 * 2 * q * n * (n + 1) / 2)
     R, Q = B * rows_per_sample, question_len
     coarse_answers = coarse_answers and mode != "coarse_only"
-    # who chooses the queries: each text row if it reads a question (or, coarse_fine, its answer)
-    # before they are chosen, else each sample (FoveatedVLM.visual_tokens, walked_cache)
+    # who chooses the queries: each text row if the choosing pass reads the row's question (or, in
+    # coarse_fine, its answer), else each sample (FoveatedVLM.visual_tokens, walked_cache)
     walkers = R if Q or (coarse_answers and mode == "coarse_fine") else B
     # coarse_fine's first pass; autoregressive's extra pass over the static glimpses
     coarse = R * llm(Q + T + S) if coarse_answers else walkers * llm(Q + T)

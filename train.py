@@ -425,8 +425,9 @@ if master:
         except ImportError:
             say("wandb_log=True but wandb is not installed: logging to metrics.jsonl only")
     params = sum(p.numel() for p in raw_model.parameters())
-    say(f"model: {params / 1e6:.2f}M params, device {device}, dtype {dtype}, {world_size} rank(s), "
-        f"batch {batch_size}x{gradient_accumulation_steps}x{world_size}")
+    say(f"model: {params / 1e6:.2f}M params, layout {raw_model.layout}, device {device}, "
+        f"dtype {dtype}, {world_size} rank(s), batch "
+        f"{batch_size}x{gradient_accumulation_steps}x{world_size}")
 if device_type == 'cpu':
     keep_freed_memory()
 else:

@@ -430,6 +430,24 @@ def test_train_step_flops_match_counted(tok, mode, dpo_step, coarse_weight):
     assert abs(ours - fc.get_total_flops()) / ours < 0.1, (ours, fc.get_total_flops())
 
 
+def test_train_flops_of_extra_text_rows(tok):
+    """Frames first, coarse_fine whose coarse pass answers: that pass reads each row's text, so each row walks
+    its own glimpses; the cost of rows 2-3 of a sample against the counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    vlm, (B, T, S) = tiny_vlm(tok).train(), (2, 8, 6)
+
+    def step(rows):  # (ours, counted)
+        frames, ids = torch.randn(B, T, 3, SIZE, SIZE), torch.randint(3, 300, (B * rows, S))
+        mask = torch.zeros_like(ids)
+        mask[:, 3:] = 1
+        with FlopCounterMode(display=False) as fc:
+            vlm(frames, ids, mask, mode="coarse_fine", owner=torch.arange(B).repeat_interleave(rows),
+                coarse_loss_weight=0.3)[1].backward()
+        return train_flops(vlm, B, T, S, SIZE, "coarse_fine", rows, targets=3, coarse_answers=True), fc.get_total_flops()
+    (ours_1, counted_1), (ours_3, counted_3) = step(1), step(3)
+    assert abs((ours_3 - ours_1) / (counted_3 - counted_1) - 1) < 0.1, (ours_3 - ours_1, counted_3 - counted_1)
+
+
 @pytest.mark.parametrize("name,bf16,tf32,fp32", [
     ("NVIDIA H100 80GB HBM3", 989, 495, 67), ("NVIDIA H100 PCIe", 756, 378, 51), ("NVIDIA H100 NVL", 835, 418, 60),
     ("NVIDIA H200", 989, 495, 67), ("NVIDIA H200 NVL", 835, 418, 60), ("NVIDIA GH200 480GB", 989, 495, 67),

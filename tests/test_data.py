@@ -2,8 +2,10 @@
 import io
 import json
 import os
+import shutil
 import sys
 from collections import Counter
+from itertools import islice
 
 import av
 import numpy as np
@@ -82,10 +84,10 @@ def test_chat_template_matches_smollm2(smollm2_dir):
 
 
 def test_masks_stage1_and_stage2(tok):
-    ids, mask, trunc, question_end = data.encode_chat(tok, CONV, stage=1)
+    ids, mask, trunc, question_tokens = data.encode_chat(tok, CONV, stage=1)
     assert mask == [1] * len(ids) and not trunc
     ids2, mask2, _, _ = data.encode_chat(tok, CONV, stage=2)
-    assert ids[:question_end] == data.encode_question(tok, CONV[0]["content"])  # where question_first puts the frames
+    assert ids[:question_tokens] == data.encode_question(tok, CONV[0]["content"])  # where question_first puts the frames
     assert ids2 == ids
     # targets are exactly each assistant content + its <|im_end|>
     want, cur = [], data.encode_prompt(tok, CONV[0]["content"])
@@ -456,8 +458,19 @@ def test_a_looping_reader_with_nothing_usable_stops(tmp_path, tok):
     data.write_tar(tmp_path / "bad.tar", [(f"k{i}", {"jpg": b"not a jpeg", "json": {"user": "q", "assistant": "a"}})
                                           for i in range(3)])
     ds = data.ShardDataset(str(tmp_path / "bad.tar"), tok, stage=2, image_size=16, loop=True)
-    with pytest.raises(ValueError, match="a whole epoch of its shards without one usable sample"):
+    with pytest.raises(ValueError, match="read every shard of the training data in full and none"):
         next(iter(data.make_loader(ds, batch_size=2)))
+    # two readers, one shard each per epoch: a reader may draw the bad shard epochs in a row, and goes on
+    data.write_tar(tmp_path / "good.tar", [(f"g{i}", {"jpg": jpg((1, 1, 1)), "json": {"user": "q", "assistant": "a"}})
+                                           for i in range(3)])
+    for seed in range(6):
+        ds = data.ShardDataset([str(tmp_path / "good.tar"), str(tmp_path / "bad.tar")], tok, stage=2, image_size=16,
+                               seed=seed)
+        assert len(list(islice(ds.samples(0, 2), 60))) == 60
+    shutil.copy(tmp_path / "bad.tar", tmp_path / "bad2.tar")
+    ds = data.ShardDataset([str(tmp_path / "bad.tar"), str(tmp_path / "bad2.tar")], tok, stage=2, image_size=16)
+    with pytest.raises(ValueError, match="none gave a usable sample"):
+        next(ds.samples(0, 2))
 
 
 def test_reader_split_is_checked_up_front(tmp_path, tok):
