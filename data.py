@@ -755,6 +755,7 @@ class ShardDataset(IterableDataset):
         # main units read in full since the last usable main sample (in epoch good_epoch), and
         # the first epoch not yet added to them
         barren, good_epoch, next_epoch = set(), state.main.epoch, state.main.epoch
+        n_units = len(set(self.shards))
         while True:
             take_text = mixing and (seeded(self.seed, "mix", reader, state.drawn).random()
                                     < self.text_ratio)
@@ -778,7 +779,7 @@ class ShardDataset(IterableDataset):
             for epoch in range(max(next_epoch, good_epoch + 1), state.main.epoch):  # finished
                 barren.update(self.epoch_units(self.shards, reader, readers, epoch, False))
             next_epoch = state.main.epoch
-            if len(barren) == len(set(self.shards)):
+            if len(barren) == n_units:
                 raise ValueError(f"data.py: reader {reader} read every shard of the training data "
                                  f"in full and none gave a usable sample (skipped: "
                                  f"{dict(self.skipped)}); the skips above say why: fix the data "

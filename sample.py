@@ -14,9 +14,9 @@ In autoregressive mode a video streams (model.FoveatedVLM.stream), so memory doe
 it (the LLM cache aside); a video longer than the LLM's context is refused with how many frames fit.
 
 The picture: one column per frame (.png) or one animation frame per video frame (.gif); rows: the
-frame, the coarse glimpse (q_static), and each prompt's glimpse in --mode. A heatmap is the glimpse
-query's attention over the patch grid (the weights model.glimpse used), averaged over heads and the
-last `attention_layers` DINOv2 layers, each map divided by its own peak.
+frame, the coarse glimpse (q_static), and each prompt's glimpse in --mode (unless coarse_only). A
+heatmap is the glimpse query's attention over the patch grid (the weights model.glimpse used),
+averaged over heads and the last `attention_layers` DINOv2 layers, each map divided by its peak.
 The generated text goes to stdout; everything else to stderr.
 """
 import glob
