@@ -493,10 +493,13 @@ def table_files(data_dir, need):
 
 
 def answer_index(answer, options):
-    """An answer as benchmarks write it (index, letter, "B. text" or option text) -> its index."""
+    """An answer as benchmarks write it (index, option text, letter or "B. text") -> its index. The
+    text first: MVBench's answer is the option's text, and its Character Order options are letters."""
     if isinstance(answer, int):
         return answer
     answer = str(answer).strip()
+    if answer in options:
+        return options.index(answer)
     if len(answer) == 1 and answer.upper() in LETTERS[:len(options)]:
         return LETTERS.index(answer.upper())
     return options.index(re.sub(r"^[A-H]\.\s*", "", answer))

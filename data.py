@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import chain, groupby, islice
 
 import av
+from av.video.reformatter import VideoReformatter
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
@@ -218,14 +219,20 @@ def _duration(container, stream):
     return max(ends, default=0.0) - float((stream.start_time or 0) * tb)
 
 
-def _upright_rgb(frame, size):
-    """A decoded frame -> uint8 [size,size,3] as read_image, upright as its display matrix says"""
+def _upright_rgb(frame, size, scaler):
+    """A decoded frame -> uint8 [size,size,3] as read_image, upright as its display matrix says.
+    scaler: this video's own VideoReformatter, one thread: PyAV's shared one keeps scaler threads
+    that a forked DataLoader worker inherits without them, and hangs in (tests/test_data.py)."""
     quarter_turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise, to upright
     sideways = quarter_turns % 2 == 1
     w, h = (frame.height, frame.width) if sideways else (frame.width, frame.height)  # as shown
     w, h = short_side_to(w, h, size)
     stored_w, stored_h = (h, w) if sideways else (w, h)
-    rgb = frame.to_ndarray(width=stored_w, height=stored_h, format="rgb24")
+    try:
+        rgb = scaler.reformat(frame, stored_w, stored_h, "rgb24", threads=1)
+    except TypeError:  # PyAV < 17 has no `threads`: its scaler is never threaded
+        rgb = scaler.reformat(frame, stored_w, stored_h, "rgb24")
+    rgb = rgb.to_ndarray()
     return centre_crop(np.rot90(rgb, quarter_turns), size)
 
 
@@ -293,7 +300,7 @@ def video_frames(src, image_size, max_frames, fps=None, start=None, end=None, na
     with _opened(src, name, max_frames, fps, start, end) as (container, stream, picks):
         origin, t0, t1, targets = picks
         keyframes = _keyframe_times(container, stream)
-        k = len(targets)
+        scaler, k = VideoReformatter(), len(targets)
         rate = float(stream.average_rate or stream.guessed_rate or 25)
         bar = tqdm(total=round(t1 - t0), unit="s", desc="video", disable=not progress,
                    dynamic_ncols=True)
@@ -317,7 +324,7 @@ def video_frames(src, image_size, max_frames, fps=None, start=None, end=None, na
             while picked < k and targets[picked] < t:
                 if (shown or frame) is not last:
                     last = shown or frame
-                    yield _upright_rgb(last, image_size)
+                    yield _upright_rgb(last, image_size, scaler)
                 picked += 1
                 bar.update(min(round(t - origin - t0), bar.total) - bar.n)
             shown = frame
@@ -333,7 +340,7 @@ def video_frames(src, image_size, max_frames, fps=None, start=None, end=None, na
                              f"{name}: video stops at {end_time - origin:.2f} s but its header "
                              f"says {t1:.2f} s ({late} of {k} picked times are past the end)")
         if shown is not last:
-            yield _upright_rgb(shown, image_size)
+            yield _upright_rgb(shown, image_size, scaler)
 
 
 def read_ahead(items, ahead=32):

@@ -237,6 +237,8 @@ try:
     tok = data.load_tokenizer(tok_path)
 except (FileNotFoundError, ValueError) as e:
     fail(f"{e}; set --tokenizer")
+with open(tok_path, 'rb') as f:  # kept: rotation may delete the checkpoint it came from
+    tok_bytes = f.read()
 if model.layout != layout:  # our checkpoints keep the layout they were trained with
     say(f"layout: {model.layout} (the checkpoint's); --layout={layout} is for a fresh model")
 model.encode_chunk = encode_chunk
@@ -390,7 +392,9 @@ def save_checkpoint(it):
     final = os.path.join(ckpt_root, f'step-{it:07d}')
     tmp = os.path.join(ckpt_root, f'.tmp-step-{it:07d}')
     shutil.rmtree(tmp, ignore_errors=True)
-    raw_model.save(tmp, tokenizer=tok_path)
+    raw_model.save(tmp)
+    with open(os.path.join(tmp, 'tokenizer.json'), 'wb') as f:
+        f.write(tok_bytes)
     state = {'optimizer': optimizer.state_dict(), 'iter_num': it, 'loader': loader_state,
              'rng_cpu': torch.get_rng_state(), 'config': config}
     if device_type == 'cuda':

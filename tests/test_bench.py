@@ -260,9 +260,12 @@ def test_read_mvbench(tmp_path):
               open(d / "json" / "fine_grained_action.json", "w"))
     json.dump([{"video": "castle_s01_clip_01", "question": "Why?", "candidates": ["a", "b", "c", "d"], "answer": "d",
                 "start": 2.0, "end": 8.0}], open(d / "json" / "episodic_reasoning.json", "w"))
+    # Character Order's options are letters, and MVBench's answer is the option's text, not a letter
+    json.dump([{"video": "AB12C.mp4", "question": "In what order?", "candidates": ["c", "a", "b"], "answer": "a"}],
+              open(d / "json" / "character_order.json", "w"))
     recs = bench.read_mvbench(str(d))
     by_id = {r["id"]: r for r in recs}
-    assert len(recs) == 5
+    assert len(recs) == 6 and by_id["character_order/0"]["answer"] == 1
     seq = by_id["action_sequence/0"]
     assert seq["answer"] == 1 and seq["options"] == ["sat", "ran", "ate"] and (seq["start"], seq["end"]) == (0.5, 3.0)
     assert seq["video"] == str(star / "AB12C.mp4") and frames_of(seq).shape == (4, 3, SIZE, SIZE)

@@ -485,3 +485,33 @@ def test_reader_split_is_checked_up_front(tmp_path, tok):
     other = data.ShardDataset(str(tmp_path / "*.tar"), tok, stage=2, image_size=16, rank=0, world_size=2)
     with pytest.raises(ValueError, match="num_workers=2 x world_size=1.*1 x 2"):
         data.make_loader(other, batch_size=1, num_workers=1).load_state_dict(state)
+
+
+HANG_SCRIPT = """
+import sys
+import data
+data.load_video(sys.argv[1], 32, 8)  # the parent decodes first: PyAV's scaler is set up here
+tok = data.load_tokenizer(sys.argv[2])
+for _ in range(3):  # workers are forked anew each pass
+    ds = data.ShardDataset(sys.argv[3], tok, stage=2, image_size=32, max_frames=8, loop=False)
+    print(sum(len(b["keys"]) for b in data.make_loader(ds, 4, num_workers=2)), flush=True)
+"""
+
+
+def test_workers_start_after_the_parent_decoded_video(tmp_path, tok):
+    """A DataLoader worker forked after the main process decoded a video still decodes videos (it
+    used to hang for good in the scaler threads it inherited without their threads)."""
+    import subprocess
+    gray_video(tmp_path / "v.mp4", 40, size=96)
+    raw = (tmp_path / "v.mp4").read_bytes()
+    for j in range(2):
+        data.write_tar(tmp_path / f"s{j}.tar", [(f"k{j}x{i}", {"mp4": raw, "json": {"user": "describe it.", "assistant": "a red frame."}}) for i in range(6)])
+    tok.save(str(tmp_path / "tok.json"))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run([sys.executable, "-c", HANG_SCRIPT, str(tmp_path / "v.mp4"), str(tmp_path / "tok.json"),
+                              str(tmp_path / "s*.tar")], cwd=repo, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a worker loader hung after the parent decoded a video")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["12", "12", "12"]
