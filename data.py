@@ -1,24 +1,22 @@
 """
-Every input nanofVLM trains and evaluates on, in one file:
+From files to batches:
   1. tokenizer, ChatML template, per-stage loss masks
   2. media: images (Pillow) and videos (PyAV, frames picked by presentation time), shown upright
-  3. tar shards ("the research layout", as the original fVLM code wrote them); 3b. LLaVA-style
-     annotation files, read as records
+  3. tar shards ("the research layout", as the original fVLM code wrote them): the common record
+     every source becomes (tasks/llava.py turns LLaVA-style annotation rows into it)
   4. ShardDataset (split over ranks x workers, seeded shuffle, text mixing), collate, and the
      resumable Loader
-  5. "shapes": the synthetic foveation task, our embedded default
+The synthetic shapes task and every benchmark's layout live in tasks/.
 """
 import bisect
 import glob as globlib
 import io
 import json
 import os
-import queue
 import random
 import re
 import sys
 import tarfile
-import threading
 import zlib
 from collections import Counter
 from contextlib import contextmanager
@@ -26,14 +24,17 @@ from dataclasses import asdict, dataclass, field
 from itertools import chain, groupby, islice
 
 import av
-from av.video.reformatter import VideoReformatter
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from PIL import Image, ImageOps
+from tokenizers import Tokenizer
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from av.video.reformatter import VideoReformatter
 from tqdm import tqdm
+
+from perf.readahead import read_ahead
+from tasks import llava
 
 # always explicit: SmolLM2's default one injects a persona
 SYSTEM_PROMPT = "You are a helpful AI assistant."
@@ -57,7 +58,6 @@ IMAGE_FRAMES = 8  # an image is replicated to this many frames in stages 2-3
 # -----------------------------------------------------------------------------
 # bad input: skipped, warned about once (stderr) and counted (loader.skipped()); never fatal
 
-skipped = Counter()  # reason -> count, for reads outside a ShardDataset (which counts its own)
 _warned = set()
 
 
@@ -68,7 +68,8 @@ class SkipSample(ValueError):  # a ValueError, so callers outside the dataset ju
 
 
 def count_skip(counter, reason, msg):
-    counter[reason] += 1
+    if counter is not None:  # a ShardDataset's, say; a one-off read only warns
+        counter[reason] += 1
     # once per path and reason: a run with a million bad files must not flood the log
     if msg not in _warned:
         _warned.add(msg)
@@ -80,7 +81,7 @@ def expand_globs(globs):
     for pattern in [globs] if isinstance(globs, str) else globs:
         if not (hits := sorted(globlib.glob(pattern))):
             raise FileNotFoundError(f"data.py: glob '{pattern}' matched no files; check the path "
-                                    f"(or run make_shapes)")
+                                    f"(python train.py makes data/shapes)")
         paths += hits
     return paths
 
@@ -343,40 +344,6 @@ def video_frames(src, image_size, max_frames, fps=None, start=None, end=None, na
             yield _upright_rgb(shown, image_size, scaler)
 
 
-def read_ahead(items, ahead=32):
-    """Iterate `items` in a thread, up to `ahead` in front of the caller: a video decodes while
-    the model runs on the frames before."""
-    slots, stop, end = queue.Queue(maxsize=ahead), threading.Event(), object()
-    error = []  # what `items` raised: raised in the caller once the items before it are through
-
-    def put(x):  # blocks while the queue is full, unless the caller has gone
-        while not stop.is_set():
-            try:
-                return slots.put(x, timeout=0.1)
-            except queue.Full:
-                pass
-
-    def work():
-        try:
-            for x in items:
-                put(x)
-                if stop.is_set():
-                    return
-        except BaseException as e:  # noqa: B036  (handed to the caller, who raises it)
-            error.append(e)
-        put(end)
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        while (x := slots.get()) is not end:
-            yield x
-        if error:
-            raise error[0]
-    finally:
-        stop.set()
-        thread.join()
-
-
 def video_chunks(src, image_size, max_frames, fps=None, start=None, end=None, chunk=8,
                  device="cpu", progress=False):
     """video_frames as normalised chunks [<=chunk,3,S,S] on `device` for model.stream, which
@@ -410,7 +377,7 @@ def write_tar(path, samples):
                 tf.addfile(info, io.BytesIO(payload))
 
 
-def read_tar(path, counter=skipped):
+def read_tar(path, counter=None):
     """Stream one tar ('r|*', no seeking) -> records {key, shard, files {ext: bytes}}. A damaged tar
     keeps the records before the damage and counts the rest as one skip."""
     def members(tf):  # (key, ext, bytes): a record is yielded once the next key is read intact
@@ -437,7 +404,7 @@ def read_tar(path, counter=skipped):
                    f"rest of shard dropped")
 
 
-def read_source(path, counter=skipped):
+def read_source(path, counter=None):
     """A tar shard, or a plain video/image file (+ sidecar {stem}.json / .txt) as one record"""
     if ".tar" in os.path.basename(path):
         return read_tar(path, counter)
@@ -488,165 +455,6 @@ def turns(user, answer, where):
                          f"strings of one length (got {type(user).__name__} and "
                          f"{type(answer).__name__})")
     return [u or None for u in users], answer
-
-
-# -----------------------------------------------------------------------------
-# 3b. LLaVA-style annotation files as published: a .json list or a .jsonl of rows {"id", "video" |
-# "image", "conversations": [{"from": "human", "value": "<video>\n..."}, {"from": "gpt", ...}]}
-# (DPO: "prompt" or a human turn, "chosen", "rejected"), media relative to media_root (default: the
-# file's folder). A row's media is read only when decoded: a resumed reader passes rows untouched.
-
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-         "model": "assistant", "system": "system"}
-PLACEHOLDER = re.compile(r"\s*<(?:image|video)>\s*")
-_annotation_rows = {}  # path -> rows, parsed once per process
-
-
-def is_annotation(path):
-    """A .jsonl, or a .json list (a .json object is a plain file's sidecar)."""
-    if path.endswith(".jsonl"):
-        return True
-    if not path.endswith(".json"):
-        return False
-    with open(path, "rb") as fh:
-        return fh.read(4096).lstrip()[:1] == b"["
-
-
-def annotation_rows(path, counter=skipped):
-    """An annotation file's rows; a jsonl line that is not json stays text (skipped on decode)."""
-    if path not in _annotation_rows:
-        rows = []
-        try:
-            if path.endswith(".jsonl"):
-                for line in open(path, encoding="utf-8", errors="replace"):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except ValueError:
-                            rows.append(line.strip())
-            else:
-                rows = json.load(open(path, encoding="utf-8"))
-        except (ValueError, OSError) as e:
-            count_skip(counter, "bad_json",
-                       f"{path}: unreadable annotation file ({type(e).__name__}: {e})")
-        _annotation_rows[path] = rows if isinstance(rows, list) else []
-    return _annotation_rows[path]
-
-
-def annotation_units(path, block=1, counter=skipped):
-    """What the readers share out: (path, first row) of blocks of `block` rows. With block = the
-    shard writer's shard_size, the same units, hence the same order, as the shards it wrote."""
-    return [(path, start) for start in range(0, len(annotation_rows(path, counter)), block)]
-
-
-def read_annotation(unit, block=1):
-    """One unit's rows as records {key, shard, row}: key '{row number}_{id}' (unique, no dots)."""
-    path, start = unit
-    rows = annotation_rows(path)
-    for i in range(start, min(start + block, len(rows))):
-        rid = rows[i].get("id") if isinstance(rows[i], dict) else None
-        tail = ""
-        if rid not in (None, ""):
-            tail = "_" + re.sub(r"[^A-Za-z0-9_-]+", "_", str(rid))[:60]
-        yield {"key": f"{i:07d}{tail}", "shard": path, "row": rows[i]}
-
-
-def clean_turn(value):
-    return PLACEHOLDER.sub(" ", value).strip()
-
-
-def reply_text(reply):
-    """A DPO reply: a string, or a chat list whose last turn holds the text."""
-    if isinstance(reply, list) and reply and isinstance(reply[-1], dict):
-        reply = reply[-1].get("value", reply[-1].get("content"))
-    return clean_turn(reply) if isinstance(reply, str) else None
-
-
-def conversation_turns(conv, where, counter):
-    """LLaVA turns -> (users, answers): a role's turns in a row joined, a system turn dropped (our
-    system prompt is fixed), a first model turn given an empty question (the source's fills it)."""
-    merged = []  # [role, text]
-    for j, turn in enumerate(conv):
-        turn = turn if isinstance(turn, dict) else {}
-        role = ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
-        value = turn.get("value", turn.get("content"))
-        if role is None or not isinstance(value, str):
-            raise SkipSample("bad_field",
-                             f"{where}: turn {j} needs 'from' (human / gpt / system) and a string "
-                             f"'value' (got {str(turn)[:80]})")
-        if role == "system":
-            counter["system_turn (dropped)"] += 1
-        elif merged and merged[-1][0] == role:
-            merged[-1][1] += "\n" + clean_turn(value)
-        else:
-            merged.append([role, clean_turn(value)])
-    if merged and merged[0][0] == "assistant":
-        merged.insert(0, ["user", ""])
-    users = [t for r, t in merged if r == "user"]
-    answers = [t for r, t in merged if r == "assistant"]
-    return users, answers
-
-
-def annotation_meta(row, where, counter):
-    """A row's text as the research layout's json."""
-    meta = {"source": str(row.get("source") or row.get("data_source") or "")}
-    conv = row.get("conversations")
-    if "chosen" in row or "rejected" in row:
-        users, _ = conversation_turns(conv, where, counter) if isinstance(conv, list) else ([], [])
-        prompt = row.get("prompt", row.get("question"))
-        user = clean_turn(prompt) if isinstance(prompt, str) else (users[0] if users else "")
-        return meta | {"user": user, "chosen_assistant": reply_text(row.get("chosen")),
-                       "rejected_assistant": reply_text(row.get("rejected"))}
-    if not isinstance(conv, list):
-        raise SkipSample("missing_field",
-                         f"{where}: needs 'conversations' (a list of {{from, value}} turns)")
-    users, answers = conversation_turns(conv, where, counter)
-    if not answers:
-        raise SkipSample("missing_field",
-                         f"{where}: 'conversations' holds no answer (a 'gpt' turn)")
-    # an unanswered last question: dropped
-    return meta | {"user": users[:len(answers)], "assistant": answers}
-
-
-def annotation_media(row, root, max_frames, where):
-    """A row's media as record files: {ext: bytes} of a video or image, or frames {NNN.ext: bytes}
-    (at most max_frames) of a folder or list of images; {} = text-only."""
-    media = row.get("video", row.get("image"))
-    if media in (None, "", []):
-        return {}
-    paths = media if isinstance(media, list) else [media]
-    if not all(isinstance(p, str) and p for p in paths):
-        raise SkipSample("bad_field",
-                         f"{where}: 'video' / 'image' must be a path or a list of paths")
-    paths = [os.path.join(root, p) for p in paths]  # an absolute path stays as it is
-    if missing := [p for p in paths if not os.path.exists(p)]:
-        raise SkipSample("missing_media",
-                         f"{where}: {missing[0]} not found (check media_root={root!r})")
-    if len(paths) == 1 and os.path.isdir(paths[0]):  # a folder of frames is a video
-        folder = paths[0]
-        paths = [os.path.join(folder, n) for n in image_files(folder)]
-        if not paths:
-            raise SkipSample("missing_media", f"{where}: {folder} holds no frame images")
-    exts = [p.rsplit(".", 1)[-1].lower() for p in paths]
-    if len(paths) == 1:
-        if exts[0] not in VIDEO_EXTS + IMAGE_EXTS:
-            raise SkipSample("bad_field",
-                             f"{where}: {paths[0]}: not a video ({VIDEO_EXTS}) or image")
-        return {exts[0]: open(paths[0], "rb").read()}
-    picked = uniform_indices(len(paths), max_frames)
-    return {f"{t:03d}.{exts[i]}": open(paths[i], "rb").read() for t, i in enumerate(picked)}
-
-
-def annotation_record(rec, media_root, max_frames, counter=skipped):
-    """A row record -> the record a tar would yield."""
-    row, where = rec["row"], f"{rec['shard']}:{rec['key']}"
-    if not isinstance(row, dict):
-        raise SkipSample("bad_json",
-                         f"{where}: a row must be a json object (got {str(row)[:80]!r})")
-    meta = annotation_meta(row, where, counter)
-    root = media_root or os.path.dirname(rec["shard"])
-    files = {"json": json.dumps(meta).encode()} | annotation_media(row, root, max_frames, where)
-    return {"key": rec["key"], "shard": rec["shard"], "files": files}
 
 
 # -----------------------------------------------------------------------------
@@ -720,12 +528,12 @@ class ShardDataset(IterableDataset):
 
     def units(self, paths):
         """What the readers share out: shards, plain files, an annotation file's row blocks"""
-        return [u for p in paths for u in (annotation_units(p, self.annotation_block, self.skipped)
-                                           if is_annotation(p) else [p])]
+        return [u for p in paths for u in (llava.units(p, self.annotation_block, self.skipped)
+                                           if llava.is_annotation(p) else [p])]
 
     def read_unit(self, unit):
         if isinstance(unit, tuple):
-            return read_annotation(unit, self.annotation_block)
+            return llava.read_unit(unit, self.annotation_block)
         return read_source(unit, self.skipped)
 
     def epoch_units(self, units, reader, readers, epoch, is_text):
@@ -774,7 +582,7 @@ class ShardDataset(IterableDataset):
                 return
             state.drawn += 1
             try:
-                yield self.decode(rec), asdict(state)
+                yield self.to_sample(rec), asdict(state)
                 if from_main:
                     barren, good_epoch = set(), state.main.epoch
             except SkipSample as e:
@@ -816,9 +624,9 @@ class ShardDataset(IterableDataset):
                 batch.append(sample)
             state = next_state
 
-    def decode(self, rec):
+    def to_sample(self, rec):
         if "row" in rec:  # an annotation row: its json and media now
-            rec = annotation_record(rec, self.media_root, self.max_frames, self.skipped)
+            rec = llava.to_record(rec, self.media_root, self.max_frames, self.skipped)
         where = f"{rec['shard']}:{rec['key']}"
         meta, txt = record_text(rec)
         has_media = any(e not in ("json", "txt") for e in rec["files"])
@@ -1003,186 +811,3 @@ def make_loader(dataset, batch_size, num_workers=0, max_batch_frames=None, **kw)
                          + (f"--num_workers={n}" if n else "fewer ranks"))
     dataset.batch_size, dataset.max_batch_frames = batch_size, max_batch_frames
     return Loader(dataset, num_workers, **kw)
-
-
-# -----------------------------------------------------------------------------
-# 5. "shapes": our embedded default, a synthetic task where the question decides where to look.
-# Three coloured balls, each in its own quadrant with a coloured spot, on grey frames with
-# clutter; one ball moves into the free quadrant. A question asks for a ball's spot (a glimpse of
-# the whole frame mixes three spots); the control question (which colour is missing) needs no
-# particular ball. Learnable from scratch on a CPU in minutes (docs/LOG.md).
-
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230),
-           "yellow": (240, 210, 30)}
-SPOTS = {"white": (255, 255, 255), "black": (0, 0, 0), "cyan": (0, 230, 230),
-         "magenta": (230, 0, 230)}
-PLACES = ["top left", "top right", "bottom left", "bottom right"]  # the quadrants
-QUESTIONS = {"spot": "what colour is the spot on the {} ball?",
-             "missing": "which ball colour is missing?"}
-BALLS = 3  # each in a quadrant; the fourth quadrant is where the mover goes
-# share of training clips with one or two balls: there a glimpse of the whole frame reads the spot
-FEWER = 0.5
-SHAPES_VERSION = 7  # bump when the task changes: ensure_shapes then regenerates old copies
-
-
-def shapes_clip(rng, image_size=64, frames=4, n_clutter=16, balls=BALLS):
-    """one clip: (T PIL images, facts {"balls": [{colour, spot, start, end}], "missing"})"""
-    S, r = image_size, image_size * 0.16
-    colours = [list(COLOURS)[i] for i in rng.permutation(4)]  # the balls', then the missing ones
-    cells = rng.permutation(4)  # the balls' start quadrants, then free ones
-    mover, goal = rng.integers(0, balls), cells[rng.integers(balls, 4)]
-    facts = [{"colour": colours[b], "spot": list(SPOTS)[rng.integers(0, 4)],
-              "start": PLACES[cells[b]], "end": PLACES[goal if b == mover else cells[b]]}
-             for b in range(balls)]
-    jitter = rng.uniform(-S / 25, S / 25, (4, 2))
-    centre = [((c % 2 * 2 + 1) * S / 4 + jitter[c][0], (c // 2 * 2 + 1) * S / 4 + jitter[c][1])
-              for c in range(4)]
-    dots = [(rng.uniform(0, S), rng.uniform(0, S), tuple(int(v) for v in rng.integers(0, 256, 3)))
-            for _ in range(n_clutter)]
-    imgs = []
-    for t in range(frames):
-        a = t / max(1, frames - 1)  # how far along its path the mover is
-        imgs.append(Image.new("RGB", (S, S), (128, 128, 128)))
-        draw = ImageDraw.Draw(imgs[-1])
-        for x, y, c in dots:
-            draw.rectangle([x, y, x + S / 40, y + S / 40], fill=c)
-        for ball in sorted(facts, key=lambda ball: ball is facts[mover]):  # the mover on top
-            (x0, y0), (x1, y1) = (centre[PLACES.index(ball[k])] for k in ("start", "end"))
-            x, y = x0 + a * (x1 - x0), y0 + a * (y1 - y0)
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=COLOURS[ball["colour"]])
-            # the spot, S/8 wide: large enough that a glimpse of its ball reads it
-            draw.rectangle([x - S / 16, y - S / 16, x + S / 16, y + S / 16],
-                           fill=SPOTS[ball["spot"]])
-    return imgs, {"balls": facts, "missing": colours[balls] if balls == 3 else None}
-
-
-def shapes_caption(facts):
-    return " ".join(f"the {b['colour']} ball with the {b['spot']} spot " + (
-        f"stays in the {b['start']}." if b["start"] == b["end"]
-        else f"moves from the {b['start']} to the {b['end']}.")
-        for b in facts["balls"])
-
-
-def shapes_question(rng, facts, cat, ball=None):
-    """(question, 4 options, answer index); `ball` (index) names the ball of a spot question"""
-    if cat == "missing":
-        question, right, pool = QUESTIONS[cat], facts["missing"], COLOURS
-    else:
-        b = facts["balls"][rng.integers(0, len(facts["balls"])) if ball is None else ball]
-        question, right, pool = QUESTIONS[cat].format(b["colour"]), b["spot"], SPOTS
-    options = [right] + [x for x in pool if x != right]
-    order = rng.permutation(4)
-    return question, [options[i] for i in order], int(np.argmax(order == 0))
-
-
-def _jpg(img):
-    b = io.BytesIO()
-    img.save(b, "JPEG", quality=90)
-    return b.getvalue()
-
-
-def train_tokenizer(texts, vocab_size=512):
-    """tiny byte-level BPE with the ChatML special tokens at ids 0/1/2, as SmolLM2 has them"""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return tok
-
-
-def _shapes_text(rng):
-    """(user, assistant) of a text-only sample: facts about the task's words"""
-    k = rng.integers(0, 3)
-    if k == 0:
-        p = PLACES[rng.integers(0, len(PLACES))]
-        opposite = PLACES[len(PLACES) - 1 - PLACES.index(p)]
-        return f"what is the opposite of the {p}?", f"the {opposite}"
-    if k == 1:
-        w = (list(COLOURS) + list(SPOTS))[rng.integers(0, 8)]
-        answer = "a ball colour" if w in COLOURS else "a spot colour"
-        return f"is {w} a ball colour or a spot colour?", answer
-    answer = ", ".join(COLOURS) + ". " + ", ".join(SPOTS) + "."
-    return "name the ball colours and the spot colours.", answer
-
-
-def shapes_sample(rng, name, i, image_size, frames, cats):
-    """(json, frame images) of sample i of a split. train: a conversation of 3 of the clip's
-    questions, each lettered or plain; val: one lettered MCQ, the categories in rotation; dpo: a
-    plain question, its answer against a wrong option."""
-    few = name == "train" and rng.random() < FEWER
-    balls = rng.integers(1, BALLS) if few else BALLS
-    imgs, facts = shapes_clip(rng, image_size, frames, balls=balls)
-    if name == "val":
-        cat = cats[i % len(cats)]
-        q, opts, ans = shapes_question(rng, facts, cat)
-        meta = {"user": format_mcq(q, opts), "assistant": f"{'ABCD'[ans]}. {opts[ans]}",
-                "category": cat, "question": q, "options": opts, "answer": ans}
-    elif name == "dpo":
-        q, opts, ans = shapes_question(rng, facts, cats[rng.integers(0, len(cats))])
-        wrong = [o for k, o in enumerate(opts) if k != ans]
-        meta = {"user": q, "chosen_assistant": opts[ans],
-                "rejected_assistant": wrong[rng.integers(0, 3)]}
-    else:
-        asks = [("missing", None)] * (not few) + [("spot", b) for b in range(len(facts["balls"]))]
-        qa = [(*shapes_question(rng, facts, *asks[k]), rng.random() < 0.25)
-              for k in rng.permutation(len(asks))[:3]]
-        meta = {"user": [format_mcq(q, o) if lettered else q for q, o, a, lettered in qa],
-                "assistant": [f"{'ABCD'[a]}. {o[a]}" if lettered else o[a]
-                              for q, o, a, lettered in qa],
-                "category": "qa"}
-    return dict(meta, caption=shapes_caption(facts), frame_count=frames, source="shapes"), imgs
-
-
-def make_shapes(out_dir, n_train=6000, n_val=500, n_dpo=1000, n_text=1000, image_size=64, frames=4,
-                shard_size=1000, seed=0):
-    """Write the shapes task: train-*.tar (stage 2 conversations, captions for stage 1), val-*.tar +
-    mcq_val.json (one held-out MCQ per val clip, joined by key), dpo-*.tar (stage 3 pairs),
-    text-*.tar (for text_ratio), tokenizer.json. Sample i of a split comes from its own rng."""
-    args = {k: v for k, v in locals().items() if k != "out_dir"} | {"version": SHAPES_VERSION}
-    os.makedirs(out_dir, exist_ok=True)
-    cats, mcqs = list(QUESTIONS), []
-    texts = ([SYSTEM_PROMPT, DEFAULT_USER, "system\n", "user\n", "assistant\n"]
-             + [q.format(c) for q in QUESTIONS.values() for c in COLOURS])
-    splits = [("train", n_train), ("val", n_val), ("dpo", n_dpo), ("text", n_text)]
-    for sid, (name, n) in enumerate(splits):
-        for s0 in range(0, n, shard_size):
-            shard, samples = f"{name}-{s0 // shard_size:04d}.tar", []
-            for i in range(s0, min(n, s0 + shard_size)):
-                rng, key = np.random.default_rng([seed, sid, i]), f"{name}{i:06d}"
-                if name == "text":
-                    q, a = _shapes_text(rng)
-                    texts += [q, a]
-                    text_meta = {"user": q, "assistant": a, "source": "shapes-text"}
-                    samples.append((key, {"json": text_meta}))
-                    continue
-                meta, imgs = shapes_sample(rng, name, i, image_size, frames, cats)
-                if name == "val":
-                    mcqs.append({"key": key, "shard": shard}
-                                | {k: meta.pop(k) for k in ("question", "options", "answer")}
-                                | {"category": meta["category"]})
-                texts += [t for v in meta.values() if isinstance(v, (str, list))
-                          for t in (v if isinstance(v, list) else [v])]
-                files = {f"{t:03d}.jpg": _jpg(im) for t, im in enumerate(imgs)}
-                samples.append((key, dict(files, json=meta)))
-            write_tar(os.path.join(out_dir, shard), samples)
-    with open(os.path.join(out_dir, "mcq_val.json"), "w") as fh:
-        json.dump(mcqs, fh, indent=0)
-    train_tokenizer(texts).save(os.path.join(out_dir, "tokenizer.json"))
-    # written last: marks a complete dataset
-    with open(os.path.join(out_dir, "shapes.json"), "w") as fh:
-        json.dump(args, fh)
-    return args
-
-
-def ensure_shapes(out_dir, **kw):
-    """make_shapes unless out_dir holds one made with the same arguments"""
-    marker = os.path.join(out_dir, "shapes.json")
-    want = kw | {"version": SHAPES_VERSION}
-    if not (os.path.exists(marker)
-            and all(json.load(open(marker)).get(k) == v for k, v in want.items())):
-        print(f"data.py: generating the shapes task in {out_dir}", file=sys.stderr)
-        make_shapes(out_dir, **kw)
-    return out_dir

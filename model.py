@@ -1,22 +1,21 @@
 """
 nanofVLM: a foveated video-language model in one file. Read top to bottom:
   1. loading helpers  safetensors in, strict key checks, errors that name the file
-  2. SmolLM2          the Llama-architecture LLM with a preallocated KV cache (+ CPU decode kernels)
+  2. SmolLM2          the Llama-architecture LLM with a preallocated KV cache
   3. DINOv2           the ViT that encodes a frame; its blocks also run the glimpse over cached K/V
   4. FoveatedVLM      one glimpse per frame -> one LLM token; the LLM chooses where the next looks
   5. load_model       the one loader every script calls
-  6. generation       greedy / temperature / top-k decoding from a filled cache
-  7. speed            torch.compile, FLOPs of a step, peak FLOP/s, bf16 and allocator settings
+  6. generation       greedy / temperature / top-k sampling from a filled cache; torch.compile
+What this file leaves to perf/: FLOP counts and MFU, CPU and GPU switches (perf/platform.py sets
+the two hooks SmolLM2 offers), the speed and long-video measurements.
 """
-import ctypes
 import glob
 import json
 import math
 import os
 import re
 import shutil
-import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -144,7 +143,7 @@ class KVCache:
         self.k[layer][:, :, start:end], self.v[layer][:, :, start:end] = k, v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def rows(self, index):
+    def copy_rows(self, index):
         """A copy of rows index [R] (may repeat: several continuations of one prefix)."""
         out = KVCache.__new__(KVCache)
         out.k, out.v = [k[index] for k in self.k], [v[index] for v in self.v]
@@ -216,6 +215,9 @@ class SmolLM2(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
+        # platform hooks (perf/platform.py's tune sets them): the KV cache's dtype (None: the
+        # weights'), and a context each batch-1 generation step runs in
+        self.cache_dtype, self.batch1_step = None, nullcontext
         # from scratch, Linears at std 1/sqrt(fan-in): at 0.02 a narrow model's attention starts
         # uniform, and the tiny default's glimpse steering then often never starts
         for m in self.modules():
@@ -235,17 +237,16 @@ class SmolLM2(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def new_cache(self, batch, max_len):
-        """A KVCache for `batch` rows of up to max_len tokens. bf16 weights on a CPU without AMX
-        get a float32 cache: there bf16 attention over a long cache is many times slower."""
+        """A KVCache for `batch` rows of up to max_len tokens"""
         w = self.embed_tokens.weight
-        cpu_bf16 = w.device.type == "cpu" and w.dtype == torch.bfloat16
-        dtype = torch.float32 if cpu_bf16 and not cpu_amx() else w.dtype
-        return KVCache(self.cfg, batch, max_len, dtype, w.device)
+        return KVCache(self.cfg, batch, max_len, self.cache_dtype or w.dtype, w.device)
 
     def positions_and_mask(self, B, S, device, valid, cache):
         """Positions [B,S] of the new tokens and the attention mask (None: plain causal). Padding is
         never attended and does not advance positions."""
         start = cache.length if cache is not None else 0
+        if valid is not None and bool(valid.all()):
+            valid = None  # nothing padded: the fast path
         if cache is not None and valid is not None:
             cache.valid[:, start:start + S] = valid
             cache.padded = cache.padded or not bool(valid.all())
@@ -317,45 +318,6 @@ def llm_state(hf_state, cfg):
     if cfg.tie_embeddings and "embed_tokens.weight" in state:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     return state
-
-
-# batch-1 decoding on a CPU: the kernel choices that pay there (measurements: docs/LOG.md)
-
-
-@contextmanager
-def gemv_weight_layout(llm, batch):
-    """Batch 1 on an AVX-512 CPU: inside this block fp32 Linear weights are laid out [in, out]-major
-    (same shapes and values), which MKL's GEMV streams faster; back on exit."""
-    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-    linears = []
-    if batch == 1 and avx512:
-        linears = [m for m in llm.modules() if isinstance(m, nn.Linear)
-                   and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
-                   and m.weight.is_contiguous()]
-    for m in linears:
-        m.weight.data = m.weight.data.t().contiguous().t()  # shape [out, in], strides (1, out)
-    try:
-        yield
-    finally:
-        for m in linears:
-            m.weight.data = m.weight.data.contiguous()
-
-
-def cpu_amx():
-    """Whether this CPU has AMX bf16 tiles (Intel Xeon since Sapphire Rapids): fast bf16 kernels"""
-    capability = getattr(torch._C._cpu, "_get_cpu_capability", dict)()  # private: may go
-    return bool(capability.get("amx_bf16"))
-
-
-@contextmanager
-def onednn_off_at_batch1(batch, device):
-    """One batch-1 LLM step on a CPU: oneDNN off (ATen's own bf16 GEMV is faster)."""
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = enabled and not (batch == 1 and device.type == "cpu")
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = enabled
 
 
 # ----------------------------------------------------------------------------
@@ -533,12 +495,6 @@ def kv_index(frame_mask):
     return torch.where(frame_mask, index, -1)
 
 
-def joined(*masks):
-    """Valid masks [R,n] of consecutive parts of a sequence -> one [R,sum n], None if all real"""
-    mask = torch.cat(masks, 1)
-    return None if mask.all() else mask
-
-
 def text_loss(lm_head, h, ids, loss_mask):
     """h [R,S,L] final-normed states of text rows ids [R,S] -> (logits [n,V] of the n positions
     whose next token has loss_mask != 0, in (row, position) order, only those through the head;
@@ -603,12 +559,12 @@ class FoveatedVLM(nn.Module):
             maps.append(weights)  # [N,H,Q,1+P]
         return self.output_proj(self.dino.norm(x)), torch.stack(maps, 1).permute(0, 3, 1, 2, 4)
 
-    def look(self, queries, kv, kv_rows):
-        """queries [R,T,D]: row r's query for frame t; kv_rows [R,T]: the kv entry holding that
+    def look(self, queries, kv, kv_entries):
+        """queries [R,T,D]: row r's query for frame t; kv_entries [R,T]: the kv entry holding that
         frame (-1: padding) -> LLM tokens [R,T,L] (meaningless at padding) and attention
         [R,T,layers,H,1+P]. Rows sharing a frame look at it in one glimpse: its K/V is read once."""
-        real = kv_rows >= 0  # [R,T]
-        frame = kv_rows[real]  # [M]: the frame each of the M real queries looks at
+        real = kv_entries >= 0  # [R,T]
+        frame = kv_entries[real]  # [M]: the frame each of the M real queries looks at
         # Pack the M queries into [N frames, Q slots]: a frame's queries take its slots 0,
         # 1, 2, ... Sorting groups each frame's queries; a query's slot is its distance from
         # its group's start. E.g. frame = [5, 2, 5] -> sorted [2, 5, 5], group starts [0, 1, 1],
@@ -623,8 +579,8 @@ class FoveatedVLM(nn.Module):
         packed[frame, slot] = queries[real]
         glimpses, attn = self.glimpse(packed, kv)  # [N,Q,D], [N,Q,layers,H,1+P]
         # Unpack back to the rows' [R,T] grid
-        tokens = glimpses.new_zeros(*kv_rows.shape, glimpses.shape[-1])  # [R,T,D]
-        maps = attn.new_zeros(*kv_rows.shape, *attn.shape[2:])  # [R,T,layers,H,1+P]
+        tokens = glimpses.new_zeros(*kv_entries.shape, glimpses.shape[-1])  # [R,T,D]
+        maps = attn.new_zeros(*kv_entries.shape, *attn.shape[2:])  # [R,T,layers,H,1+P]
         tokens[real], maps[real] = glimpses[frame, slot], attn[frame, slot]
         return self.dino_to_llm(tokens) * self.visual_scale, maps
 
@@ -639,7 +595,7 @@ class FoveatedVLM(nn.Module):
 
     def sequence(self, question, visual, visual_valid, text=None):
         """visual [R,T,L] (visual_valid [R,T]) and text embeddings [R,S,L] or None -> the LLM's
-        input [R,Pq+T+S,L] of [question][visual][text] and its valid mask (None: all real). Text
+        input [R,Pq+T+S,L] of [question][visual][text] and its valid mask [R,Pq+T+S]. Text
         padding is at the end, where causal attention makes it harmless."""
         parts, masks = [visual], [visual_valid]
         if question is not None:
@@ -649,7 +605,7 @@ class FoveatedVLM(nn.Module):
         if text is not None:
             parts.append(text)
             masks.append(torch.ones(text.shape[:2], dtype=torch.bool, device=text.device))
-        return torch.cat(parts, 1), joined(*masks)
+        return torch.cat(parts, 1), torch.cat(masks, 1)
 
     def static_glimpses(self, kv, frame_mask):
         """Every frame looked at with q_static: visual tokens [B,T,L], attention
@@ -693,21 +649,21 @@ class FoveatedVLM(nn.Module):
         h = self.llm(question[0], valid=question[1], cache=cache, hidden_only=True)  # [W,Pq,L]
         return cache, self.llm_to_query(h[:, -1])
 
-    def walk(self, kv, kv_rows, cache, query):
+    def walk(self, kv, kv_entries, cache, query):
         """autoregressive: frame by frame through the LLM cache, each query chosen by the state
-        after the previous frame. kv_rows [W,T]: each walker's kv entries (-1: padding); query
+        after the previous frame. kv_entries [W,T]: each walker's kv entries (-1: padding); query
         [W,D]: the first. Returns attention [W,T,layers,H,1+P] and the next query (a stream goes
         on with it)."""
         maps = []
-        for t in range(kv_rows.shape[1]):
-            frame = kv_rows[:, t]  # [W]: each walker's frame at step t
+        for t in range(kv_entries.shape[1]):
+            frame = kv_entries[:, t]  # [W]: each walker's frame at step t
             # look() glimpses every kv entry it is given: pass only the U frames this step reads
             used = frame[frame >= 0].unique()  # [U], sorted
             # [W]: each walker's index into `used`, -1 for padding
             local = torch.where(frame >= 0, torch.searchsorted(used, frame.clamp(min=0)), -1)
             used_kv = [(k[used], v[used]) for k, v in kv]
             tokens, attn = self.look(query[:, None], used_kv, local[:, None])  # [W,1,L]
-            h = self.llm(embeds=tokens, valid=joined(frame[:, None] >= 0), cache=cache,
+            h = self.llm(embeds=tokens, valid=frame[:, None] >= 0, cache=cache,
                          hidden_only=True)
             query = self.llm_to_query(h[:, 0])
             maps.append(attn)
@@ -716,14 +672,14 @@ class FoveatedVLM(nn.Module):
     def walked_cache(self, kv, frame_mask, owner=None, question=None, extra=0):
         """autoregressive: (a cache per text row holding [question][T walked visual tokens], with
         room for `extra` more tokens; attention [R,T,layers,H,1+P])"""
-        kv_rows = kv_index(frame_mask)  # [B,T]
+        kv_entries = kv_index(frame_mask)  # [B,T]
         if question is not None and owner is not None:
-            kv_rows = kv_rows[owner]  # [R,T]
-        W, T = kv_rows.shape
+            kv_entries = kv_entries[owner]  # [R,T]
+        W, T = kv_entries.shape
         cache, query = self.start_walk(question, W, T + extra)
-        attn, _ = self.walk(kv, kv_rows, cache, query)
+        attn, _ = self.walk(kv, kv_entries, cache, query)
         if question is None and owner is not None:  # each row continues its sample's walk
-            return cache.rows(owner), (attn[owner] if T else None)  # no frames: no maps
+            return cache.copy_rows(owner), (attn[owner] if T else None)  # no frames: no maps
         return cache, attn
 
     @torch.no_grad()
@@ -736,25 +692,23 @@ class FoveatedVLM(nn.Module):
         sees each chunk. Returns (cache, last logits [R,V])."""
         R = prompt_ids.shape[0]
         walkers = 1 if question is None else R
-        with gemv_weight_layout(self.llm, walkers):
-            room = n_frames + prompt_ids.shape[1] + extra
-            cache, query = self.start_walk(question, walkers, room)
-            frames_end = cache.length + n_frames  # after the question, if any
-            for pixels in chunks:  # [n,3,H,W]
-                if cache.length + pixels.shape[0] > frames_end:
-                    raise ValueError(f"model.stream: more frames came than the {n_frames} "
-                                     f"announced")
-                kv = self.encode(pixels[None].to(query.dtype))
-                kv_rows = torch.arange(pixels.shape[0], device=query.device)
-                kv_rows = kv_rows.expand(walkers, -1)  # [W,n]: every walker reads every frame
-                with onednn_off_at_batch1(walkers, query.device):
-                    attn, query = self.walk(kv, kv_rows, cache, query)
-                if on_frames is not None:
-                    on_frames(pixels, attn)
-                del kv, attn  # this chunk's K/V go now, not when the next chunk's arrive
-            if walkers < R:  # frames first: every prompt row continues the one walk
-                cache = cache.rows(torch.zeros(R, dtype=torch.long, device=query.device))
-            h = self.llm(prompt_ids, valid=prompt_valid, cache=cache, hidden_only=True)
+        room = n_frames + prompt_ids.shape[1] + extra
+        cache, query = self.start_walk(question, walkers, room)
+        frames_end = cache.length + n_frames  # after the question, if any
+        for pixels in chunks:  # [n,3,H,W]
+            if cache.length + pixels.shape[0] > frames_end:
+                raise ValueError(f"model.stream: more frames came than the {n_frames} announced")
+            kv = self.encode(pixels[None].to(query.dtype))
+            kv_entries = torch.arange(pixels.shape[0], device=query.device)
+            kv_entries = kv_entries.expand(walkers, -1)  # [W,n]: every walker reads every frame
+            with self.llm.batch1_step() if walkers == 1 else nullcontext():
+                attn, query = self.walk(kv, kv_entries, cache, query)
+            if on_frames is not None:
+                on_frames(pixels, attn)
+            del kv, attn  # this chunk's K/V go now, not when the next chunk's arrive
+        if walkers < R:  # frames first: every prompt row continues the one walk
+            cache = cache.copy_rows(torch.zeros(R, dtype=torch.long, device=query.device))
+        h = self.llm(prompt_ids, valid=prompt_valid, cache=cache, hidden_only=True)
         return cache, self.llm.lm_head(h[:, -1])
 
     def forward(self, frames, input_ids, loss_mask=None, frame_mask=None, mode="coarse_fine",
@@ -944,20 +898,19 @@ def sample_next(logits, temperature=0.0, top_k=None, generator=None):
 
 # token 2 is SmolLM2's <|im_end|>: the end of a turn, and our padding (data.PAD_ID)
 @torch.no_grad()
-def decode(llm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, stop_id=2,
-           generator=None):
+def generate(llm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, stop_id=2,
+             generator=None):
     """Continue from a filled cache whose last position gave `logits` [B,V]: yields next tokens [B]
     step by step; a finished row keeps emitting stop_id. Needs room for max_new_tokens - 1 more."""
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-    with gemv_weight_layout(llm, logits.shape[0]):
-        for step in range(max_new_tokens):
-            token = sample_next(logits, temperature, top_k, generator).masked_fill(done, stop_id)
-            yield token
-            done |= token == stop_id
-            if done.all() or step == max_new_tokens - 1:
-                return
-            with onednn_off_at_batch1(token.shape[0], token.device):
-                logits = llm(token[:, None], cache=cache)[:, -1]
+    for step in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_k, generator).masked_fill(done, stop_id)
+        yield token
+        done |= token == stop_id
+        if done.all() or step == max_new_tokens - 1:
+            return
+        with llm.batch1_step() if token.shape[0] == 1 else nullcontext():
+            logits = llm(token[:, None], cache=cache)[:, -1]
 
 
 def left_pad(prompts, device, pad_id=2):
@@ -967,25 +920,6 @@ def left_pad(prompts, device, pad_id=2):
     ids = torch.tensor([[pad_id] * (S - len(p)) + list(p) for p in prompts], device=device)
     valid = torch.tensor([[False] * (S - len(p)) + [True] * len(p) for p in prompts], device=device)
     return ids, None if valid.all() else valid
-
-
-# ----------------------------------------------------------------------------
-# 7. speed
-
-
-def native_bf16(device):
-    """Whether bf16 matmuls run natively: on GPUs and on CPUs with AVX512-BF16 / AMX."""
-    return torch.device(device).type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def warn_slow_bf16(device, dtype, where):
-    """Warn (once, at start-up) of half precision on a CPU without native bf16 matmuls: emulated,
-    many times slower than fp32."""
-    half = dtype in ("bfloat16", "float16", torch.bfloat16, torch.float16)
-    if half and not native_bf16(device):
-        cpu = torch.backends.cpu.get_cpu_capability()
-        print(f"{where}: warning: this CPU ({cpu}) has no native bf16 "
-              f"matmul, so {dtype} runs many times slower than float32 here: pass --dtype=float32")
 
 
 def compile_model(model, dynamic=True, backend="inductor"):
@@ -1002,132 +936,3 @@ def compile_model(model, dynamic=True, backend="inductor"):
     return model
 
 
-def compile_counts():
-    """Graphs torch.compile has captured in this process (one per compile or recompile) and graph
-    breaks (a hot-path break means eager code between graphs)."""
-    from torch._dynamo.utils import counters
-    return {"graphs": counters["stats"]["unique_graphs"],
-            "graph_breaks": sum(counters["graph_break"].values())}
-
-
-def keep_freed_memory():
-    """CPU training: glibc gives freed blocks back to the OS and page-faults them in again on the
-    next step. Keep them in the heap (blocks up to glibc's maximum, 32 MB), never trimmed. No
-    effect off Linux/glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: never give the heap's top back
-    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-
-
-# Dense TFLOPS, no sparsity: (bf16 tensor core, tf32 tensor core, fp32 without TF32); None: no
-# such unit. Vendor datasheets (GeForce: bf16 with fp32 accumulate).
-GPU_PEAK = {
-    "B200": (2250, 1125, 75), "GB200": (2500, 1250, 80),
-    "H100": (989, 495, 67), "H100 PCIe": (756, 378, 51), "H100 NVL": (835, 418, 60),
-    "H800": (989, 495, 67), "H200": (989, 495, 67), "H200 NVL": (835, 418, 60),
-    "GH200": (989, 495, 67), "H20": (148, 74, 44),
-    "A100": (312, 156, 19.5), "A800": (312, 156, 19.5), "A40": (150, 75, 37.4),
-    "A10": (125, 62.5, 31.2), "A10G": (70, 35, 31.2),
-    "L40S": (362, 183, 91.6), "L40": (181, 90.5, 90.5), "L4": (121, 60, 30.3),
-    "RTX A6000": (155, 77.4, 38.7), "RTX 5090": (209.5, 104.8, 104.8),
-    "RTX 4090": (165.2, 82.6, 82.6), "RTX 3090": (71, 35.6, 35.6), "RTX 3090 Ti": (80, 40, 40),
-    "V100": (None, None, 15.7), "T4": (None, None, 8.1)}
-_cpu_peak = {}
-
-
-def gpu_peak(name, dtype, tf32):
-    """Dense peak FLOP/s of the GPU called `name` (torch.cuda.get_device_name) for matmuls in
-    `dtype` (fp32 at the TF32 rate if `tf32`). None for a GPU not in GPU_PEAK, or a dtype it has
-    no unit for (bf16 on V100/T4): no MFU rather than a wrong one."""
-    # a whole word of the name, longest key first: "H100 PCIe" before "H100", "GH200" before "H200"
-    for key in sorted(GPU_PEAK, key=len, reverse=True):
-        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name, re.IGNORECASE):
-            bf16, tf32_peak, fp32 = GPU_PEAK[key]
-            if dtype in (torch.bfloat16, torch.float16):
-                tera = bf16
-            else:  # no TF32 unit (V100, T4): plain fp32
-                tera = tf32_peak if tf32 and tf32_peak else fp32
-            return None if tera is None else tera * 1e12
-    return None
-
-
-def use_tf32():
-    """CUDA fp32 matmuls and convolutions on TF32 tensor cores (Ampere and later): much faster, with
-    a 10-bit mantissa in matmul inputs. Call once at start-up."""
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-
-def peak_flops(device="cpu", dtype=torch.float32):
-    """Peak FLOP/s for MFU: GPU_PEAK's for a GPU (None if unknown), a measured matmul peak on CPU"""
-    device = torch.device(device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        # fp32 matmuls run as TF32 if set_float32_matmul_precision or the flag allows it
-        tf32 = (torch.get_float32_matmul_precision() != "highest"
-                or torch.backends.cuda.matmul.allow_tf32)
-        peak = gpu_peak(name, dtype, tf32)
-        if peak is None:
-            print(f"model.py: no peak FLOP/s for {name!r} in {dtype} (add it to GPU_PEAK): "
-                  f"MFU not reported")
-        return peak
-    if dtype not in _cpu_peak:  # 2048^2: smaller matmuls fall short of the peak
-        emulated = dtype != torch.float32 and not native_bf16(device)
-        n = 512 if emulated else 2048  # emulated bf16 is too slow for 2048^2
-        a = torch.randn(n, n, dtype=dtype)
-        a @ a
-        best = float("inf")
-        for _ in range(5):  # best of 5: the machine may be shared
-            t0 = time.perf_counter()
-            a @ a
-            best = min(best, time.perf_counter() - t0)
-        _cpu_peak[dtype] = 2 * n ** 3 / best
-    return _cpu_peak[dtype]
-
-
-def mfu(flops, seconds, peak):
-    """Model FLOPs utilisation, None without a known peak."""
-    return None if peak is None else flops / seconds / peak
-
-
-def train_flops(model, B, T, S, image_size, mode="coarse_fine", rows_per_sample=1, reference=False,
-                question_len=0, targets=None, coarse_answers=False):
-    """Analytic FLOPs of one training step: forward + backward (2x the forward), plus a frozen
-    reference's forward (DPO). The forward in `mode` of B samples of T frames with rows_per_sample
-    text rows of S tokens each (DPO: 2): DINOv2, glimpses, LLM and lm_head on `targets` positions
-    per row (None: all S). question_len > 0: question first.
-    coarse_answers: coarse_loss_weight > 0."""
-    d, lc = model.dino.cfg, model.llm.cfg
-    D, P, L = d.dim, (image_size // d.patch_size) ** 2, lc.dim
-    mlp = 2 * 2 * D * int(D * d.mlp_ratio)  # per token
-    block = (P + 1) * (2 * 4 * D * D + mlp + 2 * 2 * (P + 1) * D)
-    frame = P * 2 * 3 * d.patch_size ** 2 * D + (d.n_layers - 1) * block + (P + 1) * 2 * 2 * D * D
-    # a glimpse: query_input_proj, each layer's q/proj, attention over 1+P keys and MLP, then
-    # output_proj and dino_to_llm
-    glimpse = 2 * 2 * D * D + d.n_layers * (2 * 2 * D * D + 2 * 2 * (P + 1) * D + mlp) + 2 * D * L
-    q, kv = lc.n_heads * lc.head_dim, lc.n_kv_heads * lc.head_dim
-
-    def llm(n):  # n tokens under causal attention: token i attends to i + 1 keys
-        per_token = 2 * L * (2 * q + 2 * kv) + 2 * 3 * L * lc.hidden_dim  # projections + MLP
-        return lc.n_layers * (n * per_token + 2 * 2 * q * n * (n + 1) / 2)
-    R, Q = B * rows_per_sample, question_len
-    coarse_answers = coarse_answers and mode != "coarse_only"
-    # who chooses the queries: each text row if the choosing pass reads the row's question (or, in
-    # coarse_fine, its answer), else each sample (FoveatedVLM.visual_tokens, walked_cache)
-    walkers = R if Q or (coarse_answers and mode == "coarse_fine") else B
-    # coarse_fine's first pass; autoregressive's extra pass over the static glimpses
-    coarse = R * llm(Q + T + S) if coarse_answers else walkers * llm(Q + T)
-    static_answers = R * llm(Q + T + S) if coarse_answers else 0
-    text = {"coarse_only": R * llm(Q + T + S),
-            "coarse_fine": coarse + R * llm(Q + T + S),
-            "autoregressive": walkers * llm(Q + T) + R * (llm(Q + T + S) - llm(Q + T))
-            + static_answers}[mode]
-    # static glimpses (B*T) for coarse_only / coarse_fine, steered ones (walkers*T) for the others
-    glimpses = {"coarse_only": B * T, "coarse_fine": B * T + walkers * T,
-                "autoregressive": walkers * T + B * T * coarse_answers}[mode]
-    steer = 0 if mode == "coarse_only" else walkers * T * 2 * L * D  # llm_to_query
-    head = (1 + coarse_answers) * R * (S if targets is None else targets) * 2 * L * lc.vocab_size
-    forward = B * T * frame + glimpses * glimpse + steer + text + head
-    return (3 + reference) * forward

@@ -21,19 +21,18 @@ The generated text goes to stdout; everything else to stderr.
 """
 import glob
 import io
-import math
 import os
 import sys
-import textwrap
 import time
+from collections import namedtuple
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 import data
 import model
+from perf.platform import tune, warn_slow_bf16
+from tools.picture import draw_picture
 
 # -----------------------------------------------------------------------------
 video = ''  # a video file PyAV reads (mp4, webm, gif, mkv, ...)
@@ -97,85 +96,80 @@ def shapes_val_clip(root, index):
     return frames, meta.get("user"), meta.get("assistant")
 
 
-INFERNO = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]],
-                   dtype=np.float32)
+Picture = namedtuple("Picture", "frames attn times")  # what a picture shows of one answer
 
 
-def colormap(h):
-    """h [...] in [0,1] -> uint8 [...,3], piecewise linear through the five stops"""
-    x = np.clip(h, 0, 1) * (len(INFERNO) - 1)
-    i = np.minimum(x.astype(int), len(INFERNO) - 2)
-    f = (x - i)[..., None]
-    return (INFERNO[i] * (1 - f) + INFERNO[i + 1] * f).astype(np.uint8)
+def stream_video(ids, question):
+    """autoregressive over --video, a chunk at a time -> (cache, logits, Picture of the frames the
+    picture shows: [K,3,S,S], their glimpses [K,layers,H,1+P], mm:ss labels or None when every
+    frame is shown; None without --attention_out)."""
+    if n_frames <= sheet_frames:
+        shown_at = set(range(n_frames))
+    else:
+        shown_at = set(data.uniform_indices(n_frames, sheet_frames))
+    kept, seen = [], [0]
+
+    def keep(pixels, attn):  # a contact sheet keeps only its frames
+        attn = attn[0]  # [n,layers,H,1+P]: the one row
+        for i in range(pixels.shape[0]):
+            if seen[0] + i in shown_at:
+                kept.append((seen[0] + i, pixels[i], attn[i]))
+        seen[0] += pixels.shape[0]
+    chunks = data.video_chunks(video, side, cap, fps or None, chunk=stream_chunk, device=device,
+                               progress=True)
+    cache, logits = vlm.stream(chunks, n_frames, ids, max_new_tokens, question=question,
+                               on_frames=keep if attention_out else None)
+    if not kept:
+        return cache, logits, None
+    times = None
+    if n_frames > sheet_frames:
+        at = [int(i * seconds / n_frames) for i, _, _ in kept]  # each kept frame's second
+        times = [f"{t // 60}:{t % 60:02d}" for t in at]
+    shown_frames = torch.stack([f for _, f, _ in kept]).to(device, ptdtype)  # [K,3,S,S]
+    return cache, logits, Picture(shown_frames, torch.stack([a for _, _, a in kept]), times)
 
 
-def heatmaps(attn, grid, cell):
-    """attn [T,layers,heads,1+P] from the glimpse -> [T,cell,cell] in [0,1]"""
-    a = attn[:, -attention_layers:].float().mean((1, 2))  # [T,1+P]
-    a = a[:, 1:].reshape(-1, 1, *grid)  # CLS dropped: [T,1,gh,gw]
-    a = a / a.amax((2, 3), keepdim=True).clamp(min=1e-12)
-    a = F.interpolate(a, size=(cell, cell), mode="bilinear", align_corners=False)
-    return a[:, 0].cpu().numpy()
-
-
-def draw_picture(path, frames, rows, patch_size, texts, times=None):
-    """frames [T,3,S,S] normalised; rows: [(label, attn [T,layers,heads,1+P])]; texts: [(prompt,
-    answer)], written under the images. Writes a .png or .gif. times: each frame's label (a contact
-    sheet's mm:ss) instead of its number."""
-    T, _, S, _ = frames.shape
-    cell = S * math.ceil(160 / S)  # 64px synthetic frames become 192px: legible
-    grid = (S // patch_size, S // patch_size)
-    rgb = (frames.float().cpu() * data.STD + data.MEAN).clamp(0, 1)  # undo ImageNet normalisation
-    rgb = F.interpolate(rgb, size=(cell, cell), mode="bilinear", align_corners=False)
-    rgb = rgb.permute(0, 2, 3, 1).numpy() * 255  # [T,cell,cell,3] in 0..255
-    cells = [[Image.fromarray(f.astype(np.uint8)) for f in rgb]]  # row 0: the frames themselves
-    for _, attn in rows:
-        blended = [0.45 * f + 0.55 * colormap(h) for f, h in zip(rgb, heatmaps(attn, grid, cell))]
-        cells.append([Image.fromarray(b.astype(np.uint8)) for b in blended])
-    labels = ["frame"] + [label for label, _ in rows]
-    try:
-        font = ImageFont.load_default(size=13)
-    except TypeError:  # Pillow < 10.1: the bitmap font has no size
-        font = ImageFont.load_default()
-
-    def tag(img, xy, text):  # white text on a black box, readable on any frame
-        if not text:
-            return
-        d = ImageDraw.Draw(img)
-        d.rectangle(d.textbbox(xy, text, font=font), fill=(0, 0, 0))
-        d.text(xy, text, fill=(255, 255, 255), font=font)
-
-    def canvas(w, h_images):  # white sheet with the prompts and answers wrapped under the images
-        numbered = len(texts) > 1
-        paragraphs = [line for i, (prompt_text, answer) in enumerate(texts)
-                      for line in (f"prompt{f' {i + 1}' if numbered else ''}: {prompt_text}\n"
-                                   f"answer: {answer}").split("\n")]
-        lines = [line for para in paragraphs for line in textwrap.wrap(para, w // 7) or [""]]
-        img = Image.new("RGB", (w, h_images + 8 + 17 * len(lines)), (255, 255, 255))
-        for i, line in enumerate(lines):
-            ImageDraw.Draw(img).text((6, h_images + 4 + 17 * i), line, fill=(0, 0, 0), font=font)
-        return img
-
-    if path.lower().endswith(".gif"):  # an animation frame per video frame: [frame | coarse | mode]
-        sheets = []
-        for t in range(T):
-            sheet = canvas(cell * len(cells), cell)
-            for r, row in enumerate(cells):
-                sheet.paste(row[t], (r * cell, 0))
-                when = times[t] if times else f"{t + 1}/{T}"
-                tag(sheet, (r * cell + 3, 3), labels[r] + (f" {when}" if r == 0 else ""))
-            sheets.append(sheet)
-        sheets[0].save(path, save_all=True, append_images=sheets[1:], duration=600, loop=0)
-    else:  # one column per frame, one row per glimpse kind
-        sheet = canvas(cell * T, cell * len(cells))
-        for r, row in enumerate(cells):
-            for t, img in enumerate(row):
-                sheet.paste(img, (t * cell, r * cell))
-                number = times[t] if times else f"{t + 1}"
-                # the row's label in column 0, except a contact sheet's row 0, which shows times
-                label = labels[r] if t == 0 and not (times and r == 0) else ""
-                tag(sheet, (t * cell + 3, r * cell + 3), label or (number if r == 0 else ""))
-        sheet.save(path)
+def respond(user):
+    """Answer one user turn about the frames: prefill (or stream the video), then generate
+    num_samples answers, printed as they come -> (the first answer, its Picture or None)."""
+    print(f"prompt: {user}", file=sys.stderr)
+    question_tokens, prompt_tokens = data.prompt_parts(tok, user, vlm.layout)
+    # question first: (ids [1,Pq], valid None), what model.FoveatedVLM takes as `question`
+    question = None
+    if question_tokens:
+        question = (torch.tensor([question_tokens], device=device), None)
+    ids = torch.tensor([prompt_tokens], device=device)  # [1,S]
+    if streaming:
+        try:
+            cache, logits, picture = stream_video(ids, question)
+        except ValueError as e:  # a file that breaks mid-way: data.py's message names it
+            fail(e)
+    else:
+        cache, logits, attn = vlm.prefill(kv, frame_mask, ids, mode, max_new_tokens,
+                                          question=question)
+        picture = Picture(frames, attn[0], None)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    answers = []
+    for s in range(num_samples):
+        if num_samples > 1:
+            print(f"--- sample {s + 1}/{num_samples}", file=sys.stderr)
+        out, printed, t0 = [], "", time.time()
+        # each sample continues from the prompt: a fresh copy of the prefilled cache
+        first_row = cache.copy_rows(torch.zeros(1, dtype=torch.long, device=device))
+        tokens = model.generate(vlm.llm, first_row, logits, max_new_tokens, temperature,
+                                top_k or None, data.PAD_ID, generator)
+        for token in tokens:
+            if token.item() == data.PAD_ID:
+                break
+            out.append(token.item())
+            text = tok.decode(out)  # the whole answer: a byte-level token can be half a character
+            if not text.endswith("\ufffd"):  # wait until the character is complete
+                print(text[len(printed):], end="", flush=True)
+                printed = text
+        answers.append(tok.decode(out))
+        print(answers[-1][len(printed):], flush=True)
+        print(f"({len(out)} tokens, {len(out) / (time.time() - t0):.1f} tokens/s)", file=sys.stderr)
+    return answers[0], picture
 
 
 # -----------------------------------------------------------------------------
@@ -190,7 +184,7 @@ for path in (video, image):
         fail(f"{path}: file not found")
 torch.manual_seed(seed)
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-model.warn_slow_bf16(device, dtype, "sample.py")
+warn_slow_bf16(device, dtype, "sample.py")
 try:
     vlm, tok_path = model.load_model(init_from, llm_dir, dino_dir, ptdtype)
     tok = data.load_tokenizer(tok_path)
@@ -201,7 +195,7 @@ if os.path.isdir(init_from):
     weights = os.path.dirname(tok_path)  # the checkpoint really used (a run dir: its newest)
 if init_from == 'scratch':
     weights = f"{llm_dir} + {dino_dir} with an UNTRAINED connector"
-vlm.to(device).eval()
+tune(vlm.to(device).eval())
 
 reference, clip_question = None, None  # a shapes clip's own question and answer
 side = image_size or min(224, vlm.dino.cfg.image_size)
@@ -241,110 +235,29 @@ for p in prompts:
     if too_long:
         fail(too_long)
 print(f"weights: {weights}", file=sys.stderr)
-frame_side = side if streaming else frames.shape[-1]
-print(f"{n_frames} frames of {frame_side}px, mode {mode}", file=sys.stderr)
+print(f"{n_frames} frames of {side if streaming else frames.shape[-1]}px, mode {mode}",
+      file=sys.stderr)
 if reference:
     print(f"reference: {reference}", file=sys.stderr)
 
-
-def stream_video(ids, question):
-    """autoregressive over --video, a chunk at a time. Returns (cache, logits, the frames [K,3,S,S]
-    the picture shows with their glimpses [K,layers,H,1+P], their mm:ss labels or None when every
-    frame is shown)."""
-    if n_frames <= sheet_frames:
-        shown_at = set(range(n_frames))
-    else:
-        shown_at = set(data.uniform_indices(n_frames, sheet_frames))
-    kept, seen = [], [0]
-
-    def keep(pixels, attn):  # a contact sheet keeps only its frames
-        attn = attn[0]  # [n,layers,H,1+P]: the one row
-        for i in range(pixels.shape[0]):
-            if seen[0] + i in shown_at:
-                kept.append((seen[0] + i, pixels[i], attn[i]))
-        seen[0] += pixels.shape[0]
-    chunks = data.video_chunks(video, side, cap, fps or None, chunk=stream_chunk, device=device,
-                               progress=True)
-    cache, logits = vlm.stream(chunks, n_frames, ids, max_new_tokens, question=question,
-                               on_frames=keep if attention_out else None)
-    if not kept:
-        return cache, logits, None, None, None
-    times = None
-    if n_frames > sheet_frames:
-        at = [int(i * seconds / n_frames) for i, _, _ in kept]  # each kept frame's second
-        times = [f"{t // 60}:{t % 60:02d}" for t in at]
-    shown_frames = torch.stack([f for _, f, _ in kept])  # [K,3,S,S]
-    shown_attn = torch.stack([a for _, _, a in kept])  # [K,layers,H,1+P]
-    return cache, logits, shown_frames, shown_attn, times
-
-
-def respond(user, kv=None):
-    """Answer one user turn about the frames: prefill (or stream the video), then decode
-    num_samples answers, printed as they come. kv: the frames' DINOv2 K/V from an earlier prompt
-    (not streamed). Returns (the first answer, the frames the picture shows [1,K,3,S,S], their
-    glimpses' attention [1,K,layers,H,1+P], mm:ss labels or None, kv or None)."""
-    print(f"prompt: {user}", file=sys.stderr)
-    question_tokens, prompt_tokens = data.prompt_parts(tok, user, vlm.layout)
-    # question first: (ids [1,Pq], valid None), what model.FoveatedVLM takes as `question`
-    question = None
-    if question_tokens:
-        question = (torch.tensor([question_tokens], device=device), None)
-    ids = torch.tensor([prompt_tokens], device=device)  # [1,S]
-    times = None
-    if streaming:
-        try:
-            cache, logits, shown_frames, attn, times = stream_video(ids, question)
-        except ValueError as e:  # a file that breaks mid-way: data.py's message names it
-            fail(e)
-        attn = attn[None] if attn is not None else None
-        if shown_frames is not None:
-            shown_frames = shown_frames.to(device, ptdtype)[None]
-    else:
-        shown_frames = frames.to(device, ptdtype)[None]  # [1,T,3,S,S]
-        frame_mask = torch.ones(shown_frames.shape[:2], dtype=torch.bool, device=device)
-        if kv is None:
-            kv = vlm.encode(shown_frames, frame_mask)  # one DINOv2 pass for every prompt
-        cache, logits, attn = vlm.prefill(kv, frame_mask, ids, mode, max_new_tokens,
-                                          question=question)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    answers = []
-    for s in range(num_samples):
-        if num_samples > 1:
-            print(f"--- sample {s + 1}/{num_samples}", file=sys.stderr)
-        out, printed, t0 = [], "", time.time()
-        # each sample continues from the prompt: a fresh copy of the prefilled cache
-        first_row = cache.rows(torch.zeros(1, dtype=torch.long, device=device))
-        tokens = model.decode(vlm.llm, first_row, logits, max_new_tokens, temperature,
-                              top_k or None, data.PAD_ID, generator)
-        for token in tokens:
-            if token.item() == data.PAD_ID:
-                break
-            out.append(token.item())
-            text = tok.decode(out)  # the whole answer: a byte-level token can be half a character
-            if not text.endswith("\ufffd"):  # wait until the character is complete
-                print(text[len(printed):], end="", flush=True)
-                printed = text
-        answers.append(tok.decode(out))
-        print(answers[-1][len(printed):], flush=True)
-        print(f"({len(out)} tokens, {len(out) / (time.time() - t0):.1f} tokens/s)", file=sys.stderr)
-    return answers[0], shown_frames, attn, times, kv
-
-
 with torch.no_grad():
-    kv, replies = None, []
-    for p in prompts:
-        answer, shown_frames, attn, times, kv = respond(p, kv)
-        replies.append((p, answer, attn))
+    if not streaming:  # one DINOv2 pass serves every prompt
+        frames = frames.to(device, ptdtype)  # [T,3,S,S]
+        frame_mask = torch.ones(1, len(frames), dtype=torch.bool, device=device)
+        kv = vlm.encode(frames[None], frame_mask)
+    replies = [(p, *respond(p)) for p in prompts]  # (prompt, answer, Picture)
     if attention_out:
-        frame_mask = torch.ones(shown_frames.shape[:2], dtype=torch.bool, device=device)
+        shown = replies[0][2]
+        frame_mask = torch.ones(1, len(shown.frames), dtype=torch.bool, device=device)
         if streaming:  # the shown frames again, for their coarse row: a dozen frames, not the video
-            kv = vlm.encode(shown_frames, frame_mask)
+            kv = vlm.encode(shown.frames[None], frame_mask)
         _, static_attn = vlm.static_glimpses(kv, frame_mask)  # [1,T,layers,H,1+P]
         rows = [("coarse: q_static", static_attn[0])]
         if mode != "coarse_only":
-            for i, (_, _, attn) in enumerate(replies):
+            for i, (_, _, picture) in enumerate(replies):
                 label = f"prompt {i + 1}: {mode}" if len(replies) > 1 else f"{mode} glimpse"
-                rows.append((label, attn[0]))
+                rows.append((label, picture.attn))
         texts = [(p, answer) for p, answer, _ in replies]
-        draw_picture(attention_out, shown_frames[0], rows, vlm.dino.cfg.patch_size, texts, times)
+        draw_picture(attention_out, shown.frames, rows, vlm.dino.cfg.patch_size, texts,
+                     shown.times, attention_layers)
         print(f"wrote {attention_out}", file=sys.stderr)

@@ -23,10 +23,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from bench import evaluate_mcq, format_table, mcq_results, read_mcq_file
+from bench import evaluate_mcq, format_table, mcq_results
 from model import (LAYOUTS, MODES, DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2,
-                   compile_counts, compile_model, find_checkpoint, keep_freed_memory, load_model,
-                   mfu, peak_flops, train_flops, use_tf32, warn_slow_bf16)
+                   compile_model, find_checkpoint, load_model)
+from perf.flops import batch_flops, mfu, peak_flops
+from perf.platform import compile_counts, setup, warn_slow_bf16
+from tasks import shapes
 
 # -----------------------------------------------------------------------------
 # config: the embedded default (a tiny fVLM trained from scratch on the shapes task)
@@ -181,7 +183,7 @@ def latest_checkpoint():
 
 # -- data ---------------------------------------------------------------------
 if master and any(g.startswith(shapes_dir) for g in (train_data + ',' + val_data).split(',') if g):
-    data.ensure_shapes(shapes_dir)
+    shapes.ensure_shapes(shapes_dir)
 if ddp:
     dist.barrier()  # rank 0 may have been generating the task
 
@@ -365,7 +367,7 @@ def evaluate():
         out.update({f'val_loss_{m}': (sums[0, j] / sums[1, j]).item()
                     for j, m in enumerate(modes) if sums[1, j]})
     if mcq_data:
-        mcq_records = mcq_records or read_mcq_file(mcq_data, image_size)  # decoded once per run
+        mcq_records = mcq_records or shapes.read(mcq_data, image_size)  # decoded once per run
         with autocast:
             res = evaluate_mcq(raw_model, tok, mcq_records[rank::world_size], modes, device,
                                progress=False)
@@ -432,10 +434,7 @@ if master:
     say(f"model: {params / 1e6:.2f}M params, layout {raw_model.layout}, device {device}, "
         f"dtype {dtype}, {world_size} rank(s), batch "
         f"{batch_size}x{gradient_accumulation_steps}x{world_size}")
-if device_type == 'cpu':
-    keep_freed_memory()
-else:
-    use_tf32()  # fp32 matmuls outside autocast (and dtype=float32 runs) on tensor cores
+setup(device)  # TF32 on CUDA (fp32 matmuls outside autocast); on a CPU, glibc keeps freed memory
 peak = peak_flops(device, ptdtype)
 model.train()
 batches = iter(train_loader)
@@ -457,17 +456,11 @@ while iter_num < max_iters:
         loss_sum += loss.detach()
         for k, v in metrics.items():
             metrics_sum[k] = metrics_sum.get(k, 0.0) + v.detach()
-        frames, ids = batch['frames'], batch['input_ids']
-        question = batch.get('question_ids', ids[:, :0])  # [R,Pq]; frames first: an empty [R,0]
-        samples_since += frames.shape[0]
-        tokens_since += int(batch['frame_mask'].sum()) + ids.numel() + question.numel()
-        # the mean number of positions per row that carry loss: lm_head runs on those only
-        targets_per_row = int(batch['loss_mask'][:, 1:].ne(0).sum()) / len(ids)
-        flops_since += train_flops(raw_model, *frames.shape[:2], ids.shape[1], frames.shape[-1],
-                                   train_mode, rows_per_sample=len(ids) / len(frames),
-                                   reference=stage == 3 and not precompute_ref,
-                                   question_len=question.shape[1], targets=targets_per_row,
-                                   coarse_answers=stage < 3 and coarse_loss_weight > 0)
+        samples_since += len(batch['frames'])
+        question = batch.get('question_ids', batch['input_ids'][:, :0])  # frames first: [R,0]
+        tokens_since += int(batch['frame_mask'].sum()) + batch['input_ids'].numel() + question.numel()
+        flops_since += batch_flops(raw_model, batch, train_mode, stage == 3 and not precompute_ref,
+                                   stage < 3 and coarse_loss_weight > 0)
     # mean over micro-steps and ranks, for logging
     logged = torch.stack([loss_sum] + list(metrics_sum.values())) / gradient_accumulation_steps
     if ddp:

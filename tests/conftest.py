@@ -4,7 +4,8 @@ import os
 import pytest
 import torch
 
-from model import decode, left_pad
+import model
+from model import left_pad
 
 torch.set_num_threads(2)
 
@@ -67,12 +68,12 @@ def smollm2_dir():
 
 
 @torch.no_grad()
-def generate(llm, prompts, max_new_tokens=128, temperature=0.0, top_k=None, stop_id=2, generator=None):
+def generate_texts(llm, prompts, max_new_tokens=128, temperature=0.0, top_k=None, stop_id=2, generator=None):
     """Text-only generation for a batch of prompts (lists of ids) of any lengths: left-padded, masked.
     Returns the new ids per prompt, without the stop token."""
     ids, valid = left_pad(prompts, llm.embed_tokens.weight.device)
     cache = llm.new_cache(len(prompts), ids.shape[1] + max_new_tokens)
     logits = llm.lm_head(llm(ids, valid=valid, cache=cache, hidden_only=True)[:, -1])
-    steps = list(decode(llm, cache, logits, max_new_tokens, temperature, top_k, stop_id, generator))
+    steps = list(model.generate(llm, cache, logits, max_new_tokens, temperature, top_k, stop_id, generator))
     out = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]
     return [row[:row.index(stop_id)] if stop_id in row else row for row in out]

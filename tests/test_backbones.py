@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import generate, write_dino, write_llama
+from conftest import generate_texts as generate, write_dino, write_llama
 from model import DINOv2, LLMConfig, SmolLM2
+import perf.platform
 
 
 def test_llama_parity_gqa(tiny_llama):
@@ -160,11 +161,10 @@ def test_dino_unknown_key_and_mask_token(tmp_path, tiny_dino):
 
 def test_slow_bf16_is_said(capsys):
     """bf16 on a CPU without native bf16 matmuls is said at start-up, naming the fix; silent elsewhere."""
-    import model
-    model.warn_slow_bf16("cpu", "bfloat16", "sample.py")
-    model.warn_slow_bf16("cpu", "float32", "sample.py")
+    perf.platform.warn_slow_bf16("cpu", "bfloat16", "sample.py")
+    perf.platform.warn_slow_bf16("cpu", "float32", "sample.py")
     said = capsys.readouterr().out
-    if model.native_bf16("cpu"):
+    if perf.platform.native_bf16("cpu"):
         assert said == ""
     else:
         assert said.count("warning") == 1 and "sample.py" in said and "--dtype=float32" in said

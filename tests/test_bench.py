@@ -12,10 +12,20 @@ import torch
 from PIL import Image
 
 import bench
-from bench import MODES, evaluate_mcq, extract_choice, load_frames, option_answers, score_options
-from data import encode_prompt, format_mcq, train_tokenizer, write_tar
+from bench import MODES, evaluate_mcq, extract_choice, option_answers, score_options
+from tasks.common import load_frames
+from data import encode_prompt, format_mcq, write_tar
+from tasks.shapes import train_tokenizer
 from conftest import steered
-from model import DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2, gpu_peak, train_flops
+from model import DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2
+from perf.flops import gpu_peak, train_flops
+import tasks.shapes
+import tasks.mvbench
+import tasks.videomme
+import tasks.scienceqa
+import tasks.pope
+import tasks.shards
+import perf.speed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANIMALS = ["dog", "cat", "bird", "fish", "horse"]
@@ -263,7 +273,7 @@ def test_read_mvbench(tmp_path):
     # Character Order's options are letters, and MVBench's answer is the option's text, not a letter
     json.dump([{"video": "AB12C.mp4", "question": "In what order?", "candidates": ["c", "a", "b"], "answer": "a"}],
               open(d / "json" / "character_order.json", "w"))
-    recs = bench.read_mvbench(str(d))
+    recs = tasks.mvbench.read(str(d))
     by_id = {r["id"]: r for r in recs}
     assert len(recs) == 6 and by_id["character_order/0"]["answer"] == 1
     seq = by_id["action_sequence/0"]
@@ -288,13 +298,13 @@ def test_read_videomme(tmp_path):
     with open(d / "videomme" / "test.jsonl", "w") as f:
         f.write(json.dumps(row) + "\n" + json.dumps(dict(row, videoID="missing1", question_id="002-1", answer="A")) + "\n")
     json.dump({"version": 1}, open(d / "videomme" / "meta.json", "w"))  # unrelated: ignored
-    recs = bench.read_videomme(str(d))
+    recs = tasks.videomme.read(str(d))
     assert [r["answer"] for r in recs] == [2, 0] and recs[0]["options"] == ["1.", "2.", "3.", "4."]
     assert recs[0]["category"] == "short" and recs[0]["task_type"] == "Counting Problem"
     assert frames_of(recs[0], 16).shape == (12, 3, SIZE, SIZE)  # 12-frame clip: every frame once
     assert "missing" in recs[1]["error"]
-    assert [r["id"] for r in bench.read_videomme(str(d), "short")] == ["001-1", "002-1"]
-    assert bench.read_videomme(str(d), "long") == []
+    assert [r["id"] for r in tasks.videomme.read(str(d), "short")] == ["001-1", "002-1"]
+    assert tasks.videomme.read(str(d), "long") == []
 
 
 def test_read_scienceqa(tmp_path):
@@ -310,7 +320,7 @@ def test_read_scienceqa(tmp_path):
     write_image(str(d / "images" / "train" / "7" / "image.png"))
     json.dump({"version": 1}, open(d / "info.json", "w"))
     json.dump({"train": ["7"], "test": ["5", "6"]}, open(d / "pid_splits.json", "w"))
-    recs = bench.read_scienceqa(str(tmp_path / "ScienceQA"))
+    recs = tasks.scienceqa.read(str(tmp_path / "ScienceQA"))
     assert len(recs) == 1
     r = recs[0]
     assert r["question"] == "Context: Look at the animals.\nWhich is a mammal?" and r["answer"] == 1
@@ -331,21 +341,21 @@ def test_read_pope(tmp_path):
         f.write(json.dumps(rows[0]) + "\n")
     json.dump({"version": 1}, open(d / "output" / "info.json", "w"))  # unrelated json files get ignored
     json.dump([1, 2], open(d / "list.json", "w"))
-    recs = bench.read_pope(str(d))
+    recs = tasks.pope.read(str(d))
     assert [r["answer"] for r in recs] == [0, 0, 1] and recs[0]["options"] == ["yes", "no"]
     assert [r["category"] for r in recs] == ["aokvqa_adversarial", "coco_adversarial", "coco_adversarial"]
     assert frames_of(recs[1]).shape == (8, 3, SIZE, SIZE)
 
 
 def test_read_shards_and_cli(tmp_path, tok, vlm):
-    from data import _jpg
+    from tasks.shapes import jpg as _jpg
     img = Image.new("RGB", (SIZE, SIZE), (10, 200, 10))
     samples = [("s0", {**{f"{i:03d}.jpg": _jpg(img) for i in range(20)}, "json": {
                    "user": "which animal is it?\nA. dog\nB. cat\nC. fish", "assistant": "B. cat", "source": "zoo"}}),
                ("s1", {"json": {"user": "no options here", "assistant": "hello"}}),
                ("s2", {"mp4": b"not a video", "json": {"user": "which?\nA. yes\nB. no", "assistant": "A. yes"}})]
     write_tar(str(tmp_path / "val-0000.tar"), samples)
-    recs = bench.read_shards(str(tmp_path), tok, max_frames=16, image_size=SIZE)
+    recs = tasks.shards.read(str(tmp_path), tok, max_frames=16, image_size=SIZE)
     assert [(r["question"], r["options"], r["answer"]) for r in recs] == [
         ("which animal is it?", ["dog", "cat", "fish"], 1), ("which?", ["yes", "no"], 0)]
     assert frames_of(recs[0]).shape == (16, 3, SIZE, SIZE)  # what the reader was asked for
@@ -361,7 +371,8 @@ def test_read_shards_and_cli(tmp_path, tok, vlm):
 
 
 def test_shapes_cli_matches_evaluate_mcq(tmp_path):
-    from data import QUESTIONS, load_tokenizer, make_shapes
+    from data import load_tokenizer
+    from tasks.shapes import QUESTIONS, make_shapes
     d = tmp_path / "shapes"
     make_shapes(str(d), n_train=4, n_val=6, n_dpo=1, n_text=1, image_size=32, frames=3)
     tok = load_tokenizer(str(d))
@@ -370,7 +381,7 @@ def test_shapes_cli_matches_evaluate_mcq(tmp_path):
     out = run_bench(tmp_path, "--task=shapes", f"--data_dir={d}", f"--init_from={tmp_path / 'ckpt'}")
     assert out["image_size"] == 32 and out["count"] == 6  # the size shapes.json says, as train.py reads it
     assert set(out["modes"]["coarse_fine"]["per_category"]) == set(QUESTIONS)
-    direct = evaluate_mcq(model, tok, bench.read_mcq_file(str(d), 32), progress=False)  # what train.py calls
+    direct = evaluate_mcq(model, tok, tasks.shapes.read(str(d), 32), progress=False)  # what train.py calls
     assert direct["accuracy"] == out["accuracy"]
 
 
@@ -395,14 +406,15 @@ def test_speed_report(tok, tmp_path, monkeypatch):
     tiny_vlm(tok).save(tmp_path / "ckpt" / "step-0000001", tok.path)  # a run dir of step-* dirs, as train.py writes
     for key, value in dict(init_from=str(tmp_path), speed_frames="2,3", speed_text=8, speed_steps=1,
                             speed_dtypes="float32,bfloat16").items():
-        monkeypatch.setattr(bench, key, value)
-    rep = bench.speed()
+        monkeypatch.setattr(perf.speed, key, value)
+    rep = perf.speed.speed()
     for T in (2, 3):
         row = rep[f"T{T}"]
         for dt in ("float32", "bfloat16"):
             r = row[dt]
-            # mfu: the CPU peak is measured in the run, on a machine other jobs share: it can read low
-            assert r["samples_per_s"] > 0 and 0 < r["mfu"] < 3 and r["peak_mem_mb"] > 10
+            # mfu: the CPU peak is measured in the run, on a machine other jobs share: it can read low, and a
+            # ratio above 1 is then reported as None
+            assert r["samples_per_s"] > 0 and (r["mfu"] is None or 0 < r["mfu"] <= 1) and r["peak_mem_mb"] > 10
         assert abs(row["bfloat16"]["loss"] / row["float32"]["loss"] - 1) < 0.02  # same weights, same batch
         assert row["loader_samples_per_s"] > 0
     assert rep["decode_tokens_per_s"] > 0 and rep["decode_tokens_per_s_bf16"] > 0 and rep["mcq_questions_per_s"] > 0
@@ -453,16 +465,14 @@ def test_train_flops_of_extra_text_rows(tok):
 
 @pytest.mark.parametrize("name,bf16,tf32,fp32", [
     ("NVIDIA H100 80GB HBM3", 989, 495, 67), ("NVIDIA H100 PCIe", 756, 378, 51), ("NVIDIA H100 NVL", 835, 418, 60),
-    ("NVIDIA H200", 989, 495, 67), ("NVIDIA H200 NVL", 835, 418, 60), ("NVIDIA GH200 480GB", 989, 495, 67),
-    ("NVIDIA H20", 148, 74, 44), ("NVIDIA B200", 2250, 1125, 75), ("NVIDIA A100-SXM4-80GB", 312, 156, 19.5),
-    ("NVIDIA A100 80GB PCIe", 312, 156, 19.5), ("NVIDIA A10", 125, 62.5, 31.2), ("NVIDIA A10G", 70, 35, 31.2),
+    ("NVIDIA H200", 989, 495, 67), ("NVIDIA H200 NVL", 835, 418, 60), ("NVIDIA B200", 2250, 1125, 75),
+    ("NVIDIA A100-SXM4-80GB", 312, 156, 19.5), ("NVIDIA A100 80GB PCIe", 312, 156, 19.5), ("NVIDIA A10G", 70, 35, 31.2),
     ("NVIDIA L4", 121, 60, 30.3), ("NVIDIA L40S", 362, 183, 91.6), ("NVIDIA GeForce RTX 4090", 165.2, 82.6, 82.6),
-    ("NVIDIA GeForce RTX 5090", 209.5, 104.8, 104.8), ("NVIDIA GeForce RTX 3090 Ti", 80, 40, 40),
-    ("Tesla V100-SXM2-16GB", None, 15.7, 15.7), ("Tesla T4", None, 8.1, 8.1),
+    ("NVIDIA GH200 480GB", None, None, None), ("NVIDIA A10", None, None, None), ("Tesla T4", None, None, None),
     ("NVIDIA RTX A1000", None, None, None), ("NVIDIA GeForce GTX 1080", None, None, None)])
 def test_gpu_peak_by_device_name(name, bf16, tf32, fp32):
-    """Most specific name first; fp32 counts at the TF32 rate only when allowed and where the GPU has TF32;
-    an unknown GPU (A1000 is neither an A100 nor an A10) or a missing unit: None, so no MFU is reported."""
+    """Most specific name first; fp32 counts at the TF32 rate only when allowed; a GPU not in the table (GH200 is
+    not an H200, A1000 not an A100, A10 not an A10G): None, so no MFU is reported rather than a wrong one."""
     tera = lambda x: None if x is None else x * 1e12  # noqa: E731
     assert gpu_peak(name, torch.bfloat16, tf32=False) == tera(bf16)
     assert gpu_peak(name, torch.float32, tf32=True) == tera(tf32)

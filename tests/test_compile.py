@@ -5,7 +5,8 @@ as inductor would get them, without inductor's C++ build (minutes on 2 cores).""
 import pytest
 import torch
 
-from model import DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2, compile_counts, compile_model
+from model import DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2, compile_model
+from perf.platform import compile_counts
 from conftest import steered
 
 dynamo = pytest.importorskip("torch._dynamo")
@@ -57,7 +58,7 @@ def test_compiled_cache_path_no_breaks():
     """Inference through the KV cache (prefill, decode in every mode): the cache write stays eager, so the
     graphs do not depend on the layer index or the cache length, and the tokens are eager's."""
     from torch._dynamo.utils import counters
-    from model import MODES, decode
+    from model import MODES, generate
     dynamo.reset()
     counters.clear()
     eager, compiled = tiny().eval(), compile_model(tiny().eval(), dynamic=True, backend="aot_eager")
@@ -67,7 +68,7 @@ def test_compiled_cache_path_no_breaks():
         kv = m.encode(frames, frame_mask)
         for mode in MODES:
             cache, last, _ = m.prefill(kv, frame_mask, ids, mode, extra=12)
-            out.append(torch.stack(list(decode(m.llm, cache, last, 12, stop_id=-1)), 1))
+            out.append(torch.stack(list(generate(m.llm, cache, last, 12, stop_id=-1)), 1))
     for a, b in zip(out[:3], out[3:]):
         assert torch.equal(a, b)
     assert compile_counts()["graph_breaks"] == 0 and compile_counts()["graphs"] <= 12

@@ -15,6 +15,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import tasks.shapes  # noqa: E402
 
 CONV = [{"role": "user", "content": "What is in the video?"},
         {"role": "assistant", "content": "A red circle moves to the left."},
@@ -26,7 +27,7 @@ CONV = [{"role": "user", "content": "What is in the video?"},
 def tok():
     """tiny byte-level BPE trained here, so most tests need no downloaded files"""
     texts = [m["content"] for m in CONV] + [data.SYSTEM_PROMPT, "user\n", "assistant\n", "describe it. a red frame."] * 3
-    return data.train_tokenizer(texts, vocab_size=300)
+    return tasks.shapes.train_tokenizer(texts, vocab_size=300)
 
 
 def jpg(colour, size=16):
@@ -280,31 +281,31 @@ def test_dynamic_batching_caps_frames(tmp_path, tok):
 
 def test_shapes_task(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    data.make_shapes(str(a), n_train=30, n_val=10, n_dpo=5, n_text=5, frames=4, shard_size=20, seed=0)
-    data.ensure_shapes(str(b), n_train=30, n_val=10, n_dpo=5, n_text=5, frames=4, shard_size=20, seed=0)
+    tasks.shapes.make_shapes(str(a), n_train=30, n_val=10, n_dpo=5, n_text=5, frames=4, shard_size=20, seed=0)
+    tasks.shapes.ensure_shapes(str(b), n_train=30, n_val=10, n_dpo=5, n_text=5, frames=4, shard_size=20, seed=0)
     for f in ("train-0000.tar", "train-0001.tar", "val-0000.tar", "dpo-0000.tar", "text-0000.tar", "mcq_val.json", "tokenizer.json"):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f  # deterministic from the seed
     tok = data.load_tokenizer(str(a))
     assert [tok.token_to_id(s) for s in data.SPECIALS] == [0, 1, 2] and tok.get_vocab_size() <= 512
-    from bench import read_mcq_file
+    from tasks.shapes import read as read_mcq_file
     mcq = read_mcq_file(str(a), image_size=32)
-    assert len(mcq) == 10 and {m["category"] for m in mcq} == set(data.QUESTIONS)
+    assert len(mcq) == 10 and {m["category"] for m in mcq} == set(tasks.shapes.QUESTIONS)
     for m in mcq:
         assert len(set(m["options"])) == 4 and 0 <= m["answer"] < 4 and m["frames"].shape == (4, 3, 32, 32)
     s1 = next(iter(data.ShardDataset(str(a / "train-*.tar"), tok, 1, image_size=64, loop=False)))
     caption = tok.decode(s1["rows"][0]["ids"])
     assert caption.count("moves from the") == 1 and caption.count("stays in the") == 2 and all(s1["rows"][0]["mask"])
     for seed in range(20):  # three balls of three colours in three quadrants; one moves into the fourth
-        imgs, facts = data.shapes_clip(np.random.default_rng(seed), frames=4)
+        imgs, facts = tasks.shapes.shapes_clip(np.random.default_rng(seed), frames=4)
         balls = facts["balls"]
         assert len(imgs) == 4 and len({b["colour"] for b in balls} | {facts["missing"]}) == 4
         assert len({b["start"] for b in balls}) == 3 and len({b["end"] for b in balls}) == 3
         assert sum(b["start"] != b["end"] for b in balls) == 1
         for ball in range(3):  # the question names the ball its answer is about
-            q, opts, ans = data.shapes_question(np.random.default_rng(seed), facts, "spot", ball)
-            assert balls[ball]["colour"] in q and opts[ans] == balls[ball]["spot"] and sorted(opts) == sorted(data.SPOTS)
-        q, opts, ans = data.shapes_question(np.random.default_rng(seed), facts, "missing")
-        assert opts[ans] == facts["missing"] and sorted(opts) == sorted(data.COLOURS)
+            q, opts, ans = tasks.shapes.shapes_question(np.random.default_rng(seed), facts, "spot", ball)
+            assert balls[ball]["colour"] in q and opts[ans] == balls[ball]["spot"] and sorted(opts) == sorted(tasks.shapes.SPOTS)
+        q, opts, ans = tasks.shapes.shapes_question(np.random.default_rng(seed), facts, "missing")
+        assert opts[ans] == facts["missing"] and sorted(opts) == sorted(tasks.shapes.COLOURS)
     qf = data.ShardDataset(str(a / "train-*.tar"), tok, 2, image_size=64, loop=False, layout="question_first")
     rows = next(iter(qf))["rows"]  # question first: each of the clip's three questions is its own row
     assert len(rows) == 3 and all(tok.decode(r["question"]).count("?") == 1 for r in rows)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import tasks.shapes  # noqa: E402
 import dpo  # noqa: E402
 from conftest import steered  # noqa: E402
 from model import MODES, DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2  # noqa: E402
@@ -153,7 +154,7 @@ def test_loss_and_grads_match_naive(label_smoothing, sft_weight, mode):
 @pytest.fixture(scope='module')
 def shapes(tmp_path_factory):
     root = str(tmp_path_factory.mktemp('shapes'))
-    data.make_shapes(root, n_train=4, n_val=4, n_dpo=16, n_text=4, image_size=32, frames=3, shard_size=4)
+    tasks.shapes.make_shapes(root, n_train=4, n_val=4, n_dpo=16, n_text=4, image_size=32, frames=3, shard_size=4)
     return root
 
 

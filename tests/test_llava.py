@@ -12,6 +12,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import tasks.shapes  # noqa: E402
 from test_data import gray_video  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +22,7 @@ WORDS = ["what colour is it?", "red.", "and the shape?", "a square.", "describe 
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.train_tokenizer(WORDS * 3 + [data.SYSTEM_PROMPT, "user\n", "assistant\n", "Describe this."],
+    return tasks.shapes.train_tokenizer(WORDS * 3 + [data.SYSTEM_PROMPT, "user\n", "assistant\n", "Describe this."],
                                 vocab_size=300)
 
 
@@ -127,7 +128,7 @@ def test_train_cli_on_annotation_files(tmp_path):
     """python train.py straight on LLaVA-style files: stage 2 on quirky rows, stage 3 on chosen / rejected."""
     from test_train import metrics, train
     shapes = tmp_path / "shapes"  # only for the tokenizer and the (unused) shards train.py points at
-    data.make_shapes(shapes, n_train=8, n_val=4, n_dpo=4, n_text=4, image_size=32, frames=4, shard_size=8)
+    tasks.shapes.make_shapes(shapes, n_train=8, n_val=4, n_dpo=4, n_text=4, image_size=32, frames=4, shard_size=8)
     rows, survivors = quirky_rows(tmp_path)
     ann = write_json(tmp_path / "ann.json", rows)
     run = train(shapes, tmp_path / "s2", f"--train_data={ann}", f"--media_root={tmp_path}", "--val_data=",
@@ -248,11 +249,11 @@ def shapes_questions(root, n):
     records = []
     for i in range(n):
         rng = np.random.default_rng([7, i])
-        imgs, facts = data.shapes_clip(rng, image_size=28, frames=4)
+        imgs, facts = tasks.shapes.shapes_clip(rng, image_size=28, frames=4)
         os.makedirs(root / f"clip{i}")
         for t, im in enumerate(imgs):
             im.save(root / f"clip{i}" / f"{t}.png")
-        q, options, answer = data.shapes_question(rng, facts, list(data.QUESTIONS)[i % len(data.QUESTIONS)])
+        q, options, answer = tasks.shapes.shapes_question(rng, facts, list(tasks.shapes.QUESTIONS)[i % len(tasks.shapes.QUESTIONS)])
         records.append({"id": i, "video": str(root / f"clip{i}"), "question": q, "options": options,
                         "answer": answer})
     return records
@@ -273,7 +274,7 @@ def test_adapter_equals_bench_generate(tmp_path):
     from lmms_nanofvlm.models.nanofvlm import NanoFVLM
     assert AVAILABLE_MODELS == {"nanofvlm": "NanoFVLM"}  # what LMMS_EVAL_PLUGINS=lmms_nanofvlm registers
     records = shapes_questions(tmp_path, 6)
-    tok = data.train_tokenizer([data.format_mcq(r["question"], r["options"]) for r in records] * 5
+    tok = tasks.shapes.train_tokenizer([data.format_mcq(r["question"], r["options"]) for r in records] * 5
                                + ["A. B. C. D.", GENERATE_SUFFIX], vocab_size=300)
     vlm = lettered(tiny_vlm(tok, seed=1), tok)
     mode = "autoregressive"
@@ -335,7 +336,7 @@ def test_lmms_eval_runs_the_adapter(tmp_path):
     (tmp_path / "task").mkdir()
     (tmp_path / "task" / "shapes.yaml").write_text(TASK.format(data=tmp_path / "questions.jsonl"))
     (tmp_path / "task" / "utils.py").write_text(TASK_UTILS)
-    tok = data.train_tokenizer([data.format_mcq(r["question"], r["options"]) for r in records] * 5, 300)
+    tok = tasks.shapes.train_tokenizer([data.format_mcq(r["question"], r["options"]) for r in records] * 5, 300)
     tok.save(str(tmp_path / "tokenizer.json"))
     vlm = lettered(tiny_vlm(tok, seed=1), tok)
     vlm.save(str(tmp_path / "ckpt"), str(tmp_path / "tokenizer.json"))

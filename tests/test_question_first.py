@@ -6,8 +6,9 @@ import torch
 
 from bench import option_answers, score_options
 from conftest import steered
-from data import encode_question, encode_reply_start, format_mcq, train_tokenizer
-from model import MODES, DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2, decode, left_pad, sample_next
+from data import encode_question, encode_reply_start, format_mcq
+from tasks.shapes import train_tokenizer
+from model import MODES, DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2, generate, left_pad, sample_next
 
 SIZE = 28
 
@@ -157,7 +158,7 @@ def test_cached_decode_equals_full_forwards(vlm, tok, mode):
     with torch.no_grad():
         cache, last, _ = vlm.prefill(vlm.encode(frames), mask, reply, mode, extra=12, question=(question, None))
         sampler = torch.Generator().manual_seed(0)  # sampled, not greedy: a random model repeats one token
-        fast = [t.item() for t in decode(vlm.llm, cache, last, 12, temperature=1.0, stop_id=-1, generator=sampler)]
+        fast = [t.item() for t in generate(vlm.llm, cache, last, 12, temperature=1.0, stop_id=-1, generator=sampler)]
         text, sampler = reply, torch.Generator().manual_seed(0)
         for _ in range(12):  # the oracle: the whole sequence again for every new token
             logits, _ = vlm(frames, text, mode=mode, question_ids=question)

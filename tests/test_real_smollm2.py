@@ -2,7 +2,7 @@
 import torch
 from tokenizers import Tokenizer
 
-from conftest import generate
+from conftest import generate_texts as generate
 from model import SmolLM2
 
 CHAT = ("<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n"

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import data
+import tasks.shapes
 from conftest import steered
 from model import DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2
 
@@ -25,7 +26,7 @@ def ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("sample")
     texts = [data.SYSTEM_PROMPT, data.DEFAULT_USER, "Describe this image.", "café naïve déjà vu", "日本語のテキスト",
              "the red circle moves from the top left to the centre."] * 20
-    data.train_tokenizer(texts, vocab_size=320).save(str(out / "tokenizer.json"))
+    tasks.shapes.train_tokenizer(texts, vocab_size=320).save(str(out / "tokenizer.json"))
     vocab = data.load_tokenizer(str(out / "tokenizer.json")).get_vocab_size()
     torch.manual_seed(0)
     llm = SmolLM2(LLMConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
@@ -156,7 +157,7 @@ def test_input_kinds_and_pictures(ckpt, tmp_path, kind, out_ext):
 
 def test_default_is_a_held_out_shapes_clip(ckpt, tmp_path):
     out, _ = ckpt
-    data.make_shapes(str(tmp_path / "shapes"), n_train=1, n_val=2, n_dpo=0, n_text=0, frames=6)
+    tasks.shapes.make_shapes(str(tmp_path / "shapes"), n_train=1, n_val=2, n_dpo=0, n_text=0, frames=6)
     rc, text, err = run(out / "run" / "ckpt", f"--shapes_dir={tmp_path / 'shapes'}", "--clip=1", "--max_new_tokens=4")
     assert rc == 0, err
     val = next(r for i, r in enumerate(data.read_tar(str(tmp_path / "shapes" / "val-0000.tar"))) if i == 1)

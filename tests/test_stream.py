@@ -5,8 +5,10 @@ import pytest
 import torch
 
 import data
+import tasks.shapes
 from conftest import steered
-from model import DINOv2, FoveatedVLM, SmolLM2, decode, left_pad
+from model import DINOv2, FoveatedVLM, SmolLM2, generate, left_pad
+from perf.readahead import read_ahead
 from test_data import frame_index, gray_video
 from test_sample import ckpt, run, write_video  # noqa: F401  (ckpt: the tiny checkpoint fixture)
 
@@ -23,12 +25,12 @@ def test_streamed_logits_equal_the_batch_autoregressive_forward(tiny_llama, tiny
         want, _ = vlm(frames[None], text, mode="autoregressive", question_ids=question)  # [1,5,V]
         cache, last = vlm.stream(iter(frames.split(3)), 7, text, extra=4,
                                  question=(question, None) if question is not None else None)
-        got = list(decode(vlm.llm, cache, last, 4, stop_id=-1))
+        got = list(generate(vlm.llm, cache, last, 4, stop_id=-1))
         # the batch path's prefill + decode from the same prompt gives the same continuation
         mask = torch.ones(1, 7, dtype=torch.bool)
         ref_cache, ref_last, _ = vlm.prefill(vlm.encode(frames[None]), mask, text, "autoregressive", 4,
                                              question=(question, None) if question is not None else None)
-        ref = list(decode(vlm.llm, ref_cache, ref_last, 4, stop_id=-1))
+        ref = list(generate(vlm.llm, ref_cache, ref_last, 4, stop_id=-1))
     torch.testing.assert_close(last, want[:, -1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(last, ref_last, rtol=1e-4, atol=1e-5)
     assert [int(t) for t in got] == [int(t) for t in ref]
@@ -57,8 +59,8 @@ def test_streaming_reader_picks_the_frames_of_load_video(tmp_path):
     assert data.video_length(str(mp4), 10 ** 9, fps=1.0) == (4, 4.0)
     # the reader thread's error reaches the caller; leaving early stops the thread
     with pytest.raises(data.SkipSample, match="cannot decode"):
-        list(data.read_ahead(data.video_frames(str(tmp_path / "missing.mp4"), 16, 4)))
-    first = next(data.read_ahead(data.video_frames(str(mp4), 16, 64), ahead=1))
+        list(read_ahead(data.video_frames(str(tmp_path / "missing.mp4"), 16, 4)))
+    first = next(read_ahead(data.video_frames(str(mp4), 16, 64), ahead=1))
     assert first.shape == (16, 16, 3)
 
 
@@ -112,7 +114,7 @@ def long_video(path, seconds, rate):
 def test_streamed_mcq_equals_batch_autoregressive_scores(tmp_path, layout):
     import bench
     from test_bench import ANIMALS, tiny_vlm
-    tok = data.train_tokenizer([f"which animal is it? {' '.join(ANIMALS)} what colour?"] * 20, vocab_size=300)
+    tok = tasks.shapes.train_tokenizer([f"which animal is it? {' '.join(ANIMALS)} what colour?"] * 20, vocab_size=300)
     model = tiny_vlm(tok)
     model.layout = layout
     videos = [long_video(tmp_path / f"{k}.mp4", seconds=6, rate=5) for k in "ab"]
@@ -133,7 +135,7 @@ def test_streamed_mcq_one_decode_and_one_stream_per_video(tmp_path, monkeypatch)
     # per video, however many questions it has
     import bench
     from test_bench import ANIMALS, tiny_vlm
-    tok = data.train_tokenizer([f"which animal is it? {' '.join(ANIMALS)}"] * 20, vocab_size=300)
+    tok = tasks.shapes.train_tokenizer([f"which animal is it? {' '.join(ANIMALS)}"] * 20, vocab_size=300)
     model = tiny_vlm(tok)
     videos = [long_video(tmp_path / f"{k}.mp4", seconds=4, rate=5) for k in "ab"]
     records = [{"question": "which animal is it?", "options": ANIMALS[:3], "answer": j % 3,

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-import data
+import tasks.shapes
 from model import DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +25,7 @@ TINY = ['--tiny_llm_dim=32', '--tiny_llm_layers=1', '--tiny_llm_heads=2', '--tin
 @pytest.fixture(scope='module')
 def shapes(tmp_path_factory):
     path = tmp_path_factory.mktemp('shapes')
-    data.make_shapes(path, n_train=64, n_val=8, n_dpo=16, n_text=16, image_size=32, frames=4, shard_size=16)
+    tasks.shapes.make_shapes(path, n_train=64, n_val=8, n_dpo=16, n_text=16, image_size=32, frames=4, shard_size=16)
     return path
 
 

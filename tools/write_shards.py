@@ -6,7 +6,7 @@ train.py reads unchanged: {key}.000.jpg ... (frames at `fps`, image_size px, at 
     python -m tools.write_shards --annotations='llava/*.json' --media_root=llava --out_dir=shards --num_proc=8
     python -m tools.write_shards --videos=clips --source=openvid --out_dir=shards
 
-Shard j holds the rows of unit j (data.annotation_units with block = shard_size), so training on the shards with
+Shard j holds the rows of unit j (tasks.llava.units with block = shard_size), so training on the shards with
 seed s gives the samples, in the order, of training on the annotations with --annotation_block=shard_size.
 Each shard is written under a temporary name and renamed when complete: a killed run restarted with the same
 arguments skips the finished shards and redoes the rest. Bad rows are named, counted and left out.
@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+from tasks import llava  # noqa: E402
 
 annotations = ''  # LLaVA-style .json / .jsonl globs, comma-separated
 videos = ''  # or: a folder of videos (nested folders too), each with an optional {stem}.txt caption
@@ -63,7 +64,7 @@ def jpg(frame):
 
 def shard_sample(rec, root, counter):
     """An annotation record -> (key, {ext: payload}) in the research layout; raises data.SkipSample."""
-    rec = data.annotation_record(rec, root, max_frames, counter)
+    rec = llava.to_record(rec, root, max_frames, counter)
     files, where = rec["files"], f"{rec['shard']}:{rec['key']}"
     meta = json.loads(files.pop("json"))
     if names := data.frame_files(files):  # frames (a folder or a list of images)
@@ -87,7 +88,7 @@ def write_shard(job):
     if os.path.exists(path):
         return index, counter
     samples = []
-    for rec in data.read_annotation(unit, shard_size):
+    for rec in llava.read_unit(unit, shard_size):
         try:
             samples.append(shard_sample(rec, root, counter))
         except data.SkipSample as e:
@@ -109,9 +110,9 @@ def main():
         files, root = data.expand_globs(annotations.split(",")), media_root
     else:
         sys.exit("tools/write_shards.py: set --annotations=GLOBS or --videos=FOLDER")
-    units = [u for f in files for u in data.annotation_units(f, shard_size)]
-    jobs = [(i, u, root or os.path.dirname(u[0])) for i, u in enumerate(units)]
     skips = Counter()
+    units = [u for f in files for u in llava.units(f, shard_size, skips)]
+    jobs = [(i, u, root or os.path.dirname(u[0])) for i, u in enumerate(units)]
     settings = {k: globals()[k] for k in ("out_dir", "prefix", "shard_size", "fps", "max_frames", "image_size",
                                           "quality")}  # this run's keys, for processes that start afresh
     with Pool(num_proc, _configure, (settings,)) if num_proc > 1 else _Inline() as pool:

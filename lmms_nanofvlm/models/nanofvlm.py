@@ -17,7 +17,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
-from bench import generate_answers, load_frames, score_options  # noqa: E402
+import tasks.llava  # noqa: E402
+from bench import generate_answers, score_options  # noqa: E402
+from tasks.common import load_frames  # noqa: E402
 from model import load_model  # noqa: E402
 
 try:
@@ -60,7 +62,7 @@ class NanoFVLM(Base):
         dtype = self.model.dino.patch_embed.weight.dtype
         frames = self.video(doc_to_visual(doc))[None].to(self.device, dtype)  # [1,T,3,S,S]
         frame_mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=self.device)  # [1,T]
-        return self.model.encode(frames, frame_mask), frame_mask, data.clean_turn(context), doc
+        return self.model.encode(frames, frame_mask), frame_mask, tasks.llava.clean_turn(context), doc
 
     def generate_until(self, requests):
         out = []
