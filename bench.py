@@ -391,8 +391,12 @@ def main():
                  "--scoring=likelihood")
     if unknown := sorted(set(run_modes) - set(MODES)):
         sys.exit(f"bench.py: unknown modes {unknown}; choose from {', '.join(MODES)}")
-    records = read_task(task, folder, tok, n_frames, size, split, videomme_duration)
-    records = records[:limit or None]
+    try:
+        records = read_task(task, folder, tok, n_frames, size, split, videomme_duration)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"bench.py: {e}")
+    if not (records := records[:limit or None]):
+        sys.exit(f"bench.py: --task={task} found no questions in {folder}: check --data_dir")
     with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=dtype == "bfloat16"):
         if stream:
             results = stream_mcq(model, tok, records, fps or 1.0, max_frames, size, score)
@@ -401,6 +405,9 @@ def main():
                                    max_frames=n_frames, image_size=size, batch_size=batch_size,
                                    fps=fps or None)
     print(format_table(results))
+    if results["skipped_count"] == results["count"]:  # a table of zeros is not a score
+        sys.exit(f"bench.py: none of the {results['count']} questions could be scored (no usable "
+                 f"media; the first reason: {results['skipped'][0]['reason']})")
     weights = init_from if init_from != "scratch" else f"{llm_dir} + {dino_dir}"
     return dict(results, task=task, data_dir=folder, image_size=size, dtype=dtype, weights=weights,
                 max_frames=max_frames if stream else n_frames)  # streamed: the cap (0: none)

@@ -19,20 +19,17 @@ heatmap is the glimpse query's attention over the patch grid (the weights model.
 averaged over heads and the last `attention_layers` DINOv2 layers, each map divided by its peak.
 The generated text goes to stdout; everything else to stderr.
 """
-import glob
-import io
 import os
 import sys
 import time
-from collections import namedtuple
 
 import torch
-from PIL import Image
 
 import data
 import model
 from perf.platform import tune, warn_slow_bf16
-from tools.picture import draw_picture
+from tasks import shapes
+from tools.picture import ContactSheet, Picture, draw_picture
 
 # -----------------------------------------------------------------------------
 video = ''  # a video file PyAV reads (mp4, webm, gif, mkv, ...)
@@ -78,55 +75,15 @@ def fail(msg):
     sys.exit(f"sample.py: {msg}")  # one line, exit code 1, no traceback
 
 
-def shapes_val_clip(root, index):
-    """frames [T,3,S,S] (as stored), the question and the reference answer of clip `index` of the
-    shapes val split"""
-    shards = sorted(glob.glob(os.path.join(root, "val-*.tar")))
-    if not shards:
-        fail(f"{root}/val-*.tar: not found; run `python train.py` (it generates the shapes task) "
-             "or pass --video/--image")
-    recs = (rec for shard in shards for rec in data.read_tar(shard))
-    rec = next((r for i, r in enumerate(recs) if i == index), None)
-    if rec is None:
-        fail(f"{root}: the val split has no clip {index}")
-    names = data.frame_files(rec["files"])
-    side = image_size or Image.open(io.BytesIO(rec["files"][names[0]])).width
-    meta = data.record_text(rec)[0]
-    frames = data.record_frames(rec["files"], names, side, rec["shard"])
-    return frames, meta.get("user"), meta.get("assistant")
-
-
-Picture = namedtuple("Picture", "frames attn times")  # what a picture shows of one answer
-
-
 def stream_video(ids, question):
-    """autoregressive over --video, a chunk at a time -> (cache, logits, Picture of the frames the
-    picture shows: [K,3,S,S], their glimpses [K,layers,H,1+P], mm:ss labels or None when every
-    frame is shown; None without --attention_out)."""
-    if n_frames <= sheet_frames:
-        shown_at = set(range(n_frames))
-    else:
-        shown_at = set(data.uniform_indices(n_frames, sheet_frames))
-    kept, seen = [], [0]
-
-    def keep(pixels, attn):  # a contact sheet keeps only its frames
-        attn = attn[0]  # [n,layers,H,1+P]: the one row
-        for i in range(pixels.shape[0]):
-            if seen[0] + i in shown_at:
-                kept.append((seen[0] + i, pixels[i], attn[i]))
-        seen[0] += pixels.shape[0]
+    """autoregressive over --video, a chunk at a time -> (cache, logits, the Picture of the frames
+    a contact sheet shows; None without --attention_out)."""
+    sheet = ContactSheet(n_frames, sheet_frames, seconds)
     chunks = data.video_chunks(video, side, cap, fps or None, chunk=stream_chunk, device=device,
                                progress=True)
     cache, logits = vlm.stream(chunks, n_frames, ids, max_new_tokens, question=question,
-                               on_frames=keep if attention_out else None)
-    if not kept:
-        return cache, logits, None
-    times = None
-    if n_frames > sheet_frames:
-        at = [int(i * seconds / n_frames) for i, _, _ in kept]  # each kept frame's second
-        times = [f"{t // 60}:{t % 60:02d}" for t in at]
-    shown_frames = torch.stack([f for _, f, _ in kept]).to(device, ptdtype)  # [K,3,S,S]
-    return cache, logits, Picture(shown_frames, torch.stack([a for _, _, a in kept]), times)
+                               on_frames=sheet.keep if attention_out else None)
+    return cache, logits, sheet.picture(device, ptdtype)
 
 
 def respond(user):
@@ -147,7 +104,7 @@ def respond(user):
     else:
         cache, logits, attn = vlm.prefill(kv, frame_mask, ids, mode, max_new_tokens,
                                           question=question)
-        picture = Picture(frames, attn[0], None)
+        picture = Picture(frames, attn[0], None)  # every frame
     generator = torch.Generator(device=device).manual_seed(seed)
     answers = []
     for s in range(num_samples):
@@ -214,7 +171,7 @@ try:
     elif image:
         frames = data.load_image(image, side, replicate_image_frames)
     elif not video:
-        frames, clip_question, reference = shapes_val_clip(shapes_dir, clip)
+        frames, clip_question, reference = shapes.val_clip(shapes_dir, clip, image_size)
 except ValueError as e:  # data.py's messages already name the file and what is wrong with it
     fail(e)
 if not streaming:

@@ -306,11 +306,9 @@ try:
                          weight_decay=weight_decay if group['decays'] else 0.0)
         changed = [f"{k}={v!r} (was {state['config'].get(k)!r})" for k, v in config.items()
                    if k != 'init_from' and state['config'].get(k, v) != v]
-        message = f"resumed from {resume_dir} at iter {iter_num}"
-        if changed:
-            message += ("; these keys differ from the checkpoint's run, this run's values are "
-                        "used: " + ", ".join(changed))
-        say(message)
+        differ = "; these keys differ from the checkpoint's run, this run's values are used: "
+        say(f"resumed from {resume_dir} at iter {iter_num}" + (differ + ", ".join(changed)
+                                                               if changed else ""))
 except ValueError as e:
     fail(str(e))
 if stage == 3 and precompute_ref:
@@ -456,9 +454,9 @@ while iter_num < max_iters:
         loss_sum += loss.detach()
         for k, v in metrics.items():
             metrics_sum[k] = metrics_sum.get(k, 0.0) + v.detach()
+        ids, question = batch['input_ids'], batch.get('question_ids', batch['input_ids'][:, :0])
         samples_since += len(batch['frames'])
-        question = batch.get('question_ids', batch['input_ids'][:, :0])  # frames first: [R,0]
-        tokens_since += int(batch['frame_mask'].sum()) + batch['input_ids'].numel() + question.numel()
+        tokens_since += int(batch['frame_mask'].sum()) + ids.numel() + question.numel()
         flops_since += batch_flops(raw_model, batch, train_mode, stage == 3 and not precompute_ref,
                                    stage < 3 and coarse_loss_weight > 0)
     # mean over micro-steps and ranks, for logging

@@ -4,6 +4,7 @@ What the benchmark readers share: MCQ records from tables as benchmarks publish 
 missing video or image is recorded as an error (counted wrong), never dropped.
 """
 import glob
+import io
 import json
 import os
 import re
@@ -96,6 +97,18 @@ def answer_index(answer, options):
     return options.index(re.sub(r"^[A-H]\.\s*", "", answer))
 
 
+def image_or_path(rec, image, locate, root):
+    """rec with its image: the bytes of a table's image struct ({bytes, path}, as Hugging Face parquet
+    releases hold it), else the file `image` names under root (media_finder's locate)."""
+    if isinstance(image, dict) and image.get("bytes"):
+        return rec | {"image_bytes": image["bytes"]}
+    if isinstance(image, dict):
+        image = image.get("path") or ""
+    if not isinstance(image, str) or not image:
+        return rec | {"error": f"{rec['id']}: no image (got {str(image)[:60]!r})"}
+    return locate(rec, "image", os.path.join(root, image), image)
+
+
 def mcq_record(row, where, category="all"):
     """An MCQ row {question, options | candidates, answer} -> a record without its media."""
     options = [re.sub(r"^[A-H]\.\s*", "", o) for o in row.get("options") or row["candidates"]]
@@ -128,6 +141,8 @@ def load_frames(rec, max_frames=16, image_size=224, fps=None):
         return rec["frames"]
     if "load" in rec:
         return rec["load"]()
+    if "image_bytes" in rec:  # an image inside the table (Hugging Face parquet releases)
+        return load_image(io.BytesIO(rec["image_bytes"]), image_size, IMAGE_FRAMES, rec["id"])
     path = rec.get("video") or rec.get("image")
     if not os.path.exists(path):
         raise ValueError(f"missing file: {path}")

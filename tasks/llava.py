@@ -15,6 +15,7 @@ import data
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "model": "assistant", "system": "system"}
 PLACEHOLDER = re.compile(r"\s*<(?:image|video)>\s*")
+MEDIA_KEY = re.compile(r"image|video|frame|picture|photo", re.IGNORECASE)  # keys that name media
 
 
 def is_annotation(path):
@@ -124,11 +125,22 @@ def annotation_meta(row, where, counter):
     return meta | {"user": users[:len(answers)], "assistant": answers}
 
 
+def is_path(value):
+    """A file name or a list of them (not an id, a count or a flag)"""
+    values = value if isinstance(value, list) and value else [value]
+    return all(isinstance(v, str) and re.search(r"[./\\]", v) for v in values)
+
+
 def annotation_media(row, root, max_frames, where):
     """A row's media as record files: {ext: bytes} of a video or image, or frames {NNN.ext: bytes}
     (at most max_frames) of a folder or list of images; {} = text-only."""
     media = row.get("video", row.get("image"))
     if media in (None, "", []):
+        # media under a key this reader does not take would silently train a text-only sample
+        if other := next((k for k, v in row.items() if MEDIA_KEY.search(k) and is_path(v)), None):
+            raise data.SkipSample("unread_media",
+                                  f"{where}: media under '{other}', which this reader does not "
+                                  f"take: name it 'video' or 'image'")
         return {}
     paths = media if isinstance(media, list) else [media]
     if not all(isinstance(p, str) and p for p in paths):

@@ -5,7 +5,7 @@ POPE (object hallucination: yes/no questions about COCO images), the official fi
 """
 import os
 
-from tasks.common import media_finder, table_files
+from tasks.common import image_or_path, media_finder, table_files
 
 
 def read(data_dir):
@@ -20,7 +20,6 @@ def read(data_dir):
                    "question": row.get("text") or row["question"],
                    "options": ["yes", "no"], "answer": 0 if label == "yes" else 1,
                    "category": row.get("category") or stem.replace("_pope", "")}
-            image = os.path.join(os.path.dirname(path), row["image"])
-            records.append(locate(rec, "image", image, row["image"]))
+            records.append(image_or_path(rec, row["image"], locate, os.path.dirname(path)))
     return records
 

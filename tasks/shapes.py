@@ -6,6 +6,7 @@ mixes three spots); the control question (which colour is missing) needs no part
 Learnable from scratch on a CPU in minutes (docs/LOG.md). train.py generates it (ensure_shapes);
 bench.py --task=shapes scores its held-out MCQs (read).
 """
+import glob
 import io
 import json
 import os
@@ -18,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from data import (DEFAULT_USER, SPECIALS, SYSTEM_PROMPT, format_mcq, frame_files, read_tar,
-                  record_frames, write_tar)
+                  record_frames, record_text, write_tar)
 from tasks.common import mcq_record, read_rows
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230),
@@ -222,6 +223,24 @@ def read(path, image_size=64):
         raise ValueError(f"{path}: {len(missing)} MCQs whose key is not in their shard; "
                          f"regenerate with make_shapes")
     return records
+
+
+def val_clip(root, index, image_size=0):
+    """sample.py's default input: (frames [T,3,S,S] at image_size, or as stored if 0, the question,
+    the reference answer) of clip `index` of the val split in root"""
+    shards = sorted(glob.glob(os.path.join(root, "val-*.tar")))
+    if not shards:
+        raise ValueError(f"{root}/val-*.tar: not found; run `python train.py` (it generates the "
+                         f"shapes task) or pass --video/--image")
+    recs = (rec for shard in shards for rec in read_tar(shard))
+    rec = next((r for i, r in enumerate(recs) if i == index), None)
+    if rec is None:
+        raise ValueError(f"{root}: the val split has no clip {index}")
+    names = frame_files(rec["files"])
+    side = image_size or Image.open(io.BytesIO(rec["files"][names[0]])).width
+    meta = record_text(rec)[0]
+    frames = record_frames(rec["files"], names, side, rec["shard"])
+    return frames, meta.get("user"), meta.get("assistant")
 
 
 # a long video of the shapes world (the README's contact sheet)

@@ -477,3 +477,70 @@ def test_gpu_peak_by_device_name(name, bf16, tf32, fp32):
     assert gpu_peak(name, torch.bfloat16, tf32=False) == tera(bf16)
     assert gpu_peak(name, torch.float32, tf32=True) == tera(tf32)
     assert gpu_peak(name, torch.float32, tf32=False) == tera(fp32)
+
+
+def test_read_scienceqa_hugging_face_release(tmp_path):
+    """derek-thomas/ScienceQA: a parquet table per split, each image a struct holding its bytes, no split column."""
+    import io as bytes_io
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    png = bytes_io.BytesIO()
+    Image.new("RGB", (40, 30), (0, 0, 200)).save(png, "PNG")
+    d = tmp_path / "ScienceQA" / "data"
+    d.mkdir(parents=True)
+    for split in ("test", "validation"):
+        rows = [{"image": {"bytes": png.getvalue(), "path": None}, "question": f"{split} q{j}?", "choices": ["a", "b"],
+                 "answer": j % 2, "hint": "", "subject": "natural science"} for j in range(2)]
+        rows.append(dict(rows[0], image=None))  # a text-only question: not an image question
+        pq.write_table(pa.Table.from_pylist(rows), d / f"{split}-00000-of-00001.parquet")
+    for name in ("val", "validation"):  # the official name and Hugging Face's
+        recs = tasks.scienceqa.read(str(tmp_path / "ScienceQA"), name)
+        assert [r["question"] for r in recs] == ["validation q0?", "validation q1?"]
+    recs = tasks.scienceqa.read(str(tmp_path / "ScienceQA"), "test")
+    assert [r["answer"] for r in recs] == [0, 1] and len({r["id"] for r in recs}) == 2
+    assert frames_of(recs[0]).shape == (8, 3, SIZE, SIZE)  # from the bytes
+    with pytest.raises(ValueError, match="'train'.*splits there: \\['test', 'validation'\\]"):
+        tasks.scienceqa.read(str(tmp_path / "ScienceQA"), "train")
+
+
+def test_shards_written_by_write_shards_are_scored(tmp_path, tok, vlm):
+    """annotations -> tools/write_shards (which stores `user` as a list of turns) -> --task=shards: the same questions."""
+    write_image(str(tmp_path / "a.png"))
+    rows = [{"id": "q1", "image": "a.png", "conversations": [
+                {"from": "human", "value": "<image>\nwhich animal is it?\nA. dog\nB. cat"}, {"from": "gpt", "value": "B. cat"},
+                {"from": "human", "value": "and its colour?\nA. red\nB. blue\nC. green"}, {"from": "gpt", "value": "A"}]},
+            {"id": "q2", "image": "a.png", "conversations": [
+                {"from": "human", "value": "<image>\ndescribe it"}, {"from": "gpt", "value": "a red square"}]}]
+    json.dump(rows, open(tmp_path / "ann.json", "w"))
+    proc = subprocess.run([sys.executable, "-m", "tools.write_shards", f"--annotations={tmp_path / 'ann.json'}",
+                           f"--out_dir={tmp_path / 'shards'}", f"--image_size={SIZE}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recs = tasks.shards.read(str(tmp_path / "shards"), tok, image_size=SIZE)
+    assert [(r["question"], r["options"], r["answer"]) for r in recs] == [
+        ("which animal is it?", ["dog", "cat"], 1), ("and its colour?", ["red", "blue", "green"], 0)]
+    ckpt = tmp_path / "ckpt"
+    vlm.save(str(ckpt), tokenizer=tok.path)
+    saved = run_bench(tmp_path, "--task=shards", f"--data_dir={tmp_path / 'shards'}", f"--init_from={ckpt}",
+                      f"--image_size={SIZE}", "--modes=coarse_only")
+    assert saved["count"] == 2 and saved["skipped_count"] == 0
+
+
+def test_a_run_that_scores_nothing_fails(tmp_path, tok, vlm):
+    """Zero questions, or none with usable media, is an error with the reason, never a table of zeros."""
+    ckpt = tmp_path / "ckpt"
+    vlm.save(str(ckpt), tokenizer=tok.path)
+    (tmp_path / "empty").mkdir()
+    data_mod = __import__("data")
+    data_mod.write_tar(str(tmp_path / "empty" / "x.tar"), [("s0", {"json": {"user": "hi", "assistant": "hello"}})])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    data_mod.write_tar(str(bad / "x.tar"), [("s0", {"mp4": b"junk", "json": {"user": "which?\nA. yes\nB. no", "assistant": "A"}})])
+    for folder, said in (("empty", "found no questions"), ("bad", "none of the 1 questions could be scored")):
+        proc = subprocess.run([sys.executable, "bench.py", "--task=shards", f"--data_dir={tmp_path / folder}",
+                               f"--init_from={ckpt}", f"--image_size={SIZE}", "--modes=coarse_only"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1 and said in proc.stderr, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "bench.py", "--task=scienceqa", f"--data_dir={tmp_path / 'empty'}",
+                           f"--init_from={ckpt}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "bench.py:" in proc.stderr and "Traceback" not in proc.stderr

@@ -114,10 +114,13 @@ def test_stage_masks_and_jsonl_and_dpo(tmp_path, tok):
         {"id": "q", "video": "videos/v.mp4", "chosen": "a good answer.", "rejected": [
             {"from": "human", "value": "x"}, {"from": "gpt", "value": "a bad answer."}],
          "conversations": [{"from": "human", "value": "<video>describe it."}]},
-        {"id": "r", "video": "videos/v.mp4", "prompt": "describe it.", "chosen": "a good answer."}])
+        {"id": "r", "video": "videos/v.mp4", "prompt": "describe it.", "chosen": "a good answer."},
+        # RLAIF-V rows converted to json carry their image as image_path: never a text-only pair
+        {"id": "s", "image_path": "videos/v.mp4", "question": "describe it.", "chosen": "a good answer.",
+         "rejected": "a bad answer.", "image_id": 7, "frame_count": 3}])
     ds = data.ShardDataset(dpo, tok, stage=3, image_size=16, max_frames=4, loop=False)
     got = read_all(ds)
-    assert sorted(got) == ["0000000_p", "0000001_q"] and ds.skipped == {"missing_field": 1}
+    assert sorted(got) == ["0000000_p", "0000001_q"] and ds.skipped == {"missing_field": 1, "unread_media": 1}
     for s in got.values():
         chosen, rejected = (text_of(tok, r) for r in s["rows"])
         assert "user\ndescribe it.<|im_end|>" in chosen and "a good answer." in chosen

@@ -55,3 +55,19 @@ def test_readme_line_counts():
         with open(os.path.join(ROOT, name)) as f:
             assert sum(1 for line in f if line.strip()) == int(count), name
     assert len(re.findall(r"\| `(\w+\.py)` \| (\d+) \|", README)) == 7
+
+
+BUDGETS = {'model.py': 800, 'data.py': 650, 'bench.py': 450, 'train.py': 450, 'sample.py': 320, 'dpo.py': 140,
+           'configurator.py': 80}
+
+
+def test_the_seven_files_are_the_lesson():
+    """The seven top-level files stay within their budgets (non-blank lines), 2,600 together, and no other
+    top-level script joins them: what a student may skip lives in a folder."""
+    counts = {}
+    for name, budget in BUDGETS.items():
+        with open(os.path.join(ROOT, name)) as f:
+            counts[name] = sum(1 for line in f if line.strip())
+        assert counts[name] <= budget, (name, counts[name], budget)
+    assert sum(counts.values()) <= 2600, counts
+    assert sorted(f for f in os.listdir(ROOT) if f.endswith('.py')) == sorted(BUDGETS)

@@ -4,12 +4,41 @@ frame per video frame (.gif); rows: the frame, then a heatmap row per glimpse ki
 """
 import math
 import textwrap
+from collections import namedtuple
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from data import MEAN, STD
+from data import MEAN, STD, uniform_indices
+
+Picture = namedtuple("Picture", "frames attn times")  # frames [K,3,S,S], attn [K,layers,H,1+P]
+
+
+class ContactSheet:
+    """model.stream's on_frames: keeps the frames (and their glimpses' attention) a picture shows,
+    all of a short video, `sheet_frames` evenly spaced of a long one, labelled with their mm:ss."""
+
+    def __init__(self, n_frames, sheet_frames, seconds):
+        self.n_frames, self.seconds, self.kept, self.seen = n_frames, seconds, [], 0
+        self.long = n_frames > sheet_frames
+        count = sheet_frames if self.long else n_frames
+        self.shown_at = set(uniform_indices(n_frames, count))
+
+    def keep(self, pixels, attn):  # pixels [n,3,S,S], attn [1,n,layers,H,1+P]: one walker
+        for i in range(pixels.shape[0]):
+            if self.seen + i in self.shown_at:
+                self.kept.append((self.seen + i, pixels[i], attn[0, i]))
+        self.seen += pixels.shape[0]
+
+    def picture(self, device, dtype):
+        if not self.kept:
+            return None
+        seconds = [int(i * self.seconds / self.n_frames) for i, _, _ in self.kept]
+        times = [f"{t // 60}:{t % 60:02d}" for t in seconds] if self.long else None
+        frames = torch.stack([f for _, f, _ in self.kept]).to(device, dtype)
+        return Picture(frames, torch.stack([a for _, _, a in self.kept]), times)
 
 INFERNO = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]],
                    dtype=np.float32)
