@@ -49,7 +49,8 @@ fps = 0.0  # > 0: videos at this many frames per second, up to max_frames
 image_size = 0  # 0 = 224 (shapes: the size it was generated at)
 score = 'mean'  # with likelihood scoring, an option's score: mean | sum | original (SCORES)
 scoring = 'likelihood'  # how the answer is picked: likelihood | generate (SCORING)
-split = 'test'  # scienceqa split
+split = 'test'  # scienceqa split: train | val (or validation) | test
+image_root = ''  # pope: the COCO val2014 folder, when it is not under data_dir
 videomme_duration = ''  # Video-MME: short | medium | long; '' = all
 batch_size = 32  # questions per model call
 # videos streamed, autoregressive only (long videos: --fps=1 --max_frames=0 holds no frame's K/V)
@@ -353,7 +354,9 @@ def read_task(task, data_dir, tok, max_frames, image_size, split, duration):
         return scienceqa.read(data_dir, split)
     if task == "videomme":
         return videomme.read(data_dir, duration)
-    return {"mvbench": mvbench.read, "pope": pope.read}[task](data_dir)
+    if task == "pope":
+        return pope.read(data_dir, image_root)
+    return mvbench.read(data_dir)
 
 
 # -----------------------------------------------------------------------------
@@ -405,6 +408,9 @@ def main():
                                    max_frames=n_frames, image_size=size, batch_size=batch_size,
                                    fps=fps or None)
     print(format_table(results))
+    if task == "pope":
+        results["pope"] = pope.metrics(results["items"], list(results["modes"]))
+        print(pope.table(results["pope"]))
     if results["skipped_count"] == results["count"]:  # a table of zeros is not a score
         sys.exit(f"bench.py: none of the {results['count']} questions could be scored (no usable "
                  f"media; the first reason: {results['skipped'][0]['reason']})")

@@ -27,7 +27,7 @@ def media_finder(root):
         exts = VIDEO_EXTS if key == "video" else IMAGE_EXTS
         if not os.path.exists(path):
             if not by_name:
-                for folder, dirs, files in os.walk(root):
+                for folder, dirs, files in os.walk(root, followlinks=True):
                     for name in files + dirs:
                         for k in (name, os.path.splitext(name)[0] + ".*"):
                             by_name.setdefault(k, []).append(os.path.join(folder, name))
@@ -85,8 +85,8 @@ def table_files(data_dir, need):
 
 
 def answer_index(answer, options):
-    """An answer as benchmarks write it (index, option text, letter or "B. text") -> its index. The
-    text first: MVBench's answer is the option's text, and its Character Order options are letters."""
+    """An answer as benchmarks write it (index, option text, letter or "B. text") -> its index.
+    The text first: MVBench answers with the option text; Character Order's options are letters."""
     if isinstance(answer, int):
         return answer
     answer = str(answer).strip()
@@ -98,8 +98,8 @@ def answer_index(answer, options):
 
 
 def image_or_path(rec, image, locate, root):
-    """rec with its image: the bytes of a table's image struct ({bytes, path}, as Hugging Face parquet
-    releases hold it), else the file `image` names under root (media_finder's locate)."""
+    """rec with its image: the bytes of a table's image struct ({bytes, path}, as Hugging Face
+    parquet releases hold it), else the file `image` names under root (media_finder's locate)."""
     if isinstance(image, dict) and image.get("bytes"):
         return rec | {"image_bytes": image["bytes"]}
     if isinstance(image, dict):

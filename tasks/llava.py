@@ -1,7 +1,8 @@
 """
-LLaVA-style annotation files as published: a .json list or a .jsonl of rows {"id", "video" | "image",
-"conversations": [{"from": "human", "value": "<video>\n..."}, {"from": "gpt", ...}]} (DPO: "prompt"
-or a human turn, "chosen", "rejected"), media relative to media_root (default: the file's folder).
+LLaVA-style annotation files as published: a .json list or a .jsonl of rows {"id", "video" |
+"image", "conversations": [{"from": "human", "value": "<video>\n..."}, {"from": "gpt", ...}]}
+(DPO: "prompt" or a human turn, "chosen", "rejected"), media relative to media_root (default: the
+file's folder).
 data.ShardDataset reads them through units / read_unit / to_record: a row becomes the record a tar
 shard would give. A row's media is read only when decoded: a resumed reader passes rows untouched.
 """

@@ -544,3 +544,41 @@ def test_a_run_that_scores_nothing_fails(tmp_path, tok, vlm):
     proc = subprocess.run([sys.executable, "bench.py", "--task=scienceqa", f"--data_dir={tmp_path / 'empty'}",
                            f"--init_from={ckpt}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "bench.py:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_pope_as_released_and_its_table(tmp_path):
+    """lmms-lab/POPE's parquet (image bytes, category), the official files with COCO images elsewhere (a symlinked
+    folder), a label neither yes nor no counted as an error, and the POPE paper's metrics per category."""
+    import io as bytes_io
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    png = bytes_io.BytesIO()
+    Image.new("RGB", (40, 30), (0, 0, 200)).save(png, "PNG")
+    d = tmp_path / "lmms-pope" / "data"
+    d.mkdir(parents=True)
+    rows = [{"question_id": str(i), "question": "Is there a dog in the image?", "answer": a, "image_source": "x",
+             "image": {"bytes": png.getvalue(), "path": None}, "category": c}
+            for i, (a, c) in enumerate([("yes", "random"), ("no", "random"), ("no", "popular"), ("maybe", "popular")])]
+    pq.write_table(pa.Table.from_pylist(rows), d / "test-00000-of-00001.parquet")
+    recs = tasks.pope.read(str(tmp_path / "lmms-pope"))
+    assert [r["category"] for r in recs] == ["random", "random", "popular", "popular"]
+    assert [r["answer"] for r in recs[:3]] == [0, 1, 1] and "neither yes nor no" in recs[3]["error"]
+    assert frames_of(recs[0]).shape == (8, 3, SIZE, SIZE)
+    # the official files, the images in a COCO folder outside data_dir that a symlink points to
+    official, coco = tmp_path / "POPE", tmp_path / "elsewhere" / "val2014"
+    (official / "output").mkdir(parents=True)
+    write_image(str(coco / "COCO_val2014_000000000001.jpg"))
+    (tmp_path / "link").mkdir()
+    os.symlink(coco, tmp_path / "link" / "coco")
+    with open(official / "output" / "coco_pope_random.json", "w") as f:
+        f.write(json.dumps({"question_id": 1, "image": "COCO_val2014_000000000001.jpg", "text": "Is there a cat?",
+                            "label": "yes"}) + "\n")
+    (rec,) = tasks.pope.read(str(official), image_root=str(tmp_path / "link"))
+    assert rec["image"] == str(tmp_path / "link" / "coco" / "COCO_val2014_000000000001.jpg") and "error" not in rec
+    # the metrics, "yes" the positive class: predictions yes, yes, no for answers yes, no, no
+    items = [{"category": "c", "answer": a, "pred": {"ar": p}} for a, p in ((0, 0), (1, 0), (1, 1))]
+    m = tasks.pope.metrics(items + [{"category": "c", "answer": 0, "pred": {}, "error": "x"}], ["ar"])["ar"]
+    assert m["c"] == m["all"] and m["all"]["count"] == 3
+    assert m["all"]["accuracy"] == pytest.approx(2 / 3) and m["all"]["precision"] == 0.5 and m["all"]["recall"] == 1.0
+    assert m["all"]["f1"] == pytest.approx(2 / 3) and m["all"]["yes_ratio"] == pytest.approx(2 / 3)
+    assert "POPE, ar" in tasks.pope.table({"ar": m})
