@@ -373,6 +373,8 @@ def main():
         if value not in choices:
             sys.exit(f"bench.py: {key}={value!r}: choose one of {', '.join(choices)}")
     warn_slow_bf16(device, dtype, "bench.py")
+    if out and not os.access(os.path.dirname(os.path.abspath(out)), os.W_OK):  # said before the work
+        sys.exit(f"bench.py: --out={out}: its folder is missing or not writable")
     try:
         model, tok_path = load_model(init_from, llm_dir, dino_dir)
     except (FileNotFoundError, ValueError) as e:

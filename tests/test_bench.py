@@ -544,6 +544,10 @@ def test_a_run_that_scores_nothing_fails(tmp_path, tok, vlm):
     proc = subprocess.run([sys.executable, "bench.py", "--task=scienceqa", f"--data_dir={tmp_path / 'empty'}",
                            f"--init_from={ckpt}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "bench.py:" in proc.stderr and "Traceback" not in proc.stderr
+    # where the results go is checked before the work starts
+    proc = subprocess.run([sys.executable, "bench.py", "--task=shards", f"--data_dir={bad}", f"--init_from={ckpt}",
+                           f"--out={tmp_path / 'no-such-dir' / 'r.json'}"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and "its folder is missing" in proc.stderr
 
 
 def test_pope_as_released_and_its_table(tmp_path):
@@ -582,3 +586,21 @@ def test_pope_as_released_and_its_table(tmp_path):
     assert m["all"]["accuracy"] == pytest.approx(2 / 3) and m["all"]["precision"] == 0.5 and m["all"]["recall"] == 1.0
     assert m["all"]["f1"] == pytest.approx(2 / 3) and m["all"]["yes_ratio"] == pytest.approx(2 / 3)
     assert "POPE, ar" in tasks.pope.table({"ar": m})
+
+
+def test_read_videomme_parquet_release(tmp_path):
+    """lmms-lab/Video-MME: videomme/test-*.parquet (options a list of "A. ..." strings, answer a letter)."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    d = tmp_path / "Video-MME"
+    (d / "videomme").mkdir(parents=True)
+    (d / "data").mkdir()
+    write_video(d / "data" / "fFjv93ACGo8.mp4")
+    row = {"video_id": "001", "duration": "short", "domain": "Knowledge", "sub_category": "Humanity & History",
+           "url": "https://www.youtube.com/watch?v=fFjv93ACGo8", "videoID": "fFjv93ACGo8", "question_id": "001-1",
+           "task_type": "Counting Problem", "question": "How many people?", "options": ["A. 1.", "B. 2.", "C. 3.", "D. 4."],
+           "answer": "C"}
+    pq.write_table(pa.Table.from_pylist([row]), d / "videomme" / "test-00000-of-00001.parquet")
+    (rec,) = tasks.videomme.read(str(d))
+    assert rec["answer"] == 2 and rec["options"] == ["1.", "2.", "3.", "4."] and rec["id"] == "001-1"
+    assert frames_of(rec, 16).shape == (12, 3, SIZE, SIZE)
