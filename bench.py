@@ -12,7 +12,6 @@ cached prefix (score_options). Each benchmark's layout is read by its file in ta
 """
 import json
 import os
-import re
 import sys
 from collections import Counter, namedtuple
 
@@ -27,7 +26,7 @@ from model import MODES, generate, left_pad, load_model
 from perf.platform import tune, warn_slow_bf16
 from perf.readahead import read_ahead
 from tasks import mvbench, pope, scienceqa, shapes, shards, videomme
-from tasks.common import load_frames
+from tasks.common import extract_choice, load_frames
 
 # -----------------------------------------------------------------------------
 # config: every global below is a config key (configurator.py). The model comes from init_from /
@@ -154,32 +153,6 @@ def generate_answers(model, tok, kv, frame_mask, users, mode, max_new_tokens=16)
     rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in users]
     rows = [r[:r.index(PAD_ID)] if PAD_ID in r else r for r in rows]  # up to <|im_end|>
     return [tok.decode(r, skip_special_tokens=True) for r in rows]
-
-
-def extract_choice(text, options):
-    """Generated text -> option index, or None: an explicit letter, then option text, then a lone
-    capital letter (lmms-eval's first capital misreads "A man is ..." as option A)."""
-    letters = LETTERS[:len(options)]
-    prefix = r"(?i)^\s*(the )?(best |correct )?(answer|option)( is)?\s*[:\-]?\s*"
-    s = re.sub(prefix, "", text.strip()).strip()
-    # "B", "(B)", "B.", "B) cat", "(b)"
-    m = (re.fullmatch(rf"\(?([{letters}])\)?[.):]?", s)
-         or re.match(rf"\(?([{letters}])[.):]", s)
-         or re.match(rf"\(([{letters.lower()}])\)", s))
-    if m:
-        return LETTERS.index(m.group(1).upper())
-
-    def norm(x):  # lower case, punctuation and repeated spaces out
-        return " ".join(re.sub(r"[^\w\s]", " ", x.lower()).split())
-    found = [i for i, o in enumerate(options)
-             if norm(o) and re.search(rf"\b{re.escape(norm(o))}\b", norm(s))]
-    if found:  # the longest mention wins ("dark red" over "red")
-        return max(found, key=lambda i: len(norm(options[i])))
-    for m in re.finditer(rf"\b([{letters}])\b", s):
-        is_article = m.group(1) == "A" and re.match(r"\s+[a-z]", s[m.end():])  # "A dog ..."
-        if not is_article:
-            return LETTERS.index(m.group(1))
-    return None
 
 
 # -----------------------------------------------------------------------------

@@ -40,8 +40,7 @@ def read_config(path, model_type):
     return cfg
 
 
-def read_weights(path):
-    """One safetensors file -> {name: tensor}, with an error that says which file is broken."""
+def read_weights(path):  # one safetensors file -> {name: tensor}; errors name the file
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: not found (expected next to config.json)")
     try:
@@ -51,8 +50,7 @@ def read_weights(path):
                          f"Download it again.") from e
 
 
-def read_hf_weights(model_dir):
-    """Every tensor of a HF dir: model.safetensors, or the shards its index.json lists."""
+def read_hf_weights(model_dir):  # model.safetensors, or the shards its index.json lists
     index = os.path.join(model_dir, "model.safetensors.index.json")
     files = ["model.safetensors"]
     if os.path.isfile(index):
@@ -61,8 +59,7 @@ def read_hf_weights(model_dir):
     return {k: v for name in files for k, v in read_weights(os.path.join(model_dir, name)).items()}
 
 
-def load_strict(module, state, source):
-    """load_state_dict, but every missing, unexpected or mis-shaped key is listed, with the file."""
+def load_strict(module, state, source):  # load_state_dict, listing every key that does not fit
     ours = module.state_dict()
     problems = {
         "missing": sorted(set(ours) - set(state)),
@@ -112,8 +109,7 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rotate(x, cos, sin):
-    """RoPE on x [B,H,S,hd] with cos/sin [B,1,S,hd], in HF's rotate_half convention"""
+def rotate(x, cos, sin):  # RoPE on x [B,H,S,hd], cos/sin [B,1,S,hd], HF's rotate_half way
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -130,8 +126,7 @@ class KVCache:
         self.length = 0
         self.padded = False  # fast path: no padding anywhere -> plain causal attention
 
-    def write(self, layer, k, v):
-        """Append k, v [B,Hkv,S,hd] at `length` -> the layer's keys/values so far."""
+    def write(self, layer, k, v):  # append k, v [B,Hkv,S,hd] -> the layer's keys/values so far
         start, end = self.length, self.length + k.shape[2]
         if torch.is_grad_enabled():
             # Training through a walk: autograd saved the keys so far for the backward, so an
@@ -143,8 +138,7 @@ class KVCache:
         self.k[layer][:, :, start:end], self.v[layer][:, :, start:end] = k, v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def copy_rows(self, index):
-        """A copy of rows index [R] (may repeat: several continuations of one prefix)."""
+    def copy_rows(self, index):  # rows index [R], which may repeat: continuations of one prefix
         out = KVCache.__new__(KVCache)
         out.k, out.v = [k[index] for k in self.k], [v[index] for v in self.v]
         out.valid, out.length, out.padded = self.valid[index], self.length, self.padded
@@ -176,8 +170,7 @@ class LlamaBlock(nn.Module):
             k, v = cache.write(layer, k, v)
         return self.attend(x, q, k, v, mask, causal)
 
-    def project(self, x, cos, sin):
-        """x [B,S,D] -> rotated queries [B,H,S,hd] and keys, values [B,Hkv,S,hd]"""
+    def project(self, x, cos, sin):  # x [B,S,D] -> rotated q [B,H,S,hd], k and v [B,Hkv,S,hd]
         B, S, _ = x.shape
         attn, cfg = self.self_attn, self.cfg
         h = self.input_layernorm(x)
@@ -236,8 +229,7 @@ class SmolLM2(nn.Module):
         angles = torch.cat((angles, angles), -1)[:, None]  # [B,1,S,hd]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def new_cache(self, batch, max_len):
-        """A KVCache for `batch` rows of up to max_len tokens"""
+    def new_cache(self, batch, max_len):  # `batch` rows of up to max_len tokens
         w = self.embed_tokens.weight
         return KVCache(self.cfg, batch, max_len, self.cache_dtype or w.dtype, w.device)
 
@@ -248,8 +240,7 @@ class SmolLM2(nn.Module):
         if valid is not None and bool(valid.all()):
             valid = None  # nothing padded: the fast path
         if cache is not None and valid is not None:
-            cache.valid[:, start:start + S] = valid
-            cache.padded = cache.padded or not bool(valid.all())
+            cache.valid[:, start:start + S], cache.padded = valid, True
         if valid is None and (cache is None or not cache.padded):
             pos = torch.arange(start, start + S, device=device).expand(B, S)
             mask = None  # causal (or a single new token): SDPA needs no mask
@@ -289,21 +280,16 @@ class SmolLM2(nn.Module):
         hf = read_config(path, "llama")
         for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
             if hf.get(key, ok) != ok:
-                raise ValueError(f"{path}: {key}={hf[key]!r} is not supported "
-                                 f"(SmolLM2 uses {ok!r})")
+                raise ValueError(f"{path}: {key}={hf[key]!r} is not supported (SmolLM2: {ok!r})")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise ValueError(f"{path}: rope scaling {rope} is not supported")
         heads = hf["num_attention_heads"]
         cfg = LLMConfig(
-            vocab_size=hf["vocab_size"],
-            dim=hf["hidden_size"],
-            n_layers=hf["num_hidden_layers"],
-            n_heads=heads,
-            n_kv_heads=hf.get("num_key_value_heads", heads),
+            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+            n_heads=heads, n_kv_heads=hf.get("num_key_value_heads", heads),
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            hidden_dim=hf["intermediate_size"],
-            norm_eps=hf["rms_norm_eps"],
+            hidden_dim=hf["intermediate_size"], norm_eps=hf["rms_norm_eps"],
             rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
             max_seq_len=hf.get("max_position_embeddings", 8192),
             tie_embeddings=hf.get("tie_word_embeddings", True))
@@ -312,8 +298,7 @@ class SmolLM2(nn.Module):
         return model
 
 
-def llm_state(hf_state, cfg):
-    """HF LlamaForCausalLM keys -> ours: drop "model.". Tied files usually omit lm_head."""
+def llm_state(hf_state, cfg):  # HF LlamaForCausalLM keys -> ours; tied files often omit lm_head
     state = {k.removeprefix("model."): v for k, v in hf_state.items()}
     if cfg.tie_embeddings and "embed_tokens.weight" in state:
         state["lm_head.weight"] = state["embed_tokens.weight"]
@@ -335,9 +320,8 @@ class DinoConfig:
     norm_eps: float = 1e-6
 
 
-def attention(q, k, v):
-    """DINOv2's self-attention: the fused kernel, except bf16 on CPU, where two matmuls and a
-    softmax are faster."""
+def attention(q, k, v):  # the fused kernel, except bf16 on CPU: two matmuls and a softmax win
+
     if q.is_cuda or q.dtype == torch.float32:
         return F.scaled_dot_product_attention(q, k, v)
     return (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1) @ v
@@ -359,8 +343,7 @@ class DinoBlock(nn.Module):
     def heads(self, x):  # [N,n,D] -> [N,H,n,hd], n tokens
         return x.view(*x.shape[:2], self.n_heads, x.shape[2] // self.n_heads).transpose(1, 2)
 
-    def kv(self, h):
-        """h = norm1(x) [N,1+P,D] -> this block's keys and values, [N,H,1+P,hd] each"""
+    def kv(self, h):  # h = norm1(x) [N,1+P,D] -> this block's keys and values [N,H,1+P,hd]
         return self.heads(self.k(h)), self.heads(self.v(h))
 
     def forward(self, x, kv=None):
@@ -380,8 +363,7 @@ class DinoBlock(nn.Module):
         return x, kv, weights
 
 
-def sincos_2d(grid, dim):
-    """[grid*grid, dim] in patch (row-major) order: sin/cos of y in the first half, of x after"""
+def sincos_2d(grid, dim):  # [grid*grid, dim], patches row-major: sin/cos of y, then of x
     freqs = 100.0 ** -(torch.arange(dim // 4) / (dim // 4))  # [dim/4]
     ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     angles = [c.flatten()[:, None] * freqs for c in (ys, xs)]  # [grid*grid, dim/4] each
@@ -402,8 +384,7 @@ class DINOv2(nn.Module):
         self.blocks = nn.ModuleList(DinoBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
 
-    def embed(self, pixels):
-        """pixels [N,3,H,W] -> tokens [N,1+P,D]; positions resized as HF's Dinov2Model does"""
+    def embed(self, pixels):  # [N,3,H,W] -> tokens [N,1+P,D]; positions resized as HF's are
         x = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # [N,P,D]
         gh, gw = pixels.shape[2] // self.cfg.patch_size, pixels.shape[3] // self.cfg.patch_size
         pos = self.pos_embed
@@ -416,8 +397,7 @@ class DINOv2(nn.Module):
             pos = torch.cat((pos[:, :1], patch_pos), dim=1)
         return torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + pos
 
-    def forward(self, pixels):
-        """pixels [N,3,H,W] -> final-normed tokens [N,1+P,D] (HF's last_hidden_state)"""
+    def forward(self, pixels):  # [N,3,H,W] -> final-normed [N,1+P,D], HF's last_hidden_state
         x = self.embed(pixels)
         for block in self.blocks:
             x, _, _ = block(x)
@@ -489,8 +469,7 @@ MODES = ("coarse_only", "coarse_fine", "autoregressive")
 LAYOUTS = ("frames_first", "question_first")
 
 
-def kv_index(frame_mask):
-    """frame_mask [B,T] -> [B,T]: the row of encode's K/V holding frame (b, t), -1 for padding"""
+def kv_index(frame_mask):  # [B,T] -> [B,T]: the entry of encode's K/V of frame (b, t), -1: none
     index = frame_mask.flatten().cumsum(0).view(frame_mask.shape) - 1
     return torch.where(frame_mask, index, -1)
 
@@ -608,8 +587,8 @@ class FoveatedVLM(nn.Module):
         return torch.cat(parts, 1), torch.cat(masks, 1)
 
     def static_glimpses(self, kv, frame_mask):
-        """Every frame looked at with q_static: visual tokens [B,T,L], attention
-        [B,T,layers,H,1+P]. What coarse_only reads, and the coarse pass of coarse_fine."""
+        """Every frame looked at with q_static (coarse_only, and coarse_fine's coarse pass): visual
+        tokens [B,T,L], attention [B,T,layers,H,1+P]"""
         return self.look(self.q_static.expand(*frame_mask.shape, -1), kv, kv_index(frame_mask))
 
     def visual_tokens(self, kv, frame_mask, mode, owner=None, question=None, text=None):
@@ -641,8 +620,7 @@ class FoveatedVLM(nn.Module):
         return fine, attn, (h[:, Pq + T:] if text is not None else None)
 
     def start_walk(self, question, walkers, room):
-        """A fresh cache for W walkers with room for the question and `room` more tokens (the
-        question read into it), and frame 0's query [W,D]"""
+        """A cache for W walkers holding the question, with `room` more; frame 0's query [W,D]"""
         if question is None:
             return self.llm.new_cache(walkers, room), self.q_init.expand(walkers, -1)
         cache = self.llm.new_cache(walkers, question[0].shape[1] + room)
@@ -651,9 +629,8 @@ class FoveatedVLM(nn.Module):
 
     def walk(self, kv, kv_entries, cache, query):
         """autoregressive: frame by frame through the LLM cache, each query chosen by the state
-        after the previous frame. kv_entries [W,T]: each walker's kv entries (-1: padding); query
-        [W,D]: the first. Returns attention [W,T,layers,H,1+P] and the next query (a stream goes
-        on with it)."""
+        after the frame before. kv_entries [W,T]: each walker's kv entries (-1: padding); query
+        [W,D]: the first. -> attention [W,T,layers,H,1+P], the next query (a stream goes on)"""
         maps = []
         for t in range(kv_entries.shape[1]):
             frame = kv_entries[:, t]  # [W]: each walker's frame at step t
@@ -663,8 +640,7 @@ class FoveatedVLM(nn.Module):
             local = torch.where(frame >= 0, torch.searchsorted(used, frame.clamp(min=0)), -1)
             used_kv = [(k[used], v[used]) for k, v in kv]
             tokens, attn = self.look(query[:, None], used_kv, local[:, None])  # [W,1,L]
-            h = self.llm(embeds=tokens, valid=frame[:, None] >= 0, cache=cache,
-                         hidden_only=True)
+            h = self.llm(embeds=tokens, valid=frame[:, None] >= 0, cache=cache, hidden_only=True)
             query = self.llm_to_query(h[:, 0])
             maps.append(attn)
         return (torch.cat(maps, 1) if maps else None), query
@@ -685,11 +661,10 @@ class FoveatedVLM(nn.Module):
     @torch.no_grad()
     def stream(self, chunks, n_frames, prompt_ids, extra=0, prompt_valid=None, question=None,
                on_frames=None):
-        """autoregressive over a video too long to hold in memory: `chunks` yields frames
-        [n,3,H,W], each encoded, walked and freed before the next. Same tokens as prefill(...,
-        'autoregressive') on the whole video, for prompt_ids [R,S] (left-padded: prompt_valid).
-        n_frames: the most frames that may come; on_frames(frames, attention [W,n,layers,H,1+P])
-        sees each chunk. Returns (cache, last logits [R,V])."""
+        """prefill(..., 'autoregressive') for a video too long to hold: `chunks` yields frames
+        [n,3,H,W], each encoded, walked and freed before the next (at most n_frames in all), then
+        prompt_ids [R,S] (left-padded: prompt_valid) -> (cache, last logits [R,V]).
+        on_frames(frames, attention [W,n,layers,H,1+P]) sees each chunk."""
         R = prompt_ids.shape[0]
         walkers = 1 if question is None else R
         room = n_frames + prompt_ids.shape[1] + extra
@@ -798,8 +773,7 @@ class FoveatedVLM(nn.Module):
 
     # -- our checkpoint format: model.safetensors + config.json (+ tokenizer.json) -----------
 
-    def save(self, out_dir, tokenizer=None):
-        """Write our format. `tokenizer` is a path to the tokenizer.json to copy alongside."""
+    def save(self, out_dir, tokenizer=None):  # tokenizer: a tokenizer.json to copy alongside
         os.makedirs(out_dir, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
                  if not (k == "llm.lm_head.weight" and self.llm.cfg.tie_embeddings)}
@@ -812,8 +786,7 @@ class FoveatedVLM(nn.Module):
         if tokenizer is not None:
             shutil.copyfile(tokenizer, os.path.join(out_dir, "tokenizer.json"))
 
-    def load_weights(self, file):
-        """Every weight from a safetensors file of ours or of the released fVLM-135M layout."""
+    def load_weights(self, file):  # a safetensors file of ours or of the released fVLM-135M
         state = {vlm_key(k): v for k, v in read_weights(file).items()
                  if not k.endswith("mask_token")}  # in HF's Dinov2Model, unused
         llm = llm_state({k[4:]: v for k, v in state.items() if k.startswith("llm.")}, self.llm.cfg)
@@ -869,10 +842,8 @@ def load_model(init_from, llm_dir="", dino_dir="", dtype=torch.float32, **fresh)
         model.to(dtype).load_weights(os.path.join(ckpt, "model.safetensors"))
         return model, os.path.join(ckpt, "tokenizer.json")
     if not (llm_dir and dino_dir):
-        what = "init_from='scratch'"
-        if init_from != "scratch":
-            what = f"init_from={init_from} is a weights file"
-        raise ValueError(f"{what}: set llm_dir and dino_dir too (a SmolLM2 and a DINOv2 "
+        what = "='scratch'" if init_from == "scratch" else f"={init_from} is a weights file"
+        raise ValueError(f"init_from{what}: set llm_dir and dino_dir too (a SmolLM2 and a DINOv2 "
                          f"Hugging Face dir)")
     llm = SmolLM2.from_pretrained(llm_dir, dtype)
     model = FoveatedVLM(llm, DINOv2.from_pretrained(dino_dir, dtype), **fresh)
@@ -885,8 +856,7 @@ def load_model(init_from, llm_dir="", dino_dir="", dtype=torch.float32, **fresh)
 # 6. generation
 
 
-def sample_next(logits, temperature=0.0, top_k=None, generator=None):
-    """logits [B,V] -> next token ids [B]. temperature 0 is greedy."""
+def sample_next(logits, temperature=0.0, top_k=None, generator=None):  # [B,V] -> [B]; 0: greedy
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature

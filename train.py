@@ -24,8 +24,7 @@ from tqdm import tqdm
 
 import data
 from bench import evaluate_mcq, format_table, mcq_results
-from model import (LAYOUTS, MODES, DINOv2, DinoConfig, FoveatedVLM, LLMConfig, SmolLM2,
-                   compile_model, find_checkpoint, load_model)
+from model import LAYOUTS, MODES, compile_model, find_checkpoint, load_model
 from perf.flops import batch_flops, mfu, peak_flops
 from perf.platform import compile_counts, setup, warn_slow_bf16
 from tasks import shapes
@@ -33,18 +32,15 @@ from tasks import shapes
 # -----------------------------------------------------------------------------
 # config: the embedded default (a tiny fVLM trained from scratch on the shapes task)
 out_dir = 'out/shapes'
-# 'scratch' | 'resume' | our checkpoint (a dir, a run dir) | a .safetensors file
-init_from = 'scratch'
+init_from = 'scratch'  # | 'resume' | our checkpoint (a dir, a run dir) | a .safetensors file
 llm_dir = ''  # a Hugging Face SmolLM2 dir; with dino_dir also '': a tiny model from scratch
 dino_dir = ''  # a Hugging Face DINOv2 dir
 tokenizer = ''  # tokenizer.json; '' = the checkpoint's, llm_dir's, or the shapes task's
-# the synthetic task; generated if missing when the data globs point into it
-shapes_dir = 'data/shapes'
+shapes_dir = 'data/shapes'  # the synthetic task, made if missing when the data globs point in
 train_data = 'data/shapes/train-*.tar'  # globs, comma-separated
 val_data = 'data/shapes/val-*.tar'
 text_data = 'data/shapes/text-*.tar'  # text-only shards, mixed in at text_ratio
-# held-out MCQs scored by bench.py's code at eval time; '' = none
-mcq_data = 'data/shapes/mcq_val.json'
+mcq_data = 'data/shapes/mcq_val.json'  # held-out MCQs bench.py's code scores at eval ('': none)
 stage = 2  # 1: CE on all text, 2: CE on the answer, 3: DPO (dpo.py)
 # tiny backbones used when llm_dir / dino_dir are empty
 tiny_llm_dim, tiny_llm_layers, tiny_llm_heads, tiny_llm_kv_heads = 128, 4, 4, 2
@@ -61,12 +57,9 @@ text_ratio = 0.05
 num_workers = 0  # on 2 cores a worker process takes a core from the compute threads
 shuffle_buffer = 1000  # samples per reader
 max_batch_frames = 0  # > 0: a batch closes early once its real frames would pass this many
-# {source: question} for an empty `user`, over data.SOURCE_PROMPTS; '': any other source
-source_prompts = {}
-# where the media paths of LLaVA-style annotation files start ('': each file's folder)
-media_root = ''
-# annotation rows dealt out together; = write_shards' shard_size: its shards' order
-annotation_block = 1
+source_prompts = {}  # {source: question} for an empty `user`, over data.SOURCE_PROMPTS
+media_root = ''  # where annotation files' media paths start ('': each file's folder)
+annotation_block = 1  # annotation rows dealt out together (write_shards' shard_size: its order)
 # optimisation
 batch_size = 16  # per rank, per micro-step
 gradient_accumulation_steps = 1
@@ -79,25 +72,20 @@ lr_steer = 3e-3  # llm_to_query and q_init fast: at 1e-4 the glimpses hardly mov
 lr_dino = 1e-4
 lr_dino_qk = 1e-3  # DINOv2's attention query/key weights fast: where the glimpse looks
 lr_llm = 1e-3
-# 'cosine': warmup then cosine to min_lr_ratio; 'converging': every group -> target_lr
-schedule = 'cosine'
+schedule = 'cosine'  # warmup, then cosine to min_lr_ratio | 'converging': all groups -> target_lr
 target_lr = 3e-5
 min_lr_ratio = 0.1
 weight_decay = 0.01
-# 'matrices': Linear/Conv weights; 'all': every parameter (the original fVLM code)
-weight_decay_params = 'matrices'
+weight_decay_params = 'matrices'  # Linear/Conv weights | 'all': every parameter (the original)
 beta1, beta2 = 0.9, 0.95  # AdamW (the original: 0.9, 0.999)
-# the LR group of the glimpse's output_proj ('dino' in the original)
-output_proj_group = 'connector'
-# a fresh connector's fine pass starts as the coarse pass (original: random)
-q_init_copies_static = True
+output_proj_group = 'connector'  # the LR group of the glimpse's output_proj (original: 'dino')
+q_init_copies_static = True  # a fresh fine pass starts as the coarse pass (original: random)
 llm_to_query_zero_init = True
 grad_clip = 1.0
 # coarse_only | coarse_fine | autoregressive. The embedded default trains the walk itself, so
 # the question's state gets the gradient of every frame it steers (docs/LOG.md)
 train_mode = 'autoregressive'
-# stages 1-2: the static glimpses answer too, with this weight, so coarse_only stays trained
-coarse_loss_weight = 0.3
+coarse_loss_weight = 0.3  # stages 1-2: the static glimpses answer too, so coarse_only stays trained
 # of a fresh model: 'question_first' ([question][frames][answer]: the question steers the glimpses)
 # | 'frames_first' ([frames][chat], the released fVLM-135M's; config/stage1_135m.py sets it)
 layout = 'question_first'
@@ -110,8 +98,7 @@ precompute_ref = False
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype; weights stay fp32
 compile = False
-# frame counts and text lengths symbolic from the first compile (model.compile_model)
-compile_dynamic = True
+compile_dynamic = True  # frame counts and text lengths symbolic from the first compile
 gradient_checkpointing = False
 encode_chunk = 32  # frames per DINOv2 call: bounds activation memory on long videos
 seed = 1337
@@ -195,14 +182,10 @@ fresh = dict(seed=seed, q_init_copies_static=q_init_copies_static,  # a fresh mo
 def tiny_model():
     """The embedded default's backbones from scratch: a few layers each, the shapes vocabulary."""
     vocab = data.load_tokenizer(tokenizer or shapes_dir).get_vocab_size()
-    llm = SmolLM2(LLMConfig(vocab_size=vocab, dim=tiny_llm_dim, n_layers=tiny_llm_layers,
-                            n_heads=tiny_llm_heads, n_kv_heads=tiny_llm_kv_heads,
-                            head_dim=tiny_llm_dim // tiny_llm_heads, hidden_dim=tiny_llm_hidden,
-                            max_seq_len=2048))
-    dino = DINOv2(DinoConfig(image_size=image_size, patch_size=tiny_patch_size, dim=tiny_dino_dim,
-                             n_layers=tiny_dino_layers, n_heads=tiny_dino_heads))
-    tok_file = os.path.join(shapes_dir, 'tokenizer.json')
-    return FoveatedVLM(llm, dino, visual_scale=tiny_visual_scale, **fresh), tok_file
+    llm = (tiny_llm_dim, tiny_llm_layers, tiny_llm_heads, tiny_llm_kv_heads, tiny_llm_hidden)
+    dino = (tiny_dino_dim, tiny_dino_layers, tiny_dino_heads, tiny_patch_size)
+    vlm = shapes.tiny_model(vocab, image_size, llm, dino, tiny_visual_scale, **fresh)
+    return vlm, os.path.join(shapes_dir, 'tokenizer.json')
 
 
 def start_model(source):
@@ -353,8 +336,7 @@ def evaluate():
             if i >= eval_iters:
                 break
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            # one encode serves every mode
-            kv = raw_model.encode(batch['frames'], batch['frame_mask'])
+            kv = raw_model.encode(batch['frames'], batch['frame_mask'])  # serves every mode
             for j, m in enumerate(modes):
                 with autocast:
                     _, loss = raw_model(None, batch['input_ids'], batch['loss_mask'],
@@ -446,8 +428,7 @@ while iter_num < max_iters:
     loss_sum, metrics_sum = torch.zeros((), device=device), {}
     for micro in range(gradient_accumulation_steps):
         batch = next(batches)
-        # all-reduce on the last micro-step only
-        sync = not ddp or micro == gradient_accumulation_steps - 1
+        sync = not ddp or micro == gradient_accumulation_steps - 1  # all-reduce on the last only
         with (nullcontext() if sync else model.no_sync()):
             loss, metrics = batch_loss(batch)
             (loss / gradient_accumulation_steps).backward()
@@ -473,8 +454,7 @@ while iter_num < max_iters:
     iter_num += 1
     bar.update(1)
     if compile and iter_num == 1:
-        say("torch.compile: {graphs} graphs compiled, {graph_breaks} graph breaks"
-            .format(**compile_counts()))
+        say("torch.compile: {graphs} graphs, {graph_breaks} breaks".format(**compile_counts()))
     do_eval = iter_num % eval_interval == 0 or iter_num == max_iters
     if iter_num % log_interval == 0 or do_eval:  # an eval gets a log row of its own iteration
         dt = time.time() - t_last

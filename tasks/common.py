@@ -84,6 +84,32 @@ def table_files(data_dir, need):
     return out
 
 
+def extract_choice(text, options):
+    """Generated text -> option index, or None: an explicit letter, then option text, then a lone
+    capital letter (lmms-eval's first capital misreads "A man is ..." as option A)."""
+    letters = LETTERS[:len(options)]
+    prefix = r"(?i)^\s*(the )?(best |correct )?(answer|option)( is)?\s*[:\-]?\s*"
+    s = re.sub(prefix, "", text.strip()).strip()
+    # "B", "(B)", "B.", "B) cat", "(b)"
+    m = (re.fullmatch(rf"\(?([{letters}])\)?[.):]?", s)
+         or re.match(rf"\(?([{letters}])[.):]", s)
+         or re.match(rf"\(([{letters.lower()}])\)", s))
+    if m:
+        return LETTERS.index(m.group(1).upper())
+
+    def norm(x):  # lower case, punctuation and repeated spaces out
+        return " ".join(re.sub(r"[^\w\s]", " ", x.lower()).split())
+    found = [i for i, o in enumerate(options)
+             if norm(o) and re.search(rf"\b{re.escape(norm(o))}\b", norm(s))]
+    if found:  # the longest mention wins ("dark red" over "red")
+        return max(found, key=lambda i: len(norm(options[i])))
+    for m in re.finditer(rf"\b([{letters}])\b", s):
+        is_article = m.group(1) == "A" and re.match(r"\s+[a-z]", s[m.end():])  # "A dog ..."
+        if not is_article:
+            return LETTERS.index(m.group(1))
+    return None
+
+
 def answer_index(answer, options):
     """An answer as benchmarks write it (index, option text, letter or "B. text") -> its index.
     The text first: MVBench answers with the option text; Character Order's options are letters."""

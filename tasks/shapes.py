@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from data import (DEFAULT_USER, SPECIALS, SYSTEM_PROMPT, format_mcq, frame_files, read_tar,
                   record_frames, record_text, write_tar)
+from model import DinoConfig, DINOv2, FoveatedVLM, LLMConfig, SmolLM2
 from tasks.common import mcq_record, read_rows
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230),
@@ -144,6 +145,19 @@ def shapes_sample(rng, name, i, image_size, frames, cats):
                               for q, o, a, lettered in qa],
                 "category": "qa"}
     return dict(meta, caption=shapes_caption(facts), frame_count=frames, source="shapes"), imgs
+
+
+def tiny_model(vocab, image_size, llm, dino, visual_scale, **fresh):
+    """The embedded default's fVLM, both backbones from scratch: llm = (dim, layers, heads,
+    kv_heads, hidden), dino = (dim, layers, heads, patch_size); `fresh` goes to FoveatedVLM."""
+    dim, layers, heads, kv_heads, hidden = llm
+    llm = SmolLM2(LLMConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads,
+                            n_kv_heads=kv_heads, head_dim=dim // heads, hidden_dim=hidden,
+                            max_seq_len=2048))
+    dim, layers, heads, patch_size = dino
+    dino = DINOv2(DinoConfig(image_size=image_size, patch_size=patch_size, dim=dim,
+                             n_layers=layers, n_heads=heads))
+    return FoveatedVLM(llm, dino, visual_scale=visual_scale, **fresh)
 
 
 def make_shapes(out_dir, n_train=6000, n_val=500, n_dpo=1000, n_text=1000, image_size=64, frames=4,
