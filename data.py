@@ -1,13 +1,10 @@
-"""
-From files to batches:
+"""From files to batches:
   1. tokenizer, ChatML template, per-stage loss masks
   2. media: images (Pillow) and videos (PyAV, frames picked by presentation time), shown upright
   3. tar shards ("the research layout", as the original fVLM code wrote them): the common record
      every source becomes (tasks/llava.py turns LLaVA-style annotation rows into it)
-  4. ShardDataset (split over ranks x workers, seeded shuffle, text mixing), collate, and the
-     resumable Loader
-The synthetic shapes task and every benchmark's layout live in tasks/.
-"""
+  4. ShardDataset (split over readers, seeded shuffle, text mixing), collate, the resumable Loader
+The synthetic shapes task and every benchmark's layout live in tasks/."""
 import bisect
 import glob as globlib
 import io
@@ -30,7 +27,6 @@ from PIL import Image, ImageOps
 from tokenizers import Tokenizer
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from av.video.reformatter import VideoReformatter
 from tqdm import tqdm
 
 from perf.readahead import read_ahead
@@ -48,8 +44,7 @@ SOURCE_PROMPTS = {"openvid": "Write a brief caption for this video.",
                   "vript": "Provide a detailed narration of what happens in this video.",
                   "sharegpt4video": "Describe what happens in this video in detail."}
 FALLBACK_PROMPT = "Describe this."  # any other source
-# ImageNet normalisation, as DINOv2 was trained
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # ImageNet's, as DINOv2 was trained
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 VIDEO_EXTS = ("mp4", "webm", "mkv", "gif", "avi", "mov")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -70,8 +65,7 @@ class SkipSample(ValueError):  # a ValueError, so callers outside the dataset ju
 def count_skip(counter, reason, msg):
     if counter is not None:  # a ShardDataset's, say; a one-off read only warns
         counter[reason] += 1
-    # once per path and reason: a run with a million bad files must not flood the log
-    if msg not in _warned:
+    if msg not in _warned:  # once per path and reason: a million bad files must not flood the log
         _warned.add(msg)
         print(f"data.py: skipping {msg}", file=sys.stderr)
 
@@ -90,8 +84,7 @@ def expand_globs(globs):
 # 1. tokenizer and chat template
 
 
-def load_tokenizer(path_or_dir):
-    path = path_or_dir
+def load_tokenizer(path):  # a SmolLM2 dir or a tokenizer.json
     if os.path.isdir(path):
         path = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(path):
@@ -106,9 +99,8 @@ def load_tokenizer(path_or_dir):
 
 
 def encode_chat(tok, messages, stage, max_len=None):
-    """ChatML with the system prompt -> (input_ids, loss_mask, truncated, question_tokens). Targets:
-    stage 1 every token; stages 2-3 assistant content + <|im_end|>. question_tokens: how many
-    tokens come before the end of the first user turn."""
+    """ChatML with the system prompt -> (input_ids, loss_mask, truncated, question_tokens: those up
+    to the first user turn's end). Targets: stage 1 all; 2-3 assistant content + <|im_end|>"""
     text, spans, question_end_char = "", [], None
     for m in [{"role": "system", "content": SYSTEM_PROMPT}] + list(messages):
         text += f"<|im_start|>{m['role']}\n"
@@ -117,10 +109,8 @@ def encode_chat(tok, messages, stage, max_len=None):
         text += m["content"] + "<|im_end|>\n"
         if m["role"] == "user" and question_end_char is None:
             question_end_char = len(text)
-    # one encode of the whole text, so ids equal HF apply_chat_template
-    enc = tok.encode(text, add_special_tokens=False)
-    in_answer = [int(any(s <= a and b <= e for s, e in spans)) for a, b in enc.offsets]
-    mask = [1] * len(enc.ids) if stage == 1 else in_answer
+    enc = tok.encode(text, add_special_tokens=False)  # all at once: ids as HF apply_chat_template
+    mask = [int(stage == 1 or any(s <= a and b <= e for s, e in spans)) for a, b in enc.offsets]
     max_len = max_len or MAX_LEN[stage]
     question_tokens = sum(b <= (question_end_char or 0) for _, b in enc.offsets)
     return enc.ids[:max_len], mask[:max_len], len(enc.ids) > max_len, min(question_tokens, max_len)
@@ -188,8 +178,7 @@ def read_image(src, size, name=None):
 
 def load_image(src, image_size, replicate=1, name=None):
     """An image -> normalised [replicate,3,S,S]."""
-    image = normalize(read_image(src, image_size, name)[None])  # [1,3,S,S]
-    return image.expand(replicate, -1, -1, -1).contiguous()
+    return normalize(read_image(src, image_size, name)[None]).repeat(replicate, 1, 1, 1)
 
 
 def uniform_indices(n, k):
@@ -222,24 +211,18 @@ def _duration(container, stream):
 
 def _upright_rgb(frame, size, scaler):
     """A decoded frame -> uint8 [size,size,3] as read_image, upright as its display matrix says.
-    scaler: this video's own VideoReformatter, one thread: PyAV's shared one keeps scaler threads
-    that a forked DataLoader worker inherits without them, and hangs in (tests/test_data.py)."""
+    scaler: this video's own, one thread: a forked DataLoader worker hangs in PyAV's shared one"""
     quarter_turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise, to upright
-    sideways = quarter_turns % 2 == 1
-    w, h = (frame.height, frame.width) if sideways else (frame.width, frame.height)  # as shown
-    w, h = short_side_to(w, h, size)
-    stored_w, stored_h = (h, w) if sideways else (w, h)
+    w, h = short_side_to(frame.width, frame.height, size)  # as stored: a turn keeps the short side
     try:
-        rgb = scaler.reformat(frame, stored_w, stored_h, "rgb24", threads=1)
+        rgb = scaler.reformat(frame, w, h, "rgb24", threads=1)
     except TypeError:  # PyAV < 17 has no `threads`: its scaler is never threaded
-        rgb = scaler.reformat(frame, stored_w, stored_h, "rgb24")
-    rgb = rgb.to_ndarray()
-    return centre_crop(np.rot90(rgb, quarter_turns), size)
+        rgb = scaler.reformat(frame, w, h, "rgb24")
+    return centre_crop(np.rot90(rgb.to_ndarray(), quarter_turns), size)
 
 
 def _frame_times(container, stream, max_frames, fps, start, end):
-    """(origin, t0, t1, the times to pick): the centres of k equal slices of [t0, t1] seconds after
-    the stream's origin, k = max_frames, or (t1 - t0) * fps if fewer."""
+    """(origin, t0, t1, the times to pick: centres of k equal slices of [t0, t1] after origin)"""
     origin = float((stream.start_time or 0) * stream.time_base)
     duration = _duration(container, stream)
     t0 = min(max(start or 0.0, 0.0), duration)
@@ -267,16 +250,13 @@ def _opened(src, name, max_frames, fps, start, end):
 
 
 def video_length(src, max_frames, fps=None, start=None, end=None, name=None):
-    """(at most how many frames video_frames picks, the seconds they span), without decoding: a
-    streaming caller sizes the LLM cache and checks the context first."""
-    with _opened(src, name or str(src), max_frames, fps, start, end) as (_, _, picks):
-        _, t0, t1, targets = picks
-        return len(targets), t1 - t0
+    """(at most how many frames video_frames picks, the seconds they span), without decoding"""
+    with _opened(src, name or str(src), max_frames, fps, start, end) as (_, _, (_, t0, t1, picks)):
+        return len(picks), t1 - t0
 
 
 def context_error(n_frames, seconds, text_tokens, max_seq_len, where):
-    """None if n_frames + text_tokens fit the LLM's context, else a message saying how many do: a
-    long video is refused, never silently cut."""
+    """None if n_frames + text_tokens fit max_seq_len, else a message saying how many frames do"""
     if n_frames + text_tokens <= max_seq_len:
         return None
     fit = max(0, max_seq_len - text_tokens)
@@ -294,14 +274,13 @@ def _keyframe_times(container, stream):
 
 def video_frames(src, image_size, max_frames, fps=None, start=None, end=None, name=None,
                  progress=False):
-    """Yields uint8 frames [S,S,3] of a video: at each time of _frame_times the frame on screen
-    then (once if picked twice). Seeks to the keyframe before a pick if it lies ahead of the last
-    decoded frame: whole GOPs between picks are never decoded."""
+    """Yields uint8 frames [S,S,3]: the one on screen at each time of _frame_times (once if picked
+    twice). Seeks to the keyframe before a pick ahead of the last decoded frame: skips whole GOPs"""
     name = name or str(src)
     with _opened(src, name, max_frames, fps, start, end) as (container, stream, picks):
         origin, t0, t1, targets = picks
         keyframes = _keyframe_times(container, stream)
-        scaler, k = VideoReformatter(), len(targets)
+        scaler, k = av.video.reformatter.VideoReformatter(), len(targets)
         rate = float(stream.average_rate or stream.guessed_rate or 25)
         bar = tqdm(total=round(t1 - t0), unit="s", desc="video", disable=not progress,
                    dynamic_ncols=True)
@@ -346,8 +325,7 @@ def video_frames(src, image_size, max_frames, fps=None, start=None, end=None, na
 
 def video_chunks(src, image_size, max_frames, fps=None, start=None, end=None, chunk=8,
                  device="cpu", progress=False):
-    """video_frames as normalised chunks [<=chunk,3,S,S] on `device` for model.stream, which
-    encodes a chunk at once; decoded in a thread while the model works on the chunk before"""
+    """video_frames as normalised chunks [<=chunk,3,S,S] on `device` for model.stream, read ahead"""
     frames = read_ahead(video_frames(src, image_size, max_frames, fps, start, end,
                                      progress=progress))
     while batch := list(islice(frames, chunk)):
@@ -361,8 +339,7 @@ def load_video(src, image_size, max_frames, fps=None, start=None, end=None, name
 
 
 # -----------------------------------------------------------------------------
-# 3. tar shards: {key}.json + frames {key}.000.jpg ... | an image {key}.jpg
-#    | a video {key}.mp4 (+ {key}.txt)
+# 3. tar shards: {key}.json (+ .txt) and frames {key}.000.jpg ..., an image {key}.jpg or a video
 
 
 def write_tar(path, samples):
@@ -378,14 +355,12 @@ def write_tar(path, samples):
 
 
 def read_tar(path, counter=None):
-    """Stream one tar ('r|*', no seeking) -> records {key, shard, files {ext: bytes}}. A damaged tar
-    keeps the records before the damage and counts the rest as one skip."""
+    """A tar, streamed -> records {key, shard, files {ext: bytes}}; all after damage: one skip"""
     def members(tf):  # (key, ext, bytes): a record is yielded once the next key is read intact
         for m in tf:
             if m.isfile():
                 folder, base = os.path.split(m.name)
-                # keys contain no dots, so "k.000.jpg" -> "k", "000.jpg"
-                key, _, ext = base.partition(".")
+                key, _, ext = base.partition(".")  # keys have no dots: k.000.jpg -> k, 000.jpg
                 payload = tf.extractfile(m).read()
                 if len(payload) != m.size:
                     raise EOFError("unexpected end of data")
@@ -396,12 +371,10 @@ def read_tar(path, counter=None):
     try:
         with tarfile.open(path, "r|*") as tf:
             for key, group in groupby(members(tf), key=lambda m: m[0]):
-                files = {ext: payload for _, ext, payload in group}
-                yield {"key": key, "shard": path, "files": files}
+                yield {"key": key, "shard": path, "files": {ext: b for _, ext, b in group}}
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        count_skip(counter, "bad_tar",
-                   f"{path}: truncated or corrupt tar ({type(e).__name__}: {e}); "
-                   f"rest of shard dropped")
+        count_skip(counter, "bad_tar", f"{path}: truncated or corrupt tar "
+                                       f"({type(e).__name__}: {e}); rest of shard dropped")
 
 
 def read_source(path, counter=None):
@@ -436,13 +409,11 @@ def record_text(record):
     if not isinstance(meta, dict):
         raise SkipSample("bad_json",
                          f"{where}.json: bad json (a {type(meta).__name__}, not an object)")
-    caption = files["txt"].decode("utf-8", "replace").strip() if "txt" in files else None
-    return meta, caption
+    return meta, (files["txt"].decode("utf-8", "replace").strip() if "txt" in files else None)
 
 
 def turns(user, answer, where):
-    """A json's `user` / `assistant` (strings, or equal-length lists: several turns) -> (users,
-    answers) lists; an empty or missing user comes back as None."""
+    """A json's `user` / `assistant` (strings, or equal-length lists) -> lists; no user -> None"""
     if not isinstance(answer, list):
         users, answer = [user], [answer]
     else:
@@ -450,9 +421,8 @@ def turns(user, answer, where):
     if not (isinstance(users, list) and len(users) == len(answer)
             and all(isinstance(a, str) and a for a in answer)
             and all(u is None or isinstance(u, str) for u in users)):
-        raise SkipSample("bad_field",
-                         f"{where}.json: 'user' and 'assistant' must be strings, or lists of "
-                         f"strings of one length (got {type(user).__name__} and "
+        raise SkipSample("bad_field", f"{where}.json: 'user' and 'assistant' must be strings, or "
+                         f"lists of strings of one length (got {type(user).__name__} and "
                          f"{type(answer).__name__})")
     return [u or None for u in users], answer
 
@@ -494,10 +464,6 @@ class ReaderState:
     text: Cursor = field(default_factory=Cursor)
     drawn: int = 0
 
-    @classmethod
-    def from_dict(cls, d):
-        return cls(Cursor(**d["main"]), Cursor(**d["text"]), d["drawn"])
-
 
 class ShardDataset(IterableDataset):
     """Streams samples {key, rows: token rows {question, ids, mask}, frames [T,3,S,S]} from tar
@@ -515,12 +481,11 @@ class ShardDataset(IterableDataset):
         self.media_root, self.annotation_block = media_root, annotation_block
         self.shards = self.units(expand_globs(globs))
         self.text_shards = self.units(expand_globs(text_globs)) if text_globs else []
-        self.tok, self.stage, self.image_size, self.max_frames = tok, stage, image_size, max_frames
-        self.replicate, self.text_ratio = replicate_image_frames, text_ratio
-        self.seed, self.fps = seed, fps
+        self.tok, self.stage, self.max_len = tok, stage, max_len or MAX_LEN[stage]
+        self.image_size, self.max_frames, self.fps = image_size, max_frames, fps
+        self.replicate, self.text_ratio, self.seed = replicate_image_frames, text_ratio, seed
         self.rank, self.world_size = rank, world_size
         self.loop, self.shuffle_buffer = loop, shuffle_buffer
-        self.max_len = max_len or MAX_LEN[stage]
         self.question_first = layout == "question_first"  # the model's layout decides the text rows
         self.prompts = SOURCE_PROMPTS | {"": FALLBACK_PROMPT} | (prompts or {})
         self.batch_size, self.max_batch_frames = None, None
@@ -537,15 +502,13 @@ class ShardDataset(IterableDataset):
         return read_source(unit, self.skipped)
 
     def epoch_units(self, units, reader, readers, epoch, is_text):
-        """The units a reader reads in an epoch: shuffled by (seed, epoch), the same order on every
-        reader, then dealt out (text shards: all to every reader if fewer than the readers)"""
+        """A reader's units of an epoch: one (seed, epoch) shuffle for all readers, dealt out"""
         order = list(units)
         seeded(self.seed, "shards", is_text, epoch).shuffle(order)
         return order if is_text and len(order) < readers else order[reader::readers]
 
     def records(self, shards, reader, readers, cursor, is_text):
-        """One reader's undecoded records, advancing `cursor`, in an order set by seed and epoch
-        alone: a resumed reader drops the records it had consumed."""
+        """One reader's undecoded records, advancing `cursor`; those it had consumed are dropped"""
         while True:
             mine = self.epoch_units(shards, reader, readers, cursor.epoch, is_text)
             stream = (rec for unit in mine for rec in self.read_unit(unit))
@@ -560,23 +523,20 @@ class ShardDataset(IterableDataset):
 
     def samples(self, reader, readers):
         """(decoded sample, reader state after it) of one reader; bad records counted, skipped.
-        Raises once every main unit was read in full, since the last usable main sample, in vain:
-        a looping reader would skip forever."""
+        Raises once every main unit was read in vain since the last usable one: no endless skips"""
         state = self.resume.get(reader, ReaderState())
         main = self.records(self.shards, reader, readers, state.main, False)
         # a generator: the text shards are read only if mixing draws from them
         text = self.records(self.text_shards, reader, readers, state.text, True)
         mixing = self.text_shards and self.text_ratio > 0
-        # main units read in full since the last usable main sample (in epoch good_epoch), and
-        # the first epoch not yet added to them
-        barren, good_epoch, next_epoch = set(), state.main.epoch, state.main.epoch
+        # main units read in vain since the last usable main sample; unread: the next epoch to add
+        barren, unread = set(), state.main.epoch + 1
         n_units = len(set(self.shards))
         while True:
             take_text = mixing and (seeded(self.seed, "mix", reader, state.drawn).random()
                                     < self.text_ratio)
             rec = next(text, None) if take_text else None
-            from_main = rec is None  # a main draw, or the text shards have run out
-            if from_main:
+            if from_main := rec is None:  # a main draw, or the text shards have run out
                 rec = next(main, None)
             if rec is None:
                 return
@@ -584,16 +544,16 @@ class ShardDataset(IterableDataset):
             try:
                 yield self.to_sample(rec), asdict(state)
                 if from_main:
-                    barren, good_epoch = set(), state.main.epoch
+                    barren, unread = set(), state.main.epoch + 1
             except SkipSample as e:
                 count_skip(self.skipped, e.reason, str(e))
             except Exception as e:
                 # a sample no rule foresaw still never kills the run: named and counted
                 count_skip(self.skipped, "bad_sample",
                            f"{rec['shard']}:{rec['key']}: {type(e).__name__}: {e}")
-            for epoch in range(max(next_epoch, good_epoch + 1), state.main.epoch):  # finished
+            for epoch in range(unread, state.main.epoch):  # finished
                 barren.update(self.epoch_units(self.shards, reader, readers, epoch, False))
-            next_epoch = state.main.epoch
+            unread = max(unread, state.main.epoch)
             if len(barren) == n_units:
                 raise ValueError(f"data.py: reader {reader} read every shard of the training data "
                                  f"in full and none gave a usable sample (skipped: "
@@ -638,18 +598,16 @@ class ShardDataset(IterableDataset):
         return self.prompts.get(str(meta.get("source", "")).lower(), self.prompts[""])
 
     def chat_row(self, users, answers, where):
-        """A conversation (equal-length user / assistant lists) -> one row {question, ids, mask}:
-        question first, the first user turn goes before the frames; frames first, nothing does."""
-        chat = [{"role": r, "content": c}
-                for u, a in zip(users, answers)
+        """user / assistant lists -> one row {question (what goes before the frames), ids, mask}"""
+        chat = [{"role": r, "content": c} for u, a in zip(users, answers)
                 for r, c in (("user", u), ("assistant", a))]
         ids, mask, truncated, split = encode_chat(self.tok, chat, self.stage, self.max_len)
         if truncated:
             self.skipped["truncated (kept)"] += 1
         split = split if self.question_first else 0  # how many tokens go before the frames
         if not any(mask[split:]):
-            raise SkipSample("no_targets",
-                             f"{where}: no target tokens left after truncation to {self.max_len}")
+            raise SkipSample("no_targets", f"{where}: no target tokens left after truncation to "
+                                           f"{self.max_len}")
         return {"question": ids[:split], "ids": ids[split:], "mask": mask[split:]}
 
     def text_rows(self, meta, txt, has_media, where):
@@ -667,11 +625,9 @@ class ShardDataset(IterableDataset):
         # `user` belongs to `assistant`: a caption next to one gets the source's question
         caption, assistant = meta.get("caption") or txt, meta.get("assistant")
         if assistant and not (self.stage == 1 and caption):
-            answer = assistant
-            user = meta.get("user")
+            answer, user = assistant, meta.get("user")
         else:
-            answer = caption
-            user = None if assistant else meta.get("user")
+            answer, user = caption, None if assistant else meta.get("user")
         if not answer:
             raise SkipSample("missing_field", f"{where}.json: needs 'assistant' (or 'caption')")
         users, answers = turns(user, answer, where)
@@ -685,7 +641,7 @@ class ShardDataset(IterableDataset):
         return [self.chat_row(users, answers, where)]
 
     def pretokenized(self, meta, where):
-        """token_ids + loss_mask as stored; no mask means "all targets" only in stage 1"""
+        """token_ids + loss_mask as stored, frames first; no mask: all targets, in stage 1 only"""
         ids, mask = meta["token_ids"], meta.get("loss_mask", "all" if self.stage == 1 else None)
         if mask == "all" and isinstance(ids, list):
             mask = [1] * len(ids)
@@ -699,7 +655,6 @@ class ShardDataset(IterableDataset):
                              f"{where}.json: token_ids without a matching loss_mask of 0/1")
         if len(ids) > self.max_len:
             self.skipped["truncated (kept)"] += 1
-        # frames first
         return {"question": [], "ids": ids[:self.max_len], "mask": mask[:self.max_len]}
 
     def frames(self, files, meta, where):
@@ -707,9 +662,8 @@ class ShardDataset(IterableDataset):
         S = self.image_size
         if names := frame_files(files):
             if isinstance(meta.get("frame_count"), int) and len(names) < meta["frame_count"]:
-                raise SkipSample("short_video",
-                                 f"{where}: {len(names)} frame files but frame_count "
-                                 f"{meta['frame_count']}")
+                raise SkipSample("short_video", f"{where}: {len(names)} frame files but "
+                                                f"frame_count {meta['frame_count']}")
             picked = [names[i] for i in uniform_indices(len(names), self.max_frames)]
             return record_frames(files, picked, S, where)
         for e in VIDEO_EXTS:
@@ -730,8 +684,7 @@ def collate(samples):
     lengths = torch.tensor([len(s["frames"]) for s in samples])
     rows = [(i, row) for i, s in enumerate(samples) for row in s["rows"]]
     S, P = max(len(r["ids"]) for _, r in rows), max(len(r["question"]) for _, r in rows)
-    frame_mask = torch.arange(frames.shape[1]) < lengths[:, None]  # [B,T]
-    out = {"frames": frames, "frame_mask": frame_mask,
+    out = {"frames": frames, "frame_mask": torch.arange(frames.shape[1]) < lengths[:, None],
            "keys": [s["key"] for s in samples], "owner": torch.tensor([i for i, _ in rows]),
            "input_ids": torch.full((len(rows), S), PAD_ID),
            "loss_mask": torch.zeros(len(rows), S, dtype=torch.long)}
@@ -793,21 +746,19 @@ class Loader(DataLoader):
         readers = sd["readers"] if "readers" in sd else sd["workers"]
         next_reader = sd["next_reader"] if "next_reader" in sd else sd["next_worker"]
         self.states = {int(r): s for r, s in readers.items()}
-        self.dataset.resume = {r: ReaderState.from_dict(s) for r, s in self.states.items()}
+        self.dataset.resume = {r: ReaderState(Cursor(**s["main"]), Cursor(**s["text"]), s["drawn"])
+                               for r, s in self.states.items()}
         next_reader_by_rank = {int(rank): r for rank, r in next_reader.items()}
         self.dataset.next_reader = next_reader_by_rank.get(self.dataset.rank, 0)
 
 
 def make_loader(dataset, batch_size, num_workers=0, max_batch_frames=None, **kw):
-    """Batches are built in the readers, so they can be capped by frame count. Log
-    loader.skipped(); checkpoint loader.state_dict()."""
+    """Batches are built in the readers, to cap their frames. Log .skipped(); save .state_dict()"""
     readers = dataset.world_size * max(1, num_workers)
-    # said here, in the main process, not in a worker
-    if dataset.loop and len(dataset.shards) < readers:
+    if dataset.loop and len(dataset.shards) < readers:  # said here, in the main process
         n = len(dataset.shards) // dataset.world_size
-        raise ValueError(f"data.py: {len(dataset.shards)} shards for {readers} readers "
-                         f"(world_size x num_workers): every reader needs a shard of its own: "
-                         f"use more shards, or "
-                         + (f"--num_workers={n}" if n else "fewer ranks"))
+        raise ValueError(f"data.py: {len(dataset.shards)} shards for {readers} readers (world_size "
+                         f"x num_workers): every reader needs a shard of its own: use more shards, "
+                         f"or {f'--num_workers={n}' if n else 'fewer ranks'}")
     dataset.batch_size, dataset.max_batch_frames = batch_size, max_batch_frames
     return Loader(dataset, num_workers, **kw)
