@@ -33,8 +33,7 @@ from tasks.common import extract_choice, load_frames
 # llm_dir / dino_dir as in train.py (model.load_model). "original": the original fVLM benchmark.
 task = 'shapes'  # mvbench | videomme | scienceqa | pope | shards | shapes
 data_dir = ''  # the benchmark as downloaded ('' for shapes: data/shapes)
-# our checkpoint (dir, run dir) | a .safetensors file over llm_dir + dino_dir
-init_from = 'out/shapes'
+init_from = 'out/shapes'  # our checkpoint (dir, run dir) | a .safetensors over llm_dir + dino_dir
 llm_dir = ''  # a Hugging Face SmolLM2 dir
 dino_dir = ''  # a Hugging Face DINOv2 dir
 modes = 'coarse_only,coarse_fine,autoregressive'
@@ -52,8 +51,7 @@ split = 'test'  # scienceqa split: train | val (or validation) | test
 image_root = ''  # pope: the COCO val2014 folder, when it is not under data_dir
 videomme_duration = ''  # Video-MME: short | medium | long; '' = all
 batch_size = 32  # questions per model call
-# videos streamed, autoregressive only (long videos: --fps=1 --max_frames=0 holds no frame's K/V)
-stream = False
+stream = False  # videos streamed, autoregressive only: --fps=1 --max_frames=0 holds no K/V
 out = ''  # write every result (and each question's scores) to this json
 # as a script: a config file and --key=value overrides; as an import, these defaults
 if __name__ == "__main__":
@@ -102,8 +100,7 @@ def prompt_batch(tok, users, layout, device):
 
 
 def prefill_users(model, tok, kv, frame_mask, users, mode, extra):
-    """Q user turns' prefixes in one cache with room for `extra` tokens -> (cache, last logits
-    [Q,V], attention)."""
+    """Q user turns' prefixes in one cache, room for `extra` more -> (cache, logits [Q,V], attn)"""
     question, prompt_ids, prompt_valid = prompt_batch(tok, users, model.layout, frame_mask.device)
     return model.prefill(kv, frame_mask, prompt_ids, mode, extra, prompt_valid, question)
 
@@ -346,7 +343,7 @@ def main():
         if value not in choices:
             sys.exit(f"bench.py: {key}={value!r}: choose one of {', '.join(choices)}")
     warn_slow_bf16(device, dtype, "bench.py")
-    if out and not os.access(os.path.dirname(os.path.abspath(out)), os.W_OK):  # said before the work
+    if out and not os.access(os.path.dirname(os.path.abspath(out)), os.W_OK):  # before the work
         sys.exit(f"bench.py: --out={out}: its folder is missing or not writable")
     try:
         model, tok_path = load_model(init_from, llm_dir, dino_dir)

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from perf.readahead import read_ahead
-from tasks import llava
+from tasks import llava, pretokenized
 
 # always explicit: SmolLM2's default one injects a persona
 SYSTEM_PROMPT = "You are a helpful AI assistant."
@@ -620,7 +620,7 @@ class ShardDataset(IterableDataset):
             return [self.chat_row(*turns(user, meta[f"{k}_assistant"], where), where)
                     for k in ("chosen", "rejected")]
         if "token_ids" in meta:
-            return [self.pretokenized(meta, where)]
+            return [pretokenized.row(meta, self.tok, self.stage, self.max_len, where, self.skipped)]
         # stage 1 prefers the caption, stage 2 the assistant answer, either falls back to the other.
         # `user` belongs to `assistant`: a caption next to one gets the source's question
         caption, assistant = meta.get("caption") or txt, meta.get("assistant")
@@ -639,23 +639,6 @@ class ShardDataset(IterableDataset):
         if self.question_first:
             return [self.chat_row([u], [a], where) for u, a in zip(users, answers)]
         return [self.chat_row(users, answers, where)]
-
-    def pretokenized(self, meta, where):
-        """token_ids + loss_mask as stored, frames first; no mask: all targets, in stage 1 only"""
-        ids, mask = meta["token_ids"], meta.get("loss_mask", "all" if self.stage == 1 else None)
-        if mask == "all" and isinstance(ids, list):
-            mask = [1] * len(ids)
-        vocab = self.tok.get_vocab_size()
-        if not (isinstance(ids, list) and all(type(i) is int and 0 <= i < vocab for i in ids)):
-            raise SkipSample("bad_field",
-                             f"{where}.json: token_ids must be a list of ids in [0, {vocab})")
-        if not (isinstance(mask, list) and len(mask) == len(ids)
-                and all(m in (0, 1) for m in mask)):
-            raise SkipSample("bad_field",
-                             f"{where}.json: token_ids without a matching loss_mask of 0/1")
-        if len(ids) > self.max_len:
-            self.skipped["truncated (kept)"] += 1
-        return {"question": [], "ids": ids[:self.max_len], "mask": mask[:self.max_len]}
 
     def frames(self, files, meta, where):
         """A record's frames [T,3,S,S]: its frame images, video, image (replicated), or none"""

@@ -91,8 +91,7 @@ def precompute_reference(model, dataset, device, autocast=nullcontext(), mode='c
 
 
 def reference_logps(ref, batch, mode):
-    """[B,2] reference log-probs: from the frozen model, or looked up in precompute_reference's
-    table."""
+    """[B,2] reference log-probs: from the frozen model, or precompute_reference's table"""
     if isinstance(ref, dict):
         missing = [k for k in batch['keys'] if k not in ref]
         if missing:
@@ -112,8 +111,7 @@ def batch_loss(model, ref, batch, beta=0.1, label_smoothing=0.0, sft_weight=0.0,
     of the chosen answers' tokens."""
     policy, counts = answer_logps(model, batch, mode)  # [B,2]
     reference = reference_logps(ref, batch, mode)  # [B,2]
-    # [B,2] implicit rewards, for the metrics
-    rewards = beta * (policy.float() - reference).detach()
+    rewards = beta * (policy.float() - reference).detach()  # [B,2] implicit rewards, for metrics
     # [B] how much more the policy prefers chosen over rejected than the reference does
     margin = beta * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))
     losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
@@ -123,8 +121,7 @@ def batch_loss(model, ref, batch, beta=0.1, label_smoothing=0.0, sft_weight=0.0,
                'rewards/margins': (rewards[:, 0] - rewards[:, 1]).mean(),
                'logps/chosen': policy[:, 0].detach().mean(),
                'logps/rejected': policy[:, 1].detach().mean()}
-    if sft_weight > 0:
-        # token-weighted, as model.forward's CE
+    if sft_weight > 0:  # token-weighted, as model.forward's CE
         sft = -policy[:, 0].sum() / counts[:, 0].sum().clamp(min=1)
         metrics['loss/dpo'], metrics['loss/sft'] = loss.detach(), sft.detach()
         loss = loss + sft_weight * sft

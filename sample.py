@@ -34,14 +34,10 @@ from tools.picture import ContactSheet, Picture, draw_picture
 # -----------------------------------------------------------------------------
 video = ''  # a video file PyAV reads (mp4, webm, gif, mkv, ...)
 image = ''  # an image file, replicated to replicate_image_frames frames as in training
-# the user turn; '' = a shapes clip's own question, else "Describe this video." (an image:
-# "Describe this image.")
-prompt = ''
-# another question about the same frames, answered after the first and drawn as its own glimpse row
-# (question first: each question steers its own glimpses)
+prompt = ''  # the user turn; '': a shapes clip's own, else "Describe this video." (or image)
+# another question about the frames, answered after the first, drawn as its own glimpse row
 second_prompt = ''
-# our checkpoint (a dir, or a run dir: its newest) | a .safetensors file over llm_dir + dino_dir
-init_from = 'out/shapes'
+init_from = 'out/shapes'  # our checkpoint (a run dir: its newest) | .safetensors over llm_dir
 llm_dir = ''  # a Hugging Face SmolLM2 dir (for a weights file, or init_from='scratch')
 dino_dir = ''  # a Hugging Face DINOv2 dir
 shapes_dir = 'data/shapes'  # with neither --video nor --image: clip number `clip` of its val split
@@ -54,19 +50,15 @@ num_samples = 1
 seed = 1337
 device = 'cpu'
 dtype = 'float32'  # the weights' dtype: float32 | bfloat16 | float16 (train/bench.py: autocast)
-# frame side in pixels; 0 = min(224, the DINOv2 config's image_size); shapes clips as stored
-image_size = 0
+image_size = 0  # frame side; 0 = min(224, DINOv2's image_size), a shapes clip as stored
 max_frames = 8  # frames sampled uniformly over a video; with fps > 0 the cap (0 = none)
 fps = 0.0  # > 0: a video's frames at this rate (1.0: an hour is 3,600 frames), up to max_frames
-# autoregressive on a video streams: decode, encode and walk this many frames, then free them
-stream_chunk = 8
-# coarse_only / coarse_fine hold every frame's K/V (~9.5 MB a frame at 224px fp32)
-max_held_frames = 256
+stream_chunk = 8  # a streamed video's frames decoded, encoded and walked at once, then freed
+max_held_frames = 256  # coarse modes hold every frame's K/V (~9.5 MB a frame at 224px fp32)
 sheet_frames = 12  # a video of more frames is drawn as a contact sheet of this many, evenly spaced
 replicate_image_frames = data.IMAGE_FRAMES  # an image becomes this many frames
 attention_out = ''  # .png (all frames side by side) or .gif (an animation)
-# the late layers decide what the glimpse token carries; early ones are mostly positional
-attention_layers = 4
+attention_layers = 4  # the late layers decide what a glimpse carries; early ones are positional
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
