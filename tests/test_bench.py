@@ -604,3 +604,9 @@ def test_read_videomme_parquet_release(tmp_path):
     (rec,) = tasks.videomme.read(str(d))
     assert rec["answer"] == 2 and rec["options"] == ["1.", "2.", "3.", "4."] and rec["id"] == "001-1"
     assert frames_of(rec, 16).shape == (12, 3, SIZE, SIZE)
+
+
+def test_mfu_is_never_above_one():
+    """A CPU peak measured while other jobs ran is too low: an MFU above 100% is reported as none, not as 103%."""
+    from perf.flops import mfu
+    assert mfu(50, 1.0, 100) == 0.5 and mfu(103, 1.0, 100) is None and mfu(50, 1.0, None) is None
