@@ -314,7 +314,7 @@ def format_table(results):
     return "\n".join(lines)
 
 
-def read_task(task, data_dir, tok, max_frames, image_size, split, duration):
+def read_task(task, data_dir, tok, max_frames, image_size, split, duration, image_root=""):
     """The MCQ records (evaluate_mcq) of a benchmark, from data_dir: its folder as downloaded"""
     if task == "shapes":
         return shapes.read(data_dir, image_size)
@@ -367,7 +367,7 @@ def main():
     if unknown := sorted(set(run_modes) - set(MODES)):
         sys.exit(f"bench.py: unknown modes {unknown}; choose from {', '.join(MODES)}")
     try:
-        records = read_task(task, folder, tok, n_frames, size, split, videomme_duration)
+        records = read_task(task, folder, tok, n_frames, size, split, videomme_duration, image_root)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"bench.py: {e}")
     if not (records := records[:limit or None]):

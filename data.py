@@ -48,7 +48,7 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # ImageNet's, as DI
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 VIDEO_EXTS = ("mp4", "webm", "mkv", "gif", "avi", "mov")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-IMAGE_FRAMES = 8  # an image is replicated to this many frames in stages 2-3
+IMAGE_FRAMES = 8  # an image becomes this many frames (config/stage1_135m.py sets 1)
 
 # -----------------------------------------------------------------------------
 # bad input: skipped, warned about once (stderr) and counted (loader.skipped()); never fatal
@@ -620,7 +620,7 @@ class ShardDataset(IterableDataset):
             return [self.chat_row(*turns(user, meta[f"{k}_assistant"], where), where)
                     for k in ("chosen", "rejected")]
         if "token_ids" in meta:
-            return [pretokenized.row(meta, self.tok, self.stage, self.max_len, where, self.skipped)]
+            return [pretokenized.row(meta, self, where)]
         # stage 1 prefers the caption, stage 2 the assistant answer, either falls back to the other.
         # `user` belongs to `assistant`: a caption next to one gets the source's question
         caption, assistant = meta.get("caption") or txt, meta.get("assistant")
@@ -666,20 +666,20 @@ def collate(samples):
     frames = pad_sequence([s["frames"] for s in samples], batch_first=True)
     lengths = torch.tensor([len(s["frames"]) for s in samples])
     rows = [(i, row) for i, s in enumerate(samples) for row in s["rows"]]
-    S, P = max(len(r["ids"]) for _, r in rows), max(len(r["question"]) for _, r in rows)
+    S, Pq = max(len(r["ids"]) for _, r in rows), max(len(r["question"]) for _, r in rows)
     out = {"frames": frames, "frame_mask": torch.arange(frames.shape[1]) < lengths[:, None],
            "keys": [s["key"] for s in samples], "owner": torch.tensor([i for i, _ in rows]),
            "input_ids": torch.full((len(rows), S), PAD_ID),
            "loss_mask": torch.zeros(len(rows), S, dtype=torch.long)}
-    if P:
-        out["question_ids"] = torch.full((len(rows), P), PAD_ID)
-        out["question_valid"] = torch.zeros(len(rows), P, dtype=torch.bool)
+    if Pq:
+        out["question_ids"] = torch.full((len(rows), Pq), PAD_ID)
+        out["question_valid"] = torch.zeros(len(rows), Pq, dtype=torch.bool)
     for j, (_, r) in enumerate(rows):
         out["input_ids"][j, :len(r["ids"])] = torch.tensor(r["ids"])
         out["loss_mask"][j, :len(r["mask"])] = torch.tensor(r["mask"])
-        if P and r["question"]:
-            out["question_ids"][j, P - len(r["question"]):] = torch.tensor(r["question"])
-            out["question_valid"][j, P - len(r["question"]):] = True
+        if Pq and r["question"]:
+            out["question_ids"][j, Pq - len(r["question"]):] = torch.tensor(r["question"])
+            out["question_valid"][j, Pq - len(r["question"]):] = True
     return out
 
 

@@ -115,8 +115,8 @@ def rotate(x, cos, sin):  # RoPE on x [B,H,S,hd], cos/sin [B,1,S,hd], HF's rotat
 
 
 class KVCache:
-    """Keys/values of every layer, preallocated: n_layers x [B, n_kv_heads, max_len, head_dim].
-    `valid` [B, max_len] marks real tokens; padding stays in the cache but is never attended."""
+    """Keys/values of every layer: n_layers x [B, n_kv_heads, max_len, head_dim], preallocated
+    (grad on: write grows them). valid [B, max_len]: real tokens (all until a write says not)"""
 
     def __init__(self, cfg, batch, max_len, dtype, device):
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -162,15 +162,15 @@ class LlamaBlock(nn.Module):
         self.mlp.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        """x [B,S,D] -> x after this block; with a cache, the tokens attend over everything so far.
-        The cache write sits between project and attend, which compile_model compiles."""
+        """x [B,S,L] -> x after this block; with a cache, the tokens attend over everything so far.
+        compile_model compiles project and attend apart; the cache write between them stays eager"""
         q, k, v = self.project(x, cos, sin)
         causal = mask is None and x.shape[1] > 1 and (cache is None or cache.length == 0)
         if cache is not None:
             k, v = cache.write(layer, k, v)
         return self.attend(x, q, k, v, mask, causal)
 
-    def project(self, x, cos, sin):  # x [B,S,D] -> rotated q [B,H,S,hd], k and v [B,Hkv,S,hd]
+    def project(self, x, cos, sin):  # x [B,S,L] -> rotated q [B,H,S,hd], k and v [B,Hkv,S,hd]
         B, S, _ = x.shape
         attn, cfg = self.self_attn, self.cfg
         h = self.input_layernorm(x)
@@ -256,9 +256,9 @@ class SmolLM2(nn.Module):
         return pos, mask[:, None]  # [B,1,S,K]
 
     def forward(self, idx=None, embeds=None, valid=None, cache=None, hidden_only=False):
-        """idx [B,S] token ids or embeds [B,S,D]; valid [B,S] marks real tokens (a padded sample
+        """idx [B,S] token ids or embeds [B,S,L]; valid [B,S] marks real tokens (a padded sample
         computes what it would alone); cache: a KVCache to append to. Returns logits [B,S,V], or
-        the final-normed hidden states [B,S,D] with hidden_only=True."""
+        the final-normed hidden states [B,S,L] with hidden_only=True."""
         x = self.embed_tokens(idx) if embeds is None else embeds
         B, S, _ = x.shape
         pos, mask = self.positions_and_mask(B, S, x.device, valid, cache)
@@ -520,7 +520,7 @@ class FoveatedVLM(nn.Module):
     # -- the glimpse -------------------------------------------------------------------------------
 
     def encode(self, frames, frame_mask=None):
-        """frames [B,T,3,H,W] -> per-layer (k, v), each [N,H,1+P,hd] for the N real frames in (b, t)
+        """frames [B,T,3,px,px] -> per-layer (k, v) [N,H,1+P,hd] of the N real frames in (b, t)
         order: one DINOv2 pass that every mode, question and call can reuse"""
         real = frames.flatten(0, 1) if frame_mask is None else frames[frame_mask]  # [N,3,H,W]
         chunks = [self.dino.patch_kv(real[i:i + self.encode_chunk])  # N=0 (text only): empty
@@ -586,7 +586,7 @@ class FoveatedVLM(nn.Module):
             masks.append(torch.ones(text.shape[:2], dtype=torch.bool, device=text.device))
         return torch.cat(parts, 1), torch.cat(masks, 1)
 
-    def static_glimpses(self, kv, frame_mask):
+    def static_tokens(self, kv, frame_mask):
         """Every frame looked at with q_static (coarse_only, and coarse_fine's coarse pass): visual
         tokens [B,T,L], attention [B,T,layers,H,1+P]"""
         return self.look(self.q_static.expand(*frame_mask.shape, -1), kv, kv_index(frame_mask))
@@ -598,7 +598,7 @@ class FoveatedVLM(nn.Module):
         T = frame_mask.shape[1]
         # [B,...] per sample -> [R,...] per text row
         to_rows = (lambda x: x) if owner is None else (lambda x: x[owner])  # noqa: E731
-        static, attn = self.static_glimpses(kv, frame_mask)  # [B,T,L]
+        static, attn = self.static_tokens(kv, frame_mask)  # [B,T,L]
         if mode == "coarse_only" or T == 0:
             return to_rows(static), to_rows(attn), None
         # The coarse pass reads the static glimpses and chooses where to look in each frame: a
@@ -689,7 +689,7 @@ class FoveatedVLM(nn.Module):
     def forward(self, frames, input_ids, loss_mask=None, frame_mask=None, mode="coarse_fine",
                 kv=None, owner=None, question_ids=None, question_valid=None,
                 coarse_loss_weight=0.0):
-        """frames [B,T,3,H,W] (frame_mask [B,T]: real frames, a prefix per row; None: all real),
+        """frames [B,T,3,px,px] (frame_mask [B,T]: real frames, a prefix per row; None: all real),
         text rows input_ids [R,S] right-padded, question_ids [R,Pq] left-padded (question_valid)
         or None; kv=self.encode(...) reuses an encode. Returns text logits [R,S,V] and None, or
         with loss_mask text_loss's logits [n,V] and loss, plus coarse_loss_weight x the loss of the
@@ -707,7 +707,7 @@ class FoveatedVLM(nn.Module):
             cache, _ = self.walked_cache(kv, frame_mask, owner, question, extra=S)
             h = self.llm(input_ids, cache=cache, hidden_only=True)
             if coarse_loss_weight and loss_mask is not None:  # the static glimpses answer too
-                static, _ = self.static_glimpses(kv, frame_mask)  # [B,T,L]
+                static, _ = self.static_tokens(kv, frame_mask)  # [B,T,L]
                 if owner is not None:
                     static = static[owner]  # [R,T,L]
                 embeds, valid = self.sequence(question, static, row_frame_mask,
@@ -842,7 +842,7 @@ def load_model(init_from, llm_dir="", dino_dir="", dtype=torch.float32, **fresh)
         model.to(dtype).load_weights(os.path.join(ckpt, "model.safetensors"))
         return model, os.path.join(ckpt, "tokenizer.json")
     if not (llm_dir and dino_dir):
-        what = "='scratch'" if init_from == "scratch" else f"={init_from} is a weights file"
+        what = f"={init_from!r}" if init_from in ("scratch", "") else f"={init_from}, a file"
         raise ValueError(f"init_from{what}: set llm_dir and dino_dir too (a SmolLM2 and a DINOv2 "
                          f"Hugging Face dir)")
     llm = SmolLM2.from_pretrained(llm_dir, dtype)

@@ -200,7 +200,7 @@ with torch.no_grad():
         frame_mask = torch.ones(1, len(shown.frames), dtype=torch.bool, device=device)
         if streaming:  # the shown frames again, for their coarse row: a dozen frames, not the video
             kv = vlm.encode(shown.frames[None], frame_mask)
-        _, static_attn = vlm.static_glimpses(kv, frame_mask)  # [1,T,layers,H,1+P]
+        _, static_attn = vlm.static_tokens(kv, frame_mask)  # [1,T,layers,H,1+P]
         rows = [("coarse: q_static", static_attn[0])]
         if mode != "coarse_only":
             for i, (_, _, picture) in enumerate(replies):

@@ -1,6 +1,6 @@
 # Stage 3 (DPO) on the synthetic shapes task, on CPU in a few minutes: starts from the embedded default's
 # checkpoint (run `python train.py` first) and prefers the right answer to a question about a clip over a
-# wrong option (data.shapes_sample, split 'dpo'). Watch rewards/accuracies climb from 0; the held-out MCQ
+# wrong option (tasks.shapes.shapes_sample, split 'dpo'). Watch rewards/accuracies climb from 0; the held-out MCQ
 # accuracy is printed at the end (compare with the stage-2 run's final_eval.json). DPO sharpens what the
 # stage-2 model can already see; the SFT term on the chosen answer and a gentle LR keep its QA skills
 # (docs/LOG.md).

@@ -130,6 +130,10 @@ def test_shard_layouts_roundtrip(tmp_path, tok):
     assert got["video"]["frames"].shape == (4, 3, 16, 16)
     assert got["text"]["frames"].shape == (0, 3, 16, 16)
     assert got["pretok"]["rows"] == [{"question": [], "ids": pre[0], "mask": pre[1]}]
+    # stored ids do not say where the question ends: a question-first model skips them, counted
+    qf = data.ShardDataset(str(tmp_path / "a.tar"), tok, stage=2, image_size=16, max_frames=4, loop=False,
+                           layout="question_first")
+    assert "pretok" not in {s["key"] for s in qf} and qf.skipped["frames_first_only"] == 1
     # legacy caption, .txt caption, and which words are targets
     dec = lambda s: tok.decode([i for i, m in zip(s["rows"][0]["ids"], s["rows"][0]["mask"]) if m])
     assert dec(got["image"]) == "a blue frame." and dec(got["video"]) == "a grey video." and dec(got["text"]) == "text only."
