@@ -63,7 +63,7 @@ annotation_block = 1  # annotation rows dealt out together (write_shards' shard_
 # optimisation
 batch_size = 16  # per rank, per micro-step
 gradient_accumulation_steps = 1
-max_iters = 1200  # 9-10.5 minutes on 2 CPU cores with AMX, data generation included (README)
+max_iters = 1200  # 9-10.5 minutes on 2 CPU cores, data generation included (README)
 warmup_iters = 50
 lr_decay_iters = 0  # length of warmup + decay; 0 means max_iters
 # connector and DINOv2 slow: at 2e-3 / 1e-3 Adam's noisy early steps erased where things are
@@ -414,7 +414,7 @@ if master:
     say(f"model: {params / 1e6:.2f}M params, layout {raw_model.layout}, device {device}, "
         f"dtype {dtype}, {world_size} rank(s), batch "
         f"{batch_size}x{gradient_accumulation_steps}x{world_size}")
-setup(device)  # TF32 on CUDA (fp32 matmuls outside autocast); on a CPU, glibc keeps freed memory
+setup(device)  # perf/platform.py: TF32 on CUDA; on a CPU, freed memory stays in the heap
 peak = peak_flops(device, ptdtype)
 model.train()
 batches = iter(train_loader)
